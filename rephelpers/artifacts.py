@@ -1,0 +1,167 @@
+"""The run directory: artifacts flow one way, 01 → 06, keyed by what produced them.
+
+Every artifact is written atomically (to a temporary name, then renamed) together with
+a manifest entry recording the *key* (a hash of the inputs and parameters that made
+it). A stage asks :meth:`RunDir.is_fresh` before recomputing; when a key changes, the
+previous file is moved to ``.history/`` rather than overwritten, so no result on disk is
+ever lost or silently replaced by a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .errors import RephelpersError, require
+
+MANIFEST = "manifest.json"
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """Hash of JSON-able parts (dicts sorted, numpy arrays by bytes), for cache keys."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str(part.dtype).encode() + str(part.shape).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        elif isinstance(part, pd.DataFrame):
+            h.update(pd.util.hash_pandas_object(part, index=False).values.tobytes())
+            h.update(",".join(map(str, part.columns)).encode())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:length]
+
+
+def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+class RunDir:
+    """A run directory such as ``runs/demo``; notebooks share one through ``run_dir``."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    # -- manifest -----------------------------------------------------------------------
+    def _manifest(self) -> dict[str, Any]:
+        path = self.root / MANIFEST
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RephelpersError(
+                f"{path} is corrupt ({err}). Move it aside and re-run the chain; the "
+                "artifacts themselves are untouched."
+            ) from err
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / MANIFEST)
+
+    def key_of(self, name: str) -> str | None:
+        return self._manifest().get(name, {}).get("key")
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists() and name in self._manifest()
+
+    def is_fresh(self, name: str, key: str) -> bool:
+        """True when ``name`` exists and was produced from inputs with this ``key``."""
+        return self.exists(name) and self.key_of(name) == key
+
+    def require(self, name: str, stage: str) -> Path:
+        """Path of an earlier stage's artifact, or a clear error naming the notebook to run."""
+        path = self.path(name)
+        require(
+            path.exists(),
+            f"{path} is missing: run {stage} first with the same run_dir ({self.root}).",
+        )
+        return path
+
+    # -- writing ------------------------------------------------------------------------
+    def save(self, name: str, key: str, writer: Callable[[Path], None], **meta: Any) -> Path:
+        """Write artifact ``name`` through ``writer(tmp_path)``, atomically.
+
+        A previous artifact made from other inputs is moved into ``.history/`` first.
+        """
+        target = self.path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        writer(tmp)
+        manifest = self._manifest()
+        old = manifest.get(name)
+        if target.exists():
+            if old is None or old.get("key") != key:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                dest = self.root / ".history" / f"{name.replace('/', '__')}.{(old or {}).get('key', 'unkeyed')}.{stamp}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(target), dest)
+            elif target.is_dir():
+                shutil.rmtree(target)
+        os.replace(tmp, target)
+        manifest[name] = {"key": key, "written": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
+        self._write_manifest(manifest)
+        return target
+
+    def save_parquet(self, name: str, df: pd.DataFrame, key: str, **meta: Any) -> Path:
+        return self.save(name, key, lambda p: df.to_parquet(p, index=False), **meta)
+
+    def save_json(self, name: str, obj: Any, key: str, **meta: Any) -> Path:
+        return self.save(
+            name, key, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default)), **meta
+        )
+
+    def save_text(self, name: str, text: str, key: str, **meta: Any) -> Path:
+        return self.save(name, key, lambda p: p.write_text(text), **meta)
+
+    # -- reading ------------------------------------------------------------------------
+    def load_parquet(self, name: str, stage: str = "the stage that writes it") -> pd.DataFrame:
+        path = self.require(name, stage)
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise RephelpersError(
+                f"{path} is unreadable ({err}). Delete it and re-run {stage}."
+            ) from err
+
+    def load_json(self, name: str, stage: str = "the stage that writes it") -> Any:
+        path = self.require(name, stage)
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RephelpersError(f"{path} is corrupt ({err}). Delete it and re-run {stage}.") from err
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,189 @@
+"""Apply perturbations inside the forward pass, through nnsight.
+
+An :class:`Intervention` places a :class:`~rephelpers.perturbations.Perturbation` at a
+``(layer, component)`` site and a token scope. A list of interventions applies in
+order; sites are visited in the order the forward pass reaches them (nnsight requires
+it), and several perturbations at one site compose left to right.
+
+``run_logits`` and ``sequence_nll`` are the two primitives the later stages build on:
+logits of a perturbed forward pass, and per-text negative log-likelihood (perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import require
+from .models import Model, output_tensor, replace_output
+from .perturbations import Perturbation, perturbation_from_dict
+
+POSITION_SCOPES = ("all", "last")
+_COMPONENT_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """``perturbation`` applied at decoder ``layer``'s ``component``, on ``positions``.
+
+    ``positions="all"`` edits every token; ``"last"`` edits only each row's last real
+    token (the one whose next-token prediction is read off).
+    """
+
+    perturbation: Perturbation
+    layer: int
+    component: str = "resid"
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        require(
+            self.positions in POSITION_SCOPES,
+            f"positions must be one of {POSITION_SCOPES}, got {self.positions!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "perturbation": self.perturbation.to_dict(),
+            "layer": self.layer,
+            "component": self.component,
+            "positions": self.positions,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "Intervention":
+        return Intervention(
+            perturbation=perturbation_from_dict(data["perturbation"]),
+            layer=int(data["layer"]),
+            component=data.get("component", "resid"),
+            positions=data.get("positions", "all"),
+        )
+
+    def describe(self) -> str:
+        return f"L{self.layer}.{self.component}[{self.positions}]:{self.perturbation.describe()}"
+
+
+def interventions_to_json(interventions: Sequence[Intervention]) -> str:
+    return json.dumps([iv.to_dict() for iv in interventions], sort_keys=True)
+
+
+def interventions_from_json(text: str) -> list[Intervention]:
+    return [Intervention.from_dict(d) for d in json.loads(text)]
+
+
+def validate(model: Model, interventions: Sequence[Intervention]) -> list[Intervention]:
+    """Check every site and perturbation against ``model`` before any compute starts.
+
+    Returns the interventions with negative layers resolved, sorted into forward order.
+    """
+    resolved = []
+    for iv in interventions:
+        layer = model.check_layer(iv.layer)
+        model.check_component(iv.component)
+        iv.perturbation.check(model.d_model)
+        resolved.append(Intervention(iv.perturbation, layer, iv.component, iv.positions))
+    # Stable sort: forward order across sites, user order within a site.
+    return sorted(resolved, key=lambda iv: (iv.layer, _COMPONENT_ORDER[iv.component]))
+
+
+def _perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None) -> torch.Tensor:
+    if iv.positions == "all":
+        return iv.perturbation.apply(h)
+    rows = torch.arange(h.shape[0], device=h.device)
+    cols = (
+        torch.full_like(rows, h.shape[1] - 1)
+        if last_index is None
+        else last_index.to(h.device)
+    )
+    out = h.clone()
+    out[rows, cols] = iv.perturbation.apply(h[rows, cols])
+    return out
+
+
+def apply_in_trace(
+    model: Model,
+    interventions: Sequence[Intervention],
+    last_index: torch.Tensor | None = None,
+) -> None:
+    """Apply ``interventions`` (already :func:`validate`-d) inside an open ``model.nn.trace``.
+
+    ``last_index`` gives each row's last real token for right-padded batches; with the
+    package's left padding it is the final position and may be omitted.
+    """
+    i = 0
+    while i < len(interventions):
+        site = (interventions[i].layer, interventions[i].component)
+        group = []
+        while i < len(interventions) and (interventions[i].layer, interventions[i].component) == site:
+            group.append(interventions[i])
+            i += 1
+        envoy = model.envoy(*site)
+        out = envoy.output
+        h = output_tensor(out)
+        for iv in group:
+            h = _perturb(h, iv, last_index)
+        envoy.output = replace_output(out, h)
+
+
+def run_logits(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    interventions: Sequence[Intervention] = (),
+    last_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``[batch, seq, vocab]`` of one forward pass with ``interventions`` applied."""
+    ivs = validate(model, interventions)
+    with torch.inference_mode():
+        with model.nn.trace(dict(batch)):
+            apply_in_trace(model, ivs, last_index)
+            logits = model.nn.output.logits.save()
+    return logits
+
+
+def sequence_nll(
+    model: Model,
+    texts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 8,
+    max_length: int = 256,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text summed next-token negative log-likelihood and token count.
+
+    ``NLL(x) = −Σ_{t=1}^{T−1} log p(x_{t+1} | x_{≤t})`` over the real (non-pad) tokens of
+    the first ``max_length`` tokens. Perplexity of a set is ``exp(Σ NLL / Σ count)``.
+    """
+    require(len(texts) > 0, "sequence_nll: no texts given (is the cluster empty?)")
+    ivs = validate(model, interventions)
+    nll = np.zeros(len(texts))
+    count = np.zeros(len(texts), dtype=np.int64)
+    # Sorting by length keeps padding (wasted compute) small; results go back in order.
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = model.encode([texts[j] for j in idx], max_length=max_length)
+        with torch.inference_mode():
+            with model.nn.trace(dict(batch)):
+                apply_in_trace(model, ivs)
+                logits = model.nn.output.logits.save()
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = batch["input_ids"][:, 1:]
+        mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+        token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+        nll[idx] = token_nll.sum(-1).cpu().numpy()
+        count[idx] = mask.sum(-1).cpu().numpy()
+    return nll, count
+
+
+def perplexity(nll: Iterable[float], count: Iterable[int]) -> float:
+    """``exp(Σ NLL / Σ tokens)``: corpus-level perplexity from :func:`sequence_nll` output."""
+    total = float(np.sum(count))
+    require(total > 0, "perplexity: no predicted tokens (texts too short?)")
+    return math.exp(float(np.sum(nll)) / total)
