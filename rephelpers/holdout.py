@@ -1,0 +1,28 @@
+"""What the ability suite keeps for itself, so no ability item is also a corpus document.
+
+The corpus builder skips these standard-library modules; the code ability draws its
+items only from them. Arithmetic items are deduplicated against the corpus by text.
+"""
+
+ABILITY_HOLDOUT_MODULES: tuple[str, ...] = (
+    "textwrap",
+    "shlex",
+    "fractions",
+    "statistics",
+    "heapq",
+    "bisect",
+    "calendar",
+    "colorsys",
+    "difflib",
+    "fnmatch",
+    "glob",
+    "base64",
+    "graphlib",
+    "numbers",
+    "string",
+    "operator",
+    "queue",
+    "sched",
+    "secrets",
+    "ipaddress",
+)
