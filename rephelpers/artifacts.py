@@ -49,11 +49,38 @@ def file_hash(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def project_root(start: str | os.PathLike | None = None) -> Path:
+    """The checkout a notebook runs from: ``$REPHELPERS_PROJECT_ROOT``, else the nearest
+    ancestor of ``start`` (default: the working directory) holding ``pyproject.toml`` and
+    ``notebooks/``, else the working directory itself.
+
+    Papermill and nbmake execute notebooks with ``notebooks/`` as working directory while
+    the CLI runs from the root; resolving ``runs/demo`` against the project root makes
+    both land in the same place.
+    """
+    env = os.environ.get("REPHELPERS_PROJECT_ROOT")
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(start or os.getcwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "pyproject.toml").exists() and (candidate / "notebooks").is_dir():
+            return candidate
+    return here
+
+
 class RunDir:
-    """A run directory such as ``runs/demo``; notebooks share one through ``run_dir``."""
+    """A run directory such as ``runs/demo``; notebooks share one through ``run_dir``.
+
+    A relative ``root`` is resolved against :func:`project_root`.
+    """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).expanduser().resolve()
+        if isinstance(root, RunDir):
+            root = root.root
+        path = Path(root).expanduser()
+        if not path.is_absolute():
+            path = project_root() / path
+        self.root = path.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:

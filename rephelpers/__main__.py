@@ -1,0 +1,65 @@
+"""Command line: ``python -m rephelpers run papermill_params/demo.yaml``.
+
+Subcommands:
+  run PARAMS.yaml    execute the notebook chain (or a sweep) with papermill into runs/<name>/
+  prepare            build the embedded model's cached copy (done automatically on first use)
+  collect RUN_DIR    gather a sweep's per-point results into RUN_DIR/results.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rephelpers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the notebook chain or a sweep")
+    run.add_argument("params", help="papermill_params/<name>.yaml")
+    run.add_argument("--runs-root", default=None, help="where run directories go (default: <project>/runs)")
+    run.add_argument("--jobs", type=int, default=1, help="sweep points run in parallel")
+    run.add_argument("--force", action="store_true", help="re-run points already done")
+    run.add_argument("--log", action="store_true", help="stream notebook output")
+    sub.add_parser("prepare", help="convert the embedded model into the cache")
+    col = sub.add_parser("collect", help="collect a sweep's results")
+    col.add_argument("run_dir")
+    args = parser.parse_args(argv)
+
+    from .errors import RephelpersError
+
+    try:
+        if args.command == "prepare":
+            from .models import load_model
+
+            model = load_model()
+            print(f"[rephelpers] {model.name}: {model.n_layers} layers, d_model={model.d_model}, ready")
+        elif args.command == "collect":
+            from .runner import collect
+
+            table = collect(args.run_dir)
+            print(f"[rephelpers] {len(table)} rows -> {Path(args.run_dir) / 'results.parquet'}")
+        else:
+            from .runner import RunSpec, run_spec
+
+            started = time.time()
+            spec = RunSpec.from_yaml(args.params)
+            top = run_spec(spec, runs_root=args.runs_root, jobs=args.jobs, log_output=args.log, force=args.force)
+            peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+            print(f"[rephelpers] {spec.name}: finished in {time.time() - started:.0f}s "
+                  f"(peak kernel memory {peak_gb:.1f} GB)")
+            print(f"[rephelpers] results: {top}")
+            for name in ("influence.parquet", "report.html", "charts"):
+                if (top / name).exists():
+                    print(f"[rephelpers]   {top / name}")
+    except RephelpersError as err:
+        print(f"rephelpers: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
