@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("prepare", help="convert the embedded model into the cache")
     col = sub.add_parser("collect", help="collect a sweep's results")
     col.add_argument("run_dir")
+    par = sub.add_parser("parameterize", help="write copies of the notebooks with a parameter file injected")
+    par.add_argument("params")
+    par.add_argument("--out", required=True, help="folder for the parameterised notebooks (emptied first)")
+    par.add_argument("--run-dir", required=True, help="run_dir the copies will write into (emptied first)")
     args = parser.parse_args(argv)
 
     from .errors import RephelpersError
@@ -37,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
 
             model = load_model()
             print(f"[rephelpers] {model.name}: {model.n_layers} layers, d_model={model.d_model}, ready")
+        elif args.command == "parameterize":
+            from .runner import RunSpec, parameterize_chain
+
+            spec = RunSpec.from_yaml(args.params)
+            paths = parameterize_chain(spec, args.out, args.run_dir)
+            print(f"[rephelpers] {len(paths)} notebooks with {args.params} -> {args.out}")
         elif args.command == "collect":
             from .runner import collect
 

