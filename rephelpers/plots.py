@@ -3,13 +3,23 @@
 ``save_chart`` writes both an interactive HTML file and a static PNG (through
 ``vl-convert-python``) into ``<run_dir>/charts/``, so a papermill run leaves pictures a
 person can open without Jupyter.
+
+Stage 06 draws the Data Influence Matrix (:func:`phi_heatmap`), dose-response small
+multiples (:func:`dose_response_chart`) and the baseline abilities
+(:func:`baseline_chart`), writes a self-contained HTML report (:func:`html_report`) and
+offers an item explorer widget (:func:`item_explorer`).
 """
 
 from __future__ import annotations
 
+from html import escape
+import io
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import altair as alt
+import numpy as np
+import pandas as pd
 
 alt.data_transformers.disable_max_rows()
 
@@ -23,3 +33,257 @@ def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path, name: str, scale: 
     chart.save(str(html))
     chart.save(str(png), scale_factor=scale)
     return {"html": html, "png": png}
+
+
+# -- stage 06: the influence matrix ----------------------------------------------------------
+def _cluster_label(cluster: int, cluster_labels: Mapping[int, str] | None) -> str:
+    name = (cluster_labels or {}).get(int(cluster))
+    return f"{int(cluster)}: {name}" if name else f"cluster {int(cluster)}"
+
+
+def _symmetric_limit(*columns: pd.Series) -> float:
+    """Half-width of a colour domain centred at 0 that holds every finite value (at least 0.05)."""
+    values = pd.concat(columns).to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    return float(max(0.05, np.abs(values).max() if len(values) else 0.0))
+
+
+PHI_PANELS = (
+    # (panel title, estimate column, CI prefix, adjusted p column, significance column)
+    ("Φ: cluster perturbation", "phi", "phi", "p_adjusted", "significant"),
+    ("Φ_control: random dimensions", "phi_control", "phi_control", "p_control_adjusted", "control_significant"),
+    ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_control_adjusted", "exceeds_control"),
+)
+
+
+def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """The influence table in long form for :func:`phi_heatmap`: one row per panel × cluster × ability."""
+    frames = []
+    for panel, value, ci, p_adj, flag in PHI_PANELS:
+        part = table[["cluster", "ability", "n_items", "baseline_score"]].copy()
+        part["panel"] = panel
+        part["value"] = table[value]
+        part["low"], part["high"] = table[f"{ci}_low"], table[f"{ci}_high"]
+        part["p_adjusted"] = table[p_adj]
+        part["significant"] = table[flag].fillna(False).astype(bool)
+        frames.append(part)
+    long = pd.concat(frames, ignore_index=True)
+    long["cluster_label"] = [_cluster_label(k, cluster_labels) for k in long["cluster"]]
+    long["ci"] = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(long["low"], long["high"])]
+    long["label"] = [
+        "n/a" if not np.isfinite(v) else f"{v:+.2f}" + ("*" if s else "")
+        for v, s in zip(long["value"], long["significant"])
+    ]
+    return long
+
+
+def phi_heatmap(
+    table: pd.DataFrame,
+    cluster_labels: Mapping[int, str] | None = None,
+    with_difference: bool = True,
+    cell_size: int = 56,
+) -> alt.HConcatChart:
+    """Φ (clusters × abilities) beside the random-control Φ (and Φ − Φ_control).
+
+    ``table`` is :func:`rephelpers.stats.influence_table`. One diverging colour scale,
+    centred at 0 and shared by the panels (red = the ability got worse, blue = better);
+    each cell shows its value with ``*`` where the adjusted p-value is below α; the
+    tooltip carries the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
+    """
+    long = phi_heatmap_frame(table, cluster_labels)
+    panels = [p[0] for p in PHI_PANELS[: 3 if with_difference else 2]]
+    long = long[long["panel"].isin(panels)]
+    limit = _symmetric_limit(long["value"])
+    colour = alt.Color(
+        "value:Q", title="Φ (relative loss)",
+        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0),
+    )
+    clusters = sorted(long["cluster_label"].unique(), key=lambda s: long.loc[long.cluster_label == s, "cluster"].iloc[0])
+    tooltip = [
+        alt.Tooltip("cluster_label:N", title="cluster"), alt.Tooltip("ability:N"),
+        alt.Tooltip("value:Q", title="estimate", format="+.3f"), alt.Tooltip("ci:N", title="bootstrap CI"),
+        alt.Tooltip("p_adjusted:Q", title="adjusted p", format=".3g"),
+        alt.Tooltip("baseline_score:Q", title="M(f, a)", format=".3f"), alt.Tooltip("n_items:Q", title="items"),
+    ]
+    charts = []
+    for panel in panels:
+        base = alt.Chart(long[long["panel"] == panel]).encode(
+            x=alt.X("ability:N", title="ability", axis=alt.Axis(labelAngle=-30)),
+            y=alt.Y("cluster_label:N", title="cluster", sort=clusters),
+        )
+        cells = base.mark_rect(stroke="white").encode(color=colour, tooltip=tooltip)
+        text = base.mark_text(fontSize=12).encode(
+            text="label:N",
+            color=alt.condition(f"abs(datum.value) > {0.6 * limit}", alt.value("white"), alt.value("black")),
+            tooltip=tooltip,
+        )
+        charts.append((cells + text).properties(
+            title=panel, width=cell_size * long["ability"].nunique(), height=cell_size * len(clusters)
+        ))
+    alpha = table["alpha"].iloc[0] if "alpha" in table else None
+    note = f"* adjusted p < {alpha:g} ({table['correction'].iloc[0]})" if alpha is not None else ""
+    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
+        title=alt.TitleParams("Data Influence Matrix", subtitle=[note] if note else [])
+    )
+
+
+def dose_response_chart(
+    dose: pd.DataFrame,
+    cluster_labels: Mapping[int, str] | None = None,
+    magnitude_col: str = "magnitude",
+    width: int = 150,
+    height: int = 110,
+) -> alt.FacetChart:
+    """Small multiples of ability score against perturbation magnitude.
+
+    ``dose`` is :func:`rephelpers.impact.dose_response` (with the same ``magnitude_col``).
+    Rows = cluster, columns = ability;
+    the perturbation (red) and its matched random control (grey) as lines, the
+    unperturbed ``M(f, a)`` as a dashed rule. A dose-response relation shows as the red
+    line falling away from the rule while the grey one stays on it.
+    """
+    data = dose.copy()
+    data["cluster_label"] = [_cluster_label(k, cluster_labels) for k in data["cluster"]]
+    data["site"] = [f"{kind} @ L{layer}" for kind, layer in zip(data["kind"], data["layer"])]
+    clusters = sorted(data["cluster_label"].unique(), key=lambda s: data.loc[data.cluster_label == s, "cluster"].iloc[0])
+    arm = alt.Color("arm:N", title=None, scale=alt.Scale(domain=["perturbation", "control"], range=["#c0392b", "#8c8c8c"]))
+    lines = alt.Chart().mark_line(point=True).encode(
+        x=alt.X(f"{magnitude_col}:Q", title=magnitude_col),
+        y=alt.Y("score:Q", title="ability score"),
+        color=arm,
+        strokeDash=alt.StrokeDash("site:N", title="kind @ layer"),
+        detail="site:N",
+        tooltip=["arm:N", "site:N", alt.Tooltip(f"{magnitude_col}:Q"), alt.Tooltip("score:Q", format=".3f"),
+                 alt.Tooltip("ais:Q", title="AIS", format="+.3f"), alt.Tooltip("baseline_score:Q", format=".3f")],
+    )
+    baseline = alt.Chart().mark_rule(strokeDash=[4, 3], color="black", opacity=0.6).encode(y="mean(baseline_score):Q")
+    return alt.layer(lines, baseline, data=data).properties(width=width, height=height).facet(
+        row=alt.Row("cluster_label:N", title=None, sort=clusters),
+        column=alt.Column("ability:N", title=None),
+    ).properties(title="Dose-response: ability score vs perturbation magnitude (dashed: unperturbed)")
+
+
+def baseline_chart(ability_table: pd.DataFrame) -> alt.LayerChart:
+    """Bar chart of the unperturbed model's ability scores ``M(f, a)``.
+
+    ``ability_table`` is :func:`rephelpers.impact.ability_scores` (the baseline rows are
+    picked out) or any frame with ``ability``, ``score`` and ``n_items``.
+    """
+    data = ability_table
+    if "cluster" in data.columns:
+        data = data[data["cluster"] == -1]
+    base = alt.Chart(data).encode(
+        x=alt.X("ability:N", title="ability", sort="-y", axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("score:Q", title="M(f, a): mean item score", scale=alt.Scale(domain=[0, max(1.0, float(data["score"].max()))])),
+        tooltip=["ability:N", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("n_items:Q", title="items")],
+    )
+    bars = base.mark_bar(color="#4c72b0")
+    labels = base.mark_text(dy=-6).encode(text=alt.Text("score:Q", format=".2f"))
+    return (bars + labels).properties(title="Unperturbed model: ability scores", width=60 * data["ability"].nunique(), height=200)
+
+
+# -- the HTML report -------------------------------------------------------------------------
+def chart_svg(chart: alt.TopLevelMixin) -> str:
+    """``chart`` rendered to an SVG string (vl-convert), for a report that needs no JavaScript."""
+    buffer = io.StringIO()
+    chart.save(buffer, format="svg")
+    return buffer.getvalue()
+
+
+def html_report(title: str, sections: Sequence[tuple[str, object]], intro: str = "") -> str:
+    """A self-contained HTML page: a heading and, per section, a chart, a table or text.
+
+    ``sections`` is a list of ``(heading, content)`` where content is an altair chart
+    (inlined as SVG), a DataFrame (an HTML table, numbers to 3 significant digits) or a
+    string (escaped, one paragraph per line). No script, stylesheet or font is fetched.
+    """
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{escape(title)}</title><style>{_REPORT_CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        *(f"<p>{escape(line)}</p>" for line in intro.splitlines() if line.strip()),
+    ]
+    for heading, content in sections:
+        parts.append(f"<section><h2>{escape(heading)}</h2>")
+        if isinstance(content, alt.TopLevelMixin):
+            parts.append(f"<div class='scroll'>{chart_svg(content)}</div>")
+        elif isinstance(content, pd.DataFrame):
+            table = content.to_html(index=False, border=0, classes="table", na_rep="–", float_format=_fmt)
+            parts.append(f"<div class='scroll'>{table}</div>")
+        else:
+            parts.extend(f"<p>{escape(line)}</p>" for line in str(content).splitlines() if line.strip())
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}"
+
+
+_REPORT_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+    "h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}"
+    ".table{border-collapse:collapse;font-size:13px}.table td,.table th{padding:3px 8px;text-align:right}"
+    ".table tr:nth-child(even){background:#f6f6f6}.table th{background:#eee}.scroll{overflow-x:auto}"
+)
+
+
+# -- the item explorer -----------------------------------------------------------------------
+def item_explorer(scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool = True):
+    """An ipywidgets explorer: pick a (cluster, ability) cell and a config, see which items flipped.
+
+    Cells are listed strongest |Φ| first; the config menu offers every perturbation of the
+    cluster and its controls. Shows the count of lost / gained items and the item rows of
+    :func:`rephelpers.impact.flipped_items`. Building it runs nothing heavy, so a headless
+    (papermill) run just renders the first cell.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    from .impact import configs, flipped_items
+
+    ranked = table.assign(strength=table["phi"].abs()).sort_values("strength", ascending=False, na_position="last")
+    cells = [
+        (f"cluster {int(r.cluster)} × {r.ability}  (Φ = {r.phi:+.3f}{' *' if r.significant else ''})", (int(r.cluster), r.ability))
+        for r in ranked.itertuples(index=False)
+    ]
+    every = configs(scores)
+    cell_menu = widgets.Dropdown(options=cells, description="cell", layout=widgets.Layout(width="460px"))
+    config_menu = widgets.Dropdown(description="config", layout=widgets.Layout(width="460px"))
+    output = widgets.Output()
+
+    every_config = "every perturbation of the cluster"
+
+    def config_options(cluster: int) -> list[tuple[str, object]]:
+        options: list[tuple[str, object]] = [(every_config, every_config)]
+        for row in every[every["cluster"] == cluster].itertuples(index=False):
+            label = f"{'control ' if row.control else ''}{row.kind} m={row.magnitude:g} @ L{row.layer}  [{row.config_id}]"
+            options.append((label, (row.config_id, bool(row.control))))
+        return options
+
+    def show(*_: object) -> None:
+        cluster, ability = cell_menu.value
+        theta, control = (None, False) if config_menu.value == every_config else config_menu.value
+        items = flipped_items(scores, cluster, ability, theta=theta, control=control, only_changed=only_changed)
+        output.clear_output()
+        with output:
+            lost = int((items["direction"] == "lost").sum())
+            gained = int((items["direction"] == "gained").sum())
+            print(f"cluster {cluster} × {ability}: {lost} items lost, {gained} gained")
+            display(items)
+
+    def on_cell(change: dict) -> None:
+        config_menu.unobserve(show, names="value")  # one render per pick, not one per menu reset
+        config_menu.options = config_options(change["new"][0])
+        config_menu.value = every_config
+        config_menu.observe(show, names="value")
+        show()
+
+    if cells:
+        config_menu.options = config_options(cells[0][1][0])
+        config_menu.value = every_config
+        show()
+    cell_menu.observe(on_cell, names="value")
+    config_menu.observe(show, names="value")
+    return widgets.VBox([cell_menu, config_menu, output])

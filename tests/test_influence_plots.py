@@ -1,0 +1,66 @@
+"""Stage-06 charts, report and item explorer: the right marks, a report that needs no network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rephelpers import impact, plots, stats
+
+
+@pytest.fixture(scope="module")
+def scores() -> pd.DataFrame:
+    return impact.simulate_scores({(0, "math"): 0.9, (1, "code"): 0.1}, {"math": 0.8, "code": 0.7},
+                                  items_per_task=40, control_effect=0.05, seed=2)
+
+
+@pytest.fixture(scope="module")
+def table(scores) -> pd.DataFrame:
+    return stats.influence_table(scores, n_boot=100)
+
+
+def test_heatmap_frame_marks_significant_cells(table):
+    long = plots.phi_heatmap_frame(table, cluster_labels={0: "numbers"})
+    assert len(long) == 3 * len(table)
+    phi_panel = long[long.panel == plots.PHI_PANELS[0][0]].set_index(["cluster", "ability"])
+    for row in table.itertuples(index=False):
+        label = phi_panel.loc[(row.cluster, row.ability), "label"]
+        assert label.endswith("*") == bool(row.significant)
+        assert label.rstrip("*") == f"{row.phi:+.2f}"
+    assert set(long.cluster_label) == {"0: numbers", "cluster 1"}
+
+
+def test_heatmap_has_a_shared_diverging_scale_centred_at_zero(table):
+    spec = plots.phi_heatmap(table).to_dict()
+    assert len(spec["hconcat"]) == 3 and spec["resolve"]["scale"]["color"] == "shared"
+    scale = spec["hconcat"][0]["layer"][0]["encoding"]["color"]["scale"]
+    assert scale["domainMid"] == 0 and scale["domain"][0] == -scale["domain"][1]
+    assert len(plots.phi_heatmap(table, with_difference=False).to_dict()["hconcat"]) == 2
+
+
+def test_dose_response_chart_facets_cluster_by_ability(scores):
+    spec = plots.dose_response_chart(impact.dose_response(scores)).to_dict()
+    assert spec["facet"]["row"]["field"] == "cluster_label" and spec["facet"]["column"]["field"] == "ability"
+
+
+def test_report_is_self_contained_and_escaped(table, scores):
+    page = plots.html_report(
+        "Influence <test>",
+        [("Matrix", plots.phi_heatmap(table)), ("Table", table), ("Note", "a < b\nsecond line")],
+        intro="run: x",
+    )
+    assert page.count("<svg") == 1 and "<script" not in page and "<link" not in page
+    assert "Influence &lt;test&gt;" in page and "<p>a &lt; b</p>" in page
+    assert page.count("<tr") == len(table) + 1  # header + one row per cell
+
+
+def test_item_explorer_builds_headless(scores, table):
+    explorer = plots.item_explorer(scores, table)
+    cell_menu, config_menu, _ = explorer.children
+    strongest = table.loc[table.phi.abs().idxmax()]
+    assert cell_menu.value == (int(strongest.cluster), strongest.ability)
+    config_menu.value = config_menu.options[1][1]  # a single config: no error on the switch
+    cell_menu.value = cell_menu.options[-1][1]
+    assert config_menu.value == config_menu.options[0][1]
+    assert np.all([isinstance(label, str) for label, _ in config_menu.options])

@@ -1,0 +1,194 @@
+"""Wilcoxon, Holm/BH, bootstrap coverage, ACE regression and the influence table."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
+
+from rephelpers import impact, stats
+from rephelpers.errors import RephelpersError
+
+EFFECTS = {(0, "math"): 0.7, (1, "code"): 0.6}
+BASE_ACCURACY = {"math": 0.7, "code": 0.6, "icl": 0.8}
+
+
+@pytest.fixture(scope="module")
+def scores() -> pd.DataFrame:
+    return impact.simulate_scores(
+        EFFECTS, BASE_ACCURACY, tasks_per_ability=2, items_per_task=40, control_effect=0.05, seed=1
+    )
+
+
+def item_vector(scores: pd.DataFrame, config_id: str, ability: str) -> np.ndarray:
+    rows = scores[(scores.config_id == config_id) & (scores.ability == ability)].sort_values(["task", "item"])
+    return rows["score"].to_numpy()
+
+
+# -- Wilcoxon -----------------------------------------------------------------------------------
+def test_paired_wilcoxon_matches_scipy(scores):
+    result = stats.paired_wilcoxon(scores).set_index(["config_id", "ability"])
+    checked = 0
+    for config_id in ["k0-ablate-m1", "k0-ablate-m2", "k1-ablate-m2-control"]:
+        for ability in BASE_ACCURACY:
+            base, pert = item_vector(scores, "baseline", ability), item_vector(scores, config_id, ability)
+            row = result.loc[(config_id, ability)]
+            assert row["n_changed"] == np.count_nonzero(base - pert)
+            if np.any(base != pert):
+                expected = sps.wilcoxon(base, pert)
+                assert row["p_value"] == pytest.approx(expected.pvalue)
+                assert row["statistic"] == pytest.approx(expected.statistic)
+                checked += 1
+    assert checked >= 3
+    strong = result.loc[("k0-ablate-m2", "math"), "p_value"]
+    assert strong < 1e-3
+
+
+def test_wilcoxon_all_zero_differences_gives_p_one_with_note():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        statistic, p, note = stats.signed_rank(np.zeros(12))
+    assert p == 1.0 and "no item changed" in note
+    with pytest.raises(RephelpersError, match="zero_method"):
+        stats.signed_rank(np.ones(3), zero_method="drop")
+
+
+def test_cell_wilcoxon_tests_the_theta_averaged_difference(scores):
+    cells = stats.cell_wilcoxon(scores).set_index(["cluster", "ability", "comparison"])
+    base = item_vector(scores, "baseline", "code")
+    pert = np.mean([item_vector(scores, f"k1-ablate-m{m}", "code") for m in (1, 2)], axis=0)
+    ctrl = np.mean([item_vector(scores, f"k1-ablate-m{m}-control", "code") for m in (1, 2)], axis=0)
+    assert cells.loc[(1, "code", "perturbation"), "p_value"] == pytest.approx(sps.wilcoxon(base, pert).pvalue)
+    assert cells.loc[(1, "code", "perturbation_vs_control"), "p_value"] == pytest.approx(sps.wilcoxon(ctrl, pert).pvalue)
+    # mean θ-averaged difference / M(f, a) is exactly Φ
+    phi = impact.influence_matrix(impact.ais(scores)).set_index(["cluster", "ability"])
+    assert cells.loc[(1, "code", "perturbation"), "mean_difference"] / base.mean() == pytest.approx(phi.loc[(1, "code"), "phi"])
+
+
+# -- multiple comparisons ---------------------------------------------------------------------
+@pytest.mark.parametrize("method, reference", [("holm", "holm"), ("bh", "fdr_bh")])
+def test_adjust_pvalues_matches_statsmodels(method, reference):
+    rng = np.random.default_rng(0)
+    for size in (1, 5, 37):
+        p = np.concatenate([rng.uniform(0, 0.05, size), rng.uniform(0, 1, size), [0.01, 0.01]])  # ties included
+        expected = multipletests(p, method=reference)[1]
+        np.testing.assert_allclose(stats.adjust_pvalues(p, method), expected, rtol=1e-12)
+
+
+def test_adjust_pvalues_keeps_nan_out_of_the_family():
+    p = np.array([0.01, np.nan, 0.04, 0.03])
+    adjusted = stats.adjust_pvalues(p, "holm")
+    assert np.isnan(adjusted[1])
+    np.testing.assert_allclose(adjusted[[0, 2, 3]], multipletests(p[[0, 2, 3]], method="holm")[1])
+    with pytest.raises(RephelpersError, match="correction"):
+        stats.adjust_pvalues(p, "bonferroni")
+
+
+# -- bootstrap ----------------------------------------------------------------------------------
+def test_bootstrap_weights_resample_within_strata():
+    strata = np.array(["a"] * 3 + ["b"] * 5)
+    w = stats.bootstrap_weights(strata, n_boot=50, seed=4)
+    assert w.shape == (50, 8)
+    np.testing.assert_array_equal(w[:, :3].sum(axis=1), 3)
+    np.testing.assert_array_equal(w[:, 3:].sum(axis=1), 5)
+    np.testing.assert_array_equal(w, stats.bootstrap_weights(strata, n_boot=50, seed=4))
+    assert not np.array_equal(w, stats.bootstrap_weights(strata, n_boot=50, seed=5))
+
+
+def test_bootstrap_mean_ci_covers_at_the_nominal_rate():
+    rng = np.random.default_rng(0)
+    true_mean = 1.5
+    samples = rng.normal(true_mean, 2.0, size=(200, 60))  # 200 independent data sets of 60 items
+    strata = np.repeat([0, 1, 2], 20)
+    mean, low, high = stats.bootstrap_mean_ci(samples, strata, n_boot=1000, alpha=0.05, seed=1)
+    np.testing.assert_allclose(mean, samples.mean(axis=1))
+    coverage = np.mean((low <= true_mean) & (true_mean <= high))
+    assert 0.90 <= coverage <= 0.99, coverage
+
+
+def test_bootstrap_ci_of_ais_covers_the_true_value():
+    # Baseline scores every item 10; each cluster's perturbed items are N(8, 1) draws, so the
+    # true AIS is 1 - 8/10 = 0.2 and each cluster is an independent data set.
+    rng = np.random.default_rng(2)
+    n_clusters, n_items = 200, 40
+    rows = [pd.DataFrame({"config_id": "base", "cluster": -1, "score": np.full(n_items, 10.0), "item": range(n_items)})]
+    for k in range(n_clusters):
+        rows.append(pd.DataFrame({"config_id": f"k{k}", "cluster": k, "score": rng.normal(8, 1, n_items), "item": range(n_items)}))
+    frame = pd.concat(rows, ignore_index=True).assign(
+        control=False, kind="noise", magnitude=1.0, layer=15, task="t", ability="a", interventions="[]", metric="x"
+    )
+    boot = stats.bootstrap_ci(frame, n_boot=1000, alpha=0.05, seed=0)
+    phi = boot.phi.set_index("cluster")
+    coverage = np.mean((phi["phi_low"] <= 0.2) & (0.2 <= phi["phi_high"]))
+    assert 0.90 <= coverage <= 0.99, coverage
+    # AIS point estimates equal impact.ais; the single θ makes the AIS and Φ intervals equal
+    merged = boot.ais.merge(impact.ais(frame), on="config_id", suffixes=("", "_hat"))
+    np.testing.assert_allclose(merged["ais"], merged["ais_hat"])
+    np.testing.assert_allclose(boot.ais.set_index("cluster")["ais_low"].sort_index(), phi["phi_low"].sort_index())
+    assert phi["phi_control_low"].isna().all()  # no controls were run
+
+
+# -- regression ---------------------------------------------------------------------------------
+def planted_rows(n: int = 150, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = pd.DataFrame({
+        "cluster_size": rng.integers(20, 400, n).astype(float),
+        "probe_accuracy": rng.uniform(0.5, 1.0, n),
+        "layer": rng.choice([3, 9, 15, 21], n).astype(float),
+    })
+    rows["ace"] = 0.05 + 0.001 * rows.cluster_size - 0.3 * rows.probe_accuracy + 0.01 * rows.layer + rng.normal(0, 0.02, n)
+    return rows
+
+
+def test_ace_regression_recovers_planted_coefficients():
+    rows = planted_rows()
+    table = stats.ace_regression(rows).set_index("term")
+    planted = {"const": 0.05, "cluster_size": 0.001, "probe_accuracy": -0.3, "layer": 0.01}
+    for term, value in planted.items():
+        assert abs(table.loc[term, "estimate"] - value) < 4 * table.loc[term, "std_error"], term
+        assert table.loc[term, "ci_low"] < table.loc[term, "estimate"] < table.loc[term, "ci_high"]
+    X = np.column_stack([np.ones(len(rows)), rows[["cluster_size", "probe_accuracy", "layer"]].to_numpy()])
+    beta, *_ = np.linalg.lstsq(X, rows["ace"].to_numpy(), rcond=None)
+    np.testing.assert_allclose(table["estimate"].to_numpy(), beta, rtol=1e-8)
+    assert table.attrs["n_obs"] == len(rows) and table.attrs["r_squared"] > 0.9
+
+
+def test_ace_regression_refuses_too_few_rows_and_constant_predictors():
+    rows = planted_rows(n=4)
+    with pytest.raises(RephelpersError, match="more rows than parameters"):
+        stats.ace_regression(rows)
+    rows = planted_rows().assign(layer=15.0)
+    assert stats.ace_regression(rows).term.tolist() == ["const", "cluster_size", "probe_accuracy"]
+    with pytest.raises(RephelpersError, match="constant"):
+        stats.ace_regression(rows, predictors=["cluster_size", "layer"])
+    with pytest.raises(RephelpersError, match="not columns"):
+        stats.ace_regression(rows, predictors=["size"])
+
+
+# -- the influence table ----------------------------------------------------------------------
+def test_influence_table_flags_the_planted_cells(scores):
+    table = stats.influence_table(scores, n_boot=300, alpha=0.05, correction="holm", seed=0)
+    assert len(table) == 2 * 3 and not table.duplicated(["cluster", "ability"]).any()
+    cell = table.set_index(["cluster", "ability"])
+    assert cell.loc[(0, "math"), "significant"] and cell.loc[(1, "code"), "significant"]
+    assert cell.loc[(0, "math"), "phi_low"] > 0 and cell.loc[(0, "math"), "phi_low"] <= cell.loc[(0, "math"), "phi"] <= cell.loc[(0, "math"), "phi_high"]
+    assert cell.loc[(0, "math"), "exceeds_control"]
+    assert not cell.loc[(0, "icl"), "significant"] and not cell.loc[(1, "math"), "significant"]
+    assert cell.loc[(0, "math"), "top_ability"] == "math" and cell.loc[(1, "code"), "top_ability"] == "code"
+    np.testing.assert_allclose(table["p_adjusted"], multipletests(table["p_value"], method="holm")[1])
+    phi = impact.influence_matrix(impact.ais(scores)).set_index(["cluster", "ability"])
+    np.testing.assert_allclose(cell["phi"], phi.loc[cell.index, "phi"])
+    np.testing.assert_allclose(cell["phi_minus_control"], cell["phi"] - cell["phi_control"])
+    bh = stats.influence_table(scores, n_boot=50, correction="bh")
+    np.testing.assert_allclose(bh["p_adjusted"], multipletests(bh["p_value"], method="fdr_bh")[1])
+
+
+def test_influence_table_validates_parameters(scores):
+    with pytest.raises(RephelpersError, match="correction"):
+        stats.influence_table(scores, correction="bonferroni")
+    with pytest.raises(RephelpersError, match="alpha"):
+        stats.influence_table(scores, alpha=1.5)
