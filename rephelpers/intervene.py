@@ -7,19 +7,24 @@ it), and several perturbations at one site compose left to right.
 
 ``run_logits`` and ``sequence_nll`` are the two primitives the later stages build on:
 logits of a perturbed forward pass, and per-text negative log-likelihood (perplexity).
+``forward_readout`` adds what the specificity checks compare between an original and a
+perturbed pass of one batch: per-text NLL, pooled hidden states at chosen layers and
+attention patterns.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .activations import pool
 from .errors import require
 from .models import Model, output_tensor, replace_output
 from .perturbations import Perturbation, perturbation_from_dict
@@ -105,6 +110,29 @@ def _perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None)
     return out
 
 
+def _sites(interventions: Sequence[Intervention]) -> dict[tuple[int, str], list[Intervention]]:
+    groups: dict[tuple[int, str], list[Intervention]] = {}
+    for iv in interventions:
+        groups.setdefault((iv.layer, iv.component), []).append(iv)
+    return groups
+
+
+def _forward_order(site: tuple[int, str]) -> tuple[int, int]:
+    return site[0], _COMPONENT_ORDER[site[1]]
+
+
+def _edit_site(
+    envoy: Any, group: Sequence[Intervention], last_index: torch.Tensor | None
+) -> tuple[Any, torch.Tensor]:
+    """Apply ``group`` at one site; return the site's original output and the edited state."""
+    out = envoy.output
+    h = output_tensor(out)
+    for iv in group:
+        h = _perturb(h, iv, last_index)
+    envoy.output = replace_output(out, h)
+    return out, h
+
+
 def apply_in_trace(
     model: Model,
     interventions: Sequence[Intervention],
@@ -115,19 +143,8 @@ def apply_in_trace(
     ``last_index`` gives each row's last real token for right-padded batches; with the
     package's left padding it is the final position and may be omitted.
     """
-    i = 0
-    while i < len(interventions):
-        site = (interventions[i].layer, interventions[i].component)
-        group = []
-        while i < len(interventions) and (interventions[i].layer, interventions[i].component) == site:
-            group.append(interventions[i])
-            i += 1
-        envoy = model.envoy(*site)
-        out = envoy.output
-        h = output_tensor(out)
-        for iv in group:
-            h = _perturb(h, iv, last_index)
-        envoy.output = replace_output(out, h)
+    for site, group in sorted(_sites(interventions).items(), key=lambda item: _forward_order(item[0])):
+        _edit_site(model.envoy(*site), group, last_index)
 
 
 def run_logits(
@@ -173,13 +190,99 @@ def sequence_nll(
             with model.nn.trace(dict(batch)):
                 apply_in_trace(model, ivs)
                 logits = model.nn.output.logits.save()
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = batch["input_ids"][:, 1:]
-        mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
-        token_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
-        nll[idx] = token_nll.sum(-1).cpu().numpy()
-        count[idx] = mask.sum(-1).cpu().numpy()
+        batch_nll, batch_count = token_nll(logits, batch)
+        nll[idx] = batch_nll.cpu().numpy()
+        count[idx] = batch_count.cpu().numpy()
     return nll, count
+
+
+def token_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL and the number of predicted real tokens.
+
+    ``NLL = −Σ_t m_t m_{t+1} log p(x_{t+1} | x_{≤t})`` with ``m`` the attention mask.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = batch["input_ids"][:, 1:]
+    mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+    return nll.sum(-1), mask.sum(-1)
+
+
+@dataclass
+class Readout:
+    """What one (possibly perturbed) forward pass of a batch leaves behind.
+
+    ``nll``/``count``: per-row summed next-token NLL and predicted-token count (see
+    :func:`token_nll`); ``pooled[l]``: the residual stream after decoder layer ``l``
+    (perturbed, if an intervention sits there), mean-pooled over real tokens, ``[b, d]``;
+    ``attention[l]``: layer ``l``'s attention probabilities ``[b, heads, query, key]``.
+    """
+
+    nll: torch.Tensor
+    count: torch.Tensor
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def eager_attention(model: Model) -> Iterator[None]:
+    """Run the block with eager attention, which forms the attention probabilities that
+    fused kernels (sdpa, flash) never materialise; the previous implementation is restored.
+
+    On real (non-padding) tokens eager and fused attention agree to float rounding.
+    """
+    current = getattr(model.hf.config, "_attn_implementation", None)
+    if current == "eager":
+        yield
+        return
+    require(
+        hasattr(model.hf, "set_attn_implementation"),
+        f"{model.name} cannot switch attention implementation at run time: load it with "
+        f"load_model({model.name!r}, attn_implementation='eager') to read attention patterns.",
+    )
+    model.hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.hf.set_attn_implementation(current or "sdpa")
+
+
+def forward_readout(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    interventions: Sequence[Intervention] = (),
+    read_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
+) -> Readout:
+    """One forward pass of ``batch`` with ``interventions``, read out at the given layers.
+
+    Attention probabilities are read under :func:`eager_attention`.
+    """
+    ivs = validate(model, interventions)
+    read = {model.check_layer(int(l)) for l in read_layers}
+    attend = {model.check_layer(int(l)) for l in attention_layers}
+    edits = _sites(ivs)
+    sites = set(edits) | {(l, "resid") for l in read} | {(l, "attn") for l in attend}
+    mask = batch["attention_mask"]
+    pooled: dict[int, torch.Tensor] = {}
+    attention: dict[int, torch.Tensor] = {}
+    with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
+        with model.nn.trace(dict(batch)):
+            for site in sorted(sites, key=_forward_order):
+                layer, component = site
+                envoy = model.envoy(layer, component)
+                if site in edits:
+                    out, h = _edit_site(envoy, edits[site], None)
+                else:
+                    out = envoy.output
+                    h = output_tensor(out)
+                if component == "resid" and layer in read:
+                    pooled[layer] = pool(h.float(), mask, "mean").save()
+                if component == "attn" and layer in attend:
+                    attention[layer] = out[1].save()
+            logits = model.nn.output.logits.save()
+    nll, count = token_nll(logits, batch)
+    return Readout(nll=nll, count=count, pooled=pooled, attention=attention)
 
 
 def perplexity(nll: Iterable[float], count: Iterable[int]) -> float:

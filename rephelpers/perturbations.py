@@ -8,15 +8,24 @@ papermill parameters and is written into every result row.
 
 Notation: ``R`` is a set of dimension indices (R_k of cluster k), ``v`` a direction,
 ``V`` an orthonormal basis (rows) of a subspace.
+
+Every kind has one magnitude field (:data:`MAGNITUDE_FIELD`): ablate/project/leace a
+``strength`` in [0, 1] interpolating between ``h`` and the fully perturbed state, noise
+its ``sigma``, shift its ``alpha``, gradient its ``epsilon``. :func:`build` turns a
+stage-03 subspace and a unit-free ``magnitude`` into a perturbation, and
+:func:`matched_control` into a random perturbation of the same size (the specificity
+control).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .errors import RephelpersError, require
@@ -97,20 +106,42 @@ def _vector(values: tuple, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
 
+def _check_finite_nonnegative(kind: str, name: str, value: float) -> None:
+    require(
+        math.isfinite(value) and value >= 0,
+        f"{kind}: {name} must be a finite number ≥ 0, got {value}",
+    )
+
+
+def _check_width(kind: str, name: str, width: int, d_model: int) -> None:
+    require(width == d_model, f"{kind}: {name} has {width} entries, hidden size is {d_model}")
+
+
+def _check_rows(kind: str, name: str, rows: tuple[tuple[float, ...], ...], d_model: int) -> None:
+    require(len(rows) > 0, f"{kind}: {name} has rank 0; give at least one vector.")
+    widths = sorted({len(r) for r in rows})
+    require(widths == [d_model], f"{kind}: {name} rows have widths {widths}, hidden size is {d_model}")
+
+
 @dataclass(frozen=True)
 class Ablate(Perturbation):
-    """Zero (or mean-) ablation of the dimensions in R.
+    """Zero (or mean-) ablation of the dimensions in R, at a given strength m.
 
-    ``ĥ_i = h_i · (1 − 𝟙[i ∈ R])`` (zero), or ``ĥ_i = μ_i`` for ``i ∈ R`` when ``values``
-    holds the reference means μ (mean ablation).
+    ``ĥ_i = (1 − m) · h_i + m · c_i`` for ``i ∈ R`` and ``ĥ_i = h_i`` otherwise, with the
+    reference ``c_i = 0`` (zero ablation) or ``c_i = μ_i`` when ``values`` holds the means μ
+    (mean ablation). ``strength`` m = 1 is full ablation (``ĥ_i = c_i``); m = 0 is the
+    identity.
     """
 
     kind: ClassVar[str] = "ablate"
     dims: tuple[int, ...]
     values: tuple[float, ...] | None = None
+    strength: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(i) for i in self.dims))
+        object.__setattr__(self, "strength", float(self.strength))
+        _check_finite_nonnegative(self.kind, "strength", self.strength)
         if self.values is not None:
             object.__setattr__(self, "values", tuple(float(v) for v in self.values))
             require(
@@ -127,11 +158,9 @@ class Ablate(Perturbation):
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         idx = self._index.to(h.device)
+        reference = 0.0 if self.values is None else _vector(self.values, h)
         out = h.clone()
-        if self.values is None:
-            out[..., idx] = 0
-        else:
-            out[..., idx] = _vector(self.values, h)
+        out[..., idx] = (1.0 - self.strength) * h[..., idx] + self.strength * reference
         return out
 
 
@@ -150,7 +179,8 @@ class Noise(Perturbation):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dims", tuple(int(i) for i in self.dims))
-        require(self.sigma >= 0, f"noise: sigma must be ≥ 0, got {self.sigma}")
+        object.__setattr__(self, "sigma", float(self.sigma))
+        _check_finite_nonnegative(self.kind, "sigma", self.sigma)
 
     def check(self, d_model: int) -> None:
         _check_dims(self.kind, self.dims, d_model)
@@ -160,7 +190,7 @@ class Noise(Perturbation):
         gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
         eps = torch.randn(*h.shape[:-1], len(self.dims), generator=gen, dtype=torch.float32)
         out = h.clone()
-        out[..., idx] = out[..., idx] + float(self.sigma) * eps.to(h.device, h.dtype)
+        out[..., idx] = out[..., idx] + self.sigma * eps.to(h.device, h.dtype)
         return out
 
 
@@ -174,24 +204,22 @@ class Shift(Perturbation):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
+        object.__setattr__(self, "alpha", float(self.alpha))
 
     def check(self, d_model: int) -> None:
-        require(
-            len(self.direction) == d_model,
-            f"shift: direction has {len(self.direction)} entries, hidden size is {d_model}",
-        )
+        _check_width(self.kind, "direction", len(self.direction), d_model)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return h + float(self.alpha) * _vector(self.direction, h)
+        return h + self.alpha * _vector(self.direction, h)
 
 
 @dataclass(frozen=True)
 class Project(Perturbation):
-    """Orthogonal projection out of a subspace: ``ĥ = h − Σ_{v∈V} (h·v) v``.
+    """Orthogonal projection out of a subspace: ``ĥ = h − s · Σ_{v∈V} (h·v) v``.
 
     ``basis`` holds the rows of V; they are re-orthonormalised (QR) before use so a
-    slightly non-orthogonal basis still yields an exact projection. ``strength`` in
-    [0, 1] scales the removed component (1 removes it entirely).
+    slightly non-orthogonal basis still yields an exact projection. ``strength`` s in
+    [0, 1] interpolates between ``h`` (0) and the projected state (1).
     """
 
     kind: ClassVar[str] = "project"
@@ -202,11 +230,16 @@ class Project(Perturbation):
         object.__setattr__(
             self, "basis", tuple(tuple(float(x) for x in row) for row in self.basis)
         )
+        object.__setattr__(self, "strength", float(self.strength))
+        _check_finite_nonnegative(self.kind, "strength", self.strength)
 
     def check(self, d_model: int) -> None:
-        require(len(self.basis) > 0, "project: the subspace has rank 0; give at least one basis vector.")
-        widths = {len(r) for r in self.basis}
-        require(widths == {d_model}, f"project: basis rows have widths {widths}, hidden size is {d_model}")
+        _check_rows(self.kind, "basis", self.basis, d_model)
+        require(self.rank > 0, "project: the basis vectors are all zero.")
+
+    @property
+    def rank(self) -> int:
+        return int(self._orthonormal.shape[0])
 
     @cached_property
     def _orthonormal(self) -> torch.Tensor:
@@ -219,11 +252,363 @@ class Project(Perturbation):
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         v = self._orthonormal.to(h.device, h.dtype)
-        return h - float(self.strength) * (h @ v.T) @ v
+        return h - self.strength * (h @ v.T) @ v
+
+
+@dataclass(frozen=True)
+class Leace(Perturbation):
+    """LEACE concept eraser (Belrose et al. 2023, "LEACE: Perfect linear concept erasure
+    in closed form"), at strength s.
+
+    ``r(x) = x − W⁺ P W (x − μ)`` where μ is the mean of the fitting data, ``W = Σ_xx^{-1/2}``
+    the whitening matrix, ``W⁺`` its pseudo-inverse and ``P = U Uᵀ`` the orthogonal
+    projection onto the column space of ``W Σ_xz`` (the whitened cross-covariance between
+    the representation x and the one-hot concept z). After erasure no linear classifier
+    predicts z better than a constant (on the fitting distribution), while x moves as
+    little as possible in the least-squares sense. The rank-r matrix ``W⁺ P W`` is stored
+    factorised as ``leftᵀ · right`` with ``left = (W⁺U)ᵀ`` and ``right = UᵀW`` (both r × d),
+    so ``ĥ = h − s · ((h − μ) rightᵀ) left``; s = 1 is full erasure, s = 0 the identity.
+
+    Fit with :meth:`Leace.fit` (or :func:`fit_leace`) on pooled representations and
+    cluster labels.
+    """
+
+    kind: ClassVar[str] = "leace"
+    mean: tuple[float, ...]
+    left: tuple[tuple[float, ...], ...]
+    right: tuple[tuple[float, ...], ...]
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        for name in ("left", "right"):
+            rows = tuple(tuple(float(x) for x in row) for row in getattr(self, name))
+            object.__setattr__(self, name, rows)
+        require(
+            len(self.left) == len(self.right),
+            f"leace: left has {len(self.left)} rows but right has {len(self.right)}",
+        )
+        object.__setattr__(self, "strength", float(self.strength))
+        _check_finite_nonnegative(self.kind, "strength", self.strength)
+
+    @classmethod
+    def fit(
+        cls,
+        X: Any,
+        y: Any,
+        *,
+        shrinkage: bool = True,
+        svd_tol: float = 0.01,
+        constrain_cov_trace: bool = False,
+    ) -> "Leace":
+        """Fit the eraser of the concept ``y`` (integer labels) on representations ``X [n, d]``.
+
+        Two distinct labels give a one-column concept (erases "is class 1", rank ≤ 1);
+        more give one-hot z (erases every label jointly, rank ≤ #labels − 1). Fitting uses
+        ``concept_erasure.LeaceFitter`` in float64. ``constrain_cov_trace`` is off by default
+        because its regularisation toward an orthogonal projection no longer guarantees
+        linear guardedness; turn it on if repeated erasure makes hidden-state norms grow.
+        """
+        from concept_erasure import LeaceFitter
+
+        X = torch.as_tensor(np.asarray(X, dtype=np.float64))
+        labels = np.asarray(y).reshape(-1)
+        require(X.ndim == 2, f"leace: X must be a matrix [n, d], got shape {tuple(X.shape)}")
+        require(
+            X.shape[0] == len(labels),
+            f"leace: X has {X.shape[0]} rows but y has {len(labels)} labels",
+        )
+        classes, codes = np.unique(labels, return_inverse=True)
+        require(
+            len(classes) >= 2,
+            f"leace: the labels hold a single class ({classes.tolist()}); erasing a concept "
+            "needs examples of at least two classes.",
+        )
+        require(bool(torch.isfinite(X).all()), "leace: X holds NaN or inf values")
+        if len(classes) == 2:
+            z = torch.as_tensor(codes, dtype=torch.float64).unsqueeze(1)
+        else:
+            z = torch.nn.functional.one_hot(torch.as_tensor(codes), len(classes)).to(torch.float64)
+        fitter = LeaceFitter.fit(
+            X, z, shrinkage=shrinkage, svd_tol=svd_tol, constrain_cov_trace=constrain_cov_trace
+        )
+        eraser = fitter.eraser
+        # The fitter zeroes the columns of truncated singular directions; drop them.
+        left = eraser.proj_left.T  # [k, d]
+        right = eraser.proj_right  # [k, d]
+        keep = (left.norm(dim=1) > 1e-12) & (right.norm(dim=1) > 1e-12)
+        require(
+            bool(keep.any()),
+            f"leace: the concept is not linearly present in X (every singular value of the "
+            f"whitened cross-covariance is below svd_tol={svd_tol}); nothing to erase.",
+        )
+        mean = eraser.bias if eraser.bias is not None else torch.zeros(X.shape[1], dtype=X.dtype)
+        return cls(mean=mean.tolist(), left=left[keep].tolist(), right=right[keep].tolist())
+
+    def check(self, d_model: int) -> None:
+        _check_width(self.kind, "mean", len(self.mean), d_model)
+        _check_rows(self.kind, "left", self.left, d_model)
+        _check_rows(self.kind, "right", self.right, d_model)
+
+    @property
+    def rank(self) -> int:
+        return len(self.left)
+
+    @cached_property
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(x, dtype=torch.float64) for x in (self.mean, self.left, self.right))
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        mean, left, right = (t.to(h.device, h.dtype) for t in self._factors)
+        return h - self.strength * ((h - mean) @ right.T) @ left
+
+
+@dataclass(frozen=True)
+class Gradient(Perturbation):
+    """Gradient-sign step against a cluster probe (FGSM-style): ``ĥ = h + ε · sign(∇_h L)``.
+
+    ``L(h) = BCE(σ(z), 1) = log(1 + e^{−z})`` with the logit ``z = w·h + b`` of the
+    one-vs-rest logistic probe (``coef`` w, ``intercept`` b) for "is cluster k", so the step
+    raises the probe's loss, i.e. removes evidence for cluster k. ε is an L∞ budget per
+    coordinate. Because L is strictly decreasing in z, ``sign(∇_h L) = −sign(∇_h z)``
+    exactly; the step differentiates z, which (unlike ``∇L = −σ(−z)∇z``) never underflows
+    to zero for states the probe classifies confidently. The gradient is taken locally on
+    a detached float64 copy of ``h`` (the probe is a function of ``h`` alone, so nothing is
+    back-propagated through the model); this works inside ``torch.inference_mode()`` and
+    ``torch.no_grad()`` too. For this linear probe the step is ``−ε · sign(w)``.
+    """
+
+    kind: ClassVar[str] = "gradient"
+    coef: tuple[float, ...]
+    intercept: float = 0.0
+    epsilon: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coef", tuple(float(x) for x in self.coef))
+        object.__setattr__(self, "intercept", float(self.intercept))
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+        _check_finite_nonnegative(self.kind, "epsilon", self.epsilon)
+
+    def check(self, d_model: int) -> None:
+        _check_width(self.kind, "coef", len(self.coef), d_model)
+        require(any(c != 0 for c in self.coef), "gradient: the probe coefficients are all zero")
+
+    def probe_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The probe's logit ``z = w·h + b`` for "is cluster k", per state."""
+        return h @ _vector(self.coef, h) + self.intercept
+
+    def probe_loss(self, h: torch.Tensor) -> torch.Tensor:
+        """Per-state loss ``L(h) = log(1 + e^{−z})`` of the probe for label 1."""
+        return torch.nn.functional.softplus(-self.probe_logit(h))
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        # Inference tensors cannot join an autograd graph: leave inference mode and copy.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = h.detach().to(torch.float64).clone().requires_grad_(True)
+            (grad_logit,) = torch.autograd.grad(self.probe_logit(x).sum(), x)
+        return h - self.epsilon * grad_logit.sign().to(h.dtype)
 
 
 def registered_kinds() -> list[str]:
     return sorted(_REGISTRY)
+
+
+# -- factories: stage-03 subspaces → perturbations, and their matched random controls --
+
+MAGNITUDE_FIELD: dict[str, str] = {
+    "ablate": "strength",
+    "noise": "sigma",
+    "shift": "alpha",
+    "project": "strength",
+    "leace": "strength",
+    "gradient": "epsilon",
+}
+"""The field that :func:`build`'s ``magnitude`` sets, per kind."""
+
+
+def fit_leace(X: Any, y: Any, **options: Any) -> Leace:
+    """Fit a :class:`Leace` eraser of labels ``y`` on ``X [n, d]`` (see :meth:`Leace.fit`).
+
+    For cluster k's eraser pass one-vs-rest labels, ``y = (cluster == k)``; the result's
+    ``to_dict()`` is what ``build("leace", subspace)`` reads from ``subspace["leace"]``.
+    """
+    return Leace.fit(X, y, **options)
+
+
+def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int = 0) -> Perturbation:
+    """The ``kind`` perturbation of one stage-03 subspace (a cluster at a layer).
+
+    ``subspace`` has the keys ``dims`` (R_k), ``direction`` (unit v_k), ``basis`` (rows of
+    V_k), ``probe`` (``{"coef", "intercept"}`` or None), ``mean_in``/``mean_out`` (mean
+    representation of cluster k / of the rest), ``std`` (per-dimension standard deviation)
+    and optionally ``leace`` (a fitted :class:`Leace` as ``to_dict()``).
+
+    ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind:
+
+    - ``ablate``: strength m; ``ĥ_R = (1 − m)·h_R`` (m = 1 zeroes R_k).
+    - ``noise``: ``σ = m · median_{i∈R_k} std_i``, noise as large as the typical natural
+      spread of those dimensions (raw σ = m if ``std`` is absent). The median, not the
+      mean, so that one "massive activation" dimension in R_k (hundreds of times the
+      usual spread) does not set the noise level of all the others.
+    - ``shift``: ``ĥ = h + α v_k`` with ``α = m · (μ_out − μ_in)·v_k``: at m = 1 the mean of
+      cluster k lands on the mean of the rest along v_k (raw α = m without the means).
+    - ``project``: strength m on V_k (m = 1 removes it entirely).
+    - ``leace``: strength m on ``subspace["leace"]`` (m = 1 is full erasure).
+    - ``gradient``: ``ε = m · |w·(μ_in − μ_out)| / ‖w‖₁``: at m = 1 the step moves the
+      probe's logit by the gap between cluster k's mean and the rest's mean (a sign step
+      changes the logit by exactly ε‖w‖₁); raw ε = m without the means.
+
+    ``seed`` seeds the noise draw.
+    """
+    require(kind in MAGNITUDE_FIELD, f"unknown perturbation kind {kind!r}; use one of {sorted(MAGNITUDE_FIELD)}")
+    m = float(magnitude)
+    require(math.isfinite(m), f"magnitude must be finite, got {magnitude}")
+    if kind == "ablate":
+        return Ablate(dims=_dims(subspace, kind), strength=m)
+    if kind == "noise":
+        dims = _dims(subspace, kind)
+        return Noise(dims=dims, sigma=m * _typical_std(subspace, dims), seed=seed)
+    if kind == "project":
+        return Project(basis=_field(subspace, "basis", kind), strength=m)
+    if kind == "leace":
+        fitted = _field(subspace, "leace", kind, hint="fit it with fit_leace(X, cluster == k).to_dict()")
+        return replace(_as_leace(fitted), strength=m)
+    if kind == "shift":
+        v = np.asarray(_field(subspace, "direction", kind), dtype=np.float64)
+        gap = _mean_gap(subspace, len(v))
+        return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
+    assert kind == "gradient"
+    coef, intercept = _probe(subspace)
+    gap = _mean_gap(subspace, len(coef))
+    scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
+    return Gradient(coef=coef, intercept=intercept, epsilon=m * scale)
+
+
+def matched_control(
+    kind: str,
+    subspace: dict[str, Any],
+    d_model: int,
+    magnitude: float = 1.0,
+    seed: int = 0,
+) -> Perturbation:
+    """A random perturbation of the same size as ``build(kind, subspace, magnitude, seed)``.
+
+    - ``ablate``/``noise``: as many random dimensions as R_k, drawn outside R_k (unless R_k
+      covers over half the width), same strength / σ.
+    - ``project``: a random subspace of the same rank (orthonormal, QR of a Gaussian
+      matrix), same strength.
+    - ``shift``: a uniformly random direction with the same norm and α (same ‖α v‖).
+    - ``gradient``: a shift by ``ε · s`` with a random sign vector s (same L∞ size ε and
+      the same L2 norm ``ε√d`` as the gradient-sign step).
+    - ``leace``: the LEACE formula ``r(x) = x − m · Ŵ⁺ P' Ŵ (x − μ)`` about the same mean μ,
+      with the whitening approximated by the per-dimension spread, ``Ŵ = diag(std)⁻¹``
+      (``subspace["std"]``; the identity without it), and ``P' = U'U'ᵀ`` the projection
+      onto a random subspace of the same rank (QR of a Gaussian matrix). Like the fitted
+      eraser, it is an oblique projection that removes rank-many coordinates of about unit
+      variance each in standardised space (exactly 1 in expectation over U'). Rotating the
+      fitted eraser instead would not match its size: ``W`` amplifies the low-variance
+      directions, so a rotated ``W`` reads high-variance ones with a huge gain.
+
+    The draw is deterministic for ``(seed, subspace["layer"], subspace["cluster"])``, so
+    each cluster's control is independent of the others'.
+    """
+    require(d_model >= 1, f"d_model must be positive, got {d_model}")
+    target = build(kind, subspace, magnitude, seed)
+    target.check(d_model)
+    rng = np.random.default_rng(_control_entropy(seed, subspace))
+    if isinstance(target, Ablate):
+        return Ablate(dims=_random_dims(rng, target.dims, d_model), strength=target.strength)
+    if isinstance(target, Noise):
+        return Noise(dims=_random_dims(rng, target.dims, d_model), sigma=target.sigma, seed=target.seed)
+    if isinstance(target, Project):
+        q, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
+        return Project(basis=q.T, strength=target.strength)
+    if isinstance(target, Shift):
+        v = rng.standard_normal(d_model)
+        v *= np.linalg.norm(target.direction) / np.linalg.norm(v)
+        return Shift(direction=v, alpha=target.alpha)
+    if isinstance(target, Gradient):
+        signs = rng.choice([-1.0, 1.0], size=d_model)
+        return Shift(direction=signs, alpha=target.epsilon)
+    assert isinstance(target, Leace)
+    spread = np.ones(d_model) if subspace.get("std") is None else np.asarray(subspace["std"], dtype=np.float64)
+    require(spread.shape == (d_model,), f"leace: subspace['std'] has shape {spread.shape}, expected ({d_model},)")
+    gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
+    u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
+    return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
+                 strength=target.strength)
+
+
+def _field(subspace: dict[str, Any], key: str, kind: str, hint: str = "") -> Any:
+    value = subspace.get(key)
+    require(
+        value is not None,
+        f"{kind}: the subspace has no {key!r} (it has {sorted(k for k, v in subspace.items() if v is not None)})"
+        + (f"; {hint}" if hint else "; re-run notebook 03 or pick another perturbation kind."),
+    )
+    return value
+
+
+def _dims(subspace: dict[str, Any], kind: str) -> tuple[int, ...]:
+    dims = tuple(int(i) for i in np.asarray(_field(subspace, "dims", kind)).reshape(-1))
+    require(len(dims) > 0, f"{kind}: R_k is empty for this cluster; lower τ or use top_k in notebook 03.")
+    return dims
+
+
+def _typical_std(subspace: dict[str, Any], dims: tuple[int, ...]) -> float:
+    std = subspace.get("std")
+    if std is None:
+        return 1.0
+    std = np.asarray(std, dtype=np.float64).reshape(-1)
+    if std.size == 1:
+        return float(std[0])
+    require(
+        max(dims) < std.size,
+        f"noise: subspace['std'] has {std.size} entries but R_k reaches dimension {max(dims)}; "
+        "it must hold one standard deviation per hidden dimension.",
+    )
+    return float(np.median(std[list(dims)]))
+
+
+def _mean_gap(subspace: dict[str, Any], width: int) -> np.ndarray | None:
+    if subspace.get("mean_in") is None or subspace.get("mean_out") is None:
+        return None
+    gap = np.asarray(subspace["mean_in"], dtype=np.float64) - np.asarray(subspace["mean_out"], dtype=np.float64)
+    require(gap.shape == (width,), f"mean_in/mean_out have shape {gap.shape}, expected ({width},)")
+    return gap
+
+
+def _probe(subspace: dict[str, Any]) -> tuple[np.ndarray, float]:
+    probe = _field(subspace, "probe", "gradient", hint="notebook 03 stores a probe per cluster")
+    require(
+        isinstance(probe, dict) and "coef" in probe,
+        f"gradient: subspace['probe'] must be a dict with 'coef' and 'intercept', got {type(probe).__name__}",
+    )
+    coef = np.asarray(probe["coef"], dtype=np.float64).reshape(-1)
+    require(bool(np.abs(coef).sum() > 0), "gradient: the probe coefficients are all zero")
+    return coef, float(probe.get("intercept", 0.0))
+
+
+def _as_leace(fitted: Any) -> Leace:
+    if isinstance(fitted, Leace):
+        return fitted
+    require(isinstance(fitted, dict), f"leace: subspace['leace'] must be Leace.to_dict(), got {type(fitted).__name__}")
+    eraser = perturbation_from_dict({"kind": "leace", **fitted})
+    assert isinstance(eraser, Leace)
+    return eraser
+
+
+def _control_entropy(seed: int, subspace: dict[str, Any]) -> list[int]:
+    extra = [subspace.get("layer"), subspace.get("cluster")]
+    return [int(seed)] + [int(x) for x in extra if isinstance(x, (int, np.integer)) and int(x) >= 0]
+
+
+def _random_dims(rng: np.random.Generator, dims: tuple[int, ...], d_model: int) -> tuple[int, ...]:
+    taken = set(dims)
+    pool = [i for i in range(d_model) if i not in taken]
+    if len(pool) < len(dims):  # R_k covers most of the width: draw from all dimensions
+        pool = list(range(d_model))
+    return tuple(int(i) for i in sorted(rng.choice(pool, size=len(dims), replace=False)))
 
 
 __all__ = [
@@ -232,6 +617,12 @@ __all__ = [
     "Noise",
     "Shift",
     "Project",
+    "Leace",
+    "Gradient",
+    "MAGNITUDE_FIELD",
+    "build",
+    "matched_control",
+    "fit_leace",
     "perturbation_from_dict",
     "registered_kinds",
 ]

@@ -1,0 +1,151 @@
+"""Interventions inside the forward pass (nnsight) against plain torch forward hooks."""
+
+import numpy as np
+import pytest
+import torch
+
+from rephelpers.activations import pool
+from rephelpers.errors import RephelpersError
+from rephelpers.intervene import Intervention, eager_attention, forward_readout, run_logits, sequence_nll
+from rephelpers.perturbations import Ablate, Gradient, Leace, Noise, Project, Shift
+
+pytestmark = pytest.mark.model
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b"]
+LAYER = 5
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    return model.encode(TEXTS, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def clean(model, batch):
+    with torch.inference_mode():
+        return model.hf(**batch).logits
+
+
+def _hooked_logits(model, batch, edits):
+    """Logits of a plain HF forward with ``edits = [(layer, fn(h) -> h)]`` as forward hooks."""
+    handles = []
+    for layer, fn in edits:
+        def hook(module, args, output, fn=fn):
+            return fn(output)
+        handles.append(model.module(layer, "resid").register_forward_hook(hook))
+    try:
+        with torch.inference_mode():
+            return model.hf(**batch).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _cases(d):
+    rng = np.random.default_rng(0)
+    dims = [3, 50, 400]
+    v = rng.normal(size=d)
+    basis = np.linalg.qr(rng.normal(size=(d, 2)))[0].T
+    w = rng.normal(size=d)
+    mean, left, right = rng.normal(size=d), rng.normal(size=(1, d)) / 10, rng.normal(size=(1, d)) / 10
+    f32 = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+
+    def zero(h):
+        h = h.clone()
+        h[..., dims] = 0
+        return h
+
+    return [
+        (Ablate(dims), zero),
+        (Shift(v, alpha=0.5), lambda h: h + 0.5 * f32(v)),
+        (Project(basis), lambda h: h - (h @ f32(basis).T) @ f32(basis)),
+        (Gradient(w, epsilon=0.3), lambda h: h - 0.3 * torch.sign(f32(w))),
+        (Leace(mean, left, right), lambda h: h - ((h - f32(mean)) @ f32(right).T) @ f32(left)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["ablate", "shift", "project", "gradient", "leace"])
+def test_each_perturbation_equals_a_hook(model, batch, clean, case):
+    perturbation, formula = _cases(model.d_model)[case]
+    expected = _hooked_logits(model, batch, [(LAYER, formula)])
+    got = run_logits(model, batch, [Intervention(perturbation, LAYER)])
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    assert (got - clean).abs().max() > 1e-2, "the perturbation must change the logits"
+
+
+def test_noise_is_placed_like_a_hook(model, batch):
+    # The noise draw itself is tested in test_perturbations; this checks the site.
+    noise = Noise([1, 2, 3], sigma=3.0, seed=5)
+    expected = _hooked_logits(model, batch, [(LAYER, noise.apply)])
+    got = run_logits(model, batch, [Intervention(noise, LAYER)])
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_last_position_only(model, batch, clean):
+    v = torch.randn(model.d_model, generator=torch.Generator().manual_seed(1))
+
+    def last(h):
+        h = h.clone()
+        h[:, -1] += 2.0 * v
+        return h
+
+    expected = _hooked_logits(model, batch, [(LAYER, last)])
+    got = run_logits(model, batch, [Intervention(Shift(v.numpy(), alpha=2.0), LAYER, positions="last")])
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    # earlier positions see nothing (causal attention), up to kernel rounding
+    assert (got[:, :-1] - clean[:, :-1]).abs().max() < 1e-3 < (got[:, -1] - clean[:, -1]).abs().max()
+
+
+def test_composition_applies_in_order(model, batch):
+    dims = [7, 8, 9]
+    v = np.zeros(model.d_model)
+    v[dims] = 5.0
+    basis = np.eye(model.d_model)[[100]]
+
+    def shift_then_ablate(h):
+        h = h + torch.as_tensor(v, dtype=h.dtype)
+        h[..., dims] = 0
+        return h
+
+    def project(h):
+        h = h.clone()
+        h[..., 100] = 0
+        return h
+
+    expected = _hooked_logits(model, batch, [(3, shift_then_ablate), (7, project)])
+    # given out of forward order across sites: validate sorts sites, keeps order within one
+    ivs = [Intervention(Project(basis), 7), Intervention(Shift(v), 3), Intervention(Ablate(dims), 3)]
+    got = run_logits(model, batch, ivs)
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+    reversed_order = run_logits(model, batch, [ivs[0], ivs[2], ivs[1]])
+    assert (reversed_order - got).abs().max() > 1e-2
+
+
+def test_readout_matches_plain_forward(model, batch):
+    shift = Intervention(Shift(np.full(model.d_model, 0.5)), LAYER)
+    implementation = model.hf.config._attn_implementation
+    base = forward_readout(model, batch, (), read_layers=[LAYER, 9], attention_layers=[9])
+    perturbed = forward_readout(model, batch, [shift], read_layers=[LAYER, 9], attention_layers=[9])
+    assert model.hf.config._attn_implementation == implementation, "eager attention is switched back off"
+    with eager_attention(model), torch.inference_mode():
+        out = model.hf(**batch, output_hidden_states=True, output_attentions=True)
+    mask = batch["attention_mask"]
+    for layer in (LAYER, 9):
+        torch.testing.assert_close(base.pooled[layer], pool(out.hidden_states[layer + 1], mask, "mean"),
+                                   atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(base.attention[9], out.attentions[9], atol=1e-5, rtol=1e-5)
+    # the read-out at the intervention site is the perturbed state
+    torch.testing.assert_close(perturbed.pooled[LAYER], base.pooled[LAYER] + 0.5, atol=1e-4, rtol=1e-5)
+    assert (perturbed.attention[9] - base.attention[9]).abs().max() > 1e-4
+    nll, count = sequence_nll(model, TEXTS, max_length=16, progress=False)
+    np.testing.assert_allclose(base.nll.numpy(), nll, rtol=1e-4)
+    np.testing.assert_array_equal(base.count.numpy(), count)
+
+
+@pytest.mark.parametrize(
+    "perturbation, message",
+    [(Ablate([576]), "out of range"), (Shift([1.0] * 10), "direction has"), (Project([]), "rank 0")],
+)
+def test_bad_perturbations_fail_before_compute(model, perturbation, message):
+    with pytest.raises(RephelpersError, match=message):
+        sequence_nll(model, TEXTS, [Intervention(perturbation, LAYER)], progress=False)

@@ -1,0 +1,173 @@
+"""Specificity report: text sampling, identities, and agreement with independent computations."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rephelpers.activations import extract_activations
+from rephelpers.errors import RephelpersError
+from rephelpers.intervene import perplexity, sequence_nll
+from rephelpers.specificity import (
+    explorer,
+    probe_balanced_accuracy,
+    probe_chart,
+    readout_layers,
+    sample_heldout,
+    specificity_chart,
+    specificity_report,
+)
+
+LAYER = 26
+TEXTS = {
+    0: [f"{a} plus {b} equals {a + b}." for a, b in [(2, 3), (7, 5), (11, 4), (6, 9), (8, 8), (3, 12), (10, 1)]],
+    1: [f"def f{i}(x):\n    return x * {i}" for i in range(7)],
+    2: [
+        "The river ran quietly past the old mill.",
+        "She opened the window and the cold air came in.",
+        "Birds gathered on the wire before the storm.",
+        "He read the letter twice and then put it away.",
+        "The market was busy with farmers and traders.",
+        "Snow covered the hills for most of the winter.",
+        "They walked home slowly along the dark road.",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def documents():
+    rows = []
+    for cluster, texts in TEXTS.items():
+        for i, text in enumerate(texts):
+            rows.append({"id": f"c{cluster}-{i}", "doc_id": f"c{cluster}-{i}", "text": text,
+                         "cluster": cluster, "split": "heldout" if i >= 4 else "train"})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def activations(model, documents):
+    return extract_activations(model, list(documents["text"]), [LAYER], batch_size=32, max_length=16,
+                               progress=False, use_cache=False)[LAYER]
+
+
+@pytest.fixture(scope="module")
+def subspaces(documents, activations):
+    """Stage-03-like subspaces computed here with numpy from the training rows."""
+    train = (documents["split"] == "train").to_numpy()
+    X, labels = activations[train].astype(np.float64), documents["cluster"].to_numpy()[train]
+    out = []
+    for k in TEXTS:
+        inside = labels == k
+        gap = X[inside].mean(0) - X[~inside].mean(0)
+        centred = X[inside] - X[inside].mean(0)
+        basis = np.linalg.svd(centred, full_matrices=False)[2][:2]
+        out.append({
+            "layer": LAYER, "cluster": k, "dims": np.argsort(-gap)[:48].tolist(),
+            "direction": (gap / np.linalg.norm(gap)).tolist(), "basis": basis.tolist(),
+            "probe": None, "mean_in": X[inside].mean(0).tolist(), "mean_out": X[~inside].mean(0).tolist(),
+            "std": X.std(0).tolist(),
+        })
+    return out
+
+
+def test_sample_heldout_balances_the_rest(documents):
+    target, rest = sample_heldout(documents, 1, n_texts=2, seed=0)
+    assert len(target) == 2 and set(target["cluster"]) == {1} and set(target["split"]) == {"heldout"}
+    assert len(rest) == 2 and sorted(rest["cluster"]) == [0, 2]
+    again = sample_heldout(documents, 1, n_texts=2, seed=0)
+    assert list(again[0].index) == list(target.index) and list(again[1].index) == list(rest.index)
+    everything = sample_heldout(documents, 1, n_texts=50, seed=0)
+    assert len(everything[0]) == 3 and len(everything[1]) == 6
+
+
+def test_probe_balanced_accuracy_chance_and_signal():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 10))
+    y = (rng.random(400) < 0.25).astype(int)
+    assert 0.4 <= probe_balanced_accuracy(X[:300], y[:300], X[300:], y[300:]) <= 0.6
+    X[:, 0] += 3 * y
+    assert probe_balanced_accuracy(X[:300], y[:300], X[300:], y[300:]) > 0.9
+    with pytest.raises(RephelpersError, match="both classes"):
+        probe_balanced_accuracy(X, np.zeros(400), X, y)
+
+
+@pytest.mark.model
+def test_readout_layers(model):
+    assert readout_layers(model, 26) == [27, 28, 29]
+    assert readout_layers(model, 15) == [16, 22, 29]
+    assert readout_layers(model, 29) == []
+
+
+@pytest.fixture(scope="module")
+def leace_report(model, documents, subspaces, activations):
+    return specificity_report(model, documents, subspaces, "leace", LAYER, clusters=[1], n_texts=3, max_length=16,
+                              with_attention=True, probes=activations, progress=False)
+
+
+@pytest.mark.model
+def test_zero_magnitude_is_the_identity(model, documents, subspaces):
+    report = specificity_report(model, documents, subspaces, "ablate", LAYER, magnitude=0.0, clusters=[0],
+                                n_texts=3, max_length=16, with_attention=True, progress=False)
+    assert list(report["arm"]) == ["perturbation", "control"]
+    for column in ("dlogppl_target", "dlogppl_rest", "attn_js_target", "attn_js_rest"):
+        np.testing.assert_allclose(report[column], 0.0, atol=1e-12)
+    np.testing.assert_allclose(report[["cka_target", "cka_rest", "cka_rest_L29"]], 1.0, atol=1e-9)
+
+
+@pytest.mark.model
+def test_report_columns_agree_with_independent_numbers(model, documents, leace_report):
+    report = leace_report.set_index("arm")
+    assert list(report.index) == ["perturbation", "control"]
+    target, _ = sample_heldout(documents, 1, 3, 0)
+    nll, count = sequence_nll(model, list(target["text"]), max_length=16, progress=False)
+    assert report["ppl_target_before"].iloc[0] == pytest.approx(perplexity(nll, count), rel=1e-4)
+    row = report.loc["perturbation"]
+    assert row["dlogppl_target"] == pytest.approx(np.log(row["ppl_target_after"]) - np.log(row["ppl_target_before"]))
+    assert row["specificity_gap"] == pytest.approx(row["dlogppl_target"] - row["dlogppl_rest"])
+    assert row["specificity_ratio"] == pytest.approx(row["dlogppl_target"] / row["dlogppl_rest"])
+    assert row["cka_target"] == pytest.approx(np.mean([row[f"cka_target_L{l}"] for l in (27, 28, 29)]))
+    assert (report["cka_target"] < 1).all() and (report["attn_js_target"] > 0).all()
+    assert model.hf.config._attn_implementation != "eager", "eager attention is switched back off"
+
+
+@pytest.mark.model
+def test_leace_is_fitted_on_train_rows_and_erases_the_probe(leace_report, documents, activations):
+    configs = {arm: json.loads(c) for arm, c in zip(leace_report["arm"], leace_report["config"])}
+    assert {c["kind"] for c in configs.values()} == {"leace"}
+    assert len(configs["perturbation"]["left"]) == len(configs["control"]["left"]) == 1
+    train = (documents["split"] == "train").to_numpy()
+    np.testing.assert_allclose(configs["perturbation"]["mean"], activations[train].mean(0), rtol=1e-5, atol=1e-4)
+    report = leace_report.set_index("arm")
+    assert report.loc["perturbation", "probe_bacc_before"] > 0.9
+    assert report.loc["perturbation", "probe_bacc_after"] == pytest.approx(0.5, abs=0.2)
+    json.dumps(specificity_chart(leace_report).to_dict())
+    json.dumps(probe_chart(leace_report).to_dict())
+
+
+@pytest.mark.model
+def test_ablation_hits_harder_than_its_control(model, documents, subspaces):
+    report = specificity_report(model, documents, subspaces, "ablate", LAYER, clusters=[1], n_texts=3,
+                                max_length=16, progress=False).set_index("arm")
+    pert, ctrl = (json.loads(report.loc[arm, "config"]) for arm in ("perturbation", "control"))
+    assert len(pert["dims"]) == len(ctrl["dims"]) == 48 and not set(pert["dims"]) & set(ctrl["dims"])
+    # zeroing the 48 dimensions with the largest cluster gap moves states more than 48 random ones
+    assert report.loc["perturbation", "cka_target"] < report.loc["control", "cka_target"]
+    widget = explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
+    assert widget.children[0].value == "ablate"
+
+
+@pytest.mark.model
+def test_errors_come_before_compute(model, documents, subspaces, activations):
+    with pytest.raises(RephelpersError, match="no subspace at layer 5"):
+        specificity_report(model, documents, subspaces, "ablate", 5)
+    with pytest.raises(RephelpersError, match=r"clusters \[7\]"):
+        specificity_report(model, documents, subspaces, "ablate", LAYER, clusters=[7])
+    with pytest.raises(RephelpersError, match="fitted eraser; pass probes="):
+        specificity_report(model, documents, subspaces, "leace", LAYER)
+    with pytest.raises(RephelpersError, match="has no 'probe'"):
+        specificity_report(model, documents, subspaces, "gradient", LAYER)
+    with pytest.raises(RephelpersError, match="probes must be pooled"):
+        specificity_report(model, documents, subspaces, "ablate", LAYER, probes=activations[:3])
+    with pytest.raises(RephelpersError, match="lacks columns"):
+        specificity_report(model, documents.drop(columns="split"), subspaces, "ablate", LAYER)
