@@ -417,6 +417,7 @@ def registered_kinds() -> list[str]:
 
 MAGNITUDE_FIELD: dict[str, str] = {
     "ablate": "strength",
+    "mean_ablate": "strength",
     "noise": "sigma",
     "shift": "alpha",
     "project": "strength",
@@ -446,6 +447,10 @@ def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int
     ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind:
 
     - ``ablate``: strength m; ``ĥ_R = (1 − m)·h_R`` (m = 1 zeroes R_k).
+    - ``mean_ablate``: strength m towards the rest's mean; ``ĥ_R = (1 − m)·h_R + m·μ_out,R``.
+      Zeroing a dimension whose typical value is far from 0 (the "massive activation"
+      dimensions of many LMs) damages every input alike; setting it to the value it takes on
+      other clusters' text removes only what is specific to cluster k.
     - ``noise``: ``σ = m · median_{i∈R_k} std_i``, noise as large as the typical natural
       spread of those dimensions (raw σ = m if ``std`` is absent). The median, not the
       mean, so that one "massive activation" dimension in R_k (hundreds of times the
@@ -465,6 +470,10 @@ def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int
     require(math.isfinite(m), f"magnitude must be finite, got {magnitude}")
     if kind == "ablate":
         return Ablate(dims=_dims(subspace, kind), strength=m)
+    if kind == "mean_ablate":
+        dims = _dims(subspace, kind)
+        reference = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)
+        return Ablate(dims=dims, values=reference[list(dims)], strength=m)
     if kind == "noise":
         dims = _dims(subspace, kind)
         return Noise(dims=dims, sigma=m * _typical_std(subspace, dims), seed=seed)
@@ -517,7 +526,11 @@ def matched_control(
     target.check(d_model)
     rng = np.random.default_rng(_control_entropy(seed, subspace))
     if isinstance(target, Ablate):
-        return Ablate(dims=_random_dims(rng, target.dims, d_model), strength=target.strength)
+        dims = _random_dims(rng, target.dims, d_model)
+        values = None
+        if target.values is not None:  # mean ablation: the control uses the same reference
+            values = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)[list(dims)]
+        return Ablate(dims=dims, values=values, strength=target.strength)
     if isinstance(target, Noise):
         return Noise(dims=_random_dims(rng, target.dims, d_model), sigma=target.sigma, seed=target.seed)
     if isinstance(target, Project):

@@ -204,9 +204,10 @@ def test_gradient_works_without_autograd(h, mode):
 
 # -- serialisation ---------------------------------------------------------------------------
 def test_every_kind_round_trips(subspace, h):
-    assert set(registered_kinds()) == set(MAGNITUDE_FIELD)
+    # Every class can be built; mean_ablate is an Ablate built with reference values.
+    assert set(registered_kinds()) == set(MAGNITUDE_FIELD) - {"mean_ablate"}
     x = _t(h)
-    for kind in registered_kinds():
+    for kind in MAGNITUDE_FIELD:
         for p in (build(kind, subspace, 0.7, seed=3), matched_control(kind, subspace, D, 0.7, seed=3)):
             back = perturbation_from_dict(json.loads(p.to_json()))
             assert back == p
@@ -332,3 +333,21 @@ def test_controls_differ_between_clusters(subspace):
     a = matched_control("project", subspace, D, seed=0)
     b = matched_control("project", {**subspace, "cluster": 2}, D, seed=0)
     assert a != b
+
+
+def test_mean_ablate_sets_dims_to_the_rest_mean_and_control_uses_same_reference():
+    from rephelpers.perturbations import Ablate, build, matched_control
+
+    rng = np.random.default_rng(3)
+    d = 12
+    subspace = {"layer": 1, "cluster": 0, "dims": [2, 5, 7], "mean_out": rng.normal(size=d).tolist()}
+    h = torch.tensor(rng.normal(size=(4, d)), dtype=torch.float32)
+    full = build("mean_ablate", subspace, magnitude=1.0)
+    expected = h.numpy().copy()
+    expected[:, [2, 5, 7]] = np.asarray(subspace["mean_out"])[[2, 5, 7]]
+    np.testing.assert_allclose(full.apply(h).numpy(), expected, atol=1e-6)
+    half = build("mean_ablate", subspace, magnitude=0.5)
+    np.testing.assert_allclose(half.apply(h).numpy(), 0.5 * h.numpy() + 0.5 * expected, atol=1e-6)
+    control = matched_control("mean_ablate", subspace, d_model=d, seed=0)
+    assert isinstance(control, Ablate) and len(control.dims) == 3 and not set(control.dims) & {2, 5, 7}
+    np.testing.assert_allclose(control.values, np.asarray(subspace["mean_out"])[list(control.dims)])
