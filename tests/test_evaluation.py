@@ -1,0 +1,250 @@
+"""Perturbed evaluation: PerturbedLM against stock lm-eval and plain torch hooks, the
+response cache, the shared-prefix fast path, calibration and early errors."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.evaluator import evaluate
+from lm_eval.models.huggingface import HFLM
+from scipy.special import softmax
+
+from rephelpers.abilities import build_tasks
+from rephelpers.errors import RephelpersError
+from rephelpers.evaluation import (
+    BASELINE_ID,
+    PerturbedLM,
+    _choice_statistics,
+    ability_chart,
+    ability_summary,
+    cluster_configs,
+    evaluate_abilities,
+    expected_calibration_error,
+    greedy_generate,
+    prepare_tasks,
+    right_padded_last_index,
+)
+from rephelpers.intervene import Intervention
+from rephelpers.models import output_tensor, replace_output
+from rephelpers.perturbations import Ablate, Shift
+
+STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    return build_tasks(["icl", "code", "arithmetic"], tmp_path_factory.mktemp("tasks"), items_per_task=6, seed=0)
+
+
+def _samples(lm, prepared, limit):
+    out = {}
+    for task_dict, chat in prepared.dicts():
+        out.update(evaluate(lm, task_dict, limit=limit, log_samples=True, bootstrap_iters=0, apply_chat_template=chat)["samples"])
+    return out
+
+
+@pytest.mark.model
+def test_unperturbed_scores_equal_stock_hflm(model, tasks):
+    prepared = prepare_tasks(tasks)
+    ours = _samples(PerturbedLM(model, batch_size=4), prepared, limit=2)
+    stock = _samples(HFLM(pretrained=model.hf, tokenizer=model.tokenizer, batch_size=4), prepare_tasks(tasks), limit=2)
+    assert set(ours) == set(stock) == {"rh_icl", "rh_code", "rh_arithmetic"}
+    for task in ours:
+        for a, b in zip(ours[task], stock[task], strict=True):
+            assert a["prompt_hash"] == b["prompt_hash"]
+            if task == "rh_arithmetic":
+                assert a["resps"] == b["resps"]  # greedy text, stop sequences honoured
+            else:
+                np.testing.assert_allclose([r[0] for r in a["filtered_resps"]], [r[0] for r in b["filtered_resps"]], rtol=0, atol=1e-5)
+            assert a[a["metrics"][0]] == b[b["metrics"][0]]
+
+
+def _hook_loglikelihood(model, lm, context, continuation, layer, dims, last_only):
+    """log p(continuation | context) of one unpadded sequence, edited by a plain forward hook."""
+    ctx, cont = lm._encode_pair(context, continuation)
+    tokens = torch.tensor([ctx + cont])[:, :-1]
+
+    def zero_dims(module, args, output):
+        h = output_tensor(output).clone()
+        if last_only:
+            h[:, -1, list(dims)] = 0
+        else:
+            h[..., list(dims)] = 0
+        return replace_output(output, h)
+
+    handle = model.module(layer).register_forward_hook(zero_dims)
+    try:
+        with torch.inference_mode():
+            logits = model.hf(tokens).logits[0, -len(cont):]
+    finally:
+        handle.remove()
+    return float(torch.log_softmax(logits.double(), -1)[torch.arange(len(cont)), cont].sum())
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_perturbed_loglikelihoods_equal_torch_hook(model, positions):
+    dims = tuple(range(5, 576, 7))
+    layer = 9
+    pairs = [
+        ("Review: The movie was awful.\nSentiment:", " negative"),
+        ("The capital of France is", " Paris, a city on the Seine"),
+        ("2 + 2 =", " 4"),
+        ("def add(a, b):\n    return", " a + b"),
+        ("Q: What is the capital of Japan?\nA:", " Tokyo"),
+    ]
+    lm = PerturbedLM(model, [Intervention(Ablate(dims), layer, positions=positions)], batch_size=4)
+    got = [ll for ll, _ in lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
+    want = [_hook_loglikelihood(model, lm, c, x, layer, dims, positions == "last") for c, x in pairs]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-4)
+    base = [ll for ll, _ in lm.use([]).loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])]
+    assert all(abs(a - b) > 1e-3 for a, b in zip(got, base))
+
+
+def test_right_padded_last_index():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9], [5, 0, 0, 0, 0]])
+    assert right_padded_last_index(ids).tolist() == [2, 4, 0]
+
+
+@pytest.mark.model
+def test_response_cache_never_serves_a_perturbed_run(model, tasks):
+    configs = {"base": [], "strong": [Intervention(STRONG, 15)], "base_again": []}
+    df = evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=False)
+    assert len(df) == 3 * 3 * 2 and set(df.metric) == {"acc", "exact_match"}
+    wide = df.pivot_table(index=["task", "item"], columns="config_id", values="margin")
+    mc = wide.dropna()
+    assert len(mc) == 4 and (mc["base"] - mc["strong"]).abs().min() > 1e-3
+    np.testing.assert_array_equal(mc["base"], mc["base_again"])
+    gen = df[df.task == "rh_arithmetic"].pivot_table(index="item", columns="config_id", values="response", aggfunc="first")
+    assert (gen["base"] == gen["base_again"]).all() and (gen["base"] != gen["strong"]).any()
+    assert df.loc[df.config_id == "strong", "interventions"].iloc[0].count('"ablate"') == 1
+
+
+@pytest.mark.model
+def test_fast_path_equals_per_config_path(model, tasks):
+    configs = {
+        "base": [],
+        "ablate12": [Intervention(Ablate(tuple(range(0, 576, 3))), 12)],
+        "ablate12_last": [Intervention(Ablate(tuple(range(1, 576, 3))), 12, positions="last")],
+        "attn14+shift20": [
+            Intervention(Ablate(tuple(range(0, 64))), 14, component="attn"),
+            Intervention(Shift(tuple(np.random.default_rng(0).normal(size=576) * 0.5)), 20),
+        ],
+    }
+    mc_tasks = {k: v for k, v in tasks.items() if k != "arithmetic"}
+    meta = {cid: {"cluster": i - 1} for i, cid in enumerate(configs)}
+    naive = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta)
+    fast = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta, fast=True)
+    key = ["config_id", "task", "item"]
+    naive, fast = naive.sort_values(key).reset_index(drop=True), fast.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(naive.drop(columns=["margin", "p_correct", "confidence"]),
+                                  fast.drop(columns=["margin", "p_correct", "confidence"]))
+    np.testing.assert_allclose(naive.margin, fast.margin, rtol=0, atol=1e-3)
+    assert naive.groupby("config_id").margin.mean().nunique() == len(configs)
+
+
+@pytest.mark.model
+def test_greedy_generation_matches_hf_generate_and_stops(model):
+    batch = model.encode(["The capital of France is", "Count: one, two,"])
+    n = batch["input_ids"].shape[1]
+    ours = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6)
+    with torch.inference_mode():
+        ref = model.hf.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=model.tokenizer.pad_token_id)
+    assert torch.equal(ours, ref)
+    text = model.tokenizer.decode(ours[0, n:])
+    stop = text.strip().split()[0]
+    stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop=[stop])
+    assert stop in model.tokenizer.decode(stopped[0, n:])
+    assert stopped.shape[1] <= ours.shape[1]
+
+
+def test_choice_statistics_against_scipy():
+    ll = [-2.0, -0.5, -3.0, -0.7]
+    margin, p_correct, confidence = _choice_statistics(ll, [3])
+    p = softmax(ll)
+    assert margin == pytest.approx(-0.7 - (-0.5))
+    assert p_correct == pytest.approx(p[3]) and confidence == pytest.approx(p.max())
+
+
+def test_expected_calibration_error_by_hand():
+    df = pd.DataFrame({
+        "config_id": ["a"] * 5 + ["b"] * 2,
+        "task": "t",
+        "metric": "acc",
+        "confidence": [0.95, 0.91, 0.55, 0.52, 0.3, 0.8, math.nan],
+        "score": [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0],
+    })
+    out = expected_calibration_error(df, n_bins=10).set_index("config_id")
+    # a: bin 9 {0.95, 0.91} acc 0.5 conf 0.93; bin 5 {0.55, 0.52} acc 1 conf 0.535; bin 3 {0.3} acc 0 conf 0.3
+    want = 2 / 5 * abs(0.5 - 0.93) + 2 / 5 * abs(1 - 0.535) + 1 / 5 * abs(0 - 0.3)
+    assert out.loc["a", "ece"] == pytest.approx(want)
+    assert out.loc["b", "ece"] == pytest.approx(0.2) and out.loc["b", "n"] == 1
+
+
+@pytest.mark.model
+def test_bad_configs_fail_before_any_compute(model, tasks):
+    with pytest.raises(RephelpersError, match="out of range"):
+        evaluate_abilities(model, tasks, {"x": [Intervention(Ablate((1,)), 99)]}, progress=False)
+    with pytest.raises(RephelpersError, match="clash"):
+        evaluate_abilities(model, tasks, {"x": []}, config_meta={"x": {"score": 1}}, progress=False)
+    with pytest.raises(RephelpersError, match="non-empty dict"):
+        evaluate_abilities(model, tasks, {}, progress=False)
+
+
+def test_unreachable_lm_eval_dataset_is_named(tmp_path):
+    with pytest.raises(RephelpersError, match="'gsm8k' cannot be evaluated"):
+        prepare_tasks(["gsm8k"], task_dir=tmp_path)
+    with pytest.raises(RephelpersError, match="neither an ability"):
+        prepare_tasks(["no_such_task_xyz"], task_dir=tmp_path)
+
+
+@pytest.mark.model
+def test_baseline_is_above_chance_on_code(model, tmp_path):
+    code = build_tasks(["code"], tmp_path, items_per_task=8, seed=0)
+    df = evaluate_abilities(model, code, {"base": []}, progress=False)
+    assert df.score.mean() >= 0.5  # chance is one in four (0.825 on 40 items)
+
+
+def _fake_subspaces(layer=15, clusters=(0, 1), d=576, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {"layer": layer, "cluster": k, "component": "resid", "dims": sorted(rng.choice(d, 8, replace=False).tolist()),
+         "direction": (v := rng.normal(size=d)) / np.linalg.norm(v), "basis": None}
+        for k in clusters
+    ]
+
+
+def test_cluster_configs_pair_each_cluster_with_a_matched_control():
+    subspaces = _fake_subspaces() + _fake_subspaces(layer=3)
+    configs, meta = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=[0.5, 1.0])
+    assert len(configs) == 1 + 2 * 2 * 2 and configs[BASELINE_ID] == [] and meta[BASELINE_ID]["cluster"] == -1
+    for cid, ivs in configs.items():
+        if cid == BASELINE_ID:
+            continue
+        (iv,) = ivs
+        k, m = meta[cid]["cluster"], meta[cid]["magnitude"]
+        r_k = set(subspaces[k]["dims"])
+        assert iv.layer == 15 and meta[cid]["kind"] == "ablate" and iv.perturbation.strength == m
+        if meta[cid]["control"]:
+            assert len(iv.perturbation.dims) == len(r_k) and not set(iv.perturbation.dims) & r_k
+        else:
+            assert set(iv.perturbation.dims) == r_k
+    with pytest.raises(RephelpersError, match="no stage-03 subspace at layer 9"):
+        cluster_configs(subspaces, 9, 576)
+
+
+def test_ability_chart_renders_from_scores():
+    rows = [
+        {"config_id": cid, "cluster": k, "control": c, "kind": "ablate", "magnitude": 1.0, "ability": a,
+         "metric": "acc", "score": s}
+        for cid, k, c in (("baseline", -1, False), ("k0", 0, False), ("k0c", 0, True))
+        for a in ("icl", "code") for s in (0.0, 1.0, 1.0)
+    ]
+    summary = ability_summary(pd.DataFrame(rows))
+    assert summary["mean"].tolist() == pytest.approx([2 / 3] * 6)
+    assert summary["sem"].iloc[0] == pytest.approx(np.std([0, 1, 1], ddof=1) / np.sqrt(3))
+    spec = ability_chart(pd.DataFrame(rows), chance={"icl": 0.5, "code": 0.25}).to_dict()
+    assert spec["facet"]["field"] == "ability"
