@@ -254,8 +254,15 @@ def term_vectorizer(min_df: int = 1, max_df: float = 1.0, vocabulary: Sequence[s
     )
 
 
-def lda_labels(texts: Sequence[str], n_topics: int, seed: int = 0, n_terms: int = 10) -> tuple[np.ndarray, dict[str, Any]]:
+def lda_labels(
+    texts: Sequence[str], n_topics: int, seed: int = 0, n_terms: int = 10, n_init: int = 5
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Each document's most probable topic ``argmax_k theta_{d,k}`` under batch variational LDA.
+
+    Variational LDA converges to a local optimum that depends on its initialisation (on a
+    few dozen documents, ARI against planted domains ranged 0.41–0.77 over single seeds), so
+    like k-means it is fitted ``n_init`` times from seeded starts and the fit with the
+    highest approximate log-likelihood (the ELBO, ``lda.score``) is kept.
 
     Terms occurring in fewer than two documents (when the corpus has at least 20) or in
     more than 95% of them are dropped before fitting. ``extras["lda_top_terms"]`` holds the
@@ -268,8 +275,17 @@ def lda_labels(texts: Sequence[str], n_topics: int, seed: int = 0, n_terms: int 
         counts = vectorizer.fit_transform(texts)
     except ValueError as err:  # scikit-learn: "empty vocabulary"
         raise RephelpersError(f"LDA found no usable words in the corpus ({err}); the texts may be too short or all stop words.") from err
-    lda = LatentDirichletAllocation(n_components=n_topics, learning_method="batch", max_iter=50, random_state=seed)
-    theta = lda.fit_transform(counts)
+    require(n_init >= 1, f"n_init must be ≥ 1, got {n_init}")
+    best = None
+    for restart in range(n_init):
+        candidate = LatentDirichletAllocation(
+            n_components=n_topics, learning_method="batch", max_iter=50, random_state=seed * 1000 + restart
+        )
+        candidate_theta = candidate.fit_transform(counts)
+        likelihood = candidate.score(counts)
+        if best is None or likelihood > best[0]:
+            best = (likelihood, candidate, candidate_theta)
+    _, lda, theta = best
     vocabulary = vectorizer.get_feature_names_out()
     topic_terms = [[str(vocabulary[i]) for i in np.argsort(-row)[:n_terms]] for row in lda.components_]
     return theta.argmax(axis=1), {"lda_top_terms": topic_terms, "lda_perplexity": float(lda.perplexity(counts))}

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .abilities import ABILITIES, TaskInfo, build_tasks
 from .errors import RephelpersError, require
-from .intervene import _COMPONENT_ORDER, Intervention, _perturb, apply_in_trace, interventions_to_json, validate
+from .intervene import Intervention, apply_in_trace, forward_order, interventions_to_json, perturb, validate
 from .models import Model, output_tensor, replace_output
 from .paths import cache_subdir
 
@@ -243,7 +243,7 @@ def _apply_per_config(
     """Inside a trace over configs stacked along the batch, edit each config's rows with its own list."""
     sites = sorted(
         {(iv.layer, iv.component) for ivs in configs for iv in ivs},
-        key=lambda site: (site[0], _COMPONENT_ORDER[site[1]]),
+        key=forward_order,
     )
     for site in sites:
         envoy = model.envoy(*site)
@@ -254,7 +254,7 @@ def _apply_per_config(
             part = h[g * rows_per_config : (g + 1) * rows_per_config]
             for iv in ivs:
                 if (iv.layer, iv.component) == site:
-                    part = _perturb(part, iv, last_index)
+                    part = perturb(part, iv, last_index)
             parts.append(part)
         envoy.output = replace_output(out, torch.cat(parts, dim=0))
 

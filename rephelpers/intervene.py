@@ -96,7 +96,9 @@ def validate(model: Model, interventions: Sequence[Intervention]) -> list[Interv
     return sorted(resolved, key=lambda iv: (iv.layer, _COMPONENT_ORDER[iv.component]))
 
 
-def _perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None) -> torch.Tensor:
+def perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None) -> torch.Tensor:
+    """``iv``'s perturbation applied to ``h [b, s, d]`` on its token scope (``last_index``: each
+    row's last real token for right-padded batches; default: the final position)."""
     if iv.positions == "all":
         return iv.perturbation.apply(h)
     rows = torch.arange(h.shape[0], device=h.device)
@@ -117,7 +119,8 @@ def _sites(interventions: Sequence[Intervention]) -> dict[tuple[int, str], list[
     return groups
 
 
-def _forward_order(site: tuple[int, str]) -> tuple[int, int]:
+def forward_order(site: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a ``(layer, component)`` site in the order the forward pass reaches it."""
     return site[0], _COMPONENT_ORDER[site[1]]
 
 
@@ -128,7 +131,7 @@ def _edit_site(
     out = envoy.output
     h = output_tensor(out)
     for iv in group:
-        h = _perturb(h, iv, last_index)
+        h = perturb(h, iv, last_index)
     envoy.output = replace_output(out, h)
     return out, h
 
@@ -143,7 +146,7 @@ def apply_in_trace(
     ``last_index`` gives each row's last real token for right-padded batches; with the
     package's left padding it is the final position and may be omitted.
     """
-    for site, group in sorted(_sites(interventions).items(), key=lambda item: _forward_order(item[0])):
+    for site, group in sorted(_sites(interventions).items(), key=lambda item: forward_order(item[0])):
         _edit_site(model.envoy(*site), group, last_index)
 
 
@@ -268,7 +271,7 @@ def forward_readout(
     attention: dict[int, torch.Tensor] = {}
     with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
         with model.nn.trace(dict(batch)):
-            for site in sorted(sites, key=_forward_order):
+            for site in sorted(sites, key=forward_order):
                 layer, component = site
                 envoy = model.envoy(layer, component)
                 if site in edits:
