@@ -96,3 +96,17 @@ def test_parameterize_injects_only_declared_parameters(project):
     nb = nbformat.read(written[0], as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "base = 7" in injected[0].source and "unused" not in injected[0].source
+
+
+def test_a_point_killed_mid_run_is_redone_and_finished_points_are_not(project):
+    spec = _spec(project, {"x": [1, 3]})
+    top = run_spec(spec, runs_root=project / "runs")
+    finished = (top / "x=1" / "influence.parquet").stat().st_mtime_ns
+    # Simulate a kill during x=3: its status still says "running" and its output is gone.
+    status = json.loads((top / "x=3" / "status.json").read_text())
+    (top / "x=3" / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    (top / "x=3" / "influence.parquet").unlink()
+    run_spec(spec, runs_root=project / "runs")
+    assert (top / "x=1" / "influence.parquet").stat().st_mtime_ns == finished
+    assert json.loads((top / "x=3" / "status.json").read_text())["state"] == "done"
+    assert sorted(pd.read_parquet(top / "results.parquet").value) == [31, 33]
