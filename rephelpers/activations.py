@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import RunDir, stable_hash
 from .errors import RephelpersError, require
-from .models import COMPONENTS, Model, model_fingerprint, output_tensor
+from .models import Model, model_fingerprint, output_tensor
 from .paths import cache_subdir
 
 POOLINGS = ("mean", "last")
@@ -94,7 +94,6 @@ def extract_activations(
     empty = [i for i, t in enumerate(texts) if not str(t).strip()]
     require(not empty, f"extract_activations: texts {empty[:5]} are empty; drop them from the corpus.")
     require(pooling in POOLINGS, f"unknown pooling {pooling!r}: use one of {POOLINGS}")
-    require(component in COMPONENTS, f"unknown component {component!r}: use one of {COMPONENTS}")
     require(len(layers) > 0, "extract_activations: no layers requested.")
     layers = sorted({model.check_layer(int(l)) for l in layers})
     model.check_component(component)
