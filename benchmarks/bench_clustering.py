@@ -2,13 +2,13 @@
 
 Generates ``--n`` short documents (random 100-300 character windows of the builtin corpus's
 domains, so each has a known domain), embeds them with MiniLM into a private, empty cache,
-reads them back from that cache, and clusters them with k-means and BERTopic (on the first
-``--bertopic-n`` documents). Reports wall time and peak resident memory (``ru_maxrss``)
+reads them back from that cache, and clusters them with k-means, LDA (on the first
+``--lda-n`` documents) and BERTopic (on the first ``--bertopic-n`` documents). Reports wall time and peak resident memory (``ru_maxrss``)
 after each step, ARI against the generating domains, and, with ``--demo``, the ARI of every
 method on the demo corpus (builtin, 60 documents per domain, chunked to 128 tokens) against
 its domains.
 
-    python benchmarks/bench_clustering.py --n 100000
+    python benchmarks/bench_clustering.py --n 100000 --lda-n 100000 --bertopic-n 100000
     python benchmarks/bench_clustering.py --n 20000 --bertopic-n 10000 --demo
 """
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000, help="short documents to embed and cluster")
     parser.add_argument("--bertopic-n", type=int, default=20_000, help="documents BERTopic clusters (0: skip)")
+    parser.add_argument("--lda-n", type=int, default=20_000, help="documents LDA clusters (0: skip)")
     parser.add_argument("--n-clusters", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,6 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         n=args.n,
     )
     results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(docs["domain"], kmeans.labels)), 3)
+    if args.lda_n:
+        m = min(args.lda_n, args.n)
+        subset = docs.iloc[:m]
+        lda = timed(
+            "LDA (5 restarts)", results,
+            lambda: cluster_corpus(subset, "lda", args.n_clusters, seed=args.seed, show_progress=False),
+            n=m,
+        )
+        results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(subset["domain"], lda.labels)), 3)
     if args.bertopic_n:
         m = min(args.bertopic_n, args.n)
         subset = docs.iloc[:m]

@@ -19,6 +19,7 @@ import ast
 import email
 import hashlib
 import json
+import math
 import os
 import re
 import sysconfig
@@ -649,6 +650,10 @@ def corpus_fingerprint(frame: pd.DataFrame) -> str:
 def chunk_documents(frame: pd.DataFrame, tokenizer: Any, max_tokens: int) -> pd.DataFrame:
     """Split documents longer than ``max_tokens`` tokens into consecutive chunks.
 
+    A document of n tokens becomes ``c = ⌈n / b⌉`` chunks of about ``n / c`` tokens each
+    (b the budget after special tokens), not ``c − 1`` full ones and a remainder: a
+    remainder can be a single token, and a representation mean-pooled over one token is
+    noise that stage 03 would weigh like any other document.
     The budget counts the special tokens ``tokenizer`` adds (BOS/CLS/SEP...), so the
     model stage, which encodes each text with the same tokenizer and truncates at
     ``max_tokens``, sees every chunk whole. A chunk is the exact character span of its
@@ -698,10 +703,11 @@ def _token_spans(text: str, tokenizer: Any, budget: int) -> list[tuple[str, int]
 
     if n_tokens <= budget:
         return [(text, n_tokens)]
+    size = math.ceil(n_tokens / math.ceil(n_tokens / budget))  # balanced: no short remainder
     spans: list[tuple[str, int]] = []
     start = 0
     while start < n_tokens:
-        end = min(start + budget, n_tokens)
+        end = min(start + size, n_tokens)
         piece = span(start, end)
         count = _count(tokenizer, piece)
         # Re-tokenising a span can merge differently at its edges; shrink until it fits.

@@ -721,19 +721,33 @@ def cluster_configs(
     component: str = "resid",
     positions: str = "all",
     seed: int = 0,
+    n_controls: int = 1,
 ) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
     """The configs stage 05 evaluates, and their descriptors for the score rows.
 
     For every stage-03 subspace at ``layer`` (one per cluster k), every kind and magnitude:
-    ``P_{k,θ}`` from :func:`rephelpers.perturbations.build` and its matched random control
-    from :func:`~rephelpers.perturbations.matched_control`, applied at ``(layer, component)``;
-    plus the unperturbed baseline (``cluster = -1``, ``kind = "none"``, ``magnitude = 0``).
-    Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`.
+    ``P_{k,θ}`` from :func:`rephelpers.perturbations.build` and ``n_controls`` independent
+    matched random controls from :func:`~rephelpers.perturbations.matched_control` (draw j
+    uses seed ``seed + j``), applied at ``(layer, component)``; plus the unperturbed
+    baseline (``cluster = -1``, ``kind = "none"``, ``magnitude = 0``). Stage 06 averages
+    the draws: ``Φ_control = mean over θ and draws``.
+
+    One draw is the proposals' design, but a single draw is a lottery when a model has a
+    few dimensions every input relies on (SmolLM2's "massive activations"): 32 random
+    dimensions out of 576 include a given one with probability 32/576 ≈ 5.6%, and that one
+    draw then looks as destructive as the cluster's own R_k. More draws make
+    Φ_control an estimate of what a random edit of that size does rather than one sample.
+    Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; config ids are
+    ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw.
     """
     from .perturbations import build, matched_control
 
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
+    require(
+        isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
+        f"n_controls must be a positive int (random control draws per perturbation), got {n_controls!r}",
+    )
     here = [s for s in subspaces if s["layer"] == layer and s.get("component", component) == component]
     require(
         len(here) > 0,
@@ -749,12 +763,13 @@ def cluster_configs(
         k = int(subspace["cluster"])
         for kind in kinds:
             for m in magnitudes:
-                for control in (False, True):
-                    perturbation = (
-                        matched_control(kind, dict(subspace), d_model, m, seed) if control
-                        else build(kind, dict(subspace), m, seed)
-                    )
-                    cid = f"k{k}:{kind}:m{m:g}" + (":control" if control else "")
+                arms = [(f"k{k}:{kind}:m{m:g}", False, build(kind, dict(subspace), m, seed))]
+                arms += [
+                    (f"k{k}:{kind}:m{m:g}:control{draw or ''}", True,
+                     matched_control(kind, dict(subspace), d_model, m, seed + draw))
+                    for draw in range(n_controls)
+                ]
+                for cid, control, perturbation in arms:
                     configs[cid] = [Intervention(perturbation, layer, component, positions)]
                     meta[cid] = {"cluster": k, "control": control, "kind": kind, "magnitude": float(m), "layer": layer}
     return configs, meta
@@ -770,39 +785,52 @@ def ability_summary(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def ability_chart(scores: pd.DataFrame, chance: Mapping[str, float] | None = None) -> Any:
-    """Bars: mean score per cluster's perturbation (red) and matched control (grey), one
-    panel per ability; dashed line: the unperturbed model; dotted line: chance."""
+    """Bars: mean item score under each cluster's perturbation (red) and its matched random
+    control (grey), one column per ability and one row per setting θ = kind × magnitude;
+    whiskers ±1 s.e.m. over items; dashed line: the unperturbed model; dotted line: chance.
+
+    Several control draws of one θ are averaged item by item before the mean, so each
+    (cluster, arm, θ) is one bar and the s.e.m. is over items, not over item × draw.
+    """
     import altair as alt
 
-    summary = ability_summary(scores)
-    require({"cluster", "control"} <= set(summary.columns), "ability_chart needs config_meta columns cluster and control")
+    keys = ["cluster", "control", "kind", "magnitude", "ability"]
+    missing = [c for c in [*keys, "score"] if c not in scores.columns]
+    require(not missing, f"ability_chart needs the config_meta columns {missing} (evaluate_abilities with config_meta=)")
+    items = [c for c in ("task", "item") if c in scores.columns]
+    per_item = scores.groupby(keys + items, dropna=False)["score"].mean().reset_index() if items else scores
+    summary = per_item.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
+    summary["sem"] = summary["std"].fillna(0.0) / np.sqrt(summary["count"])
     summary["arm"] = np.where(summary["control"], "matched control", "cluster perturbation")
     summary["cluster_label"] = "k=" + summary["cluster"].astype(str)
+    summary["theta"] = summary["kind"].astype(str) + " × " + summary["magnitude"].map("{:g}".format)
     summary["low"] = (summary["mean"] - summary["sem"]).clip(lower=0.0)
     summary["high"] = (summary["mean"] + summary["sem"]).clip(upper=1.0)
-    base = summary[summary.cluster == -1][["ability", "mean"]].rename(columns={"mean": "baseline"})
-    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left")
+    base = summary[summary.cluster == -1].groupby("ability")["mean"].mean().rename("baseline").reset_index()
+    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left").rename(columns={"count": "n"})
+    require(len(bars) > 0, "ability_chart: no perturbed config in scores (only the baseline).")
     if chance:
         bars["chance"] = bars["ability"].map(chance)
     color = alt.Color("arm:N", scale=alt.Scale(domain=["cluster perturbation", "matched control"],
                                                 range=["#c0392b", "#95a5a6"]), title=None)
-    tooltip = ["ability", "cluster_label", "arm", "kind", "magnitude", alt.Tooltip("mean:Q", format=".3f"),
+    tooltip = ["ability", "cluster_label", "arm", "theta", alt.Tooltip("mean:Q", format=".3f"),
                alt.Tooltip("baseline:Q", format=".3f"), "n"]
-    tooltip = [t for t in tooltip if not isinstance(t, str) or t in bars.columns]
     layer = alt.Chart().encode(x=alt.X("cluster_label:N", title="perturbed cluster"), xOffset="arm:N")
     layers = [
         layer.mark_bar().encode(
-            y=alt.Y("mean:Q", title="mean item score", scale=alt.Scale(domain=[0, 1])), color=color, tooltip=tooltip
+            y=alt.Y("mean:Q", title="mean item score", scale=alt.Scale(domain=[0, 1]), stack=None),
+            color=color, tooltip=tooltip,
         ),
         layer.mark_rule().encode(y="low:Q", y2="high:Q"),
         alt.Chart().mark_rule(strokeDash=[6, 3], color="black").encode(y="mean(baseline):Q"),
     ]
     if chance:
         layers.append(alt.Chart().mark_rule(strokeDash=[2, 2], color="#7f8c8d").encode(y="mean(chance):Q"))
+    thetas = sorted(bars["theta"].unique(), key=lambda t: (t.split(" × ")[0], float(t.split(" × ")[1])))
     return (
         alt.layer(*layers, data=bars)
-        .properties(width=alt.Step(18), height=180)
-        .facet(facet=alt.Facet("ability:N", title=None), columns=4)
+        .properties(width=alt.Step(18), height=150)
+        .facet(column=alt.Column("ability:N", title=None), row=alt.Row("theta:N", title=None, sort=thetas))
         .properties(title="Abilities under each cluster's perturbation (dashed: unperturbed, dotted: chance)")
     )
 

@@ -121,9 +121,15 @@ def specificity_report(
     *,
     batch_size: int = 8,
     n_readout_layers: int = 3,
+    n_controls: int = 1,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per (cluster k, arm ∈ {perturbation, control}); see the module docstring.
+    """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
+
+    ``n_controls`` independent random controls are drawn per cluster (draw j uses seed
+    ``seed + j``, as in :func:`rephelpers.evaluation.cluster_configs`); each is a row with
+    ``arm = "control"`` and ``draw = j`` (the perturbation's row has ``draw = 0``). The
+    charts average the draws.
 
     ``subspaces`` are stage 03's entries (``rephelpers.association.load_subspaces``);
     the ones at ``layer`` are used, for ``clusters`` (default: every cluster with a
@@ -140,6 +146,10 @@ def specificity_report(
     """
     missing = [c for c in _REQUIRED_COLUMNS if c not in documents_df.columns]
     require(not missing, f"documents_df lacks columns {missing}; it must be notebook 01's documents.parquet.")
+    require(
+        isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
+        f"n_controls must be a positive int (random control draws per cluster), got {n_controls!r}",
+    )
     require(kind in MAGNITUDE_FIELD, f"unknown perturbation kind {kind!r}; use one of {sorted(MAGNITUDE_FIELD)}")
     layer = model.check_layer(int(layer))
     model.check_component(component)
@@ -175,10 +185,9 @@ def specificity_report(
                 f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
             )
         subspace = _complete_subspace(at_layer[k], kind, k, documents, probes)
-        arms = {
-            "perturbation": build(kind, subspace, magnitude, seed),
-            "control": matched_control(kind, subspace, model.d_model, magnitude, seed),
-        }
+        arms = {("perturbation", 0): build(kind, subspace, magnitude, seed)}
+        for draw in range(n_controls):
+            arms[("control", draw)] = matched_control(kind, subspace, model.d_model, magnitude, seed + draw)
         ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
         plans.append((k, target, rest, arms, ivs))
 
@@ -190,10 +199,11 @@ def specificity_report(
         is_target = np.arange(len(texts)) < len(target)
         passes = _compare_passes(model, texts, ivs, read, attend, batch_size, max_length, bar)
         probe_before = _probe_score(probes, documents, k, None, seed)
-        for arm, perturbation in arms.items():
+        for (arm, draw), perturbation in arms.items():
             rows.append({
                 "cluster": k,
                 "arm": arm,
+                "draw": draw,
                 "kind": kind,
                 "magnitude": float(magnitude),
                 "layer": layer,
@@ -204,9 +214,9 @@ def specificity_report(
                 "seed": int(seed),
                 "n_target": int(len(target)),
                 "n_rest": int(len(rest)),
-                **_perplexity_columns(passes["original"], passes[arm], is_target),
-                **_cka_columns(passes["original"], passes[arm], is_target, read),
-                **_attention_columns(passes, arm, is_target, with_attention),
+                **_perplexity_columns(passes["original"], passes[(arm, draw)], is_target),
+                **_cka_columns(passes["original"], passes[(arm, draw)], is_target, read),
+                **_attention_columns(passes, (arm, draw), is_target, with_attention),
                 "probe_bacc_before": probe_before,
                 "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
             })
@@ -255,21 +265,21 @@ def _complete_subspace(
 def _compare_passes(
     model: Model,
     texts: list[str],
-    arms: Mapping[str, list[Intervention]],
+    arms: Mapping[tuple[str, int], list[Intervention]],
     read: list[int],
     attend: list[int],
     batch_size: int,
     max_length: int,
     bar: Any,
-) -> dict[str, dict[str, Any]]:
-    """The original pass and every arm's pass over ``texts``, batch by batch.
+) -> dict[Any, dict[str, Any]]:
+    """The original pass and every ``(arm, draw)`` pass over ``texts``, batch by batch.
 
     Batches are identical across passes, so the original and perturbed numbers differ
     only by the perturbation (not by padding); attention patterns are reduced to a
     per-text JS divergence as soon as both passes of a batch exist.
     """
     names = ("original", *arms)
-    out: dict[str, dict[str, Any]] = {
+    out: dict[Any, dict[str, Any]] = {
         name: {"nll": np.zeros(len(texts)), "count": np.zeros(len(texts)),
                "pooled": {l: np.zeros((len(texts), model.d_model)) for l in read},
                "js": np.zeros(len(texts))}
@@ -328,7 +338,7 @@ def _cka_columns(
 
 
 def _attention_columns(
-    passes: dict[str, dict[str, Any]], arm: str, is_target: np.ndarray, with_attention: bool
+    passes: dict[Any, dict[str, Any]], arm: tuple[str, int], is_target: np.ndarray, with_attention: bool
 ) -> dict[str, float]:
     if not with_attention:
         return {"attn_js_target": math.nan, "attn_js_rest": math.nan}
@@ -359,7 +369,7 @@ _METRICS = {
 
 
 def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
-    """``report`` in long form: one row per (cluster, arm, metric, set ∈ {target, rest}).
+    """``report`` in long form: one row per (cluster, arm, draw, metric, set ∈ {target, rest}).
 
     Metrics without values (attention JS when not measured) are dropped.
     """
@@ -367,7 +377,7 @@ def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
     for key, label in _METRICS.items():
         for name in SETS:
             column = f"{key}_{name}"
-            frames.append(report[["cluster", "arm", "kind", "magnitude", "layer"]].assign(
+            frames.append(report[["cluster", "arm", "draw", "kind", "magnitude", "layer"]].assign(
                 metric=label, set=name, value=report[column]
             ))
     long = pd.concat(frames, ignore_index=True)
@@ -376,7 +386,7 @@ def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
 
 def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.FacetChart:
     """Bars of Δ log-perplexity, CKA (and attention JS) on target vs rest texts, perturbation
-    vs its random control, one column per cluster."""
+    vs its random control (the mean over control draws), one column per cluster."""
     long = specificity_long(report)
     require(len(long) > 0, "specificity_chart: the report is empty.")
     kinds = ", ".join(sorted(report["kind"].unique()))
@@ -386,9 +396,10 @@ def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.Fac
         .encode(
             x=alt.X("set:N", title=None, sort=list(SETS)),
             xOffset=alt.XOffset("arm:N", sort=list(ARMS)),
-            y=alt.Y("value:Q", title=None),
+            y=alt.Y("mean(value):Q", title=None),
             color=alt.Color("arm:N", sort=list(ARMS), scale=alt.Scale(range=["#d62728", "#7f7f7f"])),
-            tooltip=["cluster", "arm", "set", "metric", alt.Tooltip("value:Q", format=".4f"), "magnitude"],
+            tooltip=["cluster", "arm", "set", "metric", alt.Tooltip("mean(value):Q", format=".4f"),
+                     alt.Tooltip("count():Q", title="draws"), "magnitude"],
         )
         .properties(width=90, height=140)
         .facet(row=alt.Row("metric:N", title=None, sort=list(_METRICS.values())),
@@ -412,10 +423,10 @@ def probe_chart(report: pd.DataFrame) -> alt.Chart:
         .encode(
             x=alt.X("cluster:N"),
             xOffset=alt.XOffset("arm:N", sort=["original", *ARMS]),
-            y=alt.Y("bacc:Q", title="probe balanced accuracy", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("mean(bacc):Q", title="probe balanced accuracy", scale=alt.Scale(domain=[0, 1])),
             color=alt.Color("arm:N", sort=["original", *ARMS],
                             scale=alt.Scale(range=["#1f77b4", "#d62728", "#7f7f7f"])),
-            tooltip=["cluster", "arm", alt.Tooltip("bacc:Q", format=".3f")],
+            tooltip=["cluster", "arm", alt.Tooltip("mean(bacc):Q", format=".3f")],
         )
     )
     chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")

@@ -259,6 +259,11 @@ def test_chunking_keeps_doc_id_and_respects_the_budget_with_special_tokens(built
     chunks = chunk_documents(frame, bert_tokenizer, max_tokens=48)
     assert len(chunks) > 2 * len(frame)
     _check_chunks(frame, chunks, bert_tokenizer, 48)
+    # balanced: a split document's chunks are of about equal size, with no short remainder
+    # (only re-tokenisation at chunk edges moves a few tokens between neighbours)
+    split = chunks[chunks["doc_id"].duplicated(keep=False)]
+    smallest_share = split.groupby("doc_id")["n_tokens"].agg(lambda n: n.min() / n.max())
+    assert len(smallest_share) > 0 and smallest_share.min() >= 0.75, smallest_share.sort_values().head()
 
 
 @pytest.mark.model

@@ -236,6 +236,23 @@ def test_cluster_configs_pair_each_cluster_with_a_matched_control():
         cluster_configs(subspaces, 9, 576)
 
 
+def test_cluster_configs_draw_independent_controls():
+    subspaces = _fake_subspaces()
+    one, _ = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=1.0)
+    configs, meta = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=1.0, n_controls=3)
+    controls = [cid for cid in configs if meta[cid]["control"]]
+    assert len(configs) == 1 + 2 * (1 + 3) and len(controls) == 2 * 3
+    assert configs["k0:ablate:m1:control"] == one["k0:ablate:m1:control"]  # draw 0 is the single-draw control
+    for k in (0, 1):
+        r_k = set(subspaces[k]["dims"])
+        draws = [tuple(configs[f"k{k}:ablate:m1:control{j or ''}"][0].perturbation.dims) for j in range(3)]
+        assert len(set(draws)) == 3, "control draws must differ"
+        assert all(len(d) == len(r_k) and not set(d) & r_k for d in draws)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(RephelpersError, match="n_controls must be a positive int"):
+            cluster_configs(subspaces, 15, 576, n_controls=bad)
+
+
 def test_ability_chart_renders_from_scores():
     rows = [
         {"config_id": cid, "cluster": k, "control": c, "kind": "ablate", "magnitude": 1.0, "ability": a,
@@ -247,4 +264,25 @@ def test_ability_chart_renders_from_scores():
     assert summary["mean"].tolist() == pytest.approx([2 / 3] * 6)
     assert summary["sem"].iloc[0] == pytest.approx(np.std([0, 1, 1], ddof=1) / np.sqrt(3))
     spec = ability_chart(pd.DataFrame(rows), chance={"icl": 0.5, "code": 0.25}).to_dict()
-    assert spec["facet"]["field"] == "ability"
+    assert spec["facet"]["column"]["field"] == "ability" and spec["facet"]["row"]["field"] == "theta"
+
+
+def test_ability_chart_has_one_bar_per_cluster_arm_and_setting():
+    # two magnitudes and two control draws: the draws are averaged item by item, the magnitudes kept apart
+    configs = [("baseline", -1, False, 0.0, [1, 1, 0, 0]), ("p1", 0, False, 1.0, [0, 0, 0, 0]),
+               ("p2", 0, False, 2.0, [0, 0, 0, 1]), ("c1", 0, True, 1.0, [1, 0, 0, 0]),
+               ("c1b", 0, True, 1.0, [1, 1, 1, 0]), ("c2", 0, True, 2.0, [1, 1, 0, 0])]
+    rows = [
+        {"config_id": cid, "cluster": k, "control": c, "kind": "ablate", "magnitude": m, "ability": "a",
+         "task": "t", "item": i, "metric": "acc", "score": float(s)}
+        for cid, k, c, m, scores in configs for i, s in enumerate(scores)
+    ]
+    spec = ability_chart(pd.DataFrame(rows)).to_dict()
+    bars = pd.DataFrame(spec["datasets"][spec["data"]["name"]])
+    assert len(bars) == 4 and not bars.duplicated(["cluster", "arm", "theta"]).any()
+    control_1 = bars[(bars.arm == "matched control") & (bars.theta == "ablate × 1")].iloc[0]
+    per_item = np.array([[1, 0, 0, 0], [1, 1, 1, 0]]).mean(0)  # [1, .5, .5, 0]
+    assert control_1["mean"] == pytest.approx(per_item.mean())
+    assert control_1["sem"] == pytest.approx(per_item.std(ddof=1) / 2) and control_1["n"] == 4
+    assert set(bars["baseline"]) == {0.5}
+    assert spec["spec"]["layer"][0]["encoding"]["y"]["stack"] is None

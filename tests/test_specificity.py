@@ -9,6 +9,7 @@ import pytest
 from rephelpers.activations import extract_activations
 from rephelpers.errors import RephelpersError
 from rephelpers.intervene import perplexity, sequence_nll
+from rephelpers.perturbations import matched_control
 from rephelpers.specificity import (
     explorer,
     probe_balanced_accuracy,
@@ -155,6 +156,26 @@ def test_ablation_hits_harder_than_its_control(model, documents, subspaces):
     assert report.loc["perturbation", "cka_target"] < report.loc["control", "cka_target"]
     widget = explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
     assert widget.children[0].value == "ablate"
+
+
+@pytest.mark.model
+def test_several_control_draws_are_independent_rows(model, documents, subspaces):
+    options = dict(clusters=[1], n_texts=3, max_length=16, progress=False)
+    single = specificity_report(model, documents, subspaces, "ablate", LAYER, **options)
+    report = specificity_report(model, documents, subspaces, "ablate", LAYER, n_controls=2, **options)
+    assert list(zip(report["arm"], report["draw"])) == [("perturbation", 0), ("control", 0), ("control", 1)]
+    numbers = ["dlogppl_target", "dlogppl_rest", "cka_target", "cka_rest"]
+    # draw 0 is the single-draw control, the same numbers to the last bit
+    pd.testing.assert_frame_equal(report.iloc[:2][["config", *numbers]], single[["config", *numbers]])
+    subspace = next(s for s in subspaces if s["cluster"] == 1)
+    second = matched_control("ablate", subspace, model.d_model, 1.0, seed=1)
+    assert report["config"].iloc[2] == second.to_json() and report["config"].iloc[2] != report["config"].iloc[1]
+    assert report["dlogppl_target"].iloc[2] != report["dlogppl_target"].iloc[1]
+    # the chart shows the mean over draws: one bar per (cluster, arm, set, metric)
+    spec = specificity_chart(report).to_dict()
+    assert spec["spec"]["encoding"]["y"]["aggregate"] == "mean"
+    with pytest.raises(RephelpersError, match="n_controls must be a positive int"):
+        specificity_report(model, documents, subspaces, "ablate", LAYER, n_controls=0)
 
 
 @pytest.mark.model
