@@ -8,8 +8,9 @@ after each step, ARI against the generating domains, and, with ``--demo``, the A
 method on the demo corpus (builtin, 60 documents per domain, chunked to 128 tokens) against
 its domains.
 
-    python benchmarks/bench_clustering.py --n 100000 --lda-n 100000 --bertopic-n 100000
+    python benchmarks/bench_clustering.py --n 100000      # LDA and BERTopic on the first 20,000
     python benchmarks/bench_clustering.py --n 20000 --bertopic-n 10000 --demo
+    python benchmarks/bench_clustering.py --n 0 --demo    # only the demo corpus's ARI per method
 """
 
 from __future__ import annotations
@@ -89,25 +90,13 @@ def demo_ari(seed: int) -> dict[str, float]:
     return scores
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100_000, help="short documents to embed and cluster")
-    parser.add_argument("--bertopic-n", type=int, default=20_000, help="documents BERTopic clusters (0: skip)")
-    parser.add_argument("--lda-n", type=int, default=20_000, help="documents LDA clusters (0: skip)")
-    parser.add_argument("--n-clusters", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--demo", action="store_true", help="also report ARI of every method on the demo corpus")
-    parser.add_argument("--json", help="write the results to this file")
-    args = parser.parse_args(argv)
-
+def at_scale(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    """Embed ``args.n`` generated short documents, then cluster them (the steps go into ``results``)."""
     from sklearn.metrics import adjusted_rand_score
 
     from rephelpers.clustering import cluster_corpus
     from rephelpers.embeddings import embed_texts
 
-    results: list[dict[str, Any]] = []
-    print(json.dumps({"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads(), "n": args.n}), flush=True)
     docs = timed("generate documents", results, lambda: short_documents(args.n, args.seed), n=args.n)
     mean_chars = float(docs["text"].str.len().mean())
     previous_cache = os.environ.get("REPHELPERS_CACHE")
@@ -154,6 +143,24 @@ def main(argv: list[str] | None = None) -> int:
         results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(subset["domain"], topics.labels)), 3)
         results[-1]["clusters"] = topics.n_clusters
         results[-1]["outliers"] = topics.n_outliers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000, help="short documents to embed and cluster (0: none)")
+    parser.add_argument("--bertopic-n", type=int, default=20_000, help="documents BERTopic clusters (0: skip)")
+    parser.add_argument("--lda-n", type=int, default=20_000, help="documents LDA clusters (0: skip)")
+    parser.add_argument("--n-clusters", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo", action="store_true", help="also report ARI of every method on the demo corpus")
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args(argv)
+
+    results: list[dict[str, Any]] = []
+    print(json.dumps({"cpus": os.cpu_count(), "torch_threads": __import__("torch").get_num_threads(), "n": args.n}), flush=True)
+    if args.n > 0:
+        at_scale(args, results)
     summary: dict[str, Any] = {"n": args.n, "steps": results}
     if args.demo:
         summary["demo_ari"] = demo_ari(args.seed)
