@@ -55,13 +55,33 @@ def short_documents(n: int, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame({"id": [f"short-{i:06d}" for i in range(n)], "text": list(texts), "domain": list(texts.values())})
 
 
-def timed(label: str, results: list[dict[str, Any]], action: Callable[[], Any], **extra: Any) -> Any:
+def timed(
+    label: str,
+    results: list[dict[str, Any]],
+    action: Callable[[], Any],
+    describe: Callable[[Any], dict[str, Any]] | None = None,
+    **extra: Any,
+) -> Any:
+    """Run ``action``, append and print its row; ``describe(value)`` adds untimed columns (e.g. ARI)."""
     start = time.perf_counter()
     value = action()
     row = {"step": label, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb()), **extra}
+    if describe is not None:
+        row.update(describe(value))
     results.append(row)
     print(json.dumps(row), flush=True)
     return value
+
+
+def ari_against(domains: pd.Series) -> Callable[[Any], dict[str, Any]]:
+    """Columns describing a clustering result: ARI against ``domains``, cluster and outlier counts."""
+    from sklearn.metrics import adjusted_rand_score
+
+    def describe(result: Any) -> dict[str, Any]:
+        row = {"ari_vs_domains": round(float(adjusted_rand_score(domains, result.labels)), 3), "clusters": result.n_clusters}
+        return row | ({"outliers": result.n_outliers} if result.n_outliers else {})
+
+    return describe
 
 
 def demo_ari(seed: int) -> dict[str, float]:
@@ -92,8 +112,6 @@ def demo_ari(seed: int) -> dict[str, float]:
 
 def at_scale(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     """Embed ``args.n`` generated short documents, then cluster them (the steps go into ``results``)."""
-    from sklearn.metrics import adjusted_rand_score
-
     from rephelpers.clustering import cluster_corpus
     from rephelpers.embeddings import embed_texts
 
@@ -116,33 +134,29 @@ def at_scale(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         del os.environ["REPHELPERS_CACHE"]
     else:
         os.environ["REPHELPERS_CACHE"] = previous_cache
-    kmeans = timed(
+
+    timed(
         "k-means", results,
         lambda: cluster_corpus(docs, "kmeans", args.n_clusters, seed=args.seed, embeddings=embeddings, show_progress=False),
-        n=args.n,
+        ari_against(docs["domain"]), n=args.n,
     )
-    results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(docs["domain"], kmeans.labels)), 3)
     if args.lda_n:
         m = min(args.lda_n, args.n)
         subset = docs.iloc[:m]
-        lda = timed(
+        timed(
             "LDA (5 restarts)", results,
             lambda: cluster_corpus(subset, "lda", args.n_clusters, seed=args.seed, show_progress=False),
-            n=m,
+            ari_against(subset["domain"]), n=m,
         )
-        results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(subset["domain"], lda.labels)), 3)
     if args.bertopic_n:
         m = min(args.bertopic_n, args.n)
         subset = docs.iloc[:m]
-        topics = timed(
+        timed(
             "BERTopic (UMAP + HDBSCAN)", results,
             lambda: cluster_corpus(subset, "bertopic", seed=args.seed, embeddings=embeddings[:m],
                                    min_cluster_size=max(10, m // 200), show_progress=False),
-            n=m,
+            ari_against(subset["domain"]), n=m,
         )
-        results[-1]["ari_vs_domains"] = round(float(adjusted_rand_score(subset["domain"], topics.labels)), 3)
-        results[-1]["clusters"] = topics.n_clusters
-        results[-1]["outliers"] = topics.n_outliers
 
 
 def main(argv: list[str] | None = None) -> int:
