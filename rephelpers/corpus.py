@@ -654,6 +654,7 @@ def chunk_documents(frame: pd.DataFrame, tokenizer: Any, max_tokens: int) -> pd.
     (b the budget after special tokens), not ``c − 1`` full ones and a remainder: a
     remainder can be a single token, and a representation mean-pooled over one token is
     noise that stage 03 would weigh like any other document.
+
     The budget counts the special tokens ``tokenizer`` adds (BOS/CLS/SEP...), so the
     model stage, which encodes each text with the same tokenizer and truncates at
     ``max_tokens``, sees every chunk whole. A chunk is the exact character span of its

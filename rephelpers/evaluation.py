@@ -727,7 +727,7 @@ def cluster_configs(
 
     For every stage-03 subspace at ``layer`` (one per cluster k), every kind and magnitude:
     ``P_{k,θ}`` from :func:`rephelpers.perturbations.build` and ``n_controls`` independent
-    matched random controls from :func:`~rephelpers.perturbations.matched_control` (draw j
+    matched random controls from :func:`~rephelpers.perturbations.matched_controls` (draw j
     uses seed ``seed + j``), applied at ``(layer, component)``; plus the unperturbed
     baseline (``cluster = -1``, ``kind = "none"``, ``magnitude = 0``). Stage 06 averages
     the draws: ``Φ_control = mean over θ and draws``.
@@ -740,14 +740,10 @@ def cluster_configs(
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; config ids are
     ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw.
     """
-    from .perturbations import build, matched_control
+    from .perturbations import build, matched_controls
 
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
-    require(
-        isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
-        f"n_controls must be a positive int (random control draws per perturbation), got {n_controls!r}",
-    )
     here = [s for s in subspaces if s["layer"] == layer and s.get("component", component) == component]
     require(
         len(here) > 0,
@@ -764,11 +760,8 @@ def cluster_configs(
         for kind in kinds:
             for m in magnitudes:
                 arms = [(f"k{k}:{kind}:m{m:g}", False, build(kind, dict(subspace), m, seed))]
-                arms += [
-                    (f"k{k}:{kind}:m{m:g}:control{draw or ''}", True,
-                     matched_control(kind, dict(subspace), d_model, m, seed + draw))
-                    for draw in range(n_controls)
-                ]
+                controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls)
+                arms += [(f"k{k}:{kind}:m{m:g}:control{draw or ''}", True, p) for draw, p in enumerate(controls)]
                 for cid, control, perturbation in arms:
                     configs[cid] = [Intervention(perturbation, layer, component, positions)]
                     meta[cid] = {"cluster": k, "control": control, "kind": kind, "magnitude": float(m), "layer": layer}
@@ -776,10 +769,22 @@ def cluster_configs(
 
 
 # -- summaries and charts ---------------------------------------------------------------------
-def ability_summary(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean item score per config and ability, with its standard error ``s / √n``."""
-    keys = [c for c in ("config_id", "cluster", "control", "kind", "magnitude", "ability", "metric") if c in scores.columns]
-    out = scores.groupby(keys, dropna=False).score.agg(["mean", "std", "count"]).reset_index()
+def ability_summary(scores: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean item score per group of ``by`` (default: per config and ability), with its
+    standard error ``s / √n`` over items.
+
+    Rows of one item within a group (several control draws of one θ, say) are averaged
+    first, so ``n`` counts items, not item × config.
+    """
+    if by is None:
+        keys = [c for c in ("config_id", "cluster", "control", "kind", "magnitude", "ability", "metric") if c in scores.columns]
+    else:
+        keys = list(by)
+        missing = [c for c in [*keys, "score"] if c not in scores.columns]
+        require(not missing, f"ability_summary needs the columns {missing} (evaluate_abilities with config_meta=)")
+    items = [c for c in ("task", "item") if c in scores.columns]
+    per_item = scores.groupby(keys + items, dropna=False)["score"].mean().reset_index() if items else scores
+    out = per_item.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
     out["sem"] = out["std"].fillna(0.0) / np.sqrt(out["count"])
     return out.drop(columns="std").rename(columns={"count": "n"})
 
@@ -794,20 +799,14 @@ def ability_chart(scores: pd.DataFrame, chance: Mapping[str, float] | None = Non
     """
     import altair as alt
 
-    keys = ["cluster", "control", "kind", "magnitude", "ability"]
-    missing = [c for c in [*keys, "score"] if c not in scores.columns]
-    require(not missing, f"ability_chart needs the config_meta columns {missing} (evaluate_abilities with config_meta=)")
-    items = [c for c in ("task", "item") if c in scores.columns]
-    per_item = scores.groupby(keys + items, dropna=False)["score"].mean().reset_index() if items else scores
-    summary = per_item.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
-    summary["sem"] = summary["std"].fillna(0.0) / np.sqrt(summary["count"])
+    summary = ability_summary(scores, by=["cluster", "control", "kind", "magnitude", "ability"])
     summary["arm"] = np.where(summary["control"], "matched control", "cluster perturbation")
     summary["cluster_label"] = "k=" + summary["cluster"].astype(str)
     summary["theta"] = summary["kind"].astype(str) + " × " + summary["magnitude"].map("{:g}".format)
     summary["low"] = (summary["mean"] - summary["sem"]).clip(lower=0.0)
     summary["high"] = (summary["mean"] + summary["sem"]).clip(upper=1.0)
     base = summary[summary.cluster == -1].groupby("ability")["mean"].mean().rename("baseline").reset_index()
-    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left").rename(columns={"count": "n"})
+    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left")
     require(len(bars) > 0, "ability_chart: no perturbed config in scores (only the baseline).")
     if chance:
         bars["chance"] = bars["ability"].map(chance)

@@ -552,6 +552,26 @@ def matched_control(
                  strength=target.strength)
 
 
+def matched_controls(
+    kind: str,
+    subspace: dict[str, Any],
+    d_model: int,
+    magnitude: float = 1.0,
+    seed: int = 0,
+    n_controls: int = 1,
+) -> list[Perturbation]:
+    """``n_controls`` independent matched controls; draw j is ``matched_control(…, seed + j)``.
+
+    Draw 0 is the single control of :func:`matched_control` itself, so one draw reproduces
+    it exactly. Stages 04 and 05 average the draws.
+    """
+    require(
+        isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
+        f"n_controls must be a positive int (independent random-control draws), got {n_controls!r}",
+    )
+    return [matched_control(kind, subspace, d_model, magnitude, seed + draw) for draw in range(n_controls)]
+
+
 def _field(subspace: dict[str, Any], key: str, kind: str, hint: str = "") -> Any:
     value = subspace.get(key)
     require(
@@ -635,6 +655,7 @@ __all__ = [
     "MAGNITUDE_FIELD",
     "build",
     "matched_control",
+    "matched_controls",
     "fit_leace",
     "perturbation_from_dict",
     "registered_kinds",

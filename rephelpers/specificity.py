@@ -1,7 +1,7 @@
 """Stage 04: does a cluster's perturbation hit that cluster's text, and only it?
 
 For each cluster k, the perturbation built from k's subspace (:func:`rephelpers.perturbations.build`)
-and its matched random control (:func:`rephelpers.perturbations.matched_control`) run on
+and its matched random control (:func:`rephelpers.perturbations.matched_controls`) run on
 k's held-out texts (the *target* set) and on held-out texts of the other clusters (the
 *rest* set). Per arm the report holds:
 
@@ -34,7 +34,7 @@ from .artifacts import RunDir
 from .errors import RephelpersError, require
 from .intervene import Intervention, Readout, forward_readout, perplexity, validate
 from .models import Model
-from .perturbations import MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_control, registered_kinds
+from .perturbations import MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_controls, registered_kinds
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -146,10 +146,6 @@ def specificity_report(
     """
     missing = [c for c in _REQUIRED_COLUMNS if c not in documents_df.columns]
     require(not missing, f"documents_df lacks columns {missing}; it must be notebook 01's documents.parquet.")
-    require(
-        isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
-        f"n_controls must be a positive int (random control draws per cluster), got {n_controls!r}",
-    )
     require(kind in MAGNITUDE_FIELD, f"unknown perturbation kind {kind!r}; use one of {sorted(MAGNITUDE_FIELD)}")
     layer = model.check_layer(int(layer))
     model.check_component(component)
@@ -185,9 +181,9 @@ def specificity_report(
                 f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
             )
         subspace = _complete_subspace(at_layer[k], kind, k, documents, probes)
+        controls = matched_controls(kind, subspace, model.d_model, magnitude, seed, n_controls)
         arms = {("perturbation", 0): build(kind, subspace, magnitude, seed)}
-        for draw in range(n_controls):
-            arms[("control", draw)] = matched_control(kind, subspace, model.d_model, magnitude, seed + draw)
+        arms |= {("control", draw): control for draw, control in enumerate(controls)}
         ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
         plans.append((k, target, rest, arms, ivs))
 
