@@ -12,8 +12,11 @@ Notation, following the research proposals:
   items of the ability's tasks.
 * ``f̂_{k,θ}``: the model with the representations of cluster ``k`` perturbed under
   configuration ``θ = (kind, magnitude, layer, …)``; Θ_k is the set of configs of ``k``.
-* ``AIS(k, a, θ) = (M(f, a) − M(f̂_{k,θ}, a)) / M(f, a)``: the relative loss. Positive
-  means the perturbation hurt the ability.
+* ``AIS(k, a, θ) = s_a · (M(f, a) − M(f̂_{k,θ}, a)) / M(f, a)``: the relative loss, with
+  ``s_a = +1`` for a higher-is-better metric and ``−1`` for a lower-is-better one (read
+  from the task's ``higher_is_better``), so a positive AIS always means the ability got
+  worse. It is only read where ``M(f, a)`` clears a floor above chance
+  (:func:`baseline_floor`): a relative loss of a near-chance score is noise.
 * ``Φ_{k,a} = (1/|Θ_k|) Σ_θ AIS(k, a, θ)``: the Data Influence Matrix.
 * ``ACE(k, T, θ) = E_{x∼T}[f_T(h) − f_T(h_pert)]``: the average causal effect on task
   ``T``, in score units (and in log-likelihood margin units).
@@ -34,7 +37,9 @@ SCORE_COLUMNS = (
     "config_id", "cluster", "control", "kind", "magnitude", "layer",
     "task", "ability", "item", "score",
 )
-CONFIG_COLUMNS = ("cluster", "control", "kind", "magnitude", "layer")
+CONFIG_COLUMNS = ("cluster", "control", "kind", "magnitude", "layer", "draw")
+FLOOR_MARGIN = 0.1
+"""Default readable-baseline margin: ``M(f, a)`` must exceed chance by this much."""
 # 05 may add the item text; when it does, the item explorer shows it.
 ITEM_TEXT_COLUMNS = ("prompt", "target")
 STAGE_05 = "notebook 05_capability_impact"
@@ -55,6 +60,15 @@ def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
     require(len(scores) > 0, f"scores is empty: {STAGE_05} evaluated nothing; re-run it.")
     df = scores.copy()
     df["config_id"] = df["config_id"].astype(str)
+    if "draw" not in df.columns:  # scores written before draws were recorded: number them by id
+        df["draw"] = _draws_from_ids(df)
+    df["draw"] = df["draw"].fillna(0).astype(int)
+    if "higher_is_better" not in df.columns:
+        df["higher_is_better"] = True
+    df["higher_is_better"] = df["higher_is_better"].fillna(True).astype(bool)
+    if "chance" not in df.columns:
+        df["chance"] = 0.0
+    df["chance"] = df["chance"].fillna(0.0).astype(float)
     df["cluster"] = df["cluster"].astype(int)
     df["control"] = df["control"].astype(bool)
     df["score"] = df["score"].astype(float)
@@ -88,6 +102,13 @@ def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
     abilities_per_task = df.groupby("task")["ability"].nunique()
     split = abilities_per_task[abilities_per_task > 1].index.tolist()
     require(not split, f"tasks {split} belong to several abilities; map each task to one ability family.")
+    directions = df.groupby("ability")["higher_is_better"].nunique()
+    mixed = directions[directions > 1].index.tolist()
+    require(
+        not mixed,
+        f"abilities {mixed} mix higher-is-better and lower-is-better metrics; an ability's relative loss "
+        "needs one direction: split it into two abilities.",
+    )
     bad = ~np.isfinite(df["score"].to_numpy())
     if bad.any():
         raise RephelpersError(
@@ -118,6 +139,19 @@ def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
             f"items must pair with the baseline: re-run {STAGE_05} for the missing items or drop the config."
         )
     return df
+
+
+def _draws_from_ids(df: pd.DataFrame) -> pd.Series:
+    """Control draw index from stage-05 ids (``…:control`` is 0, ``…:control3`` is 3)."""
+    found = df["config_id"].astype(str).str.extract(r"control(\d*)$")[0]
+    return pd.to_numeric(found.fillna("0").replace("", "0")).astype(int)
+
+
+def baseline_floor(chance: float, higher_is_better: bool = True, margin: float = FLOOR_MARGIN) -> float:
+    """The least ``M(f, a)`` whose relative loss is read: ``chance + margin`` for a
+    higher-is-better metric, ``margin`` for a lower-is-better one (the denominator of AIS
+    must stay clear of 0)."""
+    return float(chance) + float(margin) if higher_is_better else float(margin)
 
 
 def configs(scores: pd.DataFrame) -> pd.DataFrame:
@@ -178,26 +212,43 @@ def ability_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["cluster", "control", "ability", "kind", "layer", "magnitude"]).reset_index(drop=True)
 
 
-def ais(scores: pd.DataFrame) -> pd.DataFrame:
+def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFrame:
     """Ablation Impact Score of every perturbed config on every ability.
 
-    ``AIS(k, a, θ) = (M(f, a) − M(f̂_{k,θ}, a)) / M(f, a)``, computed for the cluster's
-    perturbations and for their matched random controls alike (``control`` tells them
-    apart). Positive = the ability got worse. Defined for higher-is-better metrics with
-    ``M(f, a) > 0``: where the baseline scores 0 on ``a``, AIS is NaN and ``note`` says why
-    (no division error, no infinity).
+    ``AIS(k, a, θ) = s_a · (M(f, a) − M(f̂_{k,θ}, a)) / M(f, a)`` with ``s_a = +1`` for a
+    higher-is-better metric and ``−1`` for a lower-is-better one, computed for the
+    cluster's perturbations and for their matched random controls alike (``control``
+    tells them apart). Positive = the ability got worse. ``delta = s_a · (M(f, a) −
+    M(f̂, a))`` is the same loss in score units, reported beside AIS.
+
+    AIS is NaN, and ``note`` says why, where the baseline is below
+    :func:`baseline_floor` (``chance + floor_margin``): with 6 of 40 items right, one item
+    more or less moves AIS by 0.17, so the relative loss says nothing. ``readable`` flags
+    the abilities that pass.
     """
-    ab = ability_scores(scores)
+    require(0 <= floor_margin < 1, f"floor_margin must lie in [0, 1), got {floor_margin!r}")
+    df = validate_scores(scores)
+    ab = ability_scores(df)
+    info = df.groupby("ability").agg(higher_is_better=("higher_is_better", "first"), chance=("chance", "max"))
     base_id = baseline_config(ab)
     base = ab.loc[ab.config_id == base_id, ["ability", "score"]].rename(columns={"score": "baseline_score"})
     pert = ab[ab.config_id != base_id].rename(columns={"score": "perturbed_score"})
-    out = pert.merge(base, on="ability")
+    out = pert.merge(base, on="ability").merge(info.reset_index(), on="ability")
+    sign = np.where(out["higher_is_better"].to_numpy(), 1.0, -1.0)
     m_base = out["baseline_score"].to_numpy()
-    zero = m_base == 0
+    out["floor"] = [baseline_floor(c, h, floor_margin) for c, h in zip(out["chance"], out["higher_is_better"])]
+    out["readable"] = (m_base >= out["floor"].to_numpy()) & (m_base > 0)
+    out["delta"] = sign * (m_base - out["perturbed_score"].to_numpy())
     with np.errstate(divide="ignore", invalid="ignore"):
-        out["ais"] = np.where(zero, np.nan, (m_base - out["perturbed_score"].to_numpy()) / np.where(zero, 1.0, m_base))
-    out["note"] = np.where(zero, "baseline M(f,a)=0: AIS undefined", "")
-    columns = ["config_id", *CONFIG_COLUMNS, "ability", "n_items", "baseline_score", "perturbed_score", "ais", "note"]
+        relative = out["delta"].to_numpy() / np.where(m_base == 0, 1.0, m_base)
+    out["ais"] = np.where(out["readable"], relative, np.nan)
+    out["note"] = np.where(
+        out["readable"], "",
+        [f"baseline M(f,a)={b:.3g} below the floor {f:.3g} (chance {c:.3g} + {floor_margin:g}): AIS not read"
+         for b, f, c in zip(m_base, out["floor"], out["chance"])],
+    )
+    columns = ["config_id", *CONFIG_COLUMNS, "ability", "n_items", "higher_is_better", "chance", "floor", "readable",
+               "baseline_score", "perturbed_score", "delta", "ais", "note"]
     return out[columns].reset_index(drop=True)
 
 
@@ -208,20 +259,37 @@ def influence_matrix(ais_df: pd.DataFrame) -> pd.DataFrame:
     (``phi``), the same mean over its random controls (``phi_control``), and
     ``phi_minus_control = Φ − Φ_control``: the effect beyond what perturbing as many
     random dimensions does. Configs with undefined AIS (baseline 0) are left out of the
-    mean; a cell with none left is NaN.
+    mean; a cell with none left is NaN. ``delta``/``delta_control`` are the same means of
+    the absolute loss in score units (:func:`ais`).
     """
     require("ais" in ais_df.columns, "influence_matrix expects the output of impact.ais(scores).")
     grouped = ais_df.groupby(["cluster", "ability", "control"])
     means = grouped["ais"].mean().unstack("control")
     counts = grouped.size().unstack("control")
+    deltas = grouped["delta"].mean().unstack("control") if "delta" in ais_df.columns else None
     out = pd.DataFrame(index=means.index)
     out["phi"] = means.get(False, np.nan)
     out["phi_control"] = means.get(True, np.nan)
     out["phi_minus_control"] = out["phi"] - out["phi_control"]
+    if deltas is not None:
+        out["delta"] = deltas.get(False, np.nan)
+        out["delta_control"] = deltas.get(True, np.nan)
     out["n_configs"] = counts.get(False, 0)
     out["n_control_configs"] = counts.get(True, 0)
     out = out.fillna({"n_configs": 0, "n_control_configs": 0}).astype({"n_configs": int, "n_control_configs": int})
     return out.reset_index()
+
+
+def control_draws(ais_df: pd.DataFrame) -> pd.DataFrame:
+    """Φ of every random-control draw: one row per cluster × ability × draw.
+
+    ``Φ^{(j)}_{k,a} = (1/|Θ_k|) Σ_θ AIS(control draw j of k, a, θ)``: draw j is one random
+    dimension set (or subspace) evaluated at every θ, so these are samples of what a
+    random edit of the same size does to ability a, the distribution Φ_{k,a} is judged against.
+    """
+    controls = ais_df[ais_df["control"].astype(bool)]
+    out = controls.groupby(["cluster", "ability", "draw"])["ais"].mean().rename("phi_draw").reset_index()
+    return out.sort_values(["cluster", "ability", "draw"]).reset_index(drop=True)
 
 
 def phi_wide(phi: pd.DataFrame, value: str = "phi") -> pd.DataFrame:
@@ -418,41 +486,76 @@ def simulate_scores(
     kind: str = "ablate",
     layer: int = 15,
     seed: int = 0,
+    *,
+    n_controls: int = 1,
+    draw_sd: float = 0.0,
+    target_like_control: bool = False,
+    flip_rate: float = 0.0,
+    higher_is_better: Mapping[str, bool] | None = None,
+    chance: Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """A planted-effect ``scores`` frame in the stage-05 schema, to check stage 06 without a model.
 
     Each item is answered correctly by the baseline with probability
     ``baseline_accuracy[a]``. Under the perturbation of cluster ``k`` at magnitude ``m``,
     each correct item is lost with probability ``min(1, effects[(k, a)] · m / max(magnitudes))``
-    (so the planted AIS at the largest magnitude is ``effects[(k, a)]``); under its control
-    with probability ``control_effect · m / max(magnitudes)``. Clusters are the ``k`` of
+    (so the planted AIS at the largest magnitude is ``effects[(k, a)]``); under control
+    draw ``j`` with probability ``c_j · m / max(magnitudes)``, where
+    ``c_j = max(0, control_effect + draw_sd · z_j)``, ``z_j ~ N(0, 1)``: random dimension
+    sets differ in how much they hurt, and ``draw_sd`` is that between-draw spread.
+    ``target_like_control=True`` makes the cluster's own perturbation one more such draw
+    (the null "R_k is just another random set"), whatever ``effects`` says. ``flip_rate``
+    f makes answers of every perturbed config change without a systematic effect: a right
+    answer is lost with probability ``f·(1 − p_a)`` and a wrong one gained with ``f·p_a``. Clusters are the ``k`` of
     ``effects``; a missing (k, a) pair has no effect. Margins are the score plus noise.
     """
     require(bool(effects) and bool(baseline_accuracy), "simulate_scores needs effects and baseline_accuracy.")
+    require(int(n_controls) >= 1, f"n_controls must be ≥ 1, got {n_controls!r}")
     rng = np.random.default_rng(seed)
     abilities = list(baseline_accuracy)
     clusters = sorted({k for k, _ in effects})
     top = max(magnitudes)
     items = [(a, f"{a}_{t}", i) for a in abilities for t in range(tasks_per_ability) for i in range(items_per_task)]
     base = np.array([rng.random() < baseline_accuracy[a] for a, _, _ in items], dtype=float)
+    directions = {a: True for a in abilities} | dict(higher_is_better or {})
+    guess = {a: 0.0 for a in abilities} | dict(chance or {})
 
-    def frame(config_id: str, cluster: int, control: bool, kind_: str, magnitude: float, drop: dict[str, float]):
+    def frame(config_id: str, cluster: int, control: bool, kind_: str, magnitude: float, drop: dict[str, float],
+              draw: int = 0):
         lost = np.array([rng.random() < min(1.0, drop.get(a, 0.0)) for a, _, _ in items])
         score = np.where(lost, 0.0, base)
+        if flip_rate > 0 and cluster != BASELINE_CLUSTER:
+            # Lose a right answer with probability f·(1 − p), gain a wrong one with f·p: the
+            # expected number of losses and gains is equal, so M(f̂, a) = M(f, a) in expectation.
+            p = np.array([baseline_accuracy[a] for a, _, _ in items])
+            u = rng.random(len(items))
+            flips = np.where(score == 1.0, u < flip_rate * (1 - p), u < flip_rate * p)
+            score = np.where(flips, 1.0 - score, score)
         ivs = [] if cluster == BASELINE_CLUSTER else [{"kind": kind_, "magnitude": magnitude, "layer": layer}]
         return pd.DataFrame({
             "config_id": config_id, "cluster": cluster, "control": control, "kind": kind_,
-            "magnitude": magnitude, "layer": layer if ivs else -1, "interventions": json.dumps(ivs),
+            "magnitude": magnitude, "layer": layer if ivs else -1, "draw": draw, "interventions": json.dumps(ivs),
             "task": [t for _, t, _ in items], "ability": [a for a, _, _ in items],
-            "item": [i for _, _, i in items], "metric": "acc", "score": score,
-            "margin": score - 0.5 + rng.normal(0, 0.3, len(items)),
+            "item": [i for _, _, i in items], "metric": "acc",
+            "higher_is_better": [directions[a] for a, _, _ in items], "chance": [guess[a] for a, _, _ in items],
+            "score": score, "margin": score - 0.5 + rng.normal(0, 0.3, len(items)),
         })
+
+    def draw_effect() -> float:
+        return max(0.0, control_effect + (draw_sd * rng.standard_normal() if draw_sd > 0 else 0.0))
 
     frames = [frame("baseline", BASELINE_CLUSTER, False, "none", 0.0, {})]
     for k in clusters:
+        target = draw_effect() if target_like_control else None
+        controls = [draw_effect() for _ in range(int(n_controls))]
         for m in magnitudes:
-            drop = {a: effects.get((k, a), 0.0) * m / top for a in abilities}
+            if target is None:
+                drop = {a: effects.get((k, a), 0.0) * m / top for a in abilities}
+            else:
+                drop = {a: target * m / top for a in abilities}
             frames.append(frame(f"k{k}-{kind}-m{m:g}", k, False, kind, m, drop))
-            ctrl = {a: control_effect * m / top for a in abilities}
-            frames.append(frame(f"k{k}-{kind}-m{m:g}-control", k, True, kind, m, ctrl))
+            for j, c in enumerate(controls):
+                ctrl = {a: c * m / top for a in abilities}
+                suffix = "" if j == 0 else str(j)
+                frames.append(frame(f"k{k}-{kind}-m{m:g}-control{suffix}", k, True, kind, m, ctrl, draw=j))
     return pd.concat(frames, ignore_index=True)

@@ -159,7 +159,7 @@ def test_ace_regression_recovers_planted_coefficients():
 
 def test_ace_regression_refuses_too_few_rows_and_constant_predictors():
     rows = planted_rows(n=4)
-    with pytest.raises(RephelpersError, match="more rows than parameters"):
+    with pytest.raises(RephelpersError, match="more observations than parameters"):
         stats.ace_regression(rows)
     rows = planted_rows().assign(layer=15.0)
     assert stats.ace_regression(rows).term.tolist() == ["const", "cluster_size", "probe_accuracy"]
@@ -176,7 +176,9 @@ def test_influence_table_flags_the_planted_cells(scores):
     cell = table.set_index(["cluster", "ability"])
     assert cell.loc[(0, "math"), "significant"] and cell.loc[(1, "code"), "significant"]
     assert cell.loc[(0, "math"), "phi_low"] > 0 and cell.loc[(0, "math"), "phi_low"] <= cell.loc[(0, "math"), "phi"] <= cell.loc[(0, "math"), "phi_high"]
-    assert cell.loc[(0, "math"), "exceeds_control"]
+    assert cell.loc[(0, "math"), "phi_minus_control"] > 0
+    # One control draw cannot rank Φ below p = 1/2: never "beyond the controls".
+    assert not table["exceeds_controls"].any() and (table["min_p_vs_controls"] == 0.5).all()
     assert not cell.loc[(0, "icl"), "significant"] and not cell.loc[(1, "math"), "significant"]
     assert cell.loc[(0, "math"), "top_ability"] == "math" and cell.loc[(1, "code"), "top_ability"] == "code"
     np.testing.assert_allclose(table["p_adjusted"], multipletests(table["p_value"], method="holm")[1])
@@ -192,3 +194,59 @@ def test_influence_table_validates_parameters(scores):
         stats.influence_table(scores, correction="bonferroni")
     with pytest.raises(RephelpersError, match="alpha"):
         stats.influence_table(scores, alpha=1.5)
+
+
+def test_exceeds_controls_needs_the_effect_beyond_the_draw_distribution():
+    scores = impact.simulate_scores({(0, "math"): 0.8, (1, "math"): 0.0}, {"math": 0.8}, items_per_task=60,
+                                    magnitudes=(1.0,), n_controls=59, control_effect=0.1, draw_sd=0.05, seed=4)
+    table = stats.influence_table(scores, n_boot=50).set_index("cluster")
+    assert table.loc[0, "p_vs_controls"] == pytest.approx(1 / 60) and table.loc[0, "exceeds_controls"]
+    assert not table.loc[1, "exceeds_controls"] and table.loc[1, "p_vs_controls"] > 0.5
+    draws = impact.control_draws(impact.ais(scores))
+    k0 = draws[draws.cluster == 0]["phi_draw"]
+    assert table.loc[0, "control_sd"] == pytest.approx(k0.std(ddof=1))
+    assert table.loc[0, "verdict"] == "finding (specificity not checked)"
+    gate = pd.DataFrame({"cluster": [0, 1], "arm": "perturbation", "specific": [False, True],
+                         "specificity_verdict": ["non-specific damage", "specific"]})
+    gated = stats.influence_table(scores, n_boot=50, specificity=gate).set_index("cluster")
+    assert gated.loc[0, "verdict"] == "non-specific damage"
+
+
+def test_lower_is_better_metric_reads_a_worse_model_as_positive_ais():
+    scores = impact.simulate_scores({(0, "bias"): 0.5}, {"bias": 0.6}, items_per_task=80, magnitudes=(1.0,),
+                                    higher_is_better={"bias": False}, chance={"bias": 0.5}, seed=2)
+    # In the simulation the perturbation lowers the score; for a lower-is-better metric that is an improvement.
+    table = impact.ais(scores)
+    row = table[~table.control].iloc[0]
+    assert row["perturbed_score"] < row["baseline_score"]
+    assert row["ais"] < 0 and row["delta"] < 0
+    assert row["ais"] == pytest.approx((row["perturbed_score"] - row["baseline_score"]) / row["baseline_score"])
+    influence = stats.influence_table(scores, n_boot=50)
+    assert influence["phi"].iloc[0] < 0 and influence["phi_low"].iloc[0] < 0
+    assert np.isnan(impact.selectivity(impact.influence_matrix(table))["selectivity"].iloc[0])
+
+
+def test_baselines_below_the_floor_are_not_read():
+    scores = impact.simulate_scores({(0, "math"): 0.5}, {"math": 0.3, "code": 0.8}, items_per_task=40,
+                                    chance={"math": 0.25, "code": 0.25}, seed=1)
+    table = stats.influence_table(scores, n_boot=100).set_index("ability")
+    assert not table.loc["math", "readable"] and table.loc["math", "floor"] == pytest.approx(0.35)
+    assert np.isnan(table.loc["math", "phi"]) and np.isnan(table.loc["math", "phi_low"])
+    assert np.isnan(table.loc["math", "p_adjusted"]) and table.loc["math", "verdict"] == "baseline below floor"
+    assert np.isfinite(table.loc["math", "delta"])
+    assert table.loc["code", "readable"] and np.isfinite(table.loc["code", "phi"])
+    assert "below the floor" in stats.influence_summary(stats.influence_table(scores, n_boot=20))
+
+
+def test_ace_regression_is_per_cluster_and_says_when_clusters_are_too_few():
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{"cluster": k, "task": t, "ace": rng.normal(), "cluster_size": float(10 + k),
+                          "probe_accuracy": rng.uniform()} for k in range(5) for t in range(6)])
+    table = stats.ace_regression(rows)
+    assert table.attrs["n_obs"] == 5 and table.attrs["unit"] == "cluster"
+    assert table.attrs["df_resid"] == 2 and "too few clusters" in table.attrs["note"]
+    assert table["p_value"].isna().all() and table["estimate"].notna().all()
+    means = rows.groupby("cluster")[["ace", "cluster_size", "probe_accuracy"]].mean()
+    X = np.column_stack([np.ones(5), means[["cluster_size", "probe_accuracy"]].to_numpy()])
+    beta, *_ = np.linalg.lstsq(X, means["ace"].to_numpy(), rcond=None)
+    np.testing.assert_allclose(table["estimate"].to_numpy(), beta, rtol=1e-8)
