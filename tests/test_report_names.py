@@ -1,0 +1,101 @@
+"""Cluster names and chart links in report.html; chart HTML that carries its own JavaScript."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import altair as alt
+import pandas as pd
+import pytest
+
+from rephelpers import plots
+from rephelpers.artifacts import RunDir
+from rephelpers.errors import RephelpersError
+
+CLUSTERS = {
+    "names": ["old name 0", "old name 1", "old name 2"],
+    "clusters": [
+        {"cluster": 0, "name": "def, self, return", "top_terms": ["def", "self", "return", "none"]},
+        {"cluster": 1, "name": "", "top_terms": ["license", "copyright", "software", "use"]},
+    ],
+}
+
+
+@pytest.fixture
+def run(tmp_path):
+    (tmp_path / "clusters.json").write_text(json.dumps(CLUSTERS))
+    return RunDir(tmp_path)
+
+
+def _chart() -> alt.Chart:
+    return alt.Chart(pd.DataFrame({"x": [1, 2], "y": [3, 4]})).mark_bar().encode(x="x:O", y="y:Q")
+
+
+def test_cluster_names_prefer_the_characterisation(run, tmp_path):
+    # name, else the first three top terms, else the clustering's names; RunDir and paths alike
+    expected = {0: "def, self, return", 1: "license, copyright, software", 2: "old name 2"}
+    assert plots.cluster_names(run) == expected
+    assert plots.cluster_names(tmp_path) == expected and plots.cluster_names(str(tmp_path)) == expected
+    assert plots.cluster_names(tmp_path / "elsewhere") == {}
+    (tmp_path / "clusters.json").write_text("{broken")
+    with pytest.raises(RephelpersError, match="re-run notebook 01"):
+        plots.cluster_names(tmp_path)
+
+
+def test_save_chart_embeds_its_javascript_and_accepts_a_path(tmp_path):
+    files = plots.save_chart(_chart(), tmp_path, "bars")  # a Path's .root is "/": must not land there
+    assert files["html"] == tmp_path / "charts" / "bars.html" and files["png"].exists()
+    html = files["html"].read_text()
+    assert not re.search(r"<script[^>]+src=", html) and "cdn.jsdelivr" not in html
+    assert "window.vegaEmbed" in html and len(html) > 300_000
+
+
+def test_notebook_renderer_is_offline():
+    bundle = _chart()._repr_mimebundle_()
+    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+    html = bundle["text/html"]
+    assert "cdn.jsdelivr" not in html and not re.search(r"<script[^>]+src=", html)
+    assert "typeof window.vegaEmbed !== 'function'" in html  # the bundle runs once per page
+
+
+def test_report_names_clusters_everywhere_and_links_chart_files(run):
+    chart = _chart()
+    files = plots.save_chart(chart, run, "06_phi_heatmap")
+    table = pd.DataFrame({"cluster": [0, 1, -1], "ability": ["code", "icl", "code"], "phi": [0.4, 0.1, 0.0]})
+    page = plots.html_report(
+        "R", [("Summary", "cluster 0 → code: Φ = +0.40.\ncluster 7 is unnamed"), ("Matrix", chart), ("Table", table)],
+        intro="cluster 1 and cluster 10",
+    )
+    assert "cluster 0 (def, self, return) → code" in page and "cluster 7 is unnamed" in page
+    assert "cluster 1 (license, copyright, software) and cluster 10" in page
+    assert "0: def, self, return; 1: license, copyright, software; 2: old name 2" in page
+    header = re.search(r"<thead>.*?</thead>", page, re.S).group(0)
+    assert re.findall(r"<th>(.*?)</th>", header) == ["cluster", "cluster name", "ability", "phi"]
+    assert "<td>def, self, return</td>" in page
+    hrefs = re.findall(r"href='([^']+)'", page)
+    assert hrefs == ["charts/06_phi_heatmap.html", "charts/06_phi_heatmap.png"]
+    assert all((run.root / h).exists() for h in hrefs) and files["html"] == run.root / hrefs[0]
+    assert "<script" not in page
+
+
+def test_report_takes_explicit_names_files_and_no_names(run, tmp_path):
+    chart = _chart()
+    table = pd.DataFrame({"cluster": [0], "phi": [0.4]})
+    other = plots.save_chart(_chart(), tmp_path / "elsewhere", "other")
+    page = plots.html_report("R", [("A", chart, other), ("T", table)], cluster_labels={0: "maths"}, base_dir=tmp_path)
+    assert re.findall(r"href='([^']+)'", page) == ["elsewhere/charts/other.html", "elsewhere/charts/other.png"]
+    assert "<td>maths</td>" in page
+    plain = plots.html_report("R", [("T", table), ("S", "cluster 0 → code")])  # no saved chart: no names
+    assert "cluster name" not in plain and "cluster 0 → code" in plain
+    with pytest.raises(RephelpersError, match=r"\(heading, content\)"):
+        plots.html_report("R", [("only a heading",)])
+
+
+def test_item_explorer_names_its_cells():
+    from rephelpers import impact
+
+    scores = impact.simulate_scores({(0, "math"): 0.9}, {"math": 0.8, "code": 0.7}, items_per_task=10, seed=2)
+    table = pd.DataFrame({"cluster": [0, 1], "ability": ["math", "code"], "phi": [0.9, 0.1], "significant": [True, False]})
+    menu = plots.item_explorer(scores, table, cluster_labels={0: "numbers"}).children[0]
+    assert [label for label, _ in menu.options] == ["0: numbers × math  (Φ = +0.900 *)", "cluster 1 × code  (Φ = +0.100)"]
