@@ -24,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--jobs", type=int, default=1, help="sweep points run in parallel")
     run.add_argument("--force", action="store_true", help="re-run points already done")
     run.add_argument("--log", action="store_true", help="stream notebook output")
+    run.add_argument("--cell-timeout", type=float, default=None, metavar="S",
+                     help="seconds one cell may keep the kernel busy (default 7200; 0 = no limit)")
+    run.add_argument("--start-timeout", type=float, default=None, metavar="S",
+                     help="seconds a kernel may take to start (default 120)")
+    run.add_argument("--stall-timeout", type=float, default=None, metavar="S",
+                     help="seconds the kernel may sit idle while papermill has not moved on before the "
+                          "notebook counts as stalled and is retried once (default 60)")
     sub.add_parser("prepare", help="convert the embedded model into the cache")
     col = sub.add_parser("collect", help="collect a sweep's results")
     col.add_argument("run_dir")
@@ -53,11 +60,20 @@ def main(argv: list[str] | None = None) -> int:
             table = collect(args.run_dir)
             print(f"[rephelpers] {len(table)} rows -> {Path(args.run_dir) / 'results.parquet'}")
         else:
-            from .runner import RunSpec, run_spec
+            from .runner import RunInterrupted, RunSpec, run_spec
 
             started = time.time()
             spec = RunSpec.from_yaml(args.params)
-            top = run_spec(spec, runs_root=args.runs_root, jobs=args.jobs, log_output=args.log, force=args.force)
+            limits = spec.execution.with_overrides(
+                "command line", cell_timeout=args.cell_timeout, start_timeout=args.start_timeout,
+                stall_timeout=args.stall_timeout,
+            )
+            try:
+                top = run_spec(spec, runs_root=args.runs_root, jobs=args.jobs, log_output=args.log,
+                               force=args.force, limits=limits)
+            except RunInterrupted as err:
+                print(f"rephelpers: {err}", file=sys.stderr)
+                return 128 + err.signum
             peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
             print(f"[rephelpers] {spec.name}: finished in {time.time() - started:.0f}s "
                   f"(peak kernel memory {peak_gb:.1f} GB)")

@@ -16,21 +16,37 @@ every point, so only the stages the grid touches are recomputed. A point whose
 ``status.json`` says done with the same parameters is skipped (resume after an
 interruption loses nothing); a failing point is recorded with its error and the
 others go on. ``collect`` gathers every point's ``influence.parquet`` into one table.
+
+Every notebook runs in a child process (papermill + its kernel) that this process
+watches rather than trusts: papermill's client can wait forever for a reply the kernel
+already sent (papermill #705/#711, jupyter_client #922), and a timeout alone would
+only notice that after the whole cell budget. The child reports what the client does
+(cell sent, reply received) and a probe inside the kernel reports what the kernel does
+(cell started, cell finished, its pid); see :func:`_watch_notebook` for the rules and
+:class:`ExecutionLimits` for the three limits (``execution:`` in the parameter file or
+``--cell-timeout/--start-timeout/--stall-timeout``). A client stall is retried once; a
+signal (SIGINT/SIGTERM) stops the children and records ``"state": "interrupted"``.
 """
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 import yaml
@@ -40,6 +56,16 @@ from .errors import RephelpersError, require
 
 STATUS = "status.json"
 SHARED = "_shared"
+WATCH = ".watch"  # per-notebook job, event and result files, under <run>/notebooks/
+
+#: Fault injection for the tests, honoured by the child on the first attempt only:
+#: ``stall-after-last-cell:<notebook>`` makes the client hang (forever) right after the
+#: kernel's reply to the notebook's last code cell, the way papermill #705 hangs.
+FAULT_ENV = "REPHELPERS_INJECT_FAULT"
+_KERNEL_EVENTS_ENV = "REPHELPERS_KERNEL_EVENTS"
+_POLL = 0.25  # seconds between the watcher's looks; small next to every limit
+_DEAD_KERNEL_GRACE = 10.0  # nbclient notices a dead kernel within ~1 s; give it time to say so itself
+_LAST_LINES = 20
 
 
 def notebooks_dir() -> Path:
@@ -52,12 +78,60 @@ def available_notebooks() -> list[str]:
     return names
 
 
+@dataclass(frozen=True)
+class ExecutionLimits:
+    """How long a notebook may take before the runner calls it stuck (seconds).
+
+    - ``cell_timeout`` (default 7200 = 2 h; 0 or null disables): one cell's budget while
+      the kernel is busy with it. It only has to catch a kernel that is busy for good (a
+      deadlock inside the kernel), since a kernel that finished is caught by
+      ``stall_timeout``; so it is generous: the demo's slowest stage took 714 s for all
+      its cells on 2 quiet cores, and contention made a stage 9x slower (issue 15).
+    - ``start_timeout`` (default 120): kernel start-up. A kernel starts in 2-5 s; a
+      loaded 2-core machine can take ten times that, and papermill's own 60 s default
+      has been too tight there.
+    - ``stall_timeout`` (default 60): how long the kernel may sit idle (or dead) while
+      the client has not moved on. Between a cell's end in the kernel and the client's
+      next step lie only message delivery, papermill's 4 s wait for the output stream
+      and a notebook save; 60 s is many times that, and a stall (the hang of papermill
+      #705) surfaces one minute after the stage's work is done instead of never.
+    """
+
+    cell_timeout: float | None = 7200.0
+    start_timeout: float = 120.0
+    stall_timeout: float = 60.0
+
+    @classmethod
+    def from_mapping(cls, data: Any, where: str = "execution") -> "ExecutionLimits":
+        if data is None:
+            return cls()
+        require(isinstance(data, dict), f"{where} must be a mapping like {{cell_timeout: 7200}}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        require(not unknown, f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls().with_overrides(**data, _where=where)
+
+    def with_overrides(self, _where: str = "execution", **values: Any) -> "ExecutionLimits":
+        """A copy with every non-None value replaced (CLI flags left unset stay as they are)."""
+        changes: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            require(ok, f"{_where}: {key} must be a number of seconds >= 0, got {value!r}")
+            if key != "cell_timeout":
+                require(value > 0, f"{_where}: {key} must be > 0 seconds (only cell_timeout can be 0 = off)")
+            changes[key] = float(value) if key != "cell_timeout" or value > 0 else None
+        return replace(self, **changes)
+
+
 @dataclass
 class RunSpec:
     name: str
     parameters: dict[str, Any]
     notebooks: list[str]
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    execution: ExecutionLimits = field(default_factory=ExecutionLimits)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "RunSpec":
@@ -68,7 +142,7 @@ class RunSpec:
         except yaml.YAMLError as err:
             raise RephelpersError(f"{path} is not valid YAML: {err}") from err
         require(isinstance(data, dict), f"{path} must hold a mapping with `parameters`")
-        unknown = set(data) - {"name", "parameters", "notebooks", "grid", "description"}
+        unknown = set(data) - {"name", "parameters", "notebooks", "grid", "description", "execution"}
         require(not unknown, f"{path}: unknown top-level keys {sorted(unknown)}")
         notebooks = data.get("notebooks") or available_notebooks()
         known = available_notebooks()
@@ -85,6 +159,7 @@ class RunSpec:
             parameters=dict(data.get("parameters") or {}),
             notebooks=list(notebooks),
             grid=grid,
+            execution=ExecutionLimits.from_mapping(data.get("execution"), f"{path}: execution"),
         )
 
     def points(self) -> list[dict[str, Any]]:
@@ -108,36 +183,559 @@ def notebook_parameters(name: str) -> set[str]:
     return set(papermill.inspect_notebook(str(notebooks_dir() / f"{name}.ipynb")))
 
 
+# ---------------------------------------------------------------------------------------
+# Failures and interruption
+
+
+class NotebookFailure(RephelpersError):
+    """A notebook that did not finish, with where it stopped and what it printed last.
+
+    ``kind`` is one of ``error`` (a cell raised), ``cell-timeout``, ``kernel-died``,
+    ``kernel-start``, ``stall`` (the kernel was idle, the client stuck: retryable) and
+    ``process-died`` (the papermill child itself vanished).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        run: str,
+        notebook: str,
+        kind: str,
+        cell: int | None = None,
+        cell_source: str | None = None,
+        last_output: list[str] | None = None,
+        log: str | None = None,
+        detail: str = "",
+    ):
+        super().__init__(message)
+        self.run, self.notebook, self.kind = run, notebook, kind
+        self.cell, self.cell_source = cell, cell_source
+        self.last_output = last_output or []
+        self.log = log
+        self.detail = detail
+        self.retries: list[dict[str, Any]] = []  # stalls retried earlier in the same chain
+
+    @property
+    def retryable(self) -> bool:
+        # Only a stall is known to leave nothing half-done: the kernel had finished the
+        # cell and the stages cache their artifacts, so running the notebook again is cheap.
+        return self.kind == "stall"
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "notebook": self.notebook,
+            "cell": self.cell,
+            "cell_source": self.cell_source,
+            "kind": self.kind,
+            "last_output": self.last_output,
+            "log": self.log,
+        }
+
+
+class RunInterrupted(RephelpersError):
+    """SIGINT/SIGTERM stopped the run; the state of every point touched is recorded."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(
+            f"interrupted by {signal.Signals(signum).name}; the points that were running are recorded "
+            f'as "state": "interrupted" in their {STATUS}; run the same command again to finish '
+            "(finished points are skipped, finished stages reuse their cached artifacts)"
+        )
+
+
+class _Stop:
+    """Set from the signal handler; every watcher polls it and stops its child."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = signal.SIGINT
+
+    def set(self, signum: int) -> None:
+        self.signum = signum
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
+_STOP = _Stop()
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Turn the first SIGINT/SIGTERM into an orderly stop; a second one aborts at once."""
+    _STOP.event.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.is_set():
+            raise KeyboardInterrupt
+        _STOP.set(signum)
+        print(
+            f"[rephelpers] {signal.Signals(signum).name}: stopping the running notebooks and recording "
+            "their state (send it again to abort at once)",
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------
+# The watched child: papermill in its own process, a probe in its kernel
+
+# Runs inside the kernel at start-up (IPKernelApp.exec_lines) in a private namespace, so
+# the notebook's own namespace and cell numbering are untouched.
+_KERNEL_PROBE = f'''
+import json, os, threading, time
+path = os.environ.pop({_KERNEL_EVENTS_ENV!r}, None)
+if path:
+    f = open(path, "a", buffering=1)
+    lock = threading.Lock()
+    def emit(event, *_):
+        with lock:
+            f.write(json.dumps({{"e": event, "t": time.time(), "pid": os.getpid()}}) + "\\n")
+            f.flush()
+    get_ipython().events.register("pre_run_cell", lambda *a: emit("pre"))
+    get_ipython().events.register("post_run_cell", lambda *a: emit("post"))
+    emit("ready")
+'''
+
+
+def _probe_argument() -> str:
+    code = base64.b64encode(_KERNEL_PROBE.encode()).decode()
+    return f"--IPKernelApp.exec_lines=exec(__import__('base64').b64decode('{code}').decode(), {{'get_ipython': get_ipython}})"
+
+
+def _child_main(job_path: str) -> int:
+    """Entry point of the child process: run one notebook with papermill, report as it goes.
+
+    Writes client events (``start``/``sent``/``done`` per cell, numbered as in the source
+    notebook, i.e. without papermill's injected-parameters cell) to ``job["client_events"]``,
+    the cells' stdout/stderr with a marker per cell to ``job["log"]``, and the outcome to
+    ``job["result"]``; its own stdout/stderr, which the kernel shares, hold only papermill's
+    and the kernel's diagnostics. ``$REPHELPERS_INJECT_FAULT`` (:data:`FAULT_ENV`) is honoured on the
+    first attempt only, so a retry runs clean.
+    """
+    import papermill
+
+    job = json.loads(Path(job_path).read_text())
+    events = open(job["client_events"], "a", buffering=1)
+    out = open(job["log"], "a", buffering=1)
+    injected_before: dict[int, int] = {}
+    injected: set[int] = set()
+    seen_injected = 0
+    code_cells = [i for i, c in enumerate(_read_cells(job["input"])) if c.get("cell_type") == "code"]
+    last_code = code_cells[-1] if code_cells else None
+    fault = os.environ.get(FAULT_ENV, "")
+    stall_last = job["attempt"] == 1 and fault == f"stall-after-last-cell:{job['notebook']}"
+
+    def source_index(index: int) -> int:
+        # Papermill's injected cell follows the parameters cell; count it as that cell.
+        return index - injected_before.get(index, 0) - (1 if index in injected else 0)
+
+    def emit(event: str, index: int, **extra: Any) -> None:
+        src = source_index(index)
+        events.write(json.dumps({"e": event, "t": time.time(), "cell": src, **extra}) + "\n")
+        events.flush()
+
+    def on_start(cell: Any, cell_index: int, **_: Any) -> None:
+        nonlocal seen_injected
+        is_injected = "injected-parameters" in cell.get("metadata", {}).get("tags", [])
+        injected_before[cell_index] = seen_injected
+        if is_injected:
+            seen_injected += 1
+            injected.add(cell_index)
+        first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+        emit("start", cell_index, src="(injected parameters)" if is_injected else first[:120])
+        if not is_injected and cell.cell_type == "code" and cell.source.strip():
+            out.write(f"[rephelpers] --- cell {source_index(cell_index)}: {first[:100]}\n")
+
+    def on_execute(cell: Any, cell_index: int, **_: Any) -> None:
+        emit("sent", cell_index)
+
+    def on_executed(cell: Any, cell_index: int, **_: Any) -> None:
+        emit("done", cell_index)
+        if stall_last and cell_index not in injected and source_index(cell_index) == last_code:
+            out.write("[rephelpers] fault injection: client stalls after the last cell\n")
+            threading.Event().wait()
+
+    result: dict[str, Any]
+    try:
+        papermill.execute_notebook(
+            job["input"],
+            job["output"],
+            parameters=job["parameters"],
+            cwd=job["cwd"],
+            progress_bar=False,
+            kernel_name="python3",
+            start_timeout=job["start_timeout"],
+            execution_timeout=job["cell_timeout"],
+            stdout_file=out,
+            stderr_file=out,
+            extra_arguments=[_probe_argument()],
+            on_cell_start=on_start,
+            on_cell_execute=on_execute,
+            on_cell_executed=on_executed,
+        )
+        result = {"ok": True}
+    except BaseException as err:  # the parent needs to hear about every way this ends
+        message = _plain(str(err))
+        if hasattr(err, "ename"):  # papermill's PapermillExecutionError: the cell raised
+            message = f"{err.ename}: {_plain(str(err.evalue))}"
+        result = {"ok": False, "type": type(err).__name__, "message": message, "traceback": _plain(traceback.format_exc())}
+        out.write(f"[rephelpers] {type(err).__name__}: {message}\n")
+    Path(job["result"] + ".tmp").write_text(json.dumps(result))
+    os.replace(job["result"] + ".tmp", job["result"])
+    return 0 if result["ok"] else 1
+
+
+# The child imports nbformat, whose jsonschema pulls in rfc3987_syntax when installed;
+# that module compiles a grammar at import (2-6 s of CPU per notebook on this project's
+# 2-core CI) for the "iri" format, which nbformat's schemas never use.
+_CHILD = (
+    "import sys; sys.modules.setdefault('rfc3987_syntax', None); "
+    "from rephelpers.runner import _child_main; sys.exit(_child_main(sys.argv[1]))"
+)
+
+
+def _read_cells(path: str) -> list[dict[str, Any]]:
+    return json.loads(Path(path).read_text()).get("cells", [])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _plain(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie answers kill(0) but runs nothing
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _kill_tree(proc: subprocess.Popen, kernel_pid: int | None) -> None:
+    """Kill the papermill child (its own session) and the kernel (jupyter_client gives it another)."""
+    for pgid in (proc.pid, kernel_pid):
+        if not pgid:
+            continue
+        try:
+            if os.getpgid(pgid) == pgid:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class _Lines:
+    """New complete lines appended to a file since the last call."""
+
+    def __init__(self, path: Path, offset: int = 0):
+        self.path, self.offset, self.partial = path, offset, b""
+
+    def read(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        data = self.partial + data
+        *lines, self.partial = data.split(b"\n")
+        return [ln.decode("utf-8", "replace") for ln in lines]
+
+
+def _tail(path: Path, start: int, n: int = _LAST_LINES) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(start, path.stat().st_size - 65536))
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    lines = [ln for ln in _plain(text).splitlines() if ln.strip()]
+    return lines[-n:]
+
+
+def _watch_notebook(
+    label: str,
+    name: str,
+    run_dir: Path,
+    parameters: dict[str, Any],
+    limits: ExecutionLimits,
+    log_output: bool,
+    attempt: int,
+) -> None:
+    """Execute one notebook in a child process and watch it until it ends; raise on failure.
+
+    The watcher knows the kernel's state from the probe (``ready``, ``pre``/``post``
+    around each cell, its pid) and the client's from the child (``start``, ``sent``,
+    ``done`` per cell). It ends the child when:
+
+    - no kernel reported ready within ``start_timeout`` (+ grace, papermill's own limit
+      usually fires first) -> ``kernel-start``;
+    - the kernel is busy with one cell past ``cell_timeout`` + ``stall_timeout`` (nbclient's
+      own timeout should have fired) -> ``cell-timeout``;
+    - the kernel is idle or dead and neither side has moved for ``stall_timeout``: a dead
+      kernel mid-cell -> ``kernel-died``; otherwise the client is stuck on a kernel that
+      has nothing left to do -> ``stall`` (the only retryable kind).
+    """
+    out_dir = run_dir / "notebooks"
+    watch = out_dir / WATCH
+    watch.mkdir(parents=True, exist_ok=True)
+    files = {k: watch / f"{name}.{k}" for k in ("job.json", "client.jsonl", "kernel.jsonl", "result.json", "stderr")}
+    for path in files.values():
+        path.unlink(missing_ok=True)
+    log = out_dir / f"{name}.log"
+    output = out_dir / f"{name}.ipynb"
+    job = {
+        "notebook": name,
+        "input": str(notebooks_dir() / f"{name}.ipynb"),
+        "output": str(output),
+        "parameters": parameters,
+        "cwd": str(project_root()),
+        "start_timeout": limits.start_timeout,
+        "cell_timeout": limits.cell_timeout,
+        "attempt": attempt,
+        "client_events": str(files["client.jsonl"]),
+        "result": str(files["result.json"]),
+        "log": str(log),
+    }
+    files["job.json"].write_text(json.dumps(job, default=str))
+    env = {**os.environ, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"])}
+    with open(log, "ab" if attempt > 1 else "wb") as f:
+        if attempt > 1:
+            f.write(f"[rephelpers] --- attempt {attempt}\n".encode())
+        log_start = f.tell()
+    with open(files["stderr"], "wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(files["job.json"])],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=str(project_root()),
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches only us; we stop the child in order
+        )
+    client, kernel = _Lines(files["client.jsonl"]), _Lines(files["kernel.jsonl"])
+    echo = _Lines(log, log_start)
+    started = time.time()
+    last_client: dict[str, Any] = {"e": "launch", "t": started}
+    last_kernel: dict[str, Any] | None = None
+    current: dict[str, Any] = {}  # the client's last "start": which cell, its first line
+    kernel_pid: int | None = None
+
+    def fail(kind: str, what: str, todo: str, detail: str = "") -> NotebookFailure:
+        cell = current.get("cell")
+        where = f"notebook {name}" + (f", cell {cell} (`{current.get('src', '')}`)" if cell is not None else "")
+        files_note = f"cell output: {log}; executed copy: {output}"
+        if kind in ("kernel-start", "kernel-died", "process-died"):
+            files_note += f"; papermill's and the kernel's own messages: {files['stderr']}"
+        return NotebookFailure(
+            f"run {label}: {where}: {what}; {todo} ({files_note})",
+            run=label, notebook=name, kind=kind, cell=cell, cell_source=current.get("src"),
+            last_output=_tail(log, log_start), log=str(log),
+            detail=detail or "\n".join(_tail(files["stderr"], 0, 60)),
+        )
+
+    def stall(what: str) -> NotebookFailure:
+        return fail(
+            "stall",
+            what,
+            "this is the known client-side hang of papermill/jupyter_client (papermill #705, #711, "
+            "jupyter_client #922), not a fault of the cell; the runner retries it once, and if it "
+            "keeps happening, raise `execution: stall_timeout` (or --stall-timeout) only if the "
+            "client is merely slow on this machine",
+        )
+
+    try:
+        while True:
+            rc = proc.poll()
+            for line in client.read():
+                if line.strip():
+                    last_client = json.loads(line)
+                    if last_client["e"] == "start":
+                        current = last_client
+            for line in kernel.read():
+                if line.strip():
+                    last_kernel = json.loads(line)
+                    kernel_pid = last_kernel.get("pid", kernel_pid)
+            if log_output:
+                for line in echo.read():
+                    print(f"[{label}:{name}] {line}", flush=True)
+            if rc is not None:
+                break
+            if _STOP.is_set():
+                _kill_tree(proc, kernel_pid)
+                raise RunInterrupted(_STOP.signum)
+            now = time.time()
+            if files["result.json"].exists():
+                # The notebook is finished and reported; a child that then hangs on exit
+                # (kernel shutdown, atexit) has nothing more to give.
+                if now - files["result.json"].stat().st_mtime > limits.stall_timeout:
+                    _kill_tree(proc, kernel_pid)
+                    break
+            elif last_kernel is None:
+                if now - started > limits.start_timeout + limits.stall_timeout:
+                    _kill_tree(proc, None)
+                    raise fail(
+                        "kernel-start",
+                        f"no kernel started within start_timeout={limits.start_timeout:.0f} s",
+                        "raise `execution: start_timeout` (or --start-timeout) if the machine is busy, "
+                        "or check that `python -m ipykernel --version` works in this environment",
+                    )
+            else:
+                alive = _pid_alive(kernel_pid)
+                if alive and last_kernel["e"] == "pre":
+                    busy_for = now - last_kernel["t"]
+                    if limits.cell_timeout and busy_for > limits.cell_timeout + limits.stall_timeout:
+                        _kill_tree(proc, kernel_pid)
+                        raise fail(
+                            "cell-timeout",
+                            f"the cell is still running after {busy_for:.0f} s, past cell_timeout="
+                            f"{limits.cell_timeout:.0f} s, and the client did not stop it",
+                            "if the cell is only slow, raise `execution: cell_timeout` (or --cell-timeout; 0 = off)",
+                        )
+                else:
+                    quiet = now - max(last_client["t"], last_kernel["t"])
+                    if quiet > (limits.stall_timeout if alive else min(limits.stall_timeout, _DEAD_KERNEL_GRACE)):
+                        _kill_tree(proc, kernel_pid)
+                        if not alive and last_client["e"] == "sent":
+                            raise fail(
+                                "kernel-died",
+                                f"the kernel (pid {kernel_pid}) died during the cell and the client did not notice",
+                                "a kernel killed mid-cell is most often out of memory (see `dmesg`); lower the "
+                                "batch size or the data size and re-run",
+                            )
+                        if last_client["e"] == "sent" and last_kernel["t"] < last_client["t"]:
+                            raise stall(f"the client sent the cell {quiet:.0f} s ago and the kernel never started it")
+                        if last_client["e"] == "sent":
+                            raise stall(
+                                f"the kernel finished the cell {quiet:.0f} s ago but the client never received its reply"
+                            )
+                        raise stall(
+                            f"the cell finished but the client has not moved on for {quiet:.0f} s"
+                            + (" (after the notebook's last cell)" if _is_last(job["input"], current) else "")
+                        )
+            time.sleep(_POLL)
+    finally:
+        if proc.poll() is None:  # any exit from this function, KeyboardInterrupt included, leaves no child
+            _kill_tree(proc, kernel_pid)
+        elif kernel_pid and _pid_alive(kernel_pid):
+            _kill_tree(proc, kernel_pid)
+
+    result = _read_json(files["result.json"])
+    if result.get("ok"):
+        return
+    if not result:
+        raise fail(
+            "process-died",
+            f"the papermill process exited with code {proc.returncode} without reporting a result",
+            "see the log; a negative code is the signal that killed it (-9: out of memory, most often)",
+        )
+    kind, message = result.get("type", "?"), result.get("message", "")
+    if kind == "DeadKernelError":
+        raise fail("kernel-died", "the kernel died during the cell",
+                   "a kernel killed mid-cell is most often out of memory (see `dmesg`); lower the batch "
+                   "size or the data size and re-run", result.get("traceback", ""))
+    if kind == "CellTimeoutError" and "IOPub" in message:
+        raise stall("the kernel replied but its output stream went quiet (papermill's IOPub timeout)")
+    if kind == "CellTimeoutError":
+        raise fail("cell-timeout", f"the cell ran past cell_timeout={limits.cell_timeout:.0f} s",
+                   "if the cell is only slow, raise `execution: cell_timeout` (or --cell-timeout; 0 = off)",
+                   result.get("traceback", ""))
+    if last_kernel is None and ("kernel" in message.lower() or kind in ("TimeoutError", "RuntimeError")):
+        raise fail("kernel-start", f"the kernel did not start: {kind}: {message}",
+                   "raise `execution: start_timeout` (or --start-timeout) if the machine is busy, or check "
+                   "that `python -m ipykernel --version` works in this environment", result.get("traceback", ""))
+    raise fail("error", f"the cell raised {message}" if result.get("type") == "PapermillExecutionError"
+               else f"{kind}: {message}", "fix the cause and re-run", result.get("traceback", ""))
+
+
+def _is_last(input_path: str, current: dict[str, Any]) -> bool:
+    cells = _read_cells(input_path)
+    return current.get("cell") == len(cells) - 1
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def execute_chain(
     run_dir: Path,
     parameters: dict[str, Any],
     notebooks: list[str],
     log_output: bool = False,
-) -> None:
-    """Execute ``notebooks`` in order into ``run_dir`` (executed copies under ``notebooks/``)."""
-    import papermill
+    limits: ExecutionLimits | None = None,
+    label: str | None = None,
+    on_notebook: Any = None,
+) -> list[dict[str, Any]]:
+    """Execute ``notebooks`` in order into ``run_dir`` (executed copies under ``notebooks/``).
 
-    out_dir = run_dir / "notebooks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Each notebook runs watched (:func:`_watch_notebook`); a stall is retried once. Returns
+    the retries that happened (one record each) so the caller can keep them in its status.
+    """
+    limits = limits or ExecutionLimits()
+    label = label or run_dir.name
+    (run_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     params = {**parameters, "run_dir": str(run_dir)}
+    retries: list[dict[str, Any]] = []
     for name in notebooks:
         declared = notebook_parameters(name)
         started = time.time()
-        print(f"[rephelpers] {run_dir.name}: {name} ...", flush=True)
-        papermill.execute_notebook(
-            str(notebooks_dir() / f"{name}.ipynb"),
-            str(out_dir / f"{name}.ipynb"),
-            parameters={k: v for k, v in params.items() if k in declared},
-            cwd=str(project_root()),
-            log_output=log_output,
-            progress_bar=False,
-            kernel_name="python3",
-        )
-        print(f"[rephelpers] {run_dir.name}: {name} done in {time.time() - started:.0f}s", flush=True)
+        print(f"[rephelpers] {label}: {name} ...", flush=True)
+        if on_notebook:
+            on_notebook(name)
+        for attempt in (1, 2):
+            try:
+                _watch_notebook(
+                    label, name, run_dir, {k: v for k, v in params.items() if k in declared},
+                    limits, log_output, attempt,
+                )
+                break
+            except NotebookFailure as err:
+                if not err.retryable or attempt == 2:
+                    err.retries = retries
+                    raise
+                retries.append({**err.record(), "error": str(err), "at": time.time()})
+                print(f"[rephelpers] {label}: {name} stalled, retrying once: {err}", flush=True)
+        print(f"[rephelpers] {label}: {name} done in {time.time() - started:.0f}s", flush=True)
+    return retries
 
 
 def _write_status(run_dir: Path, **status: Any) -> None:
-    (run_dir / STATUS).write_text(json.dumps(status, indent=2, default=str))
+    # Atomic: a kill between two writes must never leave a half-written status behind.
+    tmp = run_dir / f".{STATUS}.{os.getpid()}.{threading.get_ident()}"
+    tmp.write_text(json.dumps(status, indent=2, default=str))
+    os.replace(tmp, run_dir / STATUS)
 
 
 def _read_status(run_dir: Path) -> dict[str, Any]:
@@ -185,47 +783,105 @@ def split_shared(spec: RunSpec) -> tuple[list[str], list[str]]:
     return shared, []
 
 
+def _explain_redo(run_dir: Path, label: str, notebooks: list[str], fingerprint: str, force: bool) -> None:
+    """Say why a point that ran before will run again (nothing for new or finished points)."""
+    status = _read_status(run_dir)
+    state = status.get("state")
+    if not state or not notebooks:
+        return
+    where = status.get("notebook")
+    at = f" in {where}" + (f" cell {status['cell']}" if status.get("cell") is not None else "") if where else ""
+    when = time.strftime(" at %Y-%m-%d %H:%M:%S", time.localtime(status["ended"])) if status.get("ended") else ""
+    if state == "done":
+        if force:
+            why = "is done but --force was given"
+        elif status.get("fingerprint") != fingerprint:
+            why = "is done with other parameters or notebooks"
+        else:
+            return
+    elif state == "interrupted":
+        why = f"was interrupted by {status.get('signal', 'a signal')}{at}{when}"
+    elif state == "failed":
+        why = f"failed{at}{when} ({str(status.get('error', '?')).splitlines()[0][:200]})"
+    elif state == "running":
+        pid = status.get("pid")
+        if pid and pid != os.getpid() and _pid_alive(pid):
+            print(
+                f"[rephelpers] warning: {label}: {STATUS} says another runner (pid {pid}) is running it; "
+                "two runners on one run directory overwrite each other's artifacts, stop one of them",
+                flush=True,
+            )
+        why = f"was stopped without recording its state (killed{at}; status still says running)"
+    else:
+        why = f"is in state {state!r}"
+    print(
+        f"[rephelpers] {label} {why}: will run {', '.join(notebooks)} again "
+        "(stages whose inputs did not change reuse their cached artifacts)",
+        flush=True,
+    )
+
+
 def run_spec(
     spec: RunSpec,
     runs_root: str | os.PathLike | None = None,
     jobs: int = 1,
     log_output: bool = False,
     force: bool = False,
+    limits: ExecutionLimits | None = None,
 ) -> Path:
-    """Run a single chain or a whole sweep; returns the top run directory."""
+    """Run a single chain or a whole sweep; returns the top run directory.
+
+    ``limits`` overrides ``spec.execution``. Raises :class:`RunInterrupted` after a
+    SIGINT/SIGTERM once every running notebook is stopped and recorded.
+    """
     root = Path(runs_root) if runs_root else project_root() / "runs"
     top = (root / spec.name).resolve()
     top.mkdir(parents=True, exist_ok=True)
+    limits = limits or spec.execution
     points = spec.points()
 
-    if not spec.grid:
-        _run_point(top, spec.parameters, spec.notebooks, {}, log_output, force)
-        status = _read_status(top)
-        if status.get("state") != "done":
-            raise RephelpersError(f"run {spec.name} failed: {status.get('error', 'see notebooks/')}")
-        return top
+    with _interruptible():
+        if not spec.grid:
+            _run_point(top, spec.name, spec.parameters, spec.notebooks, {}, log_output, force, limits)
+            status = _read_status(top)
+            if status.get("state") != "done":
+                raise RephelpersError(f"run {spec.name} failed: {status.get('error', 'see notebooks/')}")
+            return top
 
-    shared, per_point = split_shared(spec)
-    base = top / SHARED
-    if shared:
-        _run_point(base, spec.parameters, shared, {}, log_output, force)
-        require(
-            _read_status(base).get("state") == "done",
-            f"the shared stages {shared} failed; see {base / STATUS}",
-        )
-
-    def one(point: dict[str, Any]) -> tuple[str, str]:
-        run_dir = top / point_name(point)
+        shared, per_point = split_shared(spec)
+        base = top / SHARED
         if shared:
-            _link_artifacts(base, run_dir)
-        _run_point(run_dir, {**spec.parameters, **point}, per_point, point, log_output, force)
-        return point_name(point), _read_status(run_dir).get("state", "?")
+            _run_point(base, f"{spec.name}/{SHARED}", spec.parameters, shared, {}, log_output, force, limits)
+            require(
+                _read_status(base).get("state") == "done",
+                f"the shared stages {shared} failed: {_read_status(base).get('error', '?')}; "
+                f"see {base / STATUS}, fix the cause and re-run",
+            )
+        for point in points:
+            params = {**spec.parameters, **point}
+            _explain_redo(top / point_name(point), f"{spec.name}/{point_name(point)}", per_point,
+                          stable_hash(params, per_point), force)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(one, p) for p in points]
-        for fut in as_completed(futures):
-            name, state = fut.result()
-            print(f"[rephelpers] point {name}: {state}", flush=True)
+        def one(point: dict[str, Any]) -> tuple[str, str]:
+            if _STOP.is_set():
+                return point_name(point), "not started"
+            run_dir = top / point_name(point)
+            if shared:
+                _link_artifacts(base, run_dir)
+            _run_point(run_dir, f"{spec.name}/{point_name(point)}", {**spec.parameters, **point}, per_point,
+                       point, log_output, force, limits, explain=False)
+            return point_name(point), _read_status(run_dir).get("state", "?")
+
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            futures = [pool.submit(one, p) for p in points]
+            for fut in as_completed(futures):
+                try:
+                    name, state = fut.result()
+                except RunInterrupted:
+                    continue
+                print(f"[rephelpers] point {name}: {state}", flush=True)
+        if _STOP.is_set():
+            raise RunInterrupted(_STOP.signum)
     table = collect(top)
     print(f"[rephelpers] sweep {spec.name}: {len(points)} points, results in {top / 'results.parquet'} ({len(table)} rows)")
     return top
@@ -233,37 +889,78 @@ def run_spec(
 
 def _run_point(
     run_dir: Path,
+    label: str,
     parameters: dict[str, Any],
     notebooks: list[str],
     point: dict[str, Any],
     log_output: bool,
     force: bool,
+    limits: ExecutionLimits | None = None,
+    explain: bool = True,
 ) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = stable_hash(parameters, notebooks)
     status = _read_status(run_dir)
     if not force and status.get("state") == "done" and status.get("fingerprint") == fingerprint:
-        print(f"[rephelpers] {run_dir.name}: already done, skipped", flush=True)
+        print(f"[rephelpers] {label}: already done, skipped", flush=True)
         return
-    _write_status(run_dir, state="running", fingerprint=fingerprint, point=point, started=time.time())
+    if explain:
+        _explain_redo(run_dir, label, notebooks, fingerprint, force)
     started = time.time()
+    common = {"fingerprint": fingerprint, "point": point, "started": started, "pid": os.getpid()}
+    now_in: dict[str, str] = {}
+
+    def entering(name: str) -> None:
+        now_in["notebook"] = name
+        _write_status(run_dir, state="running", notebook=name, **common)
+
+    _write_status(run_dir, state="running", **common)
     try:
-        execute_chain(run_dir, parameters, notebooks, log_output=log_output)
+        retries = execute_chain(run_dir, parameters, notebooks, log_output=log_output, limits=limits,
+                                label=label, on_notebook=entering)
+    except RunInterrupted as err:
+        _write_status(
+            run_dir, state="interrupted", signal=signal.Signals(err.signum).name, notebook=now_in.get("notebook"),
+            cell=_last_cell(run_dir, now_in.get("notebook")), ended=time.time(),
+            seconds=round(time.time() - started, 1), **common,
+        )
+        print(f"[rephelpers] {label}: interrupted in {now_in.get('notebook')}, state recorded", flush=True)
+        raise
+    except NotebookFailure as err:
+        _write_status(
+            run_dir, state="failed", error=str(err)[:4000], **err.record(),
+            traceback=(err.detail or traceback.format_exc())[-8000:], attempts=2 if err.retryable else 1,
+            retries=err.retries,
+            ended=time.time(), seconds=round(time.time() - started, 1), **common,
+        )
+        print(f"[rephelpers] {label}: FAILED in {err.notebook} ({err.kind})", flush=True)
+        return
     except Exception as err:  # one failing point must not stop a sweep
         _write_status(
-            run_dir,
-            state="failed",
-            fingerprint=fingerprint,
-            point=point,
-            error=f"{type(err).__name__}: {err}"[:4000],
-            traceback=traceback.format_exc()[-8000:],
-            seconds=time.time() - started,
+            run_dir, state="failed", notebook=now_in.get("notebook"), error=f"{type(err).__name__}: {err}"[:4000],
+            traceback=traceback.format_exc()[-8000:], ended=time.time(),
+            seconds=round(time.time() - started, 1), **common,
         )
-        print(f"[rephelpers] {run_dir.name}: FAILED ({type(err).__name__})", flush=True)
+        print(f"[rephelpers] {label}: FAILED ({type(err).__name__})", flush=True)
         return
-    _write_status(
-        run_dir, state="done", fingerprint=fingerprint, point=point, seconds=round(time.time() - started, 1)
-    )
+    _write_status(run_dir, state="done", retries=retries, ended=time.time(),
+                  seconds=round(time.time() - started, 1), **common)
+
+
+def _last_cell(run_dir: Path, name: str | None) -> int | None:
+    """The cell the client last started in ``name`` (from its event file), if any."""
+    if not name:
+        return None
+    path = run_dir / "notebooks" / WATCH / f"{name}.client.jsonl"
+    cell = None
+    for line in _Lines(path).read():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if event.get("e") == "start":
+            cell = event.get("cell")
+    return cell
 
 
 def collect(top: str | os.PathLike, artifact: str = "influence.parquet") -> pd.DataFrame:

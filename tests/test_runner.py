@@ -1,6 +1,18 @@
-"""The papermill runner on toy notebooks: a chain, a sweep with shared stages, resume, failures."""
+"""The papermill runner on toy notebooks: a chain, a sweep with shared stages, resume, failures,
+and the watcher: cell timeout, a kernel killed mid-cell, a client stall, an interrupted run.
+
+Every test that executes notebooks bounds its own wall time with an explicit assertion,
+so a regression to "hangs silently" fails instead of blocking CI. The bounds leave room
+for a loaded 2-core machine, where a kernel alone takes up to ~10 s to start.
+"""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -8,7 +20,15 @@ import pandas as pd
 import pytest
 
 from rephelpers.errors import RephelpersError
-from rephelpers.runner import RunSpec, collect, parameterize_chain, run_spec, split_shared
+from rephelpers.runner import (
+    FAULT_ENV,
+    ExecutionLimits,
+    RunSpec,
+    collect,
+    parameterize_chain,
+    run_spec,
+    split_shared,
+)
 
 
 def _notebook(path: Path, params: str, body: str) -> None:
@@ -39,6 +59,7 @@ def project(tmp_path, monkeypatch):
         nbs / "02_point.ipynb",
         'run_dir = "runs/x"\nx = 0',
         "import pandas as pd\nfrom pathlib import Path\n"
+        "print(f'point x={x}')\n"
         "assert x != 2, 'planted failure'\n"
         "base = int((Path(run_dir) / 'base.txt').read_text())\n"
         "pd.DataFrame({'value': [base * 10 + x]}).to_parquet(Path(run_dir) / 'influence.parquet')",
@@ -62,6 +83,10 @@ def test_sweep_shares_unvarying_stages_resumes_and_records_failures(project):
     assert table.value.tolist() == [31, 33]
     failed = json.loads((top / "x=2" / "status.json").read_text())
     assert failed["state"] == "failed" and "planted failure" in failed["error"] + failed["traceback"]
+    # The record says where and what: notebook, cell (source numbering), error, last output.
+    assert (failed["notebook"], failed["cell"], failed["kind"]) == ("02_point", 1, "error")
+    assert "s/x=2" in failed["error"] and "AssertionError: planted failure" in failed["error"]
+    assert "point x=2" in failed["last_output"]
 
     # Resume: finished points are skipped (their outputs untouched), only the failed one re-runs.
     done = (top / "x=1" / "influence.parquet").stat().st_mtime_ns
@@ -110,3 +135,167 @@ def test_a_point_killed_mid_run_is_redone_and_finished_points_are_not(project):
     assert (top / "x=1" / "influence.parquet").stat().st_mtime_ns == finished
     assert json.loads((top / "x=3" / "status.json").read_text())["state"] == "done"
     assert sorted(pd.read_parquet(top / "results.parquet").value) == [31, 33]
+
+
+# --- the watcher ------------------------------------------------------------------------
+
+
+def _add_notebook(project: Path, name: str, body: str, params: str = 'run_dir = "runs/x"') -> None:
+    _notebook(project / "notebooks" / f"{name}.ipynb", params, body)
+
+
+def _single(project: Path, name: str, notebook: str, parameters=None, execution=None) -> RunSpec:
+    path = project / f"{name}.yaml"
+    data = {"name": name, "parameters": parameters or {}, "notebooks": [notebook]}
+    if execution:
+        data["execution"] = execution
+    path.write_text(json.dumps(data))
+    return RunSpec.from_yaml(path)
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "status.json").read_text())
+
+
+class Hung(BaseException):
+    """Not an Exception, so no ``except Exception`` in the runner can swallow it."""
+
+
+@contextmanager
+def _within(seconds: float, what: str):
+    """Fail (instead of blocking CI) if the block is still running after ``seconds``.
+
+    The alarm raises inside the runner's watch loop, whose ``finally`` kills the children.
+    """
+
+    def expire(signum, frame):
+        raise Hung(f"{what} still running after {seconds} s: the runner hangs")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def test_execution_limits_from_yaml_and_overrides(project):
+    spec = _single(project, "lim", "01_base", execution={"cell_timeout": 30, "stall_timeout": 5})
+    assert (spec.execution.cell_timeout, spec.execution.start_timeout, spec.execution.stall_timeout) == (30, 120, 5)
+    cli = spec.execution.with_overrides("command line", cell_timeout=0, start_timeout=None)
+    assert cli.cell_timeout is None and cli.start_timeout == 120  # 0 switches the cell limit off
+    with pytest.raises(RephelpersError, match=r"unknown keys \['cell_timout'\]"):
+        ExecutionLimits.from_mapping({"cell_timout": 3})
+    with pytest.raises(RephelpersError, match="stall_timeout must be > 0"):
+        ExecutionLimits.from_mapping({"stall_timeout": 0})
+    with pytest.raises(RephelpersError, match="number of seconds"):
+        ExecutionLimits.from_mapping({"start_timeout": "soon"})
+
+
+def test_a_cell_past_its_timeout_fails_clearly_within_the_bound(project):
+    _add_notebook(project, "03_sleep", "import time\nprint('about to sleep', flush=True)\ntime.sleep(seconds)",
+                  params='run_dir = "runs/x"\nseconds = 0')
+    spec = _single(project, "slow", "03_sleep", {"seconds": 300}, {"cell_timeout": 2})
+    started = time.time()
+    with _within(120, "a cell past its timeout"), pytest.raises(
+        RephelpersError, match="run slow failed: run slow: notebook 03_sleep, cell 1"
+    ):
+        run_spec(spec, runs_root=project / "runs")
+    elapsed = time.time() - started
+    assert elapsed < 60, f"a 2 s cell timeout took {elapsed:.0f} s to surface"
+    status = _status(project / "runs" / "slow")
+    assert status["state"] == "failed" and status["kind"] == "cell-timeout"
+    assert "cell_timeout=2 s" in status["error"] and "--cell-timeout" in status["error"]
+    assert status["cell_source"] == "import time" and "about to sleep" in status["last_output"]
+
+
+def test_a_kernel_killed_mid_cell_fails_clearly_instead_of_hanging(project):
+    _add_notebook(project, "03_die", "import os, signal\nprint('going down', flush=True)\n"
+                                     "os.kill(os.getpid(), signal.SIGKILL)")
+    spec = _single(project, "die", "03_die", execution={"stall_timeout": 5})
+    started = time.time()
+    with _within(120, "a dead kernel"), pytest.raises(RephelpersError, match="notebook 03_die, cell 1"):
+        run_spec(spec, runs_root=project / "runs")
+    elapsed = time.time() - started
+    assert elapsed < 60, f"a dead kernel took {elapsed:.0f} s to surface"
+    status = _status(project / "runs" / "die")
+    assert status["kind"] == "kernel-died" and "died during the cell" in status["error"]
+    assert "going down" in status["last_output"]
+
+
+def test_a_stall_after_the_last_cell_is_detected_and_retried_once(project, monkeypatch):
+    # The cell counts its executions, so the retry is visible in the data as well as in status.json.
+    _add_notebook(project, "03_mark", "from pathlib import Path\np = Path(run_dir); p.mkdir(parents=True, exist_ok=True)\n"
+                                      "log = p / 'runs.log'\nlog.write_text((log.read_text() if log.exists() else '') + 'x')")
+    monkeypatch.setenv(FAULT_ENV, "stall-after-last-cell:03_mark")
+    spec = _single(project, "stall", "03_mark", execution={"stall_timeout": 5})
+    started = time.time()
+    with _within(150, "a stalled notebook"):
+        top = run_spec(spec, runs_root=project / "runs")
+    elapsed = time.time() - started
+    assert elapsed < 90, f"stall + retry took {elapsed:.0f} s"
+    status = _status(top)
+    assert status["state"] == "done" and (top / "runs.log").read_text() == "xx"
+    [retry] = status["retries"]
+    assert (retry["notebook"], retry["kind"], retry["cell"]) == ("03_mark", "stall", 1)
+    assert "after the notebook's last cell" in retry["error"] and "papermill #705" in retry["error"]
+    assert "fault injection: client stalls" in (top / "notebooks" / "03_mark.log").read_text()
+
+
+def test_an_interrupted_run_is_recorded_as_such_and_a_rerun_completes_it(project, capsys):
+    # The cell holds while runs/held/hold exists, so the signal lands mid-cell.
+    _add_notebook(project, "03_hold", "import time\nfrom pathlib import Path\np = Path(run_dir)\n"
+                                      "(p / 'in_cell').touch()\nwhile (p / 'hold').exists(): time.sleep(0.1)\n"
+                                      "(p / 'finished').touch()")
+    spec_path = project / "held.yaml"
+    spec_path.write_text(json.dumps({"name": "held", "notebooks": ["03_hold"]}))
+    top = project / "runs" / "held"
+    top.mkdir(parents=True)
+    (top / "hold").touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rephelpers", "run", str(spec_path), "--runs-root", str(project / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while not (top / "in_cell").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "the held cell never started"
+            time.sleep(0.2)
+        kernel_pid = json.loads((top / "notebooks" / ".watch" / "03_hold.kernel.jsonl").read_text().splitlines()[0])["pid"]
+        assert json.loads((top / "status.json").read_text())["state"] == "running"
+        signalled = time.time()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.time() - signalled < 30
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM" in err and "run the same command again" in err
+    status = _status(top)
+    assert (status["state"], status["signal"], status["notebook"], status["cell"]) == ("interrupted", "SIGTERM", "03_hold", 1)
+    for _ in range(50):  # the kernel is killed with its papermill child, not left behind
+        if not _alive(kernel_pid):
+            break
+        time.sleep(0.1)
+    assert not _alive(kernel_pid), "the kernel outlived the interrupted run"
+    assert not (top / "finished").exists()
+
+    (top / "hold").unlink()
+    capsys.readouterr()
+    with _within(120, "the re-run"):
+        run_spec(RunSpec.from_yaml(spec_path), runs_root=project / "runs")
+    said = capsys.readouterr().out
+    assert "held was interrupted by SIGTERM in 03_hold cell 1" in said and "will run 03_hold again" in said
+    assert _status(top)["state"] == "done" and (top / "finished").exists()
