@@ -15,7 +15,16 @@ k's held-out texts (the *target* set) and on held-out texts of the other cluster
 - optionally the mean attention-pattern Jensen–Shannon divergence over those layers;
 - the balanced accuracy of a fresh logistic probe for "is cluster k", refit on the
   perturbed training representations and scored on the perturbed held-out ones (0.5 is
-  chance; after LEACE it must sit there).
+  chance; after LEACE it must sit there);
+- the edit size ``‖ĥ − h‖`` at the intervention site, averaged over the real tokens of
+  the target and rest texts (``edit_norm``), and for each control its ratio to the
+  perturbation's (``edit_ratio``): a control that changes the state far less than the
+  perturbation controls for nothing, so ``edit_matched`` flags ratios outside
+  ``[1/EDIT_TOLERANCE, EDIT_TOLERANCE]``.
+
+:func:`specificity_verdicts` turns the report into the gate stage 06 reads: a
+perturbation is *specific* only if its Δlog-ppl on the cluster's held-out texts clearly
+exceeds that on the rest and its target-minus-rest gap beats every control draw's.
 """
 
 from __future__ import annotations
@@ -32,12 +41,23 @@ from tqdm.auto import tqdm
 from .activations import load_activations
 from .artifacts import RunDir
 from .errors import RephelpersError, require
-from .intervene import Intervention, Readout, forward_readout, perplexity, validate
-from .models import Model
+from .intervene import Intervention, Readout, forward_readout, perplexity, perturb, validate
+from .models import Model, output_tensor
+
+try:  # token keys for perturbations that draw per-token noise
+    from .intervene import batch_keys
+except ImportError:  # pragma: no cover - older intervene without keyed noise
+    batch_keys = None
 from .perturbations import MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_controls, registered_kinds
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
+EDIT_TOLERANCE = 1.5
+"""A control's edit size must lie within this factor of its perturbation's to count as matched."""
+MIN_GAP = 0.05
+"""Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
+MIN_RATIO = 1.5
+"""A specific perturbation raises log-perplexity on its cluster at least this many times more than on the rest."""
 ARMS = ("perturbation", "control")
 SETS = ("target", "rest")
 _REQUIRED_COLUMNS = ("text", "split", "cluster")
@@ -187,13 +207,14 @@ def specificity_report(
         ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
         plans.append((k, target, rest, arms, ivs))
 
-    total = sum(math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
     bar = tqdm(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
     rows = []
     for k, target, rest, arms, ivs in plans:
         texts = list(target["text"]) + list(rest["text"])
         is_target = np.arange(len(texts)) < len(target)
         passes = _compare_passes(model, texts, ivs, read, attend, batch_size, max_length, bar)
+        edits = edit_norms(model, texts, ivs, layer, component, batch_size, max_length, bar)
         probe_before = _probe_score(probes, documents, k, None, seed)
         for (arm, draw), perturbation in arms.items():
             rows.append({
@@ -215,9 +236,94 @@ def specificity_report(
                 **_attention_columns(passes, (arm, draw), is_target, with_attention),
                 "probe_bacc_before": probe_before,
                 "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
+                "edit_norm": edits[(arm, draw)],
+                "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
             })
     bar.close()
-    return pd.DataFrame(rows)
+    report = pd.DataFrame(rows)
+    ratio = report["edit_ratio"]
+    report["edit_matched"] = (ratio >= 1 / EDIT_TOLERANCE) & (ratio <= EDIT_TOLERANCE)
+    return report
+
+
+def edit_norms(
+    model: Model,
+    texts: list[str],
+    arms: Mapping[tuple[str, int], list[Intervention]],
+    layer: int,
+    component: str,
+    batch_size: int,
+    max_length: int,
+    bar: Any = None,
+) -> dict[tuple[str, int], float]:
+    """Mean over real tokens of ``‖ĥ_t − h_t‖`` at ``(layer, component)``, per arm.
+
+    ``h`` is the unperturbed state at the site (read with one trace per batch that stops
+    there), ``ĥ`` each arm's perturbation of it, applied exactly as the forward pass does
+    (:func:`rephelpers.intervene.perturb`).
+    """
+    total = {arm: 0.0 for arm in arms}
+    count = 0
+    for start in range(0, len(texts), batch_size):
+        batch = model.encode(texts[start : start + batch_size], max_length=max_length)
+        with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
+            saved = output_tensor(model.envoy(layer, component).output).save()
+            tracer.stop()
+        h = saved.float()
+        mask = batch["attention_mask"].bool()
+        keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch) if batch_keys else None
+        for arm, ivs in arms.items():
+            edited = h
+            for iv in ivs:
+                edited = perturb(edited, iv, None, keys) if keys is not None else perturb(edited, iv, None)
+            total[arm] += float((edited - h).norm(dim=-1)[mask].sum())
+        count += int(mask.sum())
+        if bar is not None:
+            bar.update(1)
+    return {arm: value / max(count, 1) for arm, value in total.items()}
+
+
+def specificity_verdicts(
+    report: pd.DataFrame, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO
+) -> pd.DataFrame:
+    """Add ``specific`` and ``specificity_verdict`` to the perturbation rows of a report.
+
+    With ``Δ_T`` and ``Δ_R`` the perturbation's Δlog-ppl on the cluster's and on the rest's
+    held-out texts, and ``g = Δ_T − Δ_R``, the perturbation of a (cluster, setting) is:
+
+    - ``"no measurable change"`` if ``|Δ_T| < min_gap`` and ``|Δ_R| < min_gap``;
+    - ``"specific"`` if ``g ≥ min_gap``, ``Δ_T ≥ min_ratio · max(Δ_R, 0)`` and ``g`` exceeds
+      the gap of every control draw of that setting;
+    - ``"non-specific damage"`` if it raises log-perplexity on the rest by ``min_gap`` or
+      more without being specific (it hurts every text alike);
+    - ``"not beyond controls"`` otherwise (a gap, but random edits of its size do as much).
+
+    Control rows get ``specific = NaN``. ``specificity_ratio`` is blanked where both
+    changes are below ``min_gap``: a ratio of two near-zero changes is noise, not specificity.
+    """
+    out = report.copy()
+    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "component", "positions") if c in out.columns]
+    small = (out["dlogppl_target"].abs() < min_gap) & (out["dlogppl_rest"].abs() < min_gap)
+    out.loc[small, "specificity_ratio"] = math.nan
+    out["specific"] = None
+    out["specificity_verdict"] = ""
+    for _, group in out.groupby(keys, dropna=False):
+        pert = group[group["arm"] == "perturbation"]
+        controls = group[group["arm"] == "control"]
+        best_control_gap = controls["specificity_gap"].max() if len(controls) else -math.inf
+        for index, row in pert.iterrows():
+            gap, target, rest = row["specificity_gap"], row["dlogppl_target"], row["dlogppl_rest"]
+            if abs(target) < min_gap and abs(rest) < min_gap:
+                verdict, specific = "no measurable change", False
+            elif gap >= min_gap and target >= min_ratio * max(rest, 0.0) and gap > best_control_gap:
+                verdict, specific = "specific", True
+            elif rest >= min_gap:
+                verdict, specific = "non-specific damage", False
+            else:
+                verdict, specific = "not beyond controls", False
+            out.at[index, "specific"] = specific
+            out.at[index, "specificity_verdict"] = verdict
+    return out
 
 
 def probe_activations(
@@ -492,6 +598,8 @@ __all__ = [
     "probe_balanced_accuracy",
     "probe_activations",
     "specificity_report",
+    "specificity_verdicts",
+    "edit_norms",
     "specificity_long",
     "specificity_chart",
     "probe_chart",

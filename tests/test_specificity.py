@@ -192,3 +192,50 @@ def test_errors_come_before_compute(model, documents, subspaces, activations):
         specificity_report(model, documents, subspaces, "ablate", LAYER, probes=activations[:3])
     with pytest.raises(RephelpersError, match="lacks columns"):
         specificity_report(model, documents.drop(columns="split"), subspaces, "ablate", LAYER)
+
+
+def test_edit_norm_equals_a_plain_hidden_state_computation(model, documents, subspaces):
+    report = specificity_report(model, documents, subspaces, "ablate", LAYER, clusters=[1], n_texts=3,
+                                max_length=16, progress=False)
+    target, rest = sample_heldout(documents, 1, 3, 0)
+    texts = list(target["text"]) + list(rest["text"])
+    batch = model.encode(texts, max_length=16)
+    import torch
+
+    with torch.inference_mode():
+        hidden = model.hf(**batch, output_hidden_states=True).hidden_states[LAYER + 1]
+    mask = batch["attention_mask"].bool()
+    for row in report.itertuples(index=False):
+        dims = json.loads(row.config)["dims"]
+        expected = hidden[..., dims].norm(dim=-1)[mask].mean().item()  # zero-ablation removes h_R
+        assert row.edit_norm == pytest.approx(expected, rel=1e-3)
+    pert = report[report.arm == "perturbation"].iloc[0]
+    assert pert.edit_ratio == pytest.approx(1.0)
+    ctrl = report[report.arm == "control"].iloc[0]
+    assert ctrl.edit_ratio == pytest.approx(ctrl.edit_norm / pert.edit_norm)
+    assert ctrl.edit_matched == (1 / 1.5 <= ctrl.edit_ratio <= 1.5)
+
+
+def test_specificity_verdicts_gate_on_the_rest_and_on_the_controls():
+    from rephelpers.specificity import specificity_verdicts
+
+    def rows(target, rest, control_gaps):
+        out = [{"cluster": 0, "arm": "perturbation", "draw": 0, "kind": "ablate", "magnitude": 1.0, "layer": 3,
+                "dlogppl_target": target, "dlogppl_rest": rest, "specificity_gap": target - rest,
+                "specificity_ratio": target / rest if rest else float("nan")}]
+        out += [{"cluster": 0, "arm": "control", "draw": j, "kind": "ablate", "magnitude": 1.0, "layer": 3,
+                 "dlogppl_target": g, "dlogppl_rest": 0.0, "specificity_gap": g, "specificity_ratio": float("nan")}
+                for j, g in enumerate(control_gaps)]
+        return pd.DataFrame(out)
+
+    def verdict(*args):
+        out = specificity_verdicts(rows(*args))
+        return out.loc[out.arm == "perturbation", ["specific", "specificity_verdict"]].iloc[0].tolist()
+
+    assert verdict(0.9, 0.1, [0.05, 0.1]) == [True, "specific"]
+    assert verdict(17.1, 15.2, [0.05, 0.1]) == [False, "non-specific damage"]  # the demo's code cluster
+    assert verdict(0.9, 0.1, [0.05, 0.95]) == [False, "non-specific damage"]  # a control draw does as much
+    assert verdict(0.3, 0.0, [0.05, 0.4]) == [False, "not beyond controls"]
+    assert verdict(0.01, 0.004, [0.0]) == [False, "no measurable change"]
+    small = specificity_verdicts(rows(0.01, 0.004, [0.0]))
+    assert small["specificity_ratio"].isna().all()  # no ratio of two near-zero changes
