@@ -28,6 +28,7 @@ from .activations import pool
 from .errors import require
 from .models import Model, output_tensor, replace_output
 from .perturbations import Perturbation, perturbation_from_dict
+from .tokenkeys import token_keys
 
 POSITION_SCOPES = ("all", "last")
 _COMPONENT_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
@@ -96,11 +97,34 @@ def validate(model: Model, interventions: Sequence[Intervention]) -> list[Interv
     return sorted(resolved, key=lambda iv: (iv.layer, _COMPONENT_ORDER[iv.component]))
 
 
-def perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None) -> torch.Tensor:
+def needs_keys(interventions: Sequence[Intervention]) -> bool:
+    """Whether any perturbation draws per-token randomness and so needs token keys."""
+    return any(getattr(iv.perturbation, "keyed", False) for iv in interventions)
+
+
+def batch_keys(interventions: Sequence[Intervention], batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Token keys ``[b, s]`` of ``batch`` (:func:`rephelpers.tokenkeys.token_keys`; its
+    attention mask marks real tokens), or ``None`` when no perturbation needs them."""
+    if not needs_keys(interventions):
+        return None
+    return token_keys(batch["input_ids"], batch.get("attention_mask")).keys
+
+
+def _apply(perturbation: Perturbation, h: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    # Deterministic perturbations take no keys; their call stays exactly as it was.
+    if keys is not None and getattr(perturbation, "keyed", False):
+        return perturbation.apply(h, keys)
+    return perturbation.apply(h)
+
+
+def perturb(
+    h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """``iv``'s perturbation applied to ``h [b, s, d]`` on its token scope (``last_index``: each
-    row's last real token for right-padded batches; default: the final position)."""
+    row's last real token for right-padded batches; default: the final position). ``keys
+    [b, s]``: the tokens' keys, for perturbations that draw per-token noise."""
     if iv.positions == "all":
-        return iv.perturbation.apply(h)
+        return _apply(iv.perturbation, h, keys)
     rows = torch.arange(h.shape[0], device=h.device)
     cols = (
         torch.full_like(rows, h.shape[1] - 1)
@@ -108,7 +132,7 @@ def perturb(h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None) 
         else last_index.to(h.device)
     )
     out = h.clone()
-    out[rows, cols] = iv.perturbation.apply(h[rows, cols])
+    out[rows, cols] = _apply(iv.perturbation, h[rows, cols], None if keys is None else keys.to(h.device)[rows, cols])
     return out
 
 
@@ -125,13 +149,13 @@ def forward_order(site: tuple[int, str]) -> tuple[int, int]:
 
 
 def _edit_site(
-    envoy: Any, group: Sequence[Intervention], last_index: torch.Tensor | None
+    envoy: Any, group: Sequence[Intervention], last_index: torch.Tensor | None, keys: torch.Tensor | None = None
 ) -> tuple[Any, torch.Tensor]:
     """Apply ``group`` at one site; return the site's original output and the edited state."""
     out = envoy.output
     h = output_tensor(out)
     for iv in group:
-        h = perturb(h, iv, last_index)
+        h = perturb(h, iv, last_index, keys)
     envoy.output = replace_output(out, h)
     return out, h
 
@@ -140,14 +164,17 @@ def apply_in_trace(
     model: Model,
     interventions: Sequence[Intervention],
     last_index: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
 ) -> None:
     """Apply ``interventions`` (already :func:`validate`-d) inside an open ``model.nn.trace``.
 
     ``last_index`` gives each row's last real token for right-padded batches; with the
-    package's left padding it is the final position and may be omitted.
+    package's left padding it is the final position and may be omitted. ``keys [b, s]``
+    (:func:`batch_keys`) are the tokens' keys for noise; without them noise is keyed by
+    row order and so depends on the batch.
     """
     for site, group in sorted(_sites(interventions).items(), key=lambda item: forward_order(item[0])):
-        _edit_site(model.envoy(*site), group, last_index)
+        _edit_site(model.envoy(*site), group, last_index, keys)
 
 
 def run_logits(
@@ -158,9 +185,10 @@ def run_logits(
 ) -> torch.Tensor:
     """Logits ``[batch, seq, vocab]`` of one forward pass with ``interventions`` applied."""
     ivs = validate(model, interventions)
+    keys = batch_keys(ivs, batch)
     with torch.inference_mode():
         with model.nn.trace(dict(batch)):
-            apply_in_trace(model, ivs, last_index)
+            apply_in_trace(model, ivs, last_index, keys)
             logits = model.nn.output.logits.save()
     return logits
 
@@ -189,9 +217,10 @@ def sequence_nll(
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = model.encode([texts[j] for j in idx], max_length=max_length)
+        keys = batch_keys(ivs, batch)
         with torch.inference_mode():
             with model.nn.trace(dict(batch)):
-                apply_in_trace(model, ivs)
+                apply_in_trace(model, ivs, keys=keys)
                 logits = model.nn.output.logits.save()
         batch_nll, batch_count = token_nll(logits, batch)
         nll[idx] = batch_nll.cpu().numpy()
@@ -267,6 +296,7 @@ def forward_readout(
     edits = _sites(ivs)
     sites = set(edits) | {(l, "resid") for l in read} | {(l, "attn") for l in attend}
     mask = batch["attention_mask"]
+    keys = batch_keys(ivs, batch)
     pooled: dict[int, torch.Tensor] = {}
     attention: dict[int, torch.Tensor] = {}
     with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
@@ -275,7 +305,7 @@ def forward_readout(
                 layer, component = site
                 envoy = model.envoy(layer, component)
                 if site in edits:
-                    out, h = _edit_site(envoy, edits[site], None)
+                    out, h = _edit_site(envoy, edits[site], None, keys)
                 else:
                     out = envoy.output
                     h = output_tensor(out)

@@ -29,7 +29,8 @@ from rephelpers.evaluation import (
 )
 from rephelpers.intervene import Intervention
 from rephelpers.models import output_tensor, replace_output
-from rephelpers.perturbations import Ablate, Shift
+from rephelpers.perturbations import Ablate, Noise, Shift
+from rephelpers.tokenkeys import standard_normal, token_keys
 
 STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer
 
@@ -133,6 +134,9 @@ def test_fast_path_equals_per_config_path(model, tasks):
             Intervention(Ablate(tuple(range(0, 64))), 14, component="attn"),
             Intervention(Shift(tuple(np.random.default_rng(0).normal(size=576) * 0.5)), 20),
         ],
+        # Noise is keyed by token, so the two paths' different batching gives the same draws.
+        "noise12": [Intervention(Noise(tuple(range(0, 576, 2)), sigma=3.0, seed=1), 12)],
+        "noise12_last": [Intervention(Noise(tuple(range(1, 576, 2)), sigma=6.0, seed=2), 12, positions="last")],
     }
     mc_tasks = {k: v for k, v in tasks.items() if k != "arithmetic"}
     meta = {cid: {"cluster": i - 1} for i, cid in enumerate(configs)}
@@ -159,6 +163,57 @@ def test_greedy_generation_matches_hf_generate_and_stops(model):
     stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop=[stop])
     assert stop in model.tokenizer.decode(stopped[0, n:])
     assert stopped.shape[1] <= ours.shape[1]
+
+
+@pytest.mark.model
+def test_noise_is_fresh_per_generation_step_and_batch_invariant(model, monkeypatch):
+    noise = Noise(tuple(range(0, 576, 8)), sigma=2.0, seed=4)
+    applied = []
+    apply = Noise.apply
+
+    def recording(self, h, keys=None):
+        out = apply(self, h, keys)
+        applied.append((out - h)[..., list(self.dims)].clone())
+        return out
+
+    monkeypatch.setattr(Noise, "apply", recording)
+    prompts = ["The capital of France is", "Count: one, two, three, four,"]
+    batch = model.encode(prompts)
+    steps = 4
+    out = greedy_generate(model, batch["input_ids"], batch["attention_mask"], [Intervention(noise, 9, positions="last")],
+                          max_new_tokens=steps)
+    assert len(applied) == steps and out.shape[1] == batch["input_ids"].shape[1] + steps
+    per_step = torch.stack([a.reshape(2, -1) for a in applied], dim=1)  # [row, step, |R|]
+    for row in range(2):
+        for a in range(steps):
+            for b in range(a + 1, steps):
+                assert (per_step[row, a] - per_step[row, b]).abs().max() > 0.5
+    # Each step's noise is what a full pass over prompt + generated tokens gives that token.
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(out[:, batch["input_ids"].shape[1]:])], dim=1)
+    keys = token_keys(out, full_mask).keys
+    n = batch["input_ids"].shape[1]
+    expected = torch.stack([2.0 * standard_normal(4, keys[:, n - 1 + j], noise.dims) for j in range(steps)], dim=1)
+    torch.testing.assert_close(per_step.double(), expected, atol=1e-5, rtol=0)
+    # The second prompt alone (no padding, first row) gets the same noise and the same text.
+    applied.clear()
+    alone = model.encode(prompts[1:])
+    out_alone = greedy_generate(model, alone["input_ids"], alone["attention_mask"], [Intervention(noise, 9, positions="last")],
+                                max_new_tokens=steps)
+    torch.testing.assert_close(torch.stack([a.reshape(1, -1)[0] for a in applied]), per_step[1], atol=1e-6, rtol=0)
+    assert torch.equal(out_alone[0, -steps:], out[1, -steps:])
+
+
+@pytest.mark.model
+def test_noise_loglikelihood_is_batch_invariant_with_right_padding(model):
+    lm = PerturbedLM(model, [Intervention(Noise(tuple(range(0, 576, 3)), sigma=4.0, seed=9), 12)], batch_size=4)
+    short = torch.tensor([model.tokenizer.encode("A short request")])
+    longer = torch.tensor([model.tokenizer.encode("A much longer request that lm-eval pads on the right")])
+    padded = torch.zeros(2, longer.shape[1], dtype=torch.long)
+    padded[0] = longer[0]
+    padded[1, : short.shape[1]] = short[0]
+    n = short.shape[1]
+    torch.testing.assert_close(lm._model_call(padded)[1, :n], lm._model_call(short)[0], atol=2e-3, rtol=1e-4)
+    assert (lm._model_call(short) - lm.use([])._model_call(short)).abs().max() > 0.5
 
 
 def test_choice_statistics_against_scipy():

@@ -8,6 +8,7 @@ from rephelpers.activations import pool
 from rephelpers.errors import RephelpersError
 from rephelpers.intervene import Intervention, eager_attention, forward_readout, run_logits, sequence_nll
 from rephelpers.perturbations import Ablate, Gradient, Leace, Noise, Project, Shift
+from rephelpers.tokenkeys import token_keys
 
 pytestmark = pytest.mark.model
 
@@ -74,11 +75,49 @@ def test_each_perturbation_equals_a_hook(model, batch, clean, case):
 
 
 def test_noise_is_placed_like_a_hook(model, batch):
-    # The noise draw itself is tested in test_perturbations; this checks the site.
+    # The noise draw itself is tested in test_perturbations; this checks the site and the keys.
     noise = Noise([1, 2, 3], sigma=3.0, seed=5)
-    expected = _hooked_logits(model, batch, [(LAYER, noise.apply)])
+    keys = token_keys(batch["input_ids"], batch["attention_mask"]).keys
+    expected = _hooked_logits(model, batch, [(LAYER, lambda h: noise.apply(h, keys))])
     got = run_logits(model, batch, [Intervention(noise, LAYER)])
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+NOISE = Noise(tuple(range(0, 576, 4)), sigma=4.0, seed=3)
+ALONE = "Noise must not depend on the company a text keeps."
+LONGER = "def mean(values):\n    total = sum(values)\n    return total / len(values)  # a longer row"
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_noise_is_batch_invariant(model, positions):
+    # The same text alone, and left-padded in the second row of a batch with a longer text.
+    ivs = [Intervention(NOISE, LAYER, positions=positions)]
+    alone = model.encode([ALONE])
+    batch = model.encode([LONGER, ALONE])
+    n = alone["input_ids"].shape[1]
+    assert batch["attention_mask"][1].sum() == n < batch["input_ids"].shape[1]  # padded, at another row
+    got_alone = run_logits(model, alone, ivs)[0]
+    got_batch = run_logits(model, batch, ivs)[1, -n:]
+    torch.testing.assert_close(got_batch, got_alone, atol=2e-3, rtol=1e-4)
+    with torch.inference_mode():
+        clean = model.hf(**alone).logits[0]
+    assert (got_alone - clean).abs().max() > 0.5, "the noise must change the logits"
+    # Per-text perplexity goes through the same keys.
+    nll_alone, _ = sequence_nll(model, [ALONE], ivs, progress=False)
+    nll_batch, _ = sequence_nll(model, [LONGER, ALONE], ivs, progress=False)
+    assert abs(nll_alone[0] - nll_batch[1]) < 1e-3
+
+
+def test_noise_is_keyed_by_the_input_not_the_batch_position(model):
+    # Two different texts at the same row and padding get different noise.
+    readout = {}
+    for text in (ALONE, ALONE.replace("company", "friends")):
+        batch = model.encode([text])
+        readout[text] = forward_readout(model, batch, [Intervention(NOISE, LAYER)], read_layers=[LAYER]).pooled[LAYER]
+        clean = forward_readout(model, batch, (), read_layers=[LAYER]).pooled[LAYER]
+        readout[text] = (readout[text] - clean)[0, list(NOISE.dims)]
+    first, second = readout.values()
+    assert (first - second).abs().max() > 0.1
 
 
 def test_last_position_only(model, batch, clean):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
@@ -24,6 +25,7 @@ from rephelpers.perturbations import (
     perturbation_from_dict,
     registered_kinds,
 )
+from rephelpers.tokenkeys import standard_normal, token_keys
 
 D = 24
 
@@ -100,6 +102,82 @@ def test_noise_only_touches_r_and_has_sigma():
     assert abs(out[:, dims].mean()) < 0.05
     np.testing.assert_array_equal(out, Noise(dims, sigma=2.5, seed=7).apply(_t(h)).numpy())
     assert not np.allclose(out, Noise(dims, sigma=2.5, seed=8).apply(_t(h)).numpy())
+
+
+# An independent implementation of the documented formulas with Python integers: the
+# package's tensor code must give the same bits (it is what "identical on every machine" rests on).
+def _fmix32(x):
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _mix(h, v):
+    return _fmix32(h ^ _fmix32((v + 0x9E3779B9) & 0xFFFFFFFF))
+
+
+def _reference_keys(real_ids):
+    total, keys = 0, []
+    for position, token in enumerate(real_ids):
+        total = (total + _mix(position, token)) & 0xFFFFFFFF
+        keys.append(_fmix32(total))
+    return keys
+
+
+def _reference_normal(seed, key, dim):
+    base = _mix(_mix(0x6E6F6973, seed & 0xFFFFFFFF), seed >> 32)
+    keyed = _mix(base, key)
+    u1 = (_mix(keyed, 2 * dim) + 1) / 2**32
+    u2 = _mix(keyed, 2 * dim + 1) / 2**32
+    return np.sqrt(-2 * np.log(u1)) * np.cos(2 * np.pi * u2)
+
+
+def test_token_keys_and_draws_equal_a_pure_python_reference():
+    ids = [[0, 0, 17, 4093, 49151, 5], [17, 4093, 49151, 5, 0, 0]]  # left- and right-padded
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    keys = token_keys(torch.tensor(ids), mask).keys
+    want = _reference_keys([17, 4093, 49151, 5])
+    assert keys[0, 2:].tolist() == want and keys[1, :4].tolist() == want
+    seed = 2**40 + 12345  # both 32-bit halves of a large seed matter
+    dims = [0, 7, 575]
+    got = standard_normal(seed, keys[0, 2:], dims)
+    expected = [[_reference_normal(seed, k, d) for d in dims] for k in want]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_token_keys_continue_a_row_like_a_full_pass():
+    ids = torch.tensor([[0, 3, 9, 27, 81, 243], [1, 2, 4, 8, 16, 32]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    full = token_keys(ids, mask)
+    state = token_keys(ids[:, :3], mask[:, :3])
+    for t in range(3, 6):  # one token per step, as in KV-cache decoding
+        state = token_keys(ids[:, t : t + 1], None, state)
+        assert torch.equal(state.keys[:, 0], full.keys[:, t])
+    # A token's key depends on what precedes it, not only on its id and position.
+    other = token_keys(torch.tensor([[3, 9, 28, 81]])).keys
+    assert torch.equal(other[0, :2], full.keys[0, 1:3]) and not torch.equal(other[0, 2:], full.keys[0, 3:5])
+
+
+def test_keyed_noise_has_sigma_and_is_fresh_per_key():
+    sigma, dims = 1.7, tuple(range(0, D, 3))
+    keys = token_keys(torch.arange(50_000).reshape(50, 1000) % 49152).keys
+    h = torch.zeros(50, 1000, D, dtype=torch.float64)
+    out = Noise(dims, sigma=sigma, seed=11).apply(h, keys)
+    eps = out[..., list(dims)].flatten().numpy()
+    # 400k draws: the standard error of the std is σ/√(2n) ≈ 0.002σ, of the mean σ/√n ≈ 0.0016σ.
+    assert abs(eps.std() / sigma - 1) < 0.01 and abs(eps.mean() / sigma) < 0.01
+    assert scipy.stats.kstest(eps / sigma, "norm").pvalue > 1e-3
+    assert torch.all(out[..., [i for i in range(D) if i not in dims]] == 0)
+    # Every token position gets its own vector; the same keys give the same vectors.
+    per_token = out[..., list(dims)].reshape(-1, len(dims))
+    assert torch.unique(per_token, dim=0).shape[0] == per_token.shape[0]
+    torch.testing.assert_close(Noise(dims, sigma=sigma, seed=11).apply(h[7:9], keys[7:9]), out[7:9], rtol=0, atol=0)
+    other_seed = Noise(dims, sigma=sigma, seed=12).apply(h, keys)[..., list(dims)].flatten().numpy()
+    assert abs(np.corrcoef(eps, other_seed)[0, 1]) < 0.01
+    with pytest.raises(RephelpersError, match="keys of shape"):
+        Noise(dims).apply(h, keys[:, :5])
 
 
 def test_shift(h):
