@@ -39,15 +39,18 @@ from tqdm.auto import tqdm
 
 from .abilities import ABILITIES, TaskInfo, build_tasks
 from .errors import RephelpersError, require
-from .intervene import Intervention, apply_in_trace, forward_order, interventions_to_json, perturb, validate
+from .intervene import (
+    Intervention, apply_in_trace, forward_order, interventions_to_json, needs_keys, perturb, validate,
+)
 from .models import Model, output_tensor, replace_output
 from .paths import cache_subdir
+from .tokenkeys import TokenKeys, token_keys
 
 # lm-eval pads log-likelihood batches on the right with token id 0 (`pad_and_concat`).
 _LM_EVAL_PAD_ID = 0
 ROW_COLUMNS = (
-    "config_id", "task", "ability", "family", "item", "metric", "score", "margin",
-    "p_correct", "confidence", "prompt", "target", "response", "prompt_hash",
+    "config_id", "task", "ability", "family", "item", "metric", "higher_is_better", "chance",
+    "score", "margin", "p_correct", "confidence", "prompt", "target", "response", "prompt_hash",
 )
 
 
@@ -88,7 +91,8 @@ def greedy_generate(
 
     With the cache each step feeds only the new token, so an intervention on
     ``positions="last"`` edits the prompt's last token and then every generated token
-    (each is the last one when it is processed).
+    (each is the last one when it is processed). Token keys for noise are carried across
+    steps, so each generated token gets the noise a full forward pass would give it.
     """
     from transformers import DynamicCache
 
@@ -101,6 +105,8 @@ def greedy_generate(
     mask = attention_mask.to(input_ids.device)
     positions = left_padded_positions(mask)
     step_ids = input_ids
+    keyed = needs_keys(ivs)
+    keys: TokenKeys | None = None
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     generated: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -108,8 +114,10 @@ def greedy_generate(
             "input_ids": step_ids, "attention_mask": mask, "position_ids": positions,
             "past_key_values": cache, "use_cache": True, "logits_to_keep": 1,
         }
+        if keyed:
+            keys = token_keys(step_ids, mask if keys is None else None, keys)
         with torch.inference_mode(), model.nn.trace(inputs):
-            apply_in_trace(model, ivs)
+            apply_in_trace(model, ivs, keys=None if keys is None else keys.keys)
             logits = nnsight.save(model.nn.output.logits)
         token = logits[:, -1].argmax(-1)
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -196,8 +204,10 @@ class PerturbedLM(HFLM):
             if any(iv.positions == "last" for iv in self._interventions)
             else None
         )
+        # Right padding follows every real token, so keys need no mask here.
+        keys = token_keys(inps).keys if needs_keys(self._interventions) else None
         with torch.inference_mode(), self.rh_model.nn.trace({"input_ids": inps}):
-            apply_in_trace(self.rh_model, self._interventions, last_index)
+            apply_in_trace(self.rh_model, self._interventions, last_index, keys)
             logits = nnsight.save(self.rh_model.nn.output.logits)
         return logits
 
@@ -239,8 +249,10 @@ def _apply_per_config(
     configs: Sequence[Sequence[Intervention]],
     rows_per_config: int,
     last_index: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> None:
-    """Inside a trace over configs stacked along the batch, edit each config's rows with its own list."""
+    """Inside a trace over configs stacked along the batch, edit each config's rows with its own
+    list (``keys [rows_per_config, s]``: the token keys of the batch every config repeats)."""
     sites = sorted(
         {(iv.layer, iv.component) for ivs in configs for iv in ivs},
         key=forward_order,
@@ -254,7 +266,7 @@ def _apply_per_config(
             part = h[g * rows_per_config : (g + 1) * rows_per_config]
             for iv in ivs:
                 if (iv.layer, iv.component) == site:
-                    part = perturb(part, iv, last_index)
+                    part = perturb(part, iv, last_index, keys)
             parts.append(part)
         envoy.output = replace_output(out, torch.cat(parts, dim=0))
 
@@ -305,6 +317,7 @@ def sweep_loglikelihood(
         for i, r in enumerate(batch):
             ids[i, : len(rows[r])] = torch.tensor(rows[r], device=device)
         lengths = torch.tensor([len(rows[r]) for r in batch], device=device)
+        keys = token_keys(ids).keys if any(needs_keys(valid[c]) for c in config_ids) else None
         # A continuation token c_j of a row of length n is predicted at position n − |c| + j.
         keep = sorted({
             len(rows[r]) - len(continuations[q]) + j
@@ -328,7 +341,7 @@ def sweep_loglikelihood(
                     replay = replace_output(prefix, output_tensor(prefix).repeat(len(group), 1, 1))
                     for layer in range(split):
                         model.envoy(layer).skip(replay)
-                _apply_per_config(model, [valid[c] for c in group], len(batch), lengths - 1)
+                _apply_per_config(model, [valid[c] for c in group], len(batch), lengths - 1, keys)
                 logits = nnsight.save(model.nn.output.logits)
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             greedy = logprobs.argmax(dim=-1)
@@ -401,6 +414,7 @@ class PreparedTasks:
     ability: dict[str, str] = field(default_factory=dict)
     family: dict[str, str] = field(default_factory=dict)
     metric: dict[str, str | None] = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
 
     def dicts(self) -> Iterator[tuple[dict[str, Any], bool]]:
         for task_dict, chat in ((self.plain, False), (self.chat, True)):
@@ -531,6 +545,8 @@ def prepare_tasks(
                 prepared.ability[leaf] = info.ability if info else name
                 prepared.family[leaf] = info.family if info else name
                 prepared.metric[leaf] = info.metric if info else None
+                # A registered task's guessing rate is not known here; 0 is the safe floor.
+                prepared.chance[leaf] = info.chance if info else 0.0
     return prepared
 
 
@@ -588,6 +604,9 @@ def samples_to_rows(
         task = task_objects[task_name]
         primary_filter = task_samples[0]["filter"]
         multiple_choice = task.OUTPUT_TYPE == "multiple_choice"
+        # The direction of each metric, as the task declares it (lm-eval's `higher_is_better`):
+        # stage 06 flips lower-is-better metrics so that a positive AIS always means "worse".
+        directions = task.higher_is_better() or {}
         for s in task_samples:
             if s["filter"] != primary_filter:
                 continue
@@ -610,6 +629,8 @@ def samples_to_rows(
                 "family": prepared.family[task_name],
                 "item": str(doc.get("id", s["doc_id"])),
                 "metric": metric,
+                "higher_is_better": bool(directions.get(metric, True)),
+                "chance": float(prepared.chance.get(task_name, 0.0)),
                 "score": float(s[metric]),
                 "margin": margin,
                 "p_correct": p_correct,
@@ -667,8 +688,7 @@ def evaluate_abilities(
 
     ``fast=True`` computes the layers below the lowest intervention layer once per batch
     for all configs (:class:`SweepLM`); scores equal the per-config path for every
-    deterministic perturbation. (``Noise`` draws its noise per tensor shape, and the two
-    paths batch requests differently, so noise configs agree in distribution only.)
+    perturbation, ``Noise`` included (its draws are keyed by token, not by batch).
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
@@ -737,8 +757,11 @@ def cluster_configs(
     dimensions out of 576 include a given one with probability 32/576 ≈ 5.6%, and that one
     draw then looks as destructive as the cluster's own R_k. More draws make
     Φ_control an estimate of what a random edit of that size does rather than one sample.
+    Draw j is the same random set (same seed) at every magnitude, so a draw's Φ over Θ_k
+    is one sample of the control distribution that stage 06 compares Φ with.
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; config ids are
-    ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw.
+    ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw,
+    and ``config_meta`` carries ``draw`` (0 for the perturbation itself).
     """
     from .perturbations import build, matched_controls
 
@@ -753,18 +776,19 @@ def cluster_configs(
     )
     configs: dict[str, list[Intervention]] = {BASELINE_ID: []}
     meta: dict[str, dict[str, Any]] = {
-        BASELINE_ID: {"cluster": -1, "control": False, "kind": "none", "magnitude": 0.0, "layer": layer},
+        BASELINE_ID: {"cluster": -1, "control": False, "kind": "none", "magnitude": 0.0, "layer": layer, "draw": 0},
     }
     for subspace in sorted(here, key=lambda s: s["cluster"]):
         k = int(subspace["cluster"])
         for kind in kinds:
             for m in magnitudes:
-                arms = [(f"k{k}:{kind}:m{m:g}", False, build(kind, dict(subspace), m, seed))]
+                arms = [(f"k{k}:{kind}:m{m:g}", False, 0, build(kind, dict(subspace), m, seed))]
                 controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls)
-                arms += [(f"k{k}:{kind}:m{m:g}:control{draw or ''}", True, p) for draw, p in enumerate(controls)]
-                for cid, control, perturbation in arms:
+                arms += [(f"k{k}:{kind}:m{m:g}:control{draw or ''}", True, draw, p) for draw, p in enumerate(controls)]
+                for cid, control, draw, perturbation in arms:
                     configs[cid] = [Intervention(perturbation, layer, component, positions)]
-                    meta[cid] = {"cluster": k, "control": control, "kind": kind, "magnitude": float(m), "layer": layer}
+                    meta[cid] = {"cluster": k, "control": control, "kind": kind, "magnitude": float(m),
+                                 "layer": layer, "draw": draw}
     return configs, meta
 
 

@@ -166,13 +166,21 @@ class Ablate(Perturbation):
 
 @dataclass(frozen=True)
 class Noise(Perturbation):
-    """Gaussian noise on the dimensions in R: ``ĥ_i = h_i + 𝟙[i ∈ R] · ε_i``, ε ~ N(0, σ²).
+    """Gaussian noise on the dimensions in R: ``ĥ_{t,i} = h_{t,i} + 𝟙[i ∈ R] · σ · z(seed, key_t, i)``.
 
-    The noise is drawn from a generator seeded with ``seed`` on every call, so the same
-    input shape always receives the same noise (reproducible runs, paired statistics).
+    ``z`` is a standard normal draw computed, not sampled: Box–Muller on two 32-bit hashes
+    of ``(seed, key_t, 2i)`` and ``(seed, key_t, 2i + 1)``, and ``key_t`` is a hash of token
+    t's row up to and including t, the (real position, token id) pairs with padding left
+    out (formulas in :mod:`rephelpers.tokenkeys`). So each token and each decoding step
+    gets fresh noise, and a token gets the same noise for a seed and an input whatever
+    batch, row, padding or code path (per-config, shared-prefix sweep, KV-cache decoding)
+    processes it; the integers are identical on every machine. The interventions pass the
+    keys (:func:`rephelpers.intervene.perturb`); called without them, on tensors that hold
+    no tokens (e.g. pooled vectors), the i-th row along the leading dimensions gets key i.
     """
 
     kind: ClassVar[str] = "noise"
+    keyed: ClassVar[bool] = True  # apply() takes per-token keys
     dims: tuple[int, ...]
     sigma: float = 1.0
     seed: int = 0
@@ -185,12 +193,24 @@ class Noise(Perturbation):
     def check(self, d_model: int) -> None:
         _check_dims(self.kind, self.dims, d_model)
 
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
+    def apply(self, h: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """``ĥ`` for ``h [..., d]``; ``keys [...]`` (one per row of ``h``) from
+        :func:`rephelpers.tokenkeys.token_keys`."""
+        from .tokenkeys import row_keys, standard_normal
+
+        if keys is None:
+            keys = row_keys(h.shape[:-1], h.device)
+        require(
+            tuple(keys.shape) == tuple(h.shape[:-1]),
+            f"noise: keys of shape {tuple(keys.shape)} do not match the states' {tuple(h.shape[:-1])}; "
+            "pass one key per token (token_keys(...).keys).",
+        )
+        # float64 where the device has it: the draws then agree across devices to float32 rounding.
+        dtype = torch.float32 if h.device.type == "mps" else torch.float64
+        eps = standard_normal(self.seed, keys.to(h.device), self.dims, dtype)
         idx = torch.tensor(self.dims, dtype=torch.long, device=h.device)
-        gen = torch.Generator(device="cpu").manual_seed(int(self.seed))
-        eps = torch.randn(*h.shape[:-1], len(self.dims), generator=gen, dtype=torch.float32)
         out = h.clone()
-        out[..., idx] = out[..., idx] + self.sigma * eps.to(h.device, h.dtype)
+        out[..., idx] = out[..., idx] + (self.sigma * eps).to(h.dtype)
         return out
 
 
