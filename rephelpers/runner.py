@@ -87,9 +87,9 @@ class ExecutionLimits:
       deadlock inside the kernel), since a kernel that finished is caught by
       ``stall_timeout``; so it is generous: the demo's slowest stage took 714 s for all
       its cells on 2 quiet cores, and contention made a stage 9x slower (issue 15).
-    - ``start_timeout`` (default 120): kernel start-up. A kernel starts in 2-5 s; a
-      loaded 2-core machine can take ten times that, and papermill's own 60 s default
-      has been too tight there.
+    - ``start_timeout`` (default 120): kernel start-up. A kernel started in 2-9 s on this
+      project's busy 2-core machine; twice papermill's 60 s default leaves room for a
+      machine busier than that.
     - ``stall_timeout`` (default 60): how long the kernel may sit idle (or dead) while
       the client has not moved on. Between a cell's end in the kernel and the client's
       next step lie only message delivery, papermill's 4 s wait for the output stream
@@ -857,10 +857,16 @@ def run_spec(
                 f"the shared stages {shared} failed: {_read_status(base).get('error', '?')}; "
                 f"see {base / STATUS}, fix the cause and re-run",
             )
+        fresh = []
         for point in points:
             params = {**spec.parameters, **point}
+            if not (top / point_name(point) / STATUS).exists():
+                fresh.append(point_name(point))
             _explain_redo(top / point_name(point), f"{spec.name}/{point_name(point)}", per_point,
                           stable_hash(params, per_point), force)
+        if fresh and len(fresh) < len(points):  # a resumed sweep: say what was never reached
+            print(f"[rephelpers] {spec.name}: {len(fresh)} point(s) not started before, will run: "
+                  f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}", flush=True)
 
         def one(point: dict[str, Any]) -> tuple[str, str]:
             if _STOP.is_set():
