@@ -5,7 +5,7 @@
 person can open without Jupyter. The HTML file carries its own JavaScript (vega, vega-lite
 and vega-embed, inlined by vl-convert), so it renders with no network. Importing this module
 also makes the ``rephelpers-offline`` renderer altair's active one: charts shown in a notebook
-carry the same inlined JavaScript, so they render in JupyterLab on an offline machine too
+go to JupyterLab's own vega-lite renderer, so they render on an offline machine too
 (``alt.renderers.enable("default")`` goes back to altair's CDN-loading renderer).
 
 Stage 06 draws the Data Influence Matrix (:func:`phi_heatmap`), dose-response small
@@ -16,7 +16,6 @@ offers an item explorer widget (:func:`item_explorer`).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from html import escape
 import io
 import json
@@ -24,7 +23,6 @@ import os
 from pathlib import Path
 import re
 from typing import Any, Mapping, Sequence
-import uuid
 
 import altair as alt
 import numpy as np
@@ -71,37 +69,22 @@ def saved_files(chart: object) -> dict[str, Path]:
 
 
 # -- charts in a notebook, offline ------------------------------------------------------------
-@lru_cache(maxsize=1)
-def _vega_bundle() -> str:
-    """vega + vega-lite + vega-embed as one script that sets ``window.vegaEmbed`` (vl-convert)."""
-    import vl_convert
-    from altair.utils._importers import vl_version_for_vl_convert
-
-    return vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert())
+# JupyterLab ships a vega-lite renderer of its own (no network needed); it registers the v5
+# mimetype, and altair's v6 specs use nothing it cannot draw.
+NOTEBOOK_MIMETYPE = "application/vnd.vegalite.v5+json"
 
 
-def offline_html(spec: Mapping[str, Any], embed_options: Mapping[str, Any] | None = None) -> str:
-    """An HTML fragment that draws a vega-lite ``spec`` with no network.
+def _offline_renderer(spec: dict, **metadata: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Charts in a notebook, drawn by JupyterLab's own vega renderer (SVG): no script is fetched.
 
-    It carries the vega bundle but runs it only where ``window.vegaEmbed`` is not defined yet,
-    inside a function, so any number of these fragments can share one page (a notebook's
-    outputs do). Charts are drawn as SVG (crisp, and their text can be read back).
+    A small output on purpose: nbclient (papermill, nbmake) can hang on outputs of a few hundred
+    kB inside an ``interact``, so the vega bundle is never put into the notebook.
     """
-    div = f"rephelpers-vega-{uuid.uuid4().hex}"
-    options = {"mode": "vega-lite", "renderer": "svg", **(embed_options or {})}
-    spec_json = json.dumps(spec).replace("</", "<\\/")
-    return (
-        f"<div id='{div}' class='rephelpers-chart'></div>\n"
-        "<script type='text/javascript'>\n(function () {\n"
-        "if (typeof window.vegaEmbed !== 'function') {\n" + _vega_bundle() + "\n}\n"
-        f"window.vegaEmbed('#{div}', {spec_json}, {json.dumps(options)})"
-        f".catch(function (err) {{ document.getElementById('{div}').innerText = 'chart failed: ' + err; }});\n"
-        "})();\n</script>"
-    )
-
-
-def _offline_renderer(spec: dict, **metadata: Any) -> dict[str, str]:
-    return {"text/html": offline_html(spec, metadata.get("embed_options")), "text/plain": "<altair chart>"}
+    title = spec.get("title")
+    title = title.get("text") if isinstance(title, dict) else title
+    text = f"<altair chart: {title}>" if isinstance(title, str) and title else "<altair chart>"
+    embed = {"renderer": "svg", **(metadata.get("embed_options") or {})}
+    return {NOTEBOOK_MIMETYPE: spec, "text/plain": text}, {NOTEBOOK_MIMETYPE: {"embed_options": embed}}
 
 
 alt.renderers.register("rephelpers-offline", _offline_renderer)

@@ -55,22 +55,6 @@ def test_saved_chart_renders_offline(browser, tmp_path):
     assert ink > 0.02, f"the chart drew almost nothing ({ink:.1%} of its pixels)"
 
 
-def test_charts_in_notebook_outputs_render_offline(browser, tmp_path):
-    # Two outputs in one page, as in a notebook: the second must not clash with the first's script.
-    bundles = [alt.renderers.get()(_bars(f"output {i}").to_dict()) for i in (1, 2)]
-    assert alt.renderers.active == "rephelpers-offline"
-    assert all("cdn.jsdelivr" not in b["text/html"] for b in bundles)
-    page_file = tmp_path / "outputs.html"
-    page_file.write_text("<!DOCTYPE html><html><body>" + "<hr>".join(b["text/html"] for b in bundles) + "</body></html>")
-    with offline_page(browser) as (page, blocked, errors):
-        page.goto(page_file.as_uri())
-        page.wait_for_function("document.querySelectorAll('.rephelpers-chart svg.marks').length == 2", timeout=30_000)
-        titles = page.locator(".rephelpers-chart svg.marks").all_text_contents()
-        screenshot(page, "notebook_outputs")
-        assert blocked == [] and errors == [], (blocked, errors)
-    assert "output 1" in titles[0] and "output 2" in titles[1]
-
-
 def test_report_renders_offline_with_cluster_names_and_links(browser, tmp_path):
     run = tmp_path / "run"
     run.mkdir()

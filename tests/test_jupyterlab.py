@@ -35,6 +35,7 @@ from browser_support import ROOT, SCREENSHOTS, chromium_context, ink_fraction, o
 CI_RUN = Path(os.environ.get("REPHELPERS_CI_RUN", ROOT / "runs" / "ci_nbmake"))
 CI_NOTEBOOKS = Path(os.environ.get("REPHELPERS_CI_NOTEBOOKS", ROOT / "runs" / "_nbmake"))
 RUN_ALL_TIMEOUT_S = 600
+CHART = "[data-mime-type='application/vnd.vegalite.v5+json'] svg.marks"  # JupyterLab's own vega renderer
 
 pytestmark = pytest.mark.after_notebooks
 
@@ -141,9 +142,18 @@ def _run_notebook(page, base: str, token: str, path: Path) -> None:
     page.wait_for_function("() => window.__runAll !== undefined", timeout=RUN_ALL_TIMEOUT_S * 1000)
     outcome = page.evaluate("() => window.__runAll")
     if outcome != "ok":
-        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+        errors = page.evaluate(
+            """() => { const found = [];
+                       const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
+                       for (let i = 0; i < cells.length; i++) {
+                           const outputs = cells.get(i).toJSON().outputs || [];
+                           for (const o of outputs) if (o.output_type === 'error')
+                               found.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
+                       }
+                       return found; }"""
+        )
         screenshot(page, f"jupyterlab_{path.stem}_failed")
-        pytest.fail(f"running {path.name} in JupyterLab: {outcome}\n" + "\n".join(e[-1500:] for e in errors[-3:]))
+        pytest.fail(f"running {path.name} in JupyterLab: {outcome}: " + "; ".join(errors))
 
 
 def test_cluster_explorer_works_in_jupyterlab(lab, notebooks, browser):
@@ -151,6 +161,9 @@ def test_cluster_explorer_works_in_jupyterlab(lab, notebooks, browser):
     base, token = lab
     with offline_page(browser, allow=[base]) as (page, blocked, _):
         _run_notebook(page, base, token, notebooks / "01_corpus_clusters.ipynb")
+        charts = page.locator(CHART)
+        charts.first.wait_for(timeout=30_000)
+        assert charts.count() >= 3, f"{charts.count()} of notebook 01's 3 charts were drawn"
         explorer = page.locator(".widget-vbox", has=page.locator(".widget-dropdown label", has_text="cluster")).last
         explorer.scroll_into_view_if_needed()
         view = explorer.locator(".widget-html")
@@ -174,7 +187,7 @@ def test_specificity_explorer_works_in_jupyterlab(lab, notebooks, browser):
     with offline_page(browser, allow=[base]) as (page, blocked, _):
         _run_notebook(page, base, token, notebooks / "04_perturbations.ipynb")
         explorer = page.locator(".widget-interact").last
-        chart = explorer.locator(".rephelpers-chart svg.marks")
+        chart = explorer.locator(CHART)
         chart.wait_for(timeout=60_000)
         explorer.scroll_into_view_if_needed()
         before = chart.text_content()
@@ -186,9 +199,9 @@ def test_specificity_explorer_works_in_jupyterlab(lab, notebooks, browser):
         other = next(v for v in values if v != current)
         menu.select_option(label=other)
         page.wait_for_function(
-            "([root, k]) => { const svg = root.querySelector('.rephelpers-chart svg.marks');"
+            "([root, sel, k]) => { const svg = root.querySelector(sel);"
             " return svg && svg.textContent.includes('cluster ' + k); }",
-            arg=[explorer.element_handle(), other], timeout=120_000,
+            arg=[explorer.element_handle(), CHART, other], timeout=120_000,
         )
         after = chart.text_content()
         assert after != before and f"cluster {other}" in after
