@@ -14,6 +14,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 import tempfile
+import time
 from typing import Iterator, Sequence
 
 import pytest
@@ -80,6 +81,9 @@ def offline_page(context, allow: Sequence[str] = ()) -> Iterator[tuple[object, l
     page.on("console", lambda msg: errors.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     try:
         yield page, blocked, errors
+    except BaseException:
+        screenshot(page, f"failed_{time.strftime('%H%M%S')}")  # what the page showed when the test failed
+        raise
     finally:
         page.close()
 

@@ -35,7 +35,7 @@ from browser_support import ROOT, SCREENSHOTS, chromium_context, ink_fraction, o
 CI_RUN = Path(os.environ.get("REPHELPERS_CI_RUN", ROOT / "runs" / "ci_nbmake"))
 CI_NOTEBOOKS = Path(os.environ.get("REPHELPERS_CI_NOTEBOOKS", ROOT / "runs" / "_nbmake"))
 RUN_ALL_TIMEOUT_S = 600
-CHART = "[data-mime-type='application/vnd.vegalite.v5+json'] svg.marks"  # JupyterLab's own vega renderer
+CHART = ".jp-RenderedVegaLite svg.marks"  # drawn by JupyterLab's own vega-lite renderer
 
 pytestmark = pytest.mark.after_notebooks
 
@@ -161,9 +161,13 @@ def test_cluster_explorer_works_in_jupyterlab(lab, notebooks, browser):
     base, token = lab
     with offline_page(browser, allow=[base]) as (page, blocked, _):
         _run_notebook(page, base, token, notebooks / "01_corpus_clusters.ipynb")
-        charts = page.locator(CHART)
-        charts.first.wait_for(timeout=30_000)
+        charts = page.locator(CHART)  # JupyterLab skips drawing cells out of view: attached, not visible
+        charts.first.wait_for(state="attached", timeout=30_000)
         assert charts.count() >= 3, f"{charts.count()} of notebook 01's 3 charts were drawn"
+        marks = charts.evaluate_all("svgs => svgs.map(s => s.querySelectorAll('path, rect, text, symbol').length)")
+        assert min(marks) > 10, f"charts drawn without marks: {marks}"
+        charts.first.scroll_into_view_if_needed()
+        screenshot(page, "jupyterlab_01_chart")
         explorer = page.locator(".widget-vbox", has=page.locator(".widget-dropdown label", has_text="cluster")).last
         explorer.scroll_into_view_if_needed()
         view = explorer.locator(".widget-html")
@@ -188,7 +192,7 @@ def test_specificity_explorer_works_in_jupyterlab(lab, notebooks, browser):
         _run_notebook(page, base, token, notebooks / "04_perturbations.ipynb")
         explorer = page.locator(".widget-interact").last
         chart = explorer.locator(CHART)
-        chart.wait_for(timeout=60_000)
+        chart.wait_for(state="attached", timeout=60_000)
         explorer.scroll_into_view_if_needed()
         before = chart.text_content()
         assert "cluster" in before, before[:300]
