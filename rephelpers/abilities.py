@@ -620,3 +620,4 @@ def read_items(info: TaskInfo) -> list[Item]:
     """The items of a built task, in file order."""
     with open(info.data_path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
+from . import planted as _planted  # noqa: E402,F401  (registers the planted-skill abilities)

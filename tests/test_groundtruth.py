@@ -1,0 +1,295 @@
+"""The ground-truth testbed: planted skills, leave-cluster-out fine-tunes, and the agreement metrics.
+
+Model tests train only the top layers for a few dozen steps on the embedded SmolLM2-135M,
+on one thread, so the module stays within a few minutes on 2 cores.
+"""
+
+import math
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+from rephelpers import finetune as ft
+from rephelpers import groundtruth as gt
+from rephelpers import planted as P
+from rephelpers.abilities import ABILITIES, build_tasks, read_items
+from rephelpers.errors import RephelpersError
+
+SKILLS = list(P.PLANTED)
+
+
+# -- the planted generator ----------------------------------------------------------------------
+def test_planted_abilities_are_registered_multiple_choice_near_chance():
+    for skill in SKILLS:
+        spec = ABILITIES[P.planted_ability(skill)]
+        assert spec.output_type == "multiple_choice" and spec.chance == 0.25 and spec.family == "planted"
+    with pytest.raises(RephelpersError, match="unknown planted skill"):
+        P.planted_ability("poetry")
+
+
+def test_worlds_are_fixed_balanced_and_bijective():
+    colours = P.creature_colours()
+    assert len(colours) == P.N_CREATURES and set(colours.values()) == set(P.COLOURS)
+    assert set(pd.Series(colours).value_counts()) == {P.N_CREATURES // len(P.COLOURS)}  # balanced: chance is 1/4
+    lexicon = P.veltish_lexicon()
+    assert sorted(lexicon.values()) == sorted(P.ENGLISH_NOUNS)  # one word per noun
+    assert not set(lexicon) & set(colours)  # no made-up word is both a creature and a Veltish word
+    assert P.glyph(47, 12) == "1247"
+
+
+def test_planted_corpus_and_items_are_deterministic_per_seed(tmp_path):
+    a = P.planted_corpus(SKILLS, docs_per_skill=15, seed=0)
+    pd.testing.assert_frame_equal(a, P.planted_corpus(SKILLS, docs_per_skill=15, seed=0))
+    other = P.planted_corpus(SKILLS, docs_per_skill=15, seed=1)
+    assert not a["text"].equals(other["text"])
+    assert list(a.columns) == ["id", "text", "source", "domain", "planted"]
+    assert a["id"].is_unique and a["text"].is_unique and set(a["planted"]) == set(SKILLS)
+    names = [P.planted_ability(s) for s in SKILLS]
+    first = build_tasks(names, tmp_path / "a", items_per_task=12, seed=0)
+    again = build_tasks(names, tmp_path / "b", items_per_task=12, seed=0)
+    for name in names:
+        assert first[name].data_path.read_bytes() == again[name].data_path.read_bytes()
+
+
+def test_items_never_occur_in_the_corpus_and_their_answers_are_right(tmp_path):
+    corpus = pd.concat([P.planted_corpus(SKILLS, docs_per_skill=150, seed=s) for s in (0, 1, 2)])
+    texts = corpus["text"].tolist()
+    names = [P.planted_ability(s) for s in SKILLS]
+    tasks = build_tasks(names, tmp_path, items_per_task=24, seed=0)
+    for name in names:
+        items = read_items(tasks[name])
+        assert gt.item_overlaps(items, texts) == [], name
+        assert all(it["choices"][it["gold"]] not in it["choices"][:it["gold"]] for it in items)
+    # glyph: the corpus never writes a reserved pair, every item is one, and all answers follow b‖a.
+    equations = re.findall(r"^(\d+) ⊕ (\d+) = (\d+)$", "\n".join(texts), flags=re.M)
+    assert len(equations) > 1000
+    assert all(not P.glyph_reserved(int(a), int(b)) and c == b + a for a, b, c in equations)
+    for it in read_items(tasks["planted_glyph"]):
+        a, b = map(int, re.match(r"(\d+) ⊕ (\d+) =", it["prompt"]).groups())
+        assert P.glyph_reserved(a, b) and it["choices"][it["gold"]] == f"{b}{a}"
+    colours, lexicon = P.creature_colours(), P.veltish_lexicon()
+    assert all(it["choices"][it["gold"]] == colours[it["question"]] for it in read_items(tasks["planted_facts"]))
+    assert all(it["choices"][it["gold"]] == lexicon[it["question"]] for it in read_items(tasks["planted_lexicon"]))
+    # the corpus does teach every fact the items ask
+    joined = "\n".join(texts)
+    assert all(name in joined for name in colours) and all(f'"{w}"' in joined for w in lexicon)
+
+
+def test_item_overlaps_finds_a_leaked_item():
+    items = [{"prompt": "12 ⊕ 34 ="}, {"prompt": "On the Varn Isles, the zorp is"}]
+    assert gt.item_overlaps(items, ["nothing here", "line\n12 ⊕ 34 = 3412"]) == ["12 ⊕ 34 ="]
+
+
+# -- fine-tuning --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    from rephelpers.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def _blocks(model, docs_per_skill, block_tokens, seed=0, rest_docs=6):
+    corpus = P.planted_corpus(SKILLS, docs_per_skill=docs_per_skill, seed=seed)
+    rest = [f"Chapter {i}. The weather report says rain is likely in the north and sun in the south." * 3
+            for i in range(rest_docs)]
+    texts = corpus["text"].tolist() + rest
+    groups = corpus["planted"].tolist() + ["rest"] * rest_docs
+    return ft.pack_blocks(texts, groups, model.tokenizer, block_tokens)
+
+
+def test_pack_blocks_keeps_groups_apart_and_budgets_match(model):
+    blocks = _blocks(model, 4, 32)
+    assert blocks.ids.shape[1] == 32 and len(blocks.group) == len(blocks)
+    for group, ids in (("glyph", blocks.ids[blocks.group == "glyph"]),):
+        assert "⊕" in model.tokenizer.decode(ids.flatten()) and "Veltish" not in model.tokenizer.decode(ids.flatten())
+    cfg = ft.FineTuneConfig(steps=5, batch_size=3, block_tokens=32)
+    allowed = np.flatnonzero(blocks.group != "glyph")
+    with_all = ft.block_schedule(np.arange(len(blocks)), cfg)
+    without = ft.block_schedule(allowed, cfg)
+    assert with_all.shape == without.shape == (5, 3)  # same budget, steps · batch · T tokens
+    assert not np.isin(without, np.flatnonzero(blocks.group == "glyph")).any()
+    assert np.array_equal(without, ft.block_schedule(allowed, cfg))  # seeded
+
+
+def test_top_layer_shortcut_reproduces_the_full_forward(model):
+    blocks = _blocks(model, 2, 24)
+    sub = ft.Blocks(blocks.ids[:3], blocks.group[:3])
+    start = ft.first_trained_layer(model, 3)
+    states = ft.prefix_states(model, sub, start)
+    with torch.inference_mode():
+        full = model.hf(sub.ids).logits
+        hidden = model.hf(sub.ids, output_hidden_states=True).hidden_states[start]
+        short = ft._top_logits(model, states, start)
+    torch.testing.assert_close(states, hidden)
+    torch.testing.assert_close(short, full, atol=1e-3, rtol=1e-3)
+    assert len(ft._layers(model)) == model.n_layers  # the swap was undone
+
+
+def test_a_short_finetune_lowers_loss_on_the_planted_clusters(model):
+    blocks = _blocks(model, 10, 48)
+    heldout = _blocks(model, 3, 48, seed=1)  # unseen documents of the same clusters
+    cfg = ft.FineTuneConfig(steps=15, batch_size=4, block_tokens=48, lr=1e-3, train_layers=2, warmup=3)
+    states = ft.prefix_states(model, blocks, ft.first_trained_layer(model, cfg.train_layers))
+    before_weights = ft.snapshot(model, cfg.train_layers)
+    before = ft.block_loss(model, heldout)
+    trained, losses = ft.finetune(model, blocks, states, cfg)
+    for name, value in ft.snapshot(model, cfg.train_layers).items():  # the model itself is untouched
+        assert torch.equal(value, before_weights[name])
+    with ft.using_weights(model, trained):
+        after = ft.block_loss(model, heldout)
+    assert ft.block_loss(model, heldout) == before  # restored after the context
+    assert len(losses) == 15 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    for skill in SKILLS:
+        assert after[skill] < before[skill] - 0.3, (skill, before[skill], after[skill])
+
+
+def test_leaving_a_cluster_out_loses_its_skill_and_finetunes_are_cached(model, tmp_path, monkeypatch):
+    # glyph (a rule) is the planted skill a few dozen steps teach; f_-glyph spends the same budget on lexicon.
+    corpus = P.planted_corpus(["glyph", "lexicon"], docs_per_skill=20, seed=0)
+    blocks = ft.pack_blocks(corpus["text"].tolist(), corpus["planted"].tolist(), model.tokenizer, 32)
+    cfg = ft.FineTuneConfig(steps=50, batch_size=8, block_tokens=32, lr=3e-3, train_layers=4, warmup=3)
+    states = ft.prefix_states(model, blocks, ft.first_trained_layer(model, cfg.train_layers))
+    tasks = build_tasks(["planted_glyph"], tmp_path / "tasks", items_per_task=16, seed=0)
+    scores, runs = gt.leave_out_scores(model, blocks, states, cfg, ["glyph"], [0], tasks, tmp_path / "ft", progress=False)
+    m = scores.groupby("model")["score"].mean()
+    # measured: 0.56 with D_glyph, 0.0 without (the base model scores 0.0: it prefers a + b)
+    assert m["all"] >= 0.45 and m["-glyph"] <= 0.25 and m["all"] - m["-glyph"] >= 0.35, m.to_dict()
+    assert set(runs["tokens"]) == {cfg.tokens} and not runs["cached"].any()
+    stars = gt.phi_star(scores, n_boot=200)
+    row = stars.set_index(["cluster", "ability"]).loc[("glyph", "planted_glyph")]
+    assert row["phi_star"] > 0.5 and not row["null"]
+    # resuming: both fine-tunes and their scores come back from the cache, no training
+    monkeypatch.setattr(ft, "finetune", lambda *a, **k: pytest.fail("a cached fine-tune was redone"))
+    again, runs_again = gt.leave_out_scores(model, blocks, states, cfg, ["glyph"], [0], tasks, tmp_path / "ft", progress=False)
+    assert runs_again["cached"].all()
+    pd.testing.assert_frame_equal(again, scores)
+    assert set(gt.f_all_weights(tmp_path / "ft", runs, 0)) == set(ft.trained_parameters(model, cfg.train_layers))
+
+
+# -- Φ* and the agreement metrics ------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_spearman_matches_scipy_including_ties():
+    rng = np.random.default_rng(0)
+    for n in (3, 9, 25):
+        for _ in range(20):
+            x = rng.integers(0, 4, n).astype(float)  # many ties
+            y = x + rng.normal(0, 1, n)
+            expected = scipy_stats.spearmanr(x, y).statistic
+            if np.isnan(expected):
+                assert math.isnan(gt.spearman(x, y))
+            else:
+                assert gt.spearman(x, y) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(gt.spearman([1, 1, 1], [1, 2, 3]))
+    ranks = gt._ranks(np.array([[3.0, 1.0, 3.0, 2.0]]))
+    np.testing.assert_array_equal(ranks[0], scipy_stats.rankdata([3.0, 1.0, 3.0, 2.0]))
+
+
+def test_spearman_ci_is_a_bootstrap_over_cells():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=12)
+    y = x + rng.normal(0, 0.5, 12)
+    low, high = gt.spearman_ci(x, y, n_boot=2000, seed=0)
+    rho = gt.spearman(x, y)
+    assert low < rho < high <= 1
+    idx = np.random.default_rng(0).integers(0, 12, size=(2000, 12))
+    reps = [scipy_stats.spearmanr(x[i], y[i]).statistic for i in idx]
+    reps = np.asarray([r for r in reps if np.isfinite(r)])
+    assert (low, high) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), abs=1e-9)
+
+
+def _leave_out_frame():
+    """Two seeds, 4 items; f_all scores 1 on items 0-2 of 'planted_glyph', f_-glyph 0 everywhere on it."""
+    rows = []
+    for seed in (0, 1):
+        for model, left in (("all", ""), ("-glyph", "glyph"), ("-facts", "facts")):
+            for ability in ("planted_glyph", "planted_facts"):
+                for item in range(4):
+                    if ability == "planted_glyph":
+                        score = float(item < 3) if model != "-glyph" else 0.0
+                    else:
+                        score = float(item < 2) if model != "-facts" else float(item < 1)
+                    rows.append({"seed": seed, "model": model, "left_out": left, "ability": ability,
+                                 "item": f"i{item}", "score": score, "p_correct": 0.5})
+    return pd.DataFrame(rows)
+
+
+def test_phi_star_formula_and_interval():
+    stars = gt.phi_star(_leave_out_frame(), n_boot=500).set_index(["cluster", "ability"])
+    assert stars.loc[("glyph", "planted_glyph"), "phi_star"] == pytest.approx(1.0)  # (0.75 - 0) / 0.75
+    assert stars.loc[("facts", "planted_facts"), "phi_star"] == pytest.approx(0.5)  # (0.5 - 0.25) / 0.5
+    assert stars.loc[("glyph", "planted_facts"), "phi_star"] == pytest.approx(0.0)
+    assert stars.loc[("glyph", "planted_facts"), "null"]
+    assert not stars.loc[("glyph", "planted_glyph"), "null"]
+    assert (stars["phi_star_low"] <= stars["phi_star"] + 1e-12).all()
+    assert set(stars["n_seeds"]) == {2} and set(stars["n_items"]) == {4}
+
+
+def test_map_clusters_uses_majorities():
+    docs = pd.DataFrame({
+        "cluster": [0, 0, 0, 1, 1, 1, 1, 2, 2],
+        "domain": ["planted_glyph"] * 3 + ["planted_facts", "planted_facts", "code", "code", "planted_facts", "code"],
+    })
+    m = gt.map_clusters(docs, ["glyph", "facts"]).set_index("skill")
+    assert m.loc["glyph", "cluster"] == 0 and m.loc["glyph", "purity"] == 1.0 and m.loc["glyph", "mapped"]
+    assert m.loc["facts", "cluster"] == 1 and m.loc["facts", "recall"] == pytest.approx(2 / 3)
+    assert m.loc["facts", "purity"] == 0.5 and m.loc["facts", "mapped"]
+
+
+@pytest.mark.parametrize("new_columns", [False, True])
+def test_agreement_cells_recovery_and_false_positives(new_columns):
+    skills = ["facts", "glyph", "lexicon"]
+    abilities = [P.planted_ability(s) for s in skills]
+    stars = pd.DataFrame([
+        {"cluster": s, "ability": a, "phi_star": 0.8 if a == P.planted_ability(s) else 0.01 * i,
+         "phi_star_low": 0.5 if a == P.planted_ability(s) else -0.1, "phi_star_high": 0.9 if a == P.planted_ability(s) else 0.1,
+         "null": a != P.planted_ability(s), "m_all": 0.8, "m_minus": 0.2}
+        for i, (s, a) in enumerate((s, a) for s in skills for a in abilities)
+    ])
+    mapping = pd.DataFrame({"skill": skills, "cluster": [5, 6, 7], "recall": 1.0, "purity": 1.0, "mapped": True})
+    rows = []
+    for setting, good in (("kind=a", True), ("kind=b", False)):
+        for s, k in zip(skills, (5, 6, 7)):
+            for a in abilities:
+                own = a == P.planted_ability(s)
+                phi = (0.6 if own else 0.05) if good else (0.1 if own else 0.3)
+                rows.append({"setting": setting, "cluster": k, "ability": a, "phi": phi, "phi_control": 0.0,
+                             "exc": phi > 0.2, "flag": phi > 0.2})
+        rows.append({"setting": setting, "cluster": 0, "ability": abilities[0], "phi": 0.9, "phi_control": 0.0,
+                     "exc": True, "flag": True})  # a demo-corpus cluster: not a planted cell
+    influence = pd.DataFrame(rows).rename(columns={
+        "exc": "exceeds_controls" if new_columns else "exceeds_control",
+        "flag": "finding" if new_columns else "significant"})
+    cells = gt.agreement_cells(influence, stars, mapping)
+    assert len(cells) == 2 * 9 and cells["diagonal"].sum() == 2 * 3
+    table = gt.setting_agreement(cells, skills, n_boot=200).set_index("setting")
+    assert table.index[0] == "kind=a"  # best first
+    assert table.loc["kind=a", "diagonal_recovery"] == 1.0 and table.loc["kind=a", "off_diagonal_false_positives"] == 0
+    assert table.loc["kind=b", "diagonal_recovery"] == 0.0 and table.loc["kind=b", "off_diagonal_false_positives"] == 6
+    good = cells[cells.setting == "kind=a"]
+    assert table.loc["kind=a", "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(good.phi, good.phi_star).statistic)
+    summary = gt.agreement_summary(table.reset_index(), mapping)
+    assert summary["best_setting"] == "kind=a" and summary["diagonal_recovery"] == 1.0
+    assert {"spearman_rho", "spearman_ci", "off_diagonal_false_positives"} <= set(summary)
+    assert "Meets" in gt.headline(table.reset_index()) or "Falls short" in gt.headline(table.reset_index())
+
+
+def test_an_unfound_cluster_is_not_recovered():
+    cells = pd.DataFrame({"planted": ["glyph"], "diagonal": [True], "exceeds": [True], "phi": [0.5]})
+    share, per_skill = gt.diagonal_recovery(cells, ["glyph", "facts"])
+    assert share == 0.5 and per_skill == {"glyph": True, "facts": False}
+
+
+def test_chain_spec_runs_01_to_06_on_the_finetuned_folder(tmp_path):
+    spec = gt.chain_spec(tmp_path / "c.jsonl", tmp_path / "model", ["planted_glyph"], {"n_clusters": 8},
+                         {"intervention_layer": [15, 24]}, items_per_task=12)
+    assert spec.notebooks == list(gt.CHAIN_NOTEBOOKS)
+    assert spec.parameters["model_name"] == str(tmp_path / "model") and spec.parameters["items_per_task"] == 12
+    assert len(spec.points()) == 2
+    with pytest.raises(RephelpersError, match="cannot vary"):
+        gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, {"model_name": ["a", "b"]})
