@@ -4,9 +4,9 @@
 ``vl-convert-python``) into ``<run_dir>/charts/``, so a papermill run leaves pictures a
 person can open without Jupyter. The HTML file carries its own JavaScript (vega, vega-lite
 and vega-embed, inlined by vl-convert), so it renders with no network. Importing this module
-also makes the ``rephelpers-offline`` renderer altair's active one: charts shown in a notebook
-go to JupyterLab's own vega-lite renderer, so they render on an offline machine too
-(``alt.renderers.enable("default")`` goes back to altair's CDN-loading renderer).
+also makes the ``rephelpers-offline`` renderer altair's active one: charts shown in JupyterLab
+go to its own vega-lite renderer, so they render on an offline machine too; elsewhere altair's
+default HTML output is kept (``alt.renderers.enable("default")`` uses it everywhere).
 
 Stage 06 draws the Data Influence Matrix (:func:`phi_heatmap`), dose-response small
 multiples (:func:`dose_response_chart`) and the baseline abilities
@@ -45,11 +45,53 @@ def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path | RunDir, name: str
     root.mkdir(parents=True, exist_ok=True)
     html = root / f"{name}.html"
     png = root / f"{name}.png"
-    chart.save(str(html), format="html", inline=True)
+    html.write_text(offline_chart_html(chart))
     chart.save(str(png), scale_factor=scale)
     files = {"html": html, "png": png}
     _SAVED_CHARTS[id(chart)] = (chart, files)
     return files
+
+
+def offline_chart_html(chart: alt.TopLevelMixin) -> str:
+    """A whole HTML page that draws ``chart`` with vega, vega-lite and vega-embed inlined."""
+    spec = json.dumps(chart.to_dict()).replace("</", "<\\/")  # no "</script>" inside the script
+    return (
+        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n"
+        "<style>#vis.vega-embed{width:100%;display:flex}</style>\n"
+        f"<script type='text/javascript'>\n{_vega_bundle()}\n</script>\n</head>\n<body>\n<div id='vis'></div>\n"
+        f"<script type='text/javascript'>\nvegaEmbed('#vis', {spec}, {{\"mode\": \"vega-lite\"}}).catch(console.error);\n"
+        "</script>\n</body>\n</html>\n"
+    )
+
+
+def _vega_bundle() -> str:
+    """vega + vega-lite + vega-embed as one script (vl-convert), cached on disk.
+
+    Made in a child process: vl-convert's bundler, run inside a notebook's kernel, makes
+    nbclient (papermill, nbmake) hang now and then on a later ``interact`` cell.
+    """
+    import subprocess
+    import sys
+
+    import vl_convert
+    from altair.utils._importers import vl_version_for_vl_convert
+
+    from .paths import cache_dir
+
+    version = vl_version_for_vl_convert()
+    path = cache_dir() / f"vega-bundle-{vl_convert.__version__}-{version}.js"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        code = ("import sys, vl_convert; sys.stdout.buffer.write("
+                f"vl_convert.javascript_bundle(vl_version={version!r}).encode())")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300)
+        if done.returncode != 0 or b"vegaEmbed" not in done.stdout:
+            raise RephelpersError(f"vl-convert could not bundle vega {version} for the chart files: "
+                                  f"{done.stderr.decode(errors='replace')[-500:]} (reinstall vl-convert-python)")
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(done.stdout)
+        partial.replace(path)
+    return path.read_text()
 
 
 def _run_root(run_dir: str | os.PathLike | RunDir) -> Path:
@@ -72,14 +114,39 @@ def saved_files(chart: object) -> dict[str, Path]:
 # JupyterLab ships a vega-lite renderer of its own (no network needed); it registers the v5
 # mimetype, and altair's v6 specs use nothing it cannot draw.
 NOTEBOOK_MIMETYPE = "application/vnd.vegalite.v5+json"
+_FRONTEND = {"jupyterlab": False}
 
 
-def _offline_renderer(spec: dict, **metadata: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Charts in a notebook, drawn by JupyterLab's own vega renderer (SVG): no script is fetched.
+def _in_jupyterlab() -> bool:
+    """Whether this kernel has run a cell for JupyterLab (or Notebook 7), remembered once seen.
 
-    A small output on purpose: nbclient (papermill, nbmake) can hang on outputs of a few hundred
-    kB inside an ``interact``, so the vega bundle is never put into the notebook.
+    JupyterLab sends ``cellId`` and ``recordTiming`` with every execute request; papermill and
+    nbmake (nbclient) send neither.
     """
+    if not _FRONTEND["jupyterlab"]:
+        try:
+            from IPython import get_ipython
+
+            kernel = getattr(get_ipython(), "kernel", None)
+            metadata = (kernel.get_parent() or {}).get("metadata") or {} if kernel is not None else {}
+        except Exception:  # no IPython, an older kernel: not JupyterLab as far as we can tell
+            metadata = {}
+        _FRONTEND["jupyterlab"] = "cellId" in metadata and "recordTiming" in metadata
+    return _FRONTEND["jupyterlab"]
+
+
+def _offline_renderer(spec: dict, **metadata: Any) -> Any:
+    """Charts in JupyterLab go to its own vega renderer (SVG), so they draw with no network.
+
+    Elsewhere (papermill, nbmake, other frontends) altair's default HTML output is kept:
+    nbclient can hang on a vega-lite mimebundle, or on any output of a few hundred kB, shown
+    inside an ``interact``, so the spec is handed over as JSON only where JupyterLab draws it
+    and the 0.9 MB vega bundle is never put into a notebook.
+    """
+    if not _in_jupyterlab():
+        from altair.vegalite.v6.display import html_renderer
+
+        return html_renderer(spec, **metadata)
     title = spec.get("title")
     title = title.get("text") if isinstance(title, dict) else title
     text = f"<altair chart: {title}>" if isinstance(title, str) and title else "<altair chart>"

@@ -127,11 +127,13 @@ def _run_notebook(page, base: str, token: str, path: Path) -> None:
     """Open ``path`` in JupyterLab, run all its cells (the Run menu's command) and wait for the kernel."""
     relative = path.relative_to(ROOT).as_posix()
     page.goto(f"{base}/lab/tree/{relative}?token={token}")
+    # JupyterLab may restore other notebooks first: wait until this one is the current, idle one.
     page.wait_for_function(
-        """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-                   const s = w && w.sessionContext;
-                   return s && s.session && s.session.kernel && s.session.kernel.status === 'idle'; }""",
-        timeout=120_000,
+        """(path) => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                       const s = w && w.sessionContext;
+                       return s && s.path === path && s.session && s.session.kernel
+                              && s.session.kernel.status === 'idle'; }""",
+        arg=relative, timeout=120_000,
     )
     page.evaluate(
         """() => { window.__runAll = undefined;

@@ -51,14 +51,37 @@ def test_save_chart_embeds_its_javascript_and_accepts_a_path(tmp_path):
     assert "window.vegaEmbed" in html and len(html) > 300_000
 
 
-def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small():
+def _fake_kernel(monkeypatch, metadata):
+    import types
+
+    import IPython
+
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(get_parent=lambda: {"metadata": metadata}))
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    monkeypatch.setitem(plots._FRONTEND, "jupyterlab", False)
+
+
+def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small(monkeypatch):
     assert alt.renderers.active == "rephelpers-offline"
+    _fake_kernel(monkeypatch, {"cellId": "c1", "recordTiming": False, "deletedCells": []})  # what JupyterLab sends
     data, metadata = _chart().properties(title="t")._repr_mimebundle_()
     assert set(data) == {plots.NOTEBOOK_MIMETYPE, "text/plain"}  # no text/html that would fetch vega from a CDN
     assert data[plots.NOTEBOOK_MIMETYPE]["mark"]["type"] == "bar" and data["text/plain"] == "<altair chart: t>"
     assert metadata[plots.NOTEBOOK_MIMETYPE]["embed_options"]["renderer"] == "svg"
-    # nbclient hangs on outputs of a few hundred kB inside an interact: no bundle in the notebook
-    assert len(json.dumps(data)) < 5_000
+    assert len(json.dumps(data)) < 5_000  # the vega bundle never goes into a notebook
+    # remembered for the kernel: an explorer redrawn from a widget message has no cell metadata
+    plots._FRONTEND["jupyterlab"] = True
+    import IPython
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    assert plots.NOTEBOOK_MIMETYPE in _chart()._repr_mimebundle_()[0]
+
+
+def test_notebook_renderer_keeps_altairs_html_for_papermill_and_nbmake(monkeypatch):
+    _fake_kernel(monkeypatch, {})  # nbclient sends no cell metadata
+    bundle = _chart()._repr_mimebundle_()
+    assert set(bundle) == {"text/html"} and "vegaEmbed" in bundle["text/html"]
+    assert plots._FRONTEND["jupyterlab"] is False
 
 
 def test_report_names_clusters_everywhere_and_links_chart_files(run):
