@@ -45,30 +45,55 @@ def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path | RunDir, name: str
     root.mkdir(parents=True, exist_ok=True)
     html = root / f"{name}.html"
     png = root / f"{name}.png"
-    html.write_text(offline_chart_html(chart))
+    write_offline_chart_html(chart, html)
     chart.save(str(png), scale_factor=scale)
     files = {"html": html, "png": png}
     _SAVED_CHARTS[id(chart)] = (chart, files)
     return files
 
 
-def offline_chart_html(chart: alt.TopLevelMixin) -> str:
-    """A whole HTML page that draws ``chart`` with vega, vega-lite and vega-embed inlined."""
+_OFFLINE_PAGE_HEAD = (
+    "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n"
+    "<style>#vis.vega-embed{width:100%;display:flex}</style>\n<script type='text/javascript'>\n"
+)
+_OFFLINE_PAGE_BODY = "\n</script>\n</head>\n<body>\n<div id='vis'></div>\n<script type='text/javascript'>\nvegaEmbed('#vis', "
+_OFFLINE_PAGE_TAIL = ", {\"mode\": \"vega-lite\"}).catch(console.error);\n</script>\n</body>\n</html>\n"
+
+# Written by a child process: with the ~1 MB page assembled inside a notebook's kernel, nbclient
+# (papermill, nbmake) hung on stage 03's later ``interact`` cell in 4 of 27 runs (0 of 35 with
+# altair's CDN page; 1 of 19 this way, which may be nbclient's own flake), so the kernel only
+# hands over the spec.
+_WRITE_PAGE = """
+import shutil, sys
+bundle, target, head, body, tail = sys.argv[1:6]
+spec = sys.stdin.read()
+with open(target + ".part", "w", encoding="utf-8") as out, open(bundle, encoding="utf-8") as js:
+    out.write(head); shutil.copyfileobj(js, out); out.write(body); out.write(spec); out.write(tail)
+import os; os.replace(target + ".part", target)
+"""
+
+
+def write_offline_chart_html(chart: alt.TopLevelMixin, path: str | Path) -> Path:
+    """Write a whole HTML page that draws ``chart`` with vega, vega-lite and vega-embed inlined."""
+    import subprocess
+    import sys
+
     spec = json.dumps(chart.to_dict()).replace("</", "<\\/")  # no "</script>" inside the script
-    return (
-        "<!DOCTYPE html>\n<html>\n<head>\n<meta charset='utf-8'>\n"
-        "<style>#vis.vega-embed{width:100%;display:flex}</style>\n"
-        f"<script type='text/javascript'>\n{_vega_bundle()}\n</script>\n</head>\n<body>\n<div id='vis'></div>\n"
-        f"<script type='text/javascript'>\nvegaEmbed('#vis', {spec}, {{\"mode\": \"vega-lite\"}}).catch(console.error);\n"
-        "</script>\n</body>\n</html>\n"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", _WRITE_PAGE, str(_vega_bundle_path()), str(path),
+         _OFFLINE_PAGE_HEAD, _OFFLINE_PAGE_BODY, _OFFLINE_PAGE_TAIL],
+        input=spec, text=True, capture_output=True, timeout=120,
     )
+    if done.returncode != 0:
+        raise RephelpersError(f"could not write {path}: {done.stderr[-500:]}")
+    return Path(path)
 
 
-def _vega_bundle() -> str:
-    """vega + vega-lite + vega-embed as one script (vl-convert), cached on disk.
+def _vega_bundle_path() -> Path:
+    """vega + vega-lite + vega-embed as one script (vl-convert), cached on disk; its path.
 
     Made in a child process: vl-convert's bundler, run inside a notebook's kernel, makes
-    nbclient (papermill, nbmake) hang now and then on a later ``interact`` cell.
+    nbclient (papermill, nbmake) hang on a later ``interact`` cell (3 of 4 runs of stage 03).
     """
     import subprocess
     import sys
@@ -91,7 +116,7 @@ def _vega_bundle() -> str:
         partial = path.with_suffix(f".{os.getpid()}.tmp")
         partial.write_bytes(done.stdout)
         partial.replace(path)
-    return path.read_text()
+    return path
 
 
 def _run_root(run_dir: str | os.PathLike | RunDir) -> Path:
