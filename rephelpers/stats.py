@@ -493,6 +493,15 @@ def ace_regression(
     constant = [c for c in predictors if data[c].nunique() < 2]
     require(not constant, f"ace_regression: predictors {constant} are constant across the rows; drop them.")
     n_params = len(predictors) + 1
+    if per_cluster and "cluster" in rows.columns and len(data) <= n_params:
+        # Too few clusters to fit at all: say so in the table rather than stop the notebook.
+        table = pd.DataFrame({"term": ["const", *predictors]}).assign(
+            estimate=np.nan, std_error=np.nan, t_value=np.nan, p_value=np.nan, ci_low=np.nan, ci_high=np.nan)
+        table.attrs.update(n_obs=int(len(data)), r_squared=float("nan"), response=response, predictors=predictors,
+                           df_resid=int(len(data)) - n_params, unit="cluster",
+                           note=f"too few clusters to fit: {len(data)} clusters for {n_params} parameters "
+                                f"(intercept + {predictors}); add clusters or use fewer covariates.")
+        return table
     require(
         len(data) > n_params,
         f"ace_regression: {len(data)} complete {'clusters' if per_cluster else 'rows'} for {n_params} parameters "

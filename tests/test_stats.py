@@ -250,3 +250,11 @@ def test_ace_regression_is_per_cluster_and_says_when_clusters_are_too_few():
     X = np.column_stack([np.ones(5), means[["cluster_size", "probe_accuracy"]].to_numpy()])
     beta, *_ = np.linalg.lstsq(X, means["ace"].to_numpy(), rcond=None)
     np.testing.assert_allclose(table["estimate"].to_numpy(), beta, rtol=1e-8)
+
+
+def test_ace_regression_with_fewer_clusters_than_parameters_reports_instead_of_failing():
+    rows = pd.DataFrame([{"cluster": k, "task": t, "ace": float(k + t), "cluster_size": float(10 + k),
+                          "probe_accuracy": 0.5 + 0.1 * k * k} for k in range(3) for t in range(2)])
+    table = stats.ace_regression(rows)
+    assert table["estimate"].isna().all() and table.attrs["n_obs"] == 3
+    assert "too few clusters to fit" in table.attrs["note"]
