@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -587,25 +586,9 @@ def loss_chart(runs: pd.DataFrame, cache: Path) -> Any:
     ).properties(width=420, height=200, title="Fine-tuning loss (10-step moving average)")
 
 
-@dataclass
-class Budget:
-    """Wall-clock of the testbed's parts, for the closing note."""
-
-    seconds: dict[str, float]
-
-    def table(self) -> pd.DataFrame:
-        return pd.DataFrame({"part": list(self.seconds), "seconds": [round(v, 1) for v in self.seconds.values()]})
-
-
 def check_abilities(abilities: Sequence[str]) -> list[str]:
+    """``abilities`` as a list, if every name is an ability of the suite; else a clear error."""
     unknown = [a for a in abilities if a not in ABILITIES]
     require(not unknown, f"unknown abilities {unknown}; the suite has {', '.join(ABILITIES)}")
     return list(abilities)
 
-
-__all__ = [
-    "testbed_corpus", "write_corpus", "item_overlaps", "leave_out_scores", "score_table", "phi_star",
-    "chain_spec", "chain_influence", "map_clusters", "spearman", "spearman_ci", "agreement_cells",
-    "diagonal_recovery", "setting_agreement", "agreement_summary", "headline", "scatter_chart",
-    "scores_chart", "loss_chart", "RephelpersError",
-]

@@ -5,7 +5,6 @@ on one thread, so the module stays within a few minutes on 2 cores.
 """
 
 import math
-import random
 import re
 
 import numpy as np
