@@ -7,4 +7,4 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # Notebooks get CI-sized parameters injected (papermill) into runs/_nbmake/, then nbmake runs them in order.
 python -m rephelpers parameterize papermill_params/ci.yaml --out runs/_nbmake --run-dir runs/ci_nbmake
-python -m pytest tests runs/_nbmake --nbmake --nbmake-timeout=1200 -p no:cacheprovider "$@"
+python -m pytest tests runs/_nbmake --nbmake --nbmake-timeout=1200 -p no:cacheprovider --durations=25 "$@"

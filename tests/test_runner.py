@@ -220,8 +220,11 @@ def test_a_cell_past_its_timeout_fails_clearly_within_the_bound(project):
 
 
 def test_a_kernel_killed_mid_cell_fails_clearly_instead_of_hanging(project):
-    _add_notebook(project, "03_die", "import os, signal\nprint('going down', flush=True)\n"
-                                     "os.kill(os.getpid(), signal.SIGKILL)")
+    # The pause lets the kernel's I/O thread send the line before the kill: what the runner
+    # must surface is output that left the kernel, not a message still inside a dying process
+    # (without it, CI once lost the race and the line never reached the client).
+    _add_notebook(project, "03_die", "import os, signal, time\nprint('going down', flush=True)\n"
+                                     "time.sleep(1.0)\nos.kill(os.getpid(), signal.SIGKILL)")
     spec = _single(project, "die", "03_die", execution={"stall_timeout": 5})
     started = time.time()
     with _within(120, "a dead kernel"), pytest.raises(RephelpersError, match="notebook 03_die, cell 1"):
