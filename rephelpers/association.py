@@ -5,7 +5,9 @@ documents.parquet order), cluster labels ``C(d) ∈ {0..K−1}`` and the train /
 split (stage 01). Everything is estimated on the ``train`` rows; probes are scored on
 the ``heldout`` rows.
 
-- :func:`mean_difference_scores`: ``S(i,k) = mean_{d∈D_k} A_i(d) − mean_{d∉D_k} A_i(d)``.
+- :func:`mean_difference_scores`: ``S(i,k) = mean_{d∈D_k} A_i(d) − mean_{d∉D_k} A_i(d)``
+  (the same over tokens instead of documents with stage 02's token statistics:
+  :func:`rephelpers.tokenstats.token_mean_difference_scores`).
 - :func:`select_dimensions`: ``R_k = {i : S(i,k) > τ}`` or the top-k by S (or by a probe
   weight ``w_{k,i}``, see :mod:`rephelpers.probes`).
 - :func:`class_mean_direction`, :func:`principal_subspace`: the cluster direction
@@ -40,6 +42,7 @@ from .errors import RephelpersError, require
 from .models import COMPONENTS
 from .perturbations import Leace
 from .probes import ProbeFit, fit_probe, split_masks
+from .tokenstats import MASSIVE_THRESHOLD, TokenStats, massive_dimensions, token_mean_difference_scores
 
 METHODS = ("mean_diff", "probe_l1", "probe_l2", "mlp")
 NONNEGATIVE = ("shift", "relu")
@@ -348,6 +351,10 @@ def find_cluster_components(
     with_probe: bool = True,
     with_leace: bool = True,
     progress: bool = True,
+    token_stats: Mapping[int, TokenStats] | None = None,
+    token_level: bool = False,
+    keep_massive: bool = False,
+    massive_threshold: float = MASSIVE_THRESHOLD,
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Every cluster's dimensions R_k and subspace (v_k, V_k, probe) at every layer.
 
@@ -372,7 +379,28 @@ def find_cluster_components(
     ``layer, cluster, component, method, dims (R_k), direction (v_k), principal,
     basis (V_k, rank × d), explained_variance, probe {kind, coef, intercept, accuracy}
     or None, selector_accuracy, mean_in, mean_out, std, n_train, n_heldout, tau, top_k,
-    leace``.
+    leace, massive_dims, token_rms, token_level, keep_massive``.
+
+    Attention-sink-aware options (they need ``token_stats``, stage 02's
+    ``{layer: TokenStats}`` from :func:`rephelpers.activations.load_token_stats`, rows in
+    ``labels`` order):
+
+    - ``token_level=True`` computes S(i,k) over the train documents' *tokens* instead of
+      their pooled vectors: ``S(i,k) = Σ_{d∈D_k} sum_i(d) / Σ_{d∈D_k} T_d −
+      Σ_{d∉D_k} sum_i(d) / Σ_{d∉D_k} T_d`` (``T_d`` counted tokens of document d), and with
+      ``standardize`` the pooled within-group token standard deviation from the sums of
+      squares (:func:`rephelpers.tokenstats.token_mean_difference_scores`). Each token
+      weighs the same, so S no longer tracks document length. Default False: the
+      proposal's S on pooled vectors.
+    - ``massive_dims`` (stored in every subspace): dimensions whose largest
+      ``|h_i| / median_j |h_j|`` over all tokens exceeds ``massive_threshold`` (default 100;
+      :func:`rephelpers.tokenstats.massive_dimensions`). Unless ``keep_massive=True`` they
+      are left out of R_k (for every method): R_k is selected among the other
+      dimensions (if fewer than ``top_k`` remain, all of them, with a warning). Without
+      ``token_stats`` nothing is detected and ``massive_dims`` is ``[]``.
+    - ``token_rms`` (stored in every subspace): per-dimension root-mean-square of h over
+      the train documents' counted tokens, ``√(Σ_d sumsq_i(d) / Σ_d T_d)``; None without
+      ``token_stats``.
     """
     # Validate everything before the first fit.
     require(method in METHODS, f"unknown method {method!r}: use one of {METHODS}")
@@ -410,6 +438,17 @@ def find_cluster_components(
             isinstance(top_k, (int, np.integer)) and 1 <= top_k <= d_model,
             f"top_k must be an integer in 1..{d_model}, got {top_k!r}.",
         )
+    require(
+        not token_level or token_stats is not None,
+        "token_level=True needs stage 02's token statistics (token_stats=load_token_stats(run)); "
+        "this run has none: re-run notebook 02 to collect them, or set token_level=False.",
+    )
+    require(massive_threshold > 0, f"massive_threshold must be > 0, got {massive_threshold!r}.")
+    stats: dict[int, TokenStats] = {}
+    if token_stats is not None:
+        absent = [l for l in layers if l not in token_stats]
+        require(not absent, f"token_stats lack layers {absent} (they hold {sorted(token_stats)}); re-run notebook 02.")
+        stats = {l: token_stats[l].check(len(labels), d_model, layer=l) for l in layers}
     selector = _PROBE_OF_METHOD.get(method)
     linear = selector if selector in ("l1", "l2") else ("l2" if with_probe else None)
     if selector or linear:
@@ -420,7 +459,22 @@ def find_cluster_components(
     for layer in tqdm(layers, desc="cluster components", disable=not progress, leave=False):
         X = matrices[layer]
         X_train, y_train = X[train], labels[train]
-        scores = mean_difference_scores(X_train, y_train, K, standardize)
+        layer_stats = stats.get(layer)
+        train_stats = None if layer_stats is None else layer_stats.rows(train)
+        if token_level:
+            scores = token_mean_difference_scores(train_stats, y_train, K, standardize)
+        else:
+            scores = mean_difference_scores(X_train, y_train, K, standardize)
+        massive = [] if layer_stats is None else massive_dimensions(layer_stats, threshold=massive_threshold)
+        candidates = np.setdiff1d(np.arange(d_model), [] if keep_massive else massive)
+        layer_top_k = None if tau is not None else int(top_k)
+        if layer_top_k is not None and layer_top_k > len(candidates):
+            warnings.warn(
+                f"layer {layer}: only {len(candidates)} dimensions are not massive, fewer than "
+                f"top_k = {top_k}; R_k takes all of them.", stacklevel=2,
+            )
+            layer_top_k = len(candidates)
+        token_rms = None if train_stats is None else train_stats.token_rms().tolist()
         fits: dict[str, ProbeFit] = {
             kind: fit_probe(X_train, y_train, X[heldout], labels[heldout], kind, K, C=C, seed=seed)
             for kind in dict.fromkeys(k for k in (selector, linear) if k)
@@ -430,10 +484,11 @@ def find_cluster_components(
         spread = X_train.std(0)
         for k in range(K):
             try:
-                dims = select_dimensions(
-                    criterion[k], tau, None if tau is not None else top_k,
-                    name="S(i,k)" if selector is None else f"{selector} probe weight",
-                )
+                dims = candidates[select_dimensions(
+                    criterion[k][candidates], tau, layer_top_k,
+                    name=("S(i,k)" if selector is None else f"{selector} probe weight")
+                    + ("" if len(candidates) == d_model else " (massive dimensions excluded)"),
+                )]
             except RephelpersError as err:
                 raise RephelpersError(f"layer {layer}, cluster {k}: {err}") from None
             selected = np.zeros(d_model, dtype=bool)
@@ -465,6 +520,10 @@ def find_cluster_components(
                 "std": spread.tolist(),
                 "n_heldout": int((labels[heldout] == k).sum()),
                 "leace": _leace_eraser(X_train, y_train == k, layer, k) if with_leace else None,
+                "massive_dims": list(massive),
+                "token_rms": token_rms,
+                "token_level": bool(token_level),
+                "keep_massive": bool(keep_massive),
             })
     dimensions = pd.concat(rows, ignore_index=True)
     dimensions["layer"] = dimensions["layer"].astype(np.int64)
