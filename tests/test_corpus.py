@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
 import re
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import pandas as pd
 import pytest
 
 from rephelpers import RephelpersError
+from rephelpers import corpus as corpus_module
 from rephelpers.corpus import (
     BUILTIN_DOMAINS,
     MAX_CHARS,
@@ -321,3 +326,124 @@ def test_corpus_fingerprint_tracks_content(builtin):
     changed.loc[0, "text"] = changed.loc[0, "text"] + " "
     assert corpus_fingerprint(builtin) == corpus_fingerprint(builtin.copy())
     assert corpus_fingerprint(builtin) != corpus_fingerprint(changed)
+
+
+# -- the pinned sources and the reference fingerprint ------------------------------------
+def _distribution_of(source: str) -> str:
+    return source.split("==")[0]
+
+
+def test_builtin_corpus_reads_only_the_pinned_sources(builtin):
+    by_domain = builtin.groupby("domain")["source"].apply(list)
+    assert {s.removeprefix("stdlib/") for s in by_domain["code"]} <= set(corpus_module.BUILTIN_CODE_MODULES)
+    legal = [s for s in by_domain["legal"] if s != "stdlib/LICENSE.txt"]
+    assert {_distribution_of(s) for s in legal} <= set(corpus_module.BUILTIN_LEGAL_DISTRIBUTIONS)
+    assert {_distribution_of(s) for s in by_domain["markdown"]} <= set(corpus_module.BUILTIN_MARKDOWN_DISTRIBUTIONS)
+    # Labels name the distribution and version, never a path of this machine.
+    assert all(re.fullmatch(r"[a-z0-9-]+==[^/]+/.+", s) for s in legal + by_domain["markdown"])
+    # Installed but not pinned (pip and torch differ per machine) never enters.
+    assert not any(_distribution_of(s) in ("pip", "setuptools", "torch", "numpy") for s in legal)
+
+
+def test_builtin_sources_are_listed_in_their_pinned_order():
+    for domain, pinned in (
+        ("legal", corpus_module.BUILTIN_LEGAL_DISTRIBUTIONS),
+        ("markdown", corpus_module.BUILTIN_MARKDOWN_DISTRIBUTIONS),
+    ):
+        missing: list[str] = []
+        sources = corpus_module._builtin_sources(domain, MIN_CHARS, MAX_CHARS, missing)
+        names = [_distribution_of(s.name) for s in sources if not s.name.startswith("stdlib/")]
+        assert not missing
+        assert list(dict.fromkeys(names)) == list(pinned)
+    missing = []
+    code = corpus_module._builtin_sources("code", MIN_CHARS, MAX_CHARS, missing)
+    assert [s.name for s in code] == [f"stdlib/{m}" for m in corpus_module.BUILTIN_CODE_MODULES]
+    assert not any(corpus_module.is_holdout_module(Path(m)) for m in corpus_module.BUILTIN_CODE_MODULES)
+
+
+def test_another_installed_distribution_does_not_change_the_corpus(tmp_path, monkeypatch):
+    before = build_builtin_corpus(docs_per_domain=8, seed=0, domains=("legal", "markdown"))
+    extra = tmp_path / "zz_extra-1.0.dist-info"
+    extra.mkdir()
+    (extra / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: zz-extra\nVersion: 1.0\nDescription-Content-Type: text/markdown\n\n"
+        + "# An extra package\n\n" + "It is installed here only. " * 40
+    )
+    (extra / "LICENSE").write_text("A license only this machine has. " * 30)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib.metadata
+
+    assert importlib.metadata.version("zz-extra") == "1.0"
+    pd.testing.assert_frame_equal(before, build_builtin_corpus(docs_per_domain=8, seed=0, domains=("legal", "markdown")))
+
+
+def test_two_builds_in_separate_processes_are_identical():
+    # Another process with another hash seed: nothing may depend on set or dict iteration order.
+    import subprocess
+    import sys
+
+    script = (
+        "from rephelpers.corpus import build_builtin_corpus, corpus_fingerprint;"
+        "print(corpus_fingerprint(build_builtin_corpus(docs_per_domain=10, seed=0)))"
+    )
+    outputs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout.strip()
+        for h in (1, 2)
+    }
+    assert outputs == {corpus_fingerprint(build_builtin_corpus(docs_per_domain=10, seed=0))}
+
+
+def test_a_missing_pinned_source_is_skipped_with_a_warning(monkeypatch):
+    monkeypatch.setattr(corpus_module, "BUILTIN_LEGAL_DISTRIBUTIONS", ("no-such-distribution", *corpus_module.BUILTIN_LEGAL_DISTRIBUTIONS))
+    monkeypatch.setattr(corpus_module, "BUILTIN_CODE_MODULES", ("no_such_module.py", *corpus_module.BUILTIN_CODE_MODULES))
+    with pytest.warns(corpus_module.PinnedSourceWarning, match=r"stdlib/no_such_module\.py \(not in this Python.*no-such-distribution \(not installed\)") as caught:
+        frame = build_builtin_corpus(docs_per_domain=5, seed=0, domains=("code", "legal"))
+    assert len(caught) == 1
+    assert (frame["domain"].value_counts() == 5).all()
+
+
+def test_reference_versions_are_the_constraints_pins():
+    pins = {}
+    for line in (Path(__file__).parents[1] / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    pinned = set(corpus_module.BUILTIN_LEGAL_DISTRIBUTIONS) | set(corpus_module.BUILTIN_MARKDOWN_DISTRIBUTIONS)
+    assert pinned <= set(corpus_module.BUILTIN_REFERENCE_VERSIONS)
+    assert {n: pins.get(n) for n in corpus_module.BUILTIN_REFERENCE_VERSIONS} == corpus_module.BUILTIN_REFERENCE_VERSIONS
+
+
+@pytest.mark.model
+def test_reference_fingerprint_is_what_the_pinned_stack_builds():
+    if corpus_module.builtin_corpus_differences():
+        pytest.skip(f"not the pinned stack: {corpus_module.builtin_corpus_differences()}")
+    from rephelpers.models import load_model
+
+    chunks = chunk_documents(build_builtin_corpus(docs_per_domain=10, seed=0), load_model().tokenizer, 48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert corpus_module.check_builtin_fingerprint(corpus_fingerprint(chunks), 10, 48, 0) is True
+
+
+def test_fingerprint_check_names_what_differs(monkeypatch):
+    reference = corpus_module.DEMO_CORPUS_FINGERPRINTS[(60, 128, 0)]
+    assert corpus_module.check_builtin_fingerprint(reference, 60, 128, 1) is None  # no reference for seed 1
+    assert corpus_module.check_builtin_fingerprint("0" * 16, 60, 128, 0, model_name="my-model") is None
+    monkeypatch.setattr(corpus_module, "BUILTIN_REFERENCE_PYTHON", "3.10.0")
+    monkeypatch.setitem(corpus_module.BUILTIN_REFERENCE_VERSIONS, "chardet", "5.0.0")
+    monkeypatch.setattr(corpus_module, "_pinned_distribution", lambda name: None if name == "rich" else _real_distribution(name))
+    with pytest.warns(corpus_module.PinnedSourceWarning) as caught:
+        assert corpus_module.check_builtin_fingerprint("0" * 16, 60, 128, 0) is False
+    message = str(caught[0].message)
+    assert reference in message and "0" * 16 in message
+    assert f"Python {platform.python_version()} instead of 3.10.0" in message
+    assert f"chardet {importlib.metadata.version('chardet')} instead of 5.0.0" in message
+    assert "rich is not installed (pinned 15.0.0)" in message
+
+
+def _real_distribution(name: str):
+    try:
+        return importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
