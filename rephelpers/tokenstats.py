@@ -232,6 +232,27 @@ def massive_table(
     })
 
 
+def massive_summary(stats: Mapping[int, TokenStats], threshold: float = MASSIVE_THRESHOLD) -> pd.DataFrame:
+    """One row per layer: ``layer, massive_dims, max_ratio, max_abs, at_first_token``.
+
+    ``massive_dims`` lists the dimensions whose ratio exceeds ``threshold`` (largest first);
+    ``max_ratio`` / ``max_abs`` are the layer's largest ratio and ``|h|`` over all dimensions;
+    ``at_first_token`` says whether every massive dimension peaks at a document's first token.
+    """
+    rows = []
+    for layer in sorted(stats):
+        s = stats[layer]
+        dims = massive_dimensions(s, threshold=threshold)
+        rows.append({
+            "layer": int(layer),
+            "massive_dims": dims,
+            "max_ratio": float(s.ratio_max.max()),
+            "max_abs": float(s.abs_max.max()),
+            "at_first_token": bool((s.peak_pos[dims] == 0).all()) if dims else None,
+        })
+    return pd.DataFrame(rows)
+
+
 def token_mean_difference_scores(
     stats: TokenStats,
     labels: Sequence[int] | np.ndarray,
@@ -276,5 +297,6 @@ __all__ = [
     "merge_batches",
     "massive_dimensions",
     "massive_table",
+    "massive_summary",
     "token_mean_difference_scores",
 ]
