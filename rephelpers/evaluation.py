@@ -742,6 +742,7 @@ def cluster_configs(
     positions: str = "all",
     seed: int = 0,
     n_controls: int = 1,
+    spectrum: dict[str, Any] | None = None,
 ) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
     """The configs stage 05 evaluates, and their descriptors for the score rows.
 
@@ -759,6 +760,9 @@ def cluster_configs(
     Φ_control an estimate of what a random edit of that size does rather than one sample.
     Draw j is the same random set (same seed) at every magnitude, so a draw's Φ over Θ_k
     is one sample of the control distribution that stage 06 compares Φ with.
+    ``spectrum`` is the layer's token spectrum the controls are matched with
+    (:func:`rephelpers.specificity.control_spectrum`, as stage 04 computes it; None: dimension
+    controls from the subspace's statistics, uniform project controls).
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; config ids are
     ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw,
     and ``config_meta`` carries ``draw`` (0 for the perturbation itself).
@@ -783,7 +787,7 @@ def cluster_configs(
         for kind in kinds:
             for m in magnitudes:
                 arms = [(f"k{k}:{kind}:m{m:g}", False, 0, build(kind, dict(subspace), m, seed))]
-                controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls)
+                controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls, spectrum)
                 arms += [(f"k{k}:{kind}:m{m:g}:control{draw or ''}", True, draw, p) for draw, p in enumerate(controls)]
                 for cid, control, draw, perturbation in arms:
                     configs[cid] = [Intervention(perturbation, layer, component, positions)]

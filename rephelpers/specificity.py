@@ -20,7 +20,10 @@ k's held-out texts (the *target* set) and on held-out texts of the other cluster
   the target and rest texts (``edit_norm``), and for each control its ratio to the
   perturbation's (``edit_ratio``): a control that changes the state far less than the
   perturbation controls for nothing, so ``edit_matched`` flags ratios outside
-  ``[1/EDIT_TOLERANCE, EDIT_TOLERANCE]``.
+  ``[1/edit_tolerance, edit_tolerance]`` (default :data:`EDIT_TOLERANCE`; the row carries
+  it as ``edit_tolerance``) and ``matching`` says how the control was drawn
+  (:func:`rephelpers.perturbations.matched_control`: magnitude strata, captured second
+  moment of the layer's token spectrum from :func:`control_spectrum`, or uniform).
 
 :func:`specificity_verdicts` turns the report into the gate stage 06 reads: a
 perturbation is *specific* only if its Δlog-ppl on the cluster's held-out texts clearly
@@ -48,12 +51,19 @@ try:  # token keys for perturbations that draw per-token noise
     from .intervene import batch_keys
 except ImportError:  # pragma: no cover - older intervene without keyed noise
     batch_keys = None
-from .perturbations import MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_controls, registered_kinds
+from .perturbations import (
+    MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_controls, registered_kinds, second_moment_spectrum,
+)
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
-EDIT_TOLERANCE = 1.5
-"""A control's edit size must lie within this factor of its perturbation's to count as matched."""
+EDIT_TOLERANCE = 1.25
+"""A control's edit size ‖ĥ − h‖ must lie within this factor of its perturbation's to count as
+matched (``edit_matched``). Matched controls (magnitude strata, captured second moment) land
+within a few percent where a match exists at all; 1.25 leaves room for the draw and for
+held-out tokens differing from the training tokens the profiles come from."""
+SPECTRUM_TEXTS = 64
+"""Training texts whose token states give a layer's spectrum for matched controls (:func:`control_spectrum`)."""
 MIN_GAP = 0.05
 """Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
 MIN_RATIO = 1.5
@@ -143,8 +153,17 @@ def specificity_report(
     n_readout_layers: int = 3,
     n_controls: int = 1,
     progress: bool = True,
+    spectrum: Any = "auto",
+    edit_tolerance: float = EDIT_TOLERANCE,
 ) -> pd.DataFrame:
     """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
+
+    ``spectrum`` is the layer's token spectrum the controls are matched with
+    (:func:`rephelpers.perturbations.matched_control`): ``"auto"`` computes it with
+    :func:`control_spectrum` from the training texts of ``documents_df`` (what stage 05
+    does too, so both stages draw the same controls), a dict passes one in, and None draws
+    dimension controls from the subspace's own statistics and project controls uniformly.
+    ``edit_tolerance`` sets the ``edit_matched`` flag.
 
     ``n_controls`` independent random controls are drawn per cluster (draw j uses seed
     ``seed + j``, as in :func:`rephelpers.evaluation.cluster_configs`); each is a row with
@@ -186,8 +205,15 @@ def specificity_report(
             f"probes must be pooled representations [{len(documents)}, {model.d_model}] in documents_df "
             f"row order, got shape {probes.shape}",
         )
+    require(
+        math.isfinite(edit_tolerance) and edit_tolerance >= 1,
+        f"edit_tolerance must be a factor ≥ 1, got {edit_tolerance!r}",
+    )
     read = readout_layers(model, layer, n_readout_layers)
     attend = list(range(layer + 1, model.n_layers)) if with_attention else []
+    if isinstance(spectrum, str):
+        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s dict, got {spectrum!r}")
+        spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
 
     plans = []
     for k in clusters:
@@ -201,7 +227,7 @@ def specificity_report(
                 f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
             )
         subspace = _complete_subspace(at_layer[k], kind, k, documents, probes)
-        controls = matched_controls(kind, subspace, model.d_model, magnitude, seed, n_controls)
+        controls = matched_controls(kind, subspace, model.d_model, magnitude, seed, n_controls, spectrum)
         arms = {("perturbation", 0): build(kind, subspace, magnitude, seed)}
         arms |= {("control", draw): control for draw, control in enumerate(controls)}
         ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
@@ -227,6 +253,7 @@ def specificity_report(
                 "component": component,
                 "positions": positions,
                 "perturbation": perturbation.describe(),
+                "matching": getattr(perturbation, "matching", None) or ("" if arm == "perturbation" else "unmatched"),
                 "config": perturbation.to_json(),
                 "seed": int(seed),
                 "n_target": int(len(target)),
@@ -242,8 +269,58 @@ def specificity_report(
     bar.close()
     report = pd.DataFrame(rows)
     ratio = report["edit_ratio"]
-    report["edit_matched"] = (ratio >= 1 / EDIT_TOLERANCE) & (ratio <= EDIT_TOLERANCE)
+    report["edit_tolerance"] = float(edit_tolerance)
+    report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
     return report
+
+
+_SPECTRA: dict[tuple, dict[str, Any]] = {}
+
+
+def control_spectrum(
+    model: Model,
+    documents_df: pd.DataFrame,
+    layer: int,
+    component: str = "resid",
+    n_texts: int = SPECTRUM_TEXTS,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """The token spectrum of ``(layer, component)`` that matched controls use.
+
+    :func:`rephelpers.perturbations.second_moment_spectrum` of the states of every real
+    token (the first, attention-sink token included: the perturbations act on it too) of
+    up to ``n_texts`` training documents (``split == "train"``; a fixed random sample,
+    seed 0, when there are more), read with one trace per batch that stops at the site.
+    The same documents give the same spectrum, so stages 04 and 05 draw identical
+    controls; results are kept in memory for the session (one ``d × d`` matrix per layer).
+    """
+    require("split" in documents_df.columns and "text" in documents_df.columns,
+            "control_spectrum needs notebook 01's documents (columns text, split).")
+    layer = model.check_layer(int(layer))
+    model.check_component(component)
+    train = documents_df[documents_df["split"] == "train"]
+    require(len(train) > 0, "control_spectrum: no training documents (split == 'train').")
+    picked = np.sort(np.random.default_rng(0).permutation(len(train))[:n_texts])
+    texts = [str(t) for t in train["text"].iloc[picked]]
+    from .artifacts import stable_hash
+    from .models import model_fingerprint
+
+    key = (model_fingerprint(model), stable_hash(texts), layer, component, int(max_length))
+    if key not in _SPECTRA:
+        states = []
+        for start in range(0, len(texts), batch_size):
+            batch = model.encode(texts[start : start + batch_size], max_length=max_length)
+            with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
+                saved = output_tensor(model.envoy(layer, component).output).save()
+                tracer.stop()
+            states.append(saved.float()[batch["attention_mask"].bool()].double().cpu())
+        if len(_SPECTRA) >= 8:
+            _SPECTRA.clear()
+        _SPECTRA[key] = second_moment_spectrum(
+            torch.cat(states), source=f"{component} L{layer}, {len(texts)} training texts"
+        )
+    return _SPECTRA[key]
 
 
 def edit_norms(
@@ -600,6 +677,8 @@ __all__ = [
     "specificity_report",
     "specificity_verdicts",
     "edit_norms",
+    "control_spectrum",
+    "EDIT_TOLERANCE",
     "specificity_long",
     "specificity_chart",
     "probe_chart",

@@ -11,6 +11,8 @@ from rephelpers.errors import RephelpersError
 from rephelpers.intervene import perplexity, sequence_nll
 from rephelpers.perturbations import matched_control
 from rephelpers.specificity import (
+    EDIT_TOLERANCE,
+    control_spectrum,
     explorer,
     probe_balanced_accuracy,
     probe_chart,
@@ -168,7 +170,9 @@ def test_several_control_draws_are_independent_rows(model, documents, subspaces)
     # draw 0 is the single-draw control, the same numbers to the last bit
     pd.testing.assert_frame_equal(report.iloc[:2][["config", *numbers]], single[["config", *numbers]])
     subspace = next(s for s in subspaces if s["cluster"] == 1)
-    second = matched_control("ablate", subspace, model.d_model, 1.0, seed=1)
+    # the report matches its controls with the layer's token spectrum from the training texts
+    second = matched_control("ablate", subspace, model.d_model, 1.0, seed=1,
+                             spectrum=control_spectrum(model, documents, LAYER))
     assert report["config"].iloc[2] == second.to_json() and report["config"].iloc[2] != report["config"].iloc[1]
     assert report["dlogppl_target"].iloc[2] != report["dlogppl_target"].iloc[1]
     # the chart shows the mean over draws: one bar per (cluster, arm, set, metric)
@@ -213,7 +217,8 @@ def test_edit_norm_equals_a_plain_hidden_state_computation(model, documents, sub
     assert pert.edit_ratio == pytest.approx(1.0)
     ctrl = report[report.arm == "control"].iloc[0]
     assert ctrl.edit_ratio == pytest.approx(ctrl.edit_norm / pert.edit_norm)
-    assert ctrl.edit_matched == (1 / 1.5 <= ctrl.edit_ratio <= 1.5)
+    assert ctrl.edit_matched == (1 / EDIT_TOLERANCE <= ctrl.edit_ratio <= EDIT_TOLERANCE)
+    assert ctrl.edit_tolerance == EDIT_TOLERANCE and "strata" in ctrl.matching
 
 
 def test_specificity_verdicts_gate_on_the_rest_and_on_the_controls():
