@@ -19,6 +19,12 @@ Metrics, one value per item (the ``score`` of stage 05):
   sentences that differ only in the group term, the CrowS-Pairs convention used by
   lm-eval's ``crows_pairs``; its mean is the share of pairs where the model prefers the
   stereotype (0.5 = no preference, higher = more biased, so lower is better).
+
+Baselines: the abilities whose score measures a skill are tuned so that the unperturbed
+embedded model (SmolLM2-135M) scores well above chance and below the ceiling, in [0.4, 0.9]
+(``benchmarks/bench_ability_baselines.py`` measures it), which leaves room to detect both
+losses and gains. ``bias`` is not held to that range: its score is a preference rate, not a
+skill, and 0.5 (no preference) rather than a high score is the unbiased value.
 """
 
 from __future__ import annotations
@@ -154,8 +160,46 @@ def _arithmetic_question(op: str, rng: random.Random) -> tuple[str, int]:
     return f"Q: What is {a} + {b}?\nA:", a + b
 
 
+_ARITH_FUNCS: dict[str, Callable[[int, int], int]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+}
+
+
+def _arithmetic_operands(question: str) -> tuple[int, str, int]:
+    a, op, b = re.fullmatch(r"Q: What is (\d+) ([-+*]) (\d+)\?\nA:", question).groups()
+    return int(a), op, int(b)
+
+
+def _arithmetic_distractors(question: str, answer: int, rng: random.Random) -> list[int]:
+    """Three wrong answers a small model can mistake for ``answer``: off by one (either
+    sign, at random, so the answer is not always the smallest choice) and the results of
+    the two other operations on the same numbers (larger minus smaller for ``-``).
+
+    Every distractor is a non-negative integer different from the answer and from each
+    other; when a candidate collides (``2 * 2 = 2 + 2``), the next of ±10, ±2, ±11, ±20
+    takes its place.
+    """
+    a, op, b = _arithmetic_operands(question)
+    hi, lo = max(a, b), min(a, b)
+    other_ops = [o for o in _ARITH_OPS if o != op]
+    rng.shuffle(other_ops)
+    wanted = [answer + rng.choice((1, -1))] + [_ARITH_FUNCS[o](hi, lo) for o in other_ops]
+    fallback = [answer + d for d in (1, -1, 10, -10, 2, -2, 11, -11, 20, -20)]
+    chosen: list[int] = []
+    for first in wanted:
+        for c in [first] + fallback:
+            if c >= 0 and c != answer and c not in chosen:
+                chosen.append(c)
+                break
+    return chosen
+
+
 def _arithmetic_items(n: int, rng: random.Random) -> list[Item]:
-    """Two-digit sums and differences, one-digit products; three solved examples first."""
+    """Two-digit sums and differences, one-digit products, as four-way multiple choice.
+
+    Three solved examples first; the true result is one choice, the others come from
+    :func:`_arithmetic_distractors` (chance 1/4), in random order.
+    """
     demos = [_arithmetic_question(op, rng) for op in _ARITH_OPS]
     header = "".join(f"{q} {a}\n\n" for q, a in demos)
     seen = {q for q, _ in demos}
@@ -165,7 +209,11 @@ def _arithmetic_items(n: int, rng: random.Random) -> list[Item]:
         if question in seen:
             continue
         seen.add(question)
-        items.append({"prompt": header + question, "answer": str(answer), "question": question})
+        choices = [str(c) for c in _arithmetic_distractors(question, answer, rng)]
+        gold = rng.randrange(len(choices) + 1)
+        choices.insert(gold, str(answer))
+        items.append({"prompt": header + question, "choices": choices, "gold": gold,
+                      "answer": str(answer), "question": question})
     return items
 
 
@@ -449,10 +497,11 @@ ABILITIES: dict[str, AbilitySpec] = {
     spec.name: spec
     for spec in (
         AbilitySpec(
-            "arithmetic", "math", "generate_until", "exact_match", 0.0, 40, 300,
+            "arithmetic", "math", "multiple_choice", "acc", 0.25, 40, 300,
             "Two-digit addition and subtraction, one-digit multiplication ('Q: What is 17 + 25?"
-            "\\nA:'), three solved examples first; greedy answer, first integer must match.",
-            _arithmetic_items, max_gen_toks=8,
+            "\\nA:'), three solved examples first; the true result against three distractors "
+            "(off by one, and the two other operations' results), by log-likelihood.",
+            _arithmetic_items,
         ),
         AbilitySpec(
             "code", "code", "multiple_choice", "acc", 0.25, 40, 400,

@@ -79,13 +79,25 @@ def test_items_are_unique_and_well_formed(built):
 
 def test_arithmetic_answers_recomputed(built):
     ops = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+    assert ABILITIES["arithmetic"].output_type == "multiple_choice" and ABILITIES["arithmetic"].chance == 0.25
+    golds = []
     for it in read_items(built["arithmetic"]):
         a, op, b = re.fullmatch(r"Q: What is (\d+) ([-+*]) (\d+)\?\nA:", it["question"]).groups()
-        assert int(it["answer"]) == ops[op](int(a), int(b))
+        answer = ops[op](int(a), int(b))
+        assert it["choices"][it["gold"]] == it["answer"] == str(answer) and len(it["choices"]) == 4
+        golds.append(it["gold"])
+        # Distractors: off by one, the two other operations' results (larger minus smaller),
+        # or a fallback offset when one collides; never negative, never the answer.
+        wrong = {int(c) for j, c in enumerate(it["choices"]) if j != it["gold"]}
+        others = {ops[o](max(int(a), int(b)), min(int(a), int(b))) for o in ops if o != op}
+        assert len(wrong) == 3 and answer not in wrong and min(wrong) >= 0
+        assert wrong & {answer - 1, answer + 1}
+        assert wrong <= others | {answer + d for d in (1, -1, 10, -10, 2, -2, 11, -11, 20, -20)}
         assert it["prompt"].endswith(it["question"])
         # Three solved examples come first and are never asked again.
         demos = re.findall(r"Q: What is (\d+) ([-+*]) (\d+)\?\nA: (-?\d+)\n\n", it["prompt"])
         assert len(demos) == 3 and all(int(r) == ops[o](int(x), int(y)) for x, o, y, r in demos)
+    assert len(set(golds)) > 1  # the answer's position varies
 
 
 def test_reasoning_answers_are_positive_integers(built):

@@ -37,7 +37,7 @@ STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle l
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    return build_tasks(["icl", "code", "arithmetic"], tmp_path_factory.mktemp("tasks"), items_per_task=6, seed=0)
+    return build_tasks(["icl", "code", "reasoning"], tmp_path_factory.mktemp("tasks"), items_per_task=6, seed=0)
 
 
 def _samples(lm, prepared, limit):
@@ -52,11 +52,11 @@ def test_unperturbed_scores_equal_stock_hflm(model, tasks):
     prepared = prepare_tasks(tasks)
     ours = _samples(PerturbedLM(model, batch_size=4), prepared, limit=2)
     stock = _samples(HFLM(pretrained=model.hf, tokenizer=model.tokenizer, batch_size=4), prepare_tasks(tasks), limit=2)
-    assert set(ours) == set(stock) == {"rh_icl", "rh_code", "rh_arithmetic"}
+    assert set(ours) == set(stock) == {"rh_icl", "rh_code", "rh_reasoning"}
     for task in ours:
         for a, b in zip(ours[task], stock[task], strict=True):
             assert a["prompt_hash"] == b["prompt_hash"]
-            if task == "rh_arithmetic":
+            if task == "rh_reasoning":
                 assert a["resps"] == b["resps"]  # greedy text, stop sequences honoured
             else:
                 np.testing.assert_allclose([r[0] for r in a["filtered_resps"]], [r[0] for r in b["filtered_resps"]], rtol=0, atol=1e-5)
@@ -119,7 +119,7 @@ def test_response_cache_never_serves_a_perturbed_run(model, tasks):
     mc = wide.dropna()
     assert len(mc) == 4 and (mc["base"] - mc["strong"]).abs().min() > 1e-3
     np.testing.assert_array_equal(mc["base"], mc["base_again"])
-    gen = df[df.task == "rh_arithmetic"].pivot_table(index="item", columns="config_id", values="response", aggfunc="first")
+    gen = df[df.task == "rh_reasoning"].pivot_table(index="item", columns="config_id", values="response", aggfunc="first")
     assert (gen["base"] == gen["base_again"]).all() and (gen["base"] != gen["strong"]).any()
     assert df.loc[df.config_id == "strong", "interventions"].iloc[0].count('"ablate"') == 1
 
@@ -138,7 +138,7 @@ def test_fast_path_equals_per_config_path(model, tasks):
         "noise12": [Intervention(Noise(tuple(range(0, 576, 2)), sigma=3.0, seed=1), 12)],
         "noise12_last": [Intervention(Noise(tuple(range(1, 576, 2)), sigma=6.0, seed=2), 12, positions="last")],
     }
-    mc_tasks = {k: v for k, v in tasks.items() if k != "arithmetic"}
+    mc_tasks = {k: v for k, v in tasks.items() if k != "reasoning"}
     meta = {cid: {"cluster": i - 1} for i, cid in enumerate(configs)}
     naive = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta)
     fast = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta, fast=True)
