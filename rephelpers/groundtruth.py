@@ -22,10 +22,19 @@ Agreement of ``Φ`` with ``Φ*``, per setting, over the cells ``(p, a)``:
 
 - Spearman ``ρ = corr(rank Φ, rank Φ*)`` (average ranks for ties) with a percentile
   bootstrap interval over cells;
-- diagonal recovery: the share of planted clusters whose own skill's cell exceeds its
-  control distribution and has the largest Φ among the row's cells that do;
+- diagonal recovery: the share of planted clusters whose own skill's cell lies beyond its
+  random controls and has the largest Φ among the row's cells that do. "Beyond its
+  controls" is ``Φ − Φ_control > 0`` with stage 06's 95% interval over items and control
+  draws (``phi_minus_control_low > 0``). Stage 06's stricter ``exceeds_controls`` (rank of
+  Φ among the control draws, BH-adjusted across cells) gives ``diagonal_recovery_strict``;
+  with ``n`` draws its smallest p-value is ``1/(n + 1)``, so with the testbed's 2 draws it
+  can never pass α = 0.05 and that share is 0 by construction (``min_p_vs_controls``
+  records it);
 - off-diagonal false positives: off-diagonal cells flagged by stage 06 (``finding`` where
   that column exists, else ``significant``) whose Φ* is null.
+
+Each chain point is scored twice: by ``Φ`` itself and by ``Φ − Φ_control`` (the loss beyond
+that of random edits of the same size), the ``score`` part of a setting's label.
 """
 
 from __future__ import annotations
@@ -236,6 +245,7 @@ def chain_spec(
     name: str = "chain",
     seed: int = 0,
     items_per_task: int | None = None,
+    notebooks: Sequence[str] | None = None,
 ) -> Any:
     """The :class:`~rephelpers.runner.RunSpec` of notebooks 01–06 on ``model_dir`` and ``corpus_path``.
 
@@ -243,9 +253,18 @@ def chain_spec(
     Φ* was measured on (same generator, same ``seed``). ``parameters`` are the chain's own
     (``n_clusters``, ``layers``, ``perturbation``, …);
     ``grid`` makes it a sweep (one point per perturbation kind × layer, say), whose stages
-    01–03 run once.
+    01–03 run once. ``notebooks`` (default :data:`CHAIN_NOTEBOOKS`) may leave out stage 04:
+    its specificity verdicts only gate how stage 06 words a cell, none of the figures
+    :func:`setting_agreement` reads, and it takes most of a point's time.
     """
     from .runner import RunSpec
+
+    notebooks = list(notebooks) if notebooks else list(CHAIN_NOTEBOOKS)
+    bad = [n for n in notebooks if n not in CHAIN_NOTEBOOKS]
+    require(not bad, f"chain notebooks must be among {list(CHAIN_NOTEBOOKS)}, got {bad}")
+    missing = [n for n in CHAIN_NOTEBOOKS if n not in notebooks and n != "04_perturbations"]
+    require(not missing, f"the chain needs {missing}; only 04_perturbations may be left out")
+    notebooks = [n for n in CHAIN_NOTEBOOKS if n in notebooks]
 
     params = {**dict(parameters), "seed": int(seed), "model_name": str(model_dir),
               "corpus": str(corpus_path), "abilities": list(abilities)}
@@ -254,7 +273,23 @@ def chain_spec(
     grid = {k: list(v) for k, v in (grid or {}).items()}
     clash = sorted(set(grid) & {"model_name", "corpus", "abilities"})
     require(not clash, f"chain_grid cannot vary {clash}: the testbed fixes them")
-    return RunSpec(name=name, parameters=params, notebooks=list(CHAIN_NOTEBOOKS), grid=grid)
+    return RunSpec(name=name, parameters=params, notebooks=notebooks, grid=grid)
+
+
+def chain_grids(grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]] | None) -> list[dict[str, list[Any]]]:
+    """``chain_grid`` as a list of product grids.
+
+    A mapping is one product (every combination of its values); a list of mappings is the
+    union of their products, for a design a single product cannot express (three kinds at one
+    layer, one kind at another). ``None`` or ``{}`` is a single run.
+    """
+    if grid is None or isinstance(grid, Mapping):
+        return [{k: list(v) for k, v in (grid or {}).items()}]
+    grids = [{k: list(v) for k, v in g.items()} for g in grid]
+    require(grids and all(grids), "chain_grid: a list of grids needs at least one grid and no empty one")
+    keys = {tuple(sorted(g)) for g in grids}
+    require(len(keys) == 1, f"chain_grid: every grid in the list must vary the same keys, got {sorted(keys)}")
+    return grids
 
 
 def run_chain(
@@ -264,17 +299,19 @@ def run_chain(
     corpus_path: str | Path,
     abilities: Sequence[str],
     parameters: Mapping[str, Any],
-    grid: Mapping[str, Sequence[Any]] | None,
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]] | None,
     run_dir: str | Path,
     seed: int = 0,
     name: str = "chain",
     items_per_task: int | None = None,
-) -> tuple[Any, Path]:
+    notebooks: Sequence[str] | None = None,
+) -> tuple[list[Any], Path]:
     """Save ``f_all`` as a model folder (cached by its weights' key) and run notebooks 01–06 on it.
 
-    The chain runs into ``run_dir/name`` through :func:`rephelpers.runner.run_spec`, so a
+    The chain runs into ``run_dir/name`` through :func:`rephelpers.runner.run_spec`, once per
+    grid of :func:`chain_grids` (they share ``_shared/``: the same keys vary in each), so a
     finished chain (or sweep point) with the same parameters is skipped on a re-run.
-    Returns ``(spec, chain_dir)``.
+    Returns ``(specs, chain_dir)``.
     """
     from .finetune import save_model_folder
     from .models import model_fingerprint
@@ -282,9 +319,12 @@ def run_chain(
 
     key = stable_hash(model_fingerprint(model), {k: stable_hash(v.numpy()) for k, v in sorted(trained.items())})
     folder = save_model_folder(model, trained, Path(model_cache) / f"f_all-{key}")
-    spec = chain_spec(corpus_path, folder, abilities, parameters, grid, name=name, seed=seed, items_per_task=items_per_task)
-    run_spec(spec, runs_root=Path(run_dir))
-    return spec, Path(run_dir) / name
+    specs = [chain_spec(corpus_path, folder, abilities, parameters, g, name=name, seed=seed,
+                        items_per_task=items_per_task, notebooks=notebooks)
+             for g in chain_grids(grid)]
+    for spec in specs:
+        run_spec(spec, runs_root=Path(run_dir))
+    return specs, Path(run_dir) / name
 
 
 def chain_documents(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
@@ -302,28 +342,34 @@ SETTING_KEYS = ("perturbation", "intervention_layer", "magnitude", "method", "st
 def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     """Φ of every setting of the chain: ``influence.parquet`` rows with a ``setting`` label.
 
-    For a sweep, each point's table (``results.parquet``, or the points' own files); for a
-    single run, its ``influence.parquet``. The setting columns (perturbation kind,
+    ``spec`` is a :class:`~rephelpers.runner.RunSpec` or the list :func:`run_chain` returns.
+    For a sweep, each point's own ``influence.parquet`` (a point in several grids once); for
+    a single run, its ``influence.parquet``. The setting columns (perturbation kind,
     intervention layer, magnitude, scoring method, …) come from the point, else from the
     run's parameters.
     """
     chain_dir = Path(chain_dir)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     frames = []
-    if spec.grid:
+    if any(s.grid for s in specs):
         from .runner import point_name
 
-        for point in spec.points():
+        seen = set()
+        for s, point in ((s, p) for s in specs for p in s.points()):
+            if point_name(point) in seen:
+                continue
+            seen.add(point_name(point))
             path = chain_dir / point_name(point) / "influence.parquet"
             status = chain_dir / point_name(point) / "status.json"
             state = json.loads(status.read_text()).get("state") if status.exists() else None
             if state != "done" or not path.exists():
                 print(f"[groundtruth] chain point {point_name(point)} is {state or 'missing'}: left out", flush=True)
                 continue
-            frames.append(_with_setting(pd.read_parquet(path), {**spec.parameters, **point}, point_name(point)))
+            frames.append(_with_setting(pd.read_parquet(path), {**s.parameters, **point}, point_name(point)))
     else:
         path = chain_dir / "influence.parquet"
         require(path.exists(), f"{path} is missing: the chain did not finish (see {chain_dir / 'status.json'})")
-        frames.append(_with_setting(pd.read_parquet(path), spec.parameters, "run"))
+        frames.append(_with_setting(pd.read_parquet(path), specs[0].parameters, "run"))
     require(frames, f"no chain point finished under {chain_dir}; see the status.json files there")
     return pd.concat(frames, ignore_index=True)
 
@@ -426,64 +472,119 @@ def _column(table: pd.DataFrame, preferred: str, fallback: str) -> str:
     return fallback
 
 
+SCORES = {"phi": "Φ", "phi_minus_control": "Φ − Φ_control"}
+
+
 def agreement_cells(influence: pd.DataFrame, stars: pd.DataFrame, mapping: pd.DataFrame) -> pd.DataFrame:
     """One row per setting × planted cluster × ability with Φ (chain) beside Φ* (fine-tunes).
 
-    ``exceeds`` is stage 06's ``exceeds_controls`` (else ``exceeds_control``), ``flagged`` its
-    ``finding`` (else ``significant``); ``diagonal`` marks the skill's own ability.
-    Planted clusters the clustering did not find (``mapped`` false) have no Φ and are left
-    out here (they count as not recovered).
+    ``exceeds`` is stage 06's ``exceeds_controls`` (else ``exceeds_control``), ``beyond``
+    ``phi_minus_control_low > 0`` (else ``exceeds``), ``flagged`` its ``finding`` (else
+    ``significant``); ``diagonal`` marks the skill's own ability. Planted clusters the
+    clustering did not find (``mapped`` false) have no Φ and are left out here (they count
+    as not recovered).
     """
     exceeds = _column(influence, "exceeds_controls", "exceeds_control")
     flagged = _column(influence, "finding", "significant")
     found = mapping[mapping["mapped"]]
     rows = stars.merge(found[["skill", "cluster"]].rename(columns={"skill": "planted", "cluster": "chain_cluster"}),
                        left_on="cluster", right_on="planted")
-    keep = ["setting", "cluster", "ability", "phi", "phi_control", exceeds, flagged]
+    influence = influence.copy()
+    if "phi_minus_control" not in influence.columns:
+        influence["phi_minus_control"] = influence["phi"] - influence["phi_control"]
+    if "phi_minus_control_low" in influence.columns:
+        influence["beyond"] = influence["phi_minus_control_low"] > 0
+    else:
+        influence["beyond"] = influence[exceeds]
+    if "min_p_vs_controls" not in influence.columns:
+        influence["min_p_vs_controls"] = math.nan
+    keep = ["setting", "cluster", "ability", "phi", "phi_control", "phi_minus_control", "beyond", exceeds, flagged,
+            "min_p_vs_controls"]
     extra = [c for c in SETTING_KEYS if c in influence.columns]
     chain = influence[keep + extra].rename(columns={"cluster": "chain_cluster", exceeds: "exceeds", flagged: "flagged"})
     cells = rows.drop(columns="cluster").merge(chain, on=["chain_cluster", "ability"], how="inner")
     cells["diagonal"] = cells["ability"] == cells["planted"].map(planted_ability)
-    cells["exceeds"] = cells["exceeds"].fillna(False).astype(bool)
-    cells["flagged"] = cells["flagged"].fillna(False).astype(bool)
+    for column in ("beyond", "exceeds", "flagged"):
+        cells[column] = cells[column].astype(object).fillna(False).astype(bool)
     order = ["setting", *extra, "planted", "chain_cluster", "ability", "diagonal", "phi", "phi_control",
-             "exceeds", "flagged", "phi_star", "phi_star_low", "phi_star_high", "null", "m_all", "m_minus"]
+             "phi_minus_control", "beyond", "exceeds", "flagged", "min_p_vs_controls", "phi_star", "phi_star_low",
+             "phi_star_high", "null", "m_all", "m_minus"]
     return cells[order].sort_values(["setting", "planted", "ability"]).reset_index(drop=True)
 
 
-def diagonal_recovery(cells: pd.DataFrame, skills: Sequence[str]) -> tuple[float, dict[str, bool]]:
-    """Share of planted skills whose own cell exceeds its controls and has the largest Φ among the row's cells that do.
+def diagonal_recovery(cells: pd.DataFrame, skills: Sequence[str], beyond: str = "beyond",
+                      score: str = "phi") -> tuple[float, dict[str, bool]]:
+    """Share of planted skills whose own cell lies beyond its controls and has the largest ``score`` among the row's cells that do.
 
-    ``cells`` of one setting; a skill without a row (cluster not found) is not recovered.
+    ``cells`` of one setting; ``beyond`` names the boolean column that says a cell lies beyond
+    its controls (``beyond``, or stage 06's ``exceeds``); a skill without a row (cluster not
+    found) is not recovered.
     """
+    if beyond not in cells.columns:
+        beyond = "exceeds"  # cells made before `beyond` existed
     recovered = {}
     for skill in skills:
-        row = cells[(cells["planted"] == skill) & cells["exceeds"]]
+        row = cells[(cells["planted"] == skill) & cells[beyond].astype(bool)]
         own = row[row["diagonal"]]
-        recovered[skill] = bool(len(own) == 1 and float(own["phi"].iloc[0]) >= float(row["phi"].max()))
+        recovered[skill] = bool(len(own) == 1 and float(own[score].iloc[0]) >= float(row[score].max()))
     return (float(np.mean(list(recovered.values()))) if recovered else math.nan), recovered
 
 
-def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
-    """Per setting: ρ(Φ, Φ*) with its bootstrap CI, diagonal recovery and off-diagonal false positives."""
+def diagonal_argmax(cells: pd.DataFrame, skills: Sequence[str], score: str = "phi") -> float:
+    """Share of planted skills whose own cell has a positive ``score`` above every other cell of its row.
+
+    Recovery by ranking alone, no test against the controls: it separates a method that
+    points at the wrong skill from one that points at the right one too weakly to be sure.
+    """
+    hits = []
+    for skill in skills:
+        row = cells[cells["planted"] == skill]
+        own, other = row.loc[row["diagonal"], score], row.loc[~row["diagonal"], score]
+        hits.append(bool(len(own) == 1 and own.iloc[0] > 0 and (len(other) == 0 or own.iloc[0] > other.max())))
+    return float(np.mean(hits)) if hits else math.nan
+
+
+def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                      scores: Sequence[str] = tuple(SCORES)) -> pd.DataFrame:
+    """Per setting and score (``phi``, ``phi_minus_control``): ρ(score, Φ*) with its bootstrap CI,
+    diagonal recovery (feasible and strict criterion) and off-diagonal false positives.
+
+    The rows' ``setting`` is the chain point's label plus ``score=<score>``; best first (ρ,
+    then diagonal recovery, then fewer false positives).
+    """
     rows = []
-    for setting, sub in cells.groupby("setting", sort=True):
-        ok = sub[np.isfinite(sub["phi"]) & np.isfinite(sub["phi_star"])]
-        rho = spearman(ok["phi"], ok["phi_star"])
-        low, high = spearman_ci(ok["phi"], ok["phi_star"], n_boot, alpha, seed)
-        share, per_skill = diagonal_recovery(sub, skills)
+    for point, sub in cells.groupby("setting", sort=True):
+        if "beyond" not in sub.columns:
+            sub = sub.assign(beyond=sub["exceeds"])
+        if "phi_minus_control" not in sub.columns:
+            sub = sub.assign(phi_minus_control=sub["phi"] - sub["phi_control"])
         null_off = sub[~sub["diagonal"] & sub["null"]]
         false_pos = int(null_off["flagged"].sum())
-        rows.append({
-            "setting": setting, "n_cells": len(ok), "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
-            "diagonal_recovery": share, "recovered": ",".join(s for s, v in per_skill.items() if v),
-            "off_diagonal_false_positives": false_pos, "null_off_diagonal_cells": len(null_off),
-            "false_positive_rate": false_pos / len(null_off) if len(null_off) else math.nan,
-            "flagged_diagonal": int(sub.loc[sub["diagonal"], "flagged"].sum()),
-        })
+        min_p = float(sub["min_p_vs_controls"].max()) if "min_p_vs_controls" in sub.columns else math.nan
+        for score in scores:
+            ok = sub[np.isfinite(sub[score]) & np.isfinite(sub["phi_star"])]
+            rho = spearman(ok[score], ok["phi_star"])
+            low, high = spearman_ci(ok[score], ok["phi_star"], n_boot, alpha, seed)
+            share, per_skill = diagonal_recovery(sub, skills, "beyond", score)
+            strict, per_skill_strict = diagonal_recovery(sub, skills, "exceeds", score)
+            argmax = diagonal_argmax(sub, skills, score)
+            rows.append({
+                "setting": f"{point}, score={score}", "point": point, "score": score, "n_cells": len(ok),
+                "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
+                "diagonal_recovery": share, "recovered": ",".join(s for s, v in per_skill.items() if v),
+                "diagonal_recovery_strict": strict,
+                "recovered_strict": ",".join(s for s, v in per_skill_strict.items() if v),
+                "diagonal_argmax": argmax,
+                "min_p_vs_controls": min_p,
+                "off_diagonal_false_positives": false_pos, "null_off_diagonal_cells": len(null_off),
+                "false_positive_rate": false_pos / len(null_off) if len(null_off) else math.nan,
+                "flagged_diagonal": int(sub.loc[sub["diagonal"], "flagged"].sum()),
+                "beyond_diagonal": int(sub.loc[sub["diagonal"], "beyond"].sum()),
+                "beyond_off_diagonal": int(sub.loc[~sub["diagonal"], "beyond"].sum()),
+            })
     table = pd.DataFrame(rows)
     key = table["spearman_rho"].fillna(-2.0) + 1e-3 * table["diagonal_recovery"].fillna(0) - 1e-6 * table["off_diagonal_false_positives"]
-    return table.assign(_key=key).sort_values("_key", ascending=False).drop(columns="_key").reset_index(drop=True)
+    return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
 
 
 def agreement_summary(per_setting: pd.DataFrame, mapping: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -504,7 +605,10 @@ def agreement_summary(per_setting: pd.DataFrame, mapping: pd.DataFrame, extra: M
         "spearman_rho": clean(best["spearman_rho"]),
         "spearman_ci": [clean(best["spearman_low"]), clean(best["spearman_high"])],
         "diagonal_recovery": clean(best["diagonal_recovery"]),
+        "diagonal_recovery_strict": clean(best.get("diagonal_recovery_strict", math.nan)),
+        "diagonal_argmax": clean(best.get("diagonal_argmax", math.nan)),
         "off_diagonal_false_positives": clean(best["off_diagonal_false_positives"]),
+        "null_off_diagonal_cells": clean(best.get("null_off_diagonal_cells", math.nan)),
         "best_setting": str(best["setting"]),
         "settings": [{k: clean(v) for k, v in row.items()} for row in per_setting.to_dict("records")],
         "cluster_mapping": [{k: clean(v) for k, v in row.items()} for row in mapping.to_dict("records")],
@@ -520,7 +624,8 @@ def headline(per_setting: pd.DataFrame, target_rho: float = 0.7) -> str:
     return (
         f"Best setting: {best['setting']}. Spearman ρ(Φ, Φ*) = {rho:+.2f} "
         f"[{best['spearman_low']:+.2f}, {best['spearman_high']:+.2f}] over {best['n_cells']} cells; "
-        f"diagonal recovery {best['diagonal_recovery']:.0%} ({best['recovered'] or 'none'}); "
+        f"diagonal recovery {best['diagonal_recovery']:.0%} ({best['recovered'] or 'none'}; own cell beyond its "
+        f"controls and largest there; own cell largest in {best.get('diagonal_argmax', math.nan):.0%} of rows by Φ alone); "
         f"{best['off_diagonal_false_positives']} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged. "
         f"{'Meets' if meets else 'Falls short of'} the target (ρ ≥ {target_rho}, full diagonal recovery) "
         f"across {len(per_setting)} setting(s)."
@@ -533,8 +638,10 @@ def scatter_chart(cells: pd.DataFrame) -> Any:
 
     data = cells.assign(cell=cells["planted"] + " → " + cells["ability"],
                         kind=np.where(cells["diagonal"], "own skill (diagonal)", "other skill"))
-    base = alt.Chart(data).encode(
-        x=alt.X("phi_star:Q", title="Φ* (leave-cluster-out fine-tuning)"),
+    # Layers without data of their own, so that the facet splits every layer by setting.
+    x_title = "Φ* (leave-cluster-out fine-tuning)"
+    base = alt.Chart().encode(
+        x=alt.X("phi_star:Q", title=x_title),
         y=alt.Y("phi:Q", title="Φ (representation perturbation)"),
     )
     points = base.mark_point(size=70, filled=True).encode(
@@ -543,8 +650,9 @@ def scatter_chart(cells: pd.DataFrame) -> Any:
         tooltip=["setting", "cell", alt.Tooltip("phi:Q", format="+.3f"), alt.Tooltip("phi_star:Q", format="+.3f"),
                  "exceeds", "flagged", "null"],
     )
-    errors = base.mark_errorbar(opacity=0.5).encode(x="phi_star_low:Q", x2="phi_star_high:Q", color="planted:N")
-    zero = alt.Chart(pd.DataFrame({"z": [0.0]})).mark_rule(strokeDash=[3, 3], color="grey").encode(y="z:Q")
+    errors = base.mark_errorbar(opacity=0.5).encode(x=alt.X("phi_star_low:Q", title=x_title), x2="phi_star_high:Q",
+                                                    color="planted:N")
+    zero = alt.Chart().mark_rule(strokeDash=[3, 3], color="grey").encode(y=alt.datum(0))
     return (
         alt.layer(errors, points, zero, data=data)
         .properties(width=220, height=200)

@@ -4,6 +4,7 @@ Model tests train only the top layers for a few dozen steps on the embedded Smol
 on one thread, so the module stays within a few minutes on 2 cores.
 """
 
+import json
 import math
 import re
 
@@ -266,16 +267,62 @@ def test_agreement_cells_recovery_and_false_positives(new_columns):
         "flag": "finding" if new_columns else "significant"})
     cells = gt.agreement_cells(influence, stars, mapping)
     assert len(cells) == 2 * 9 and cells["diagonal"].sum() == 2 * 3
+    assert (cells["beyond"] == cells["exceeds"]).all()  # without phi_minus_control_low, stage 06's test decides
     table = gt.setting_agreement(cells, skills, n_boot=200).set_index("setting")
-    assert table.index[0] == "kind=a"  # best first
-    assert table.loc["kind=a", "diagonal_recovery"] == 1.0 and table.loc["kind=a", "off_diagonal_false_positives"] == 0
-    assert table.loc["kind=b", "diagonal_recovery"] == 0.0 and table.loc["kind=b", "off_diagonal_false_positives"] == 6
+    assert len(table) == 2 * 2 and set(table["score"]) == {"phi", "phi_minus_control"}
+    assert table.index[0].startswith("kind=a, score=")  # best first
+    a, b = "kind=a, score=phi", "kind=b, score=phi"
+    assert table.loc[a, "diagonal_recovery"] == 1.0 and table.loc[a, "off_diagonal_false_positives"] == 0
+    assert table.loc[a, "diagonal_recovery_strict"] == 1.0
+    assert table.loc[b, "diagonal_recovery"] == 0.0 and table.loc[b, "off_diagonal_false_positives"] == 6
     good = cells[cells.setting == "kind=a"]
-    assert table.loc["kind=a", "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(good.phi, good.phi_star).statistic)
+    assert table.loc[a, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(good.phi, good.phi_star).statistic)
+    low, high = gt.spearman_ci(good.phi, good.phi_star, n_boot=200)
+    assert (table.loc[a, "spearman_low"], table.loc[a, "spearman_high"]) == pytest.approx((low, high))
     summary = gt.agreement_summary(table.reset_index(), mapping)
-    assert summary["best_setting"] == "kind=a" and summary["diagonal_recovery"] == 1.0
+    assert summary["best_setting"].startswith("kind=a") and summary["diagonal_recovery"] == 1.0
     assert {"spearman_rho", "spearman_ci", "off_diagonal_false_positives"} <= set(summary)
     assert "Meets" in gt.headline(table.reset_index()) or "Falls short" in gt.headline(table.reset_index())
+    spec = gt.scatter_chart(cells).to_dict()
+    assert "facet" in spec and all("data" not in layer for layer in spec["spec"]["layer"])  # each panel: its setting only
+
+
+@pytest.mark.filterwarnings("ignore::scipy.stats.ConstantInputWarning")
+def test_beyond_controls_uses_the_interval_of_phi_minus_control_and_scores_it_too():
+    """With 2 control draws stage 06's rank test can never pass (p ≥ 1/3): recovery then rests
+    on Φ − Φ_control's interval; the Φ − Φ_control score is ranked against Φ* like Φ."""
+    skills = ["facts", "glyph"]
+    abilities = [P.planted_ability(s) for s in skills]
+    stars = pd.DataFrame([
+        {"cluster": s, "ability": a, "phi_star": 0.9 if a == P.planted_ability(s) else 0.0, "phi_star_low": 0.0,
+         "phi_star_high": 1.0, "null": a != P.planted_ability(s), "m_all": 0.9, "m_minus": 0.1}
+        for s in skills for a in abilities
+    ])
+    mapping = pd.DataFrame({"skill": skills, "cluster": [0, 1], "recall": 1.0, "purity": 1.0, "mapped": True})
+    # facts' row: its own cell has the larger Φ − Φ_control but a smaller Φ (the other ability is fragile
+    # to random edits too); glyph's row: its own cell's interval of Φ − Φ_control covers 0.
+    influence = pd.DataFrame([
+        {"cluster": 0, "ability": "planted_facts", "phi": 0.8, "phi_control": 0.1, "phi_minus_control_low": 0.3},
+        {"cluster": 0, "ability": "planted_glyph", "phi": 0.9, "phi_control": 0.6, "phi_minus_control_low": 0.1},
+        {"cluster": 1, "ability": "planted_facts", "phi": 0.2, "phi_control": 0.0, "phi_minus_control_low": 0.05},
+        {"cluster": 1, "ability": "planted_glyph", "phi": 0.5, "phi_control": 0.1, "phi_minus_control_low": -0.1},
+    ]).assign(setting="s", exceeds_controls=False, significant=True, min_p_vs_controls=1 / 3)
+    cells = gt.agreement_cells(influence, stars, mapping)
+    np.testing.assert_allclose(cells["phi_minus_control"], cells["phi"] - cells["phi_control"])
+    assert cells.set_index(["planted", "ability"])["beyond"].to_dict() == {
+        ("facts", "planted_facts"): True, ("facts", "planted_glyph"): True,
+        ("glyph", "planted_facts"): True, ("glyph", "planted_glyph"): False}
+    assert gt.diagonal_recovery(cells, skills, "beyond", "phi") == (0.0, {"facts": False, "glyph": False})
+    assert gt.diagonal_recovery(cells, skills, "beyond", "phi_minus_control") == (0.5, {"facts": True, "glyph": False})
+    assert gt.diagonal_argmax(cells, skills, "phi") == 0.5  # glyph's own 0.5 tops its row, facts' 0.8 < 0.9
+    assert gt.diagonal_argmax(cells, skills, "phi_minus_control") == 1.0  # 0.7 > 0.3 and 0.4 > 0.2
+    table = gt.setting_agreement(cells, skills, n_boot=100).set_index("score")
+    assert table.loc["phi_minus_control", "diagonal_recovery"] == 0.5
+    assert table.loc["phi", "diagonal_argmax"] == 0.5 and table.loc["phi_minus_control", "diagonal_argmax"] == 1.0
+    assert (table["diagonal_recovery_strict"] == 0.0).all() and np.allclose(table["min_p_vs_controls"], 1 / 3)
+    assert (table["off_diagonal_false_positives"] == 2).all()  # both off-diagonal cells: significant, Φ* null
+    for score in ("phi", "phi_minus_control"):
+        assert table.loc[score, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(cells[score], cells.phi_star).statistic)
 
 
 def test_an_unfound_cluster_is_not_recovered():
@@ -290,5 +337,30 @@ def test_chain_spec_runs_01_to_06_on_the_finetuned_folder(tmp_path):
     assert spec.notebooks == list(gt.CHAIN_NOTEBOOKS)
     assert spec.parameters["model_name"] == str(tmp_path / "model") and spec.parameters["items_per_task"] == 12
     assert len(spec.points()) == 2
+    lean = gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, notebooks=[n for n in gt.CHAIN_NOTEBOOKS if n[:2] != "04"])
+    assert lean.notebooks == [n for n in gt.CHAIN_NOTEBOOKS if n != "04_perturbations"]
+    with pytest.raises(RephelpersError, match="only 04_perturbations"):
+        gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, notebooks=["01_corpus_clusters"])
     with pytest.raises(RephelpersError, match="cannot vary"):
         gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, {"model_name": ["a", "b"]})
+
+
+def test_a_list_of_chain_grids_is_the_union_of_their_points(tmp_path):
+    grids = gt.chain_grids([{"intervention_layer": [15], "perturbation": ["ablate", "leace"]},
+                            {"intervention_layer": [24, 15], "perturbation": ["leace"]}])
+    assert len(grids) == 2 and gt.chain_grids({"a": (1, 2)}) == [{"a": [1, 2]}] and gt.chain_grids(None) == [{}]
+    with pytest.raises(RephelpersError, match="same keys"):
+        gt.chain_grids([{"intervention_layer": [15]}, {"perturbation": ["leace"]}])
+    specs = [gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {"magnitude": 1.0}, g) for g in grids]
+    from rephelpers.runner import point_name
+
+    names = [point_name(p) for s in specs for p in s.points()]
+    assert len(names) == 4 and len(set(names)) == 3  # (15, leace) is in both grids
+    for name in set(names) - {"intervention_layer=24,perturbation=leace"}:  # one point never finished
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"state": "done"}))
+        pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.5]}).to_parquet(tmp_path / name / "influence.parquet")
+    influence = gt.chain_influence(tmp_path, specs)
+    assert sorted(influence["point"]) == sorted(set(names) - {"intervention_layer=24,perturbation=leace"})
+    assert set(influence["setting"]) == {"perturbation=ablate, intervention_layer=15, magnitude=1.0",
+                                         "perturbation=leace, intervention_layer=15, magnitude=1.0"}
