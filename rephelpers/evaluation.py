@@ -271,6 +271,114 @@ def _apply_per_config(
         envoy.output = replace_output(out, torch.cat(parts, dim=0))
 
 
+@dataclass
+class _PackedRow:
+    """One input row of the sweep: a trunk (a context) and branches (continuations) that
+    all attend to the trunk but not to each other, so a multiple-choice item's context
+    runs once for all its choices. Branch ``b`` holds continuation ``c_b`` minus its last
+    token and sits at positions ``|trunk| …`` like an unpacked row ``trunk ⊕ c_b``."""
+
+    trunk: tuple[int, ...]
+    branches: list[tuple[int, ...]] = field(default_factory=list)
+
+    def branch(self, tokens: tuple[int, ...]) -> int:
+        if tokens not in self.branches:
+            self.branches.append(tokens)
+        return self.branches.index(tokens)
+
+    def offset(self, b: int) -> int:
+        return len(self.trunk) + sum(len(t) for t in self.branches[:b])
+
+    @property
+    def tokens(self) -> list[int]:
+        return [*self.trunk, *(t for branch in self.branches for t in branch)]
+
+    @property
+    def positions(self) -> list[int]:
+        """Position ids: the trunk from 0, every branch from ``|trunk|``."""
+        return [*range(len(self.trunk)), *(len(self.trunk) + j for branch in self.branches for j in range(len(branch)))]
+
+    @property
+    def segments(self) -> list[int]:
+        """0 for trunk tokens, ``b + 1`` for branch ``b``'s."""
+        return [0] * len(self.trunk) + [b + 1 for b, branch in enumerate(self.branches) for _ in branch]
+
+
+def _pack_requests(
+    requests: Sequence[tuple[Sequence[int], Sequence[int]]], limit: int, branches: bool,
+) -> tuple[list[_PackedRow], list[tuple[int, list[int], list[int]]]]:
+    """Rows to run, and per request ``(row, positions predicting its continuation, continuation)``.
+
+    With ``branches``, requests that share a context share one row (their continuations as
+    branches) unless ``context ⊕ continuation`` is longer than ``limit + 1`` tokens; such a
+    request is left-truncated as lm-eval does and gets a row of its own. Without
+    ``branches`` every distinct ``(context ⊕ continuation)[:-1]`` is a row, as lm-eval runs them.
+    """
+    rows: list[_PackedRow] = []
+    index: dict[tuple, int] = {}
+    targets = []
+    for context, continuation in requests:
+        require(len(context) > 0 and len(continuation) > 0, "sweep_loglikelihood: empty context or continuation")
+        cont = list(continuation)
+        if branches and len(context) + len(cont) <= limit + 1:
+            r = index.setdefault(("trunk", tuple(context)), len(rows))
+            if r == len(rows):
+                rows.append(_PackedRow(tuple(context)))
+            if len(cont) > 1:
+                rows[r].branch(tuple(cont[:-1]))
+            targets.append((r, None, cont))  # positions resolved once the row's branches are all known
+        else:
+            tokens = (list(context) + cont)[-(limit + 1):]
+            r = index.setdefault(("row", tuple(tokens[:-1])), len(rows))
+            if r == len(rows):
+                rows.append(_PackedRow(tuple(tokens[:-1])))
+            n = len(tokens) - 1
+            targets.append((r, [n - len(cont) + j for j in range(len(cont))], cont))
+    resolved = []
+    for r, where, cont in targets:
+        if where is None:
+            # c_0 is predicted at the trunk's last token, c_j (j ≥ 1) at the branch's token j − 1.
+            row = rows[r]
+            start = row.offset(row.branch(tuple(cont[:-1]))) if len(cont) > 1 else 0
+            where = [len(row.trunk) - 1, *range(start, start + len(cont) - 1)]
+        resolved.append((r, where, cont))
+    return rows, resolved
+
+
+def _packed_inputs(rows: Sequence[_PackedRow], dtype: torch.dtype, device: Any, keyed: bool) -> dict[str, Any]:
+    """Right-padded ``input_ids``, and for rows with branches the 4-D additive attention mask
+    and ``position_ids`` that make each branch see only the trunk and itself; ``keys``: the
+    token keys each token has in its unpacked row ``trunk ⊕ branch``."""
+    width = max(len(row.tokens) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
+    inputs: dict[str, Any] = {"input_ids": ids.to(device)}
+    keys = None
+    if keyed:
+        keys = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            keys[i, : len(row.trunk)] = token_keys(torch.tensor([row.trunk])).keys[0]
+            for b, branch in enumerate(row.branches):
+                full = token_keys(torch.tensor([[*row.trunk, *branch]])).keys[0]
+                keys[i, row.offset(b) : row.offset(b) + len(branch)] = full[len(row.trunk):]
+        keys = keys.to(device)
+    if any(row.branches for row in rows):
+        positions = torch.arange(width).repeat(len(rows), 1)
+        segment = torch.full((len(rows), width), -1)
+        for i, row in enumerate(rows):
+            positions[i, : len(row.tokens)] = torch.tensor(row.positions)
+            segment[i, : len(row.tokens)] = torch.tensor(row.segments)
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        same_branch = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+        allowed = causal & same_branch & (segment[:, None, :] >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding queries attend to themselves: no empty softmax
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        inputs["attention_mask"] = mask[:, None].to(device)
+        inputs["position_ids"] = positions.to(device)
+    return {"inputs": inputs, "keys": keys}
+
+
 def sweep_loglikelihood(
     model: Model,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -280,6 +388,7 @@ def sweep_loglikelihood(
     max_batch_tokens: int = 16384,
     max_logit_elements: int = 1 << 26,
     progress: bool = False,
+    pack_choices: bool = True,
 ) -> dict[str, list[tuple[float, bool]]]:
     """``(log p(continuation | context), is_greedy)`` per request, for every config at once.
 
@@ -289,44 +398,40 @@ def sweep_loglikelihood(
     one batch as ``max_batch_tokens`` (rows × length through the layers) and
     ``max_logit_elements`` (rows × kept positions × vocabulary) allow. Only positions that
     score a continuation token go through the output head.
+
+    ``pack_choices``: requests with the same context (a multiple-choice item's choices) run
+    as one row, the context once and each continuation as a branch that attends to the
+    context and to itself only (a 4-D attention mask; position ids restart at the
+    context's end for every branch), so every token sees exactly the tokens it sees in its
+    own unpacked row. Configs that edit only each row's last token (``positions="last"``)
+    are not packed, since a packed row has several last tokens.
     """
     valid = {cid: validate(model, ivs) for cid, ivs in configs.items()}
     require(len(valid) > 0, "sweep_loglikelihood: no configs given")
     limit = max_length or model.max_length
     split = split_layer(valid, model.n_layers)
     config_ids = list(valid)
-    # Requests whose inputs coincide (one-token choices after a shared context) share a row.
-    inputs: dict[tuple[int, ...], int] = {}
+    pack = pack_choices and all(iv.positions == "all" for ivs in valid.values() for iv in ivs)
+    rows, targets = _pack_requests(requests, limit, branches=pack)
     requests_of_row: dict[int, list[int]] = {}
-    continuations = []
-    for index, (context, continuation) in enumerate(requests):
-        require(len(context) > 0 and len(continuation) > 0, "sweep_loglikelihood: empty context or continuation")
-        tokens = (list(context) + list(continuation))[-(limit + 1):]
-        row = inputs.setdefault(tuple(tokens[:-1]), len(inputs))
-        requests_of_row.setdefault(row, []).append(index)
-        continuations.append(list(continuation))
-    rows = list(inputs)
+    for q, (r, _, _) in enumerate(targets):
+        requests_of_row.setdefault(r, []).append(q)
+    keyed = any(needs_keys(valid[c]) for c in config_ids)
 
     answers: dict[str, list[tuple[float, bool]]] = {cid: [(math.nan, False)] * len(requests) for cid in config_ids}
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = model.device
     for batch in tqdm(batches, desc="shared-prefix batches", disable=not progress, leave=False):
-        width = len(rows[batch[0]])
-        ids = torch.zeros(len(batch), width, dtype=torch.long, device=device)
-        for i, r in enumerate(batch):
-            ids[i, : len(rows[r])] = torch.tensor(rows[r], device=device)
-        lengths = torch.tensor([len(rows[r]) for r in batch], device=device)
-        keys = token_keys(ids).keys if any(needs_keys(valid[c]) for c in config_ids) else None
-        # A continuation token c_j of a row of length n is predicted at position n − |c| + j.
-        keep = sorted({
-            len(rows[r]) - len(continuations[q]) + j
-            for r in batch for q in requests_of_row[r] for j in range(len(continuations[q]))
-        })
+        packed = _packed_inputs([rows[r] for r in batch], model.hf.dtype, device, keyed)
+        inputs, keys = packed["inputs"], packed["keys"]
+        width = inputs["input_ids"].shape[1]
+        lengths = torch.tensor([len(rows[r].tokens) for r in batch], device=device)
+        keep = sorted({p for r in batch for q in requests_of_row[r] for p in targets[q][1]})
         keep_index = {p: k for k, p in enumerate(keep)}
         prefix = None
         if split > 0:
-            with torch.inference_mode(), model.nn.trace({"input_ids": ids}) as tracer:
+            with torch.inference_mode(), model.nn.trace(dict(inputs)) as tracer:
                 prefix = nnsight.save(model.envoy(split - 1).output)
                 tracer.stop()
         per_group = max(1, min(
@@ -335,7 +440,8 @@ def sweep_loglikelihood(
         ))
         for start in range(0, len(config_ids), per_group):
             group = config_ids[start : start + per_group]
-            stacked = {"input_ids": ids.repeat(len(group), 1), "logits_to_keep": torch.tensor(keep, device=device)}
+            stacked = {name: value.repeat(len(group), *([1] * (value.dim() - 1))) for name, value in inputs.items()}
+            stacked["logits_to_keep"] = torch.tensor(keep, device=device)
             with torch.inference_mode(), model.nn.trace(stacked):
                 if prefix is not None:
                     replay = replace_output(prefix, output_tensor(prefix).repeat(len(group), 1, 1))
@@ -348,14 +454,13 @@ def sweep_loglikelihood(
             for g, cid in enumerate(group):
                 for i, r in enumerate(batch):
                     row_index = g * len(batch) + i
-                    n = len(rows[r])
                     for q in requests_of_row[r]:
-                        cont = continuations[q]
-                        positions = torch.tensor([keep_index[n - len(cont) + j] for j in range(len(cont))], device=device)
-                        targets = torch.tensor(cont, device=device)
+                        _, where, cont = targets[q]
+                        positions = torch.tensor([keep_index[p] for p in where], device=device)
+                        tokens = torch.tensor(cont, device=device)
                         answers[cid][q] = (
-                            float(logprobs[row_index, positions, targets].sum()),
-                            bool((greedy[row_index, positions] == targets).all()),
+                            float(logprobs[row_index, positions, tokens].sum()),
+                            bool((greedy[row_index, positions] == tokens).all()),
                         )
     return answers
 
@@ -375,10 +480,12 @@ class SweepLM(PerturbedLM):
         batch_size: int = 8,
         max_batch_tokens: int = 16384,
         show_request_progress: bool = False,
+        pack_choices: bool = True,
     ) -> None:
         super().__init__(model, (), batch_size=batch_size, show_request_progress=show_request_progress)
         self.configs = {cid: validate(model, ivs) for cid, ivs in configs.items()}
         self.max_batch_tokens = max_batch_tokens
+        self.pack_choices = pack_choices
         self.active: str | None = None
         self._answers: dict[tuple, dict[str, list[tuple[float, bool]]]] = {}
 
@@ -400,6 +507,7 @@ class SweepLM(PerturbedLM):
                 max_length=self.max_length,
                 max_batch_tokens=self.max_batch_tokens,
                 progress=self.show_request_progress,
+                pack_choices=self.pack_choices,
             )
         return list(self._answers[key][self.active])
 
@@ -677,6 +785,7 @@ def evaluate_abilities(
     progress: bool = True,
     fast: bool = False,
     allow_download: bool = False,
+    pack_choices: bool = True,
 ) -> pd.DataFrame:
     """Evaluate ``model`` on ``tasks`` under every config; one row per config × task × item.
 
@@ -688,12 +797,15 @@ def evaluate_abilities(
 
     ``fast=True`` computes the layers below the lowest intervention layer once per batch
     for all configs (:class:`SweepLM`); scores equal the per-config path for every
-    perturbation, ``Noise`` included (its draws are keyed by token, not by batch).
+    perturbation, ``Noise`` included (its draws are keyed by token, not by batch). With
+    ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
+    its choices (:func:`sweep_loglikelihood`).
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
     prepared = prepare_tasks(tasks, task_dir, allow_download)
-    lm = SweepLM(model, checked, batch_size=batch_size) if fast else PerturbedLM(model, batch_size=batch_size)
+    lm = (SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if fast
+          else PerturbedLM(model, batch_size=batch_size))
 
     from lm_eval.evaluator import evaluate
 

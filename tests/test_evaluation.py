@@ -26,6 +26,7 @@ from rephelpers.evaluation import (
     greedy_generate,
     prepare_tasks,
     right_padded_last_index,
+    sweep_loglikelihood,
 )
 from rephelpers.intervene import Intervention
 from rephelpers.models import output_tensor, replace_output
@@ -148,6 +149,58 @@ def test_fast_path_equals_per_config_path(model, tasks):
                                   fast.drop(columns=["margin", "p_correct", "confidence"]))
     np.testing.assert_allclose(naive.margin, fast.margin, rtol=0, atol=1e-3)
     assert naive.groupby("config_id").margin.mean().nunique() == len(configs)
+
+
+@pytest.mark.model
+def test_packed_choices_equal_one_plain_forward_per_request(model):
+    """A multiple-choice item's context runs once with its choices as branches; each answer
+    must equal a plain HF forward over ``context ⊕ continuation`` edited by a torch hook,
+    including left-truncated requests (``max_length``) and per-token noise keys."""
+    tok = model.tokenizer
+    items = [
+        ("Q: What is 71 + 27?\nA:", [" 98", " 1917", " 44", " 98"]),  # a repeated choice shares its branch
+        ("The capital of France is", [" Paris", " a city in Europe", " Berlin, of course"]),
+        ("def add(a, b):\n", ["    return a + b", "    pass", "    return a - b\n"]),
+        ("Review: The movie was awful.\nSentiment:", [" negative", " positive"]),  # one-token choices
+        ("A long context that will not fit " * 3, [" in the window", " at all"]),  # truncated: own rows
+    ]
+    requests = [(tok(c)["input_ids"], tok(x)["input_ids"]) for c, xs in items for x in xs]
+    limit = 20
+    dims = tuple(range(0, 576, 3))
+    noise = Noise(tuple(range(1, 576, 2)), sigma=3.0, seed=1)
+    configs = {"base": [], "ablate": [Intervention(Ablate(dims), 12)], "noise": [Intervention(noise, 12)]}
+    packed = sweep_loglikelihood(model, requests, configs, batch_size=3, max_length=limit, pack_choices=True)
+
+    def plain(context, continuation, edit):
+        tokens = torch.tensor([(context + continuation)[-(limit + 1):]])[:, :-1]
+        keys = token_keys(tokens).keys
+
+        def hook(module, args, output):
+            h = output_tensor(output)
+            if edit == "ablate":
+                h = h.clone()
+                h[..., list(dims)] = 0
+            elif edit == "noise":
+                h = noise.apply(h, keys)
+            return replace_output(output, h)
+
+        handle = model.module(12).register_forward_hook(hook)
+        try:
+            with torch.inference_mode():
+                logits = model.hf(tokens).logits[0, -len(continuation):]
+        finally:
+            handle.remove()
+        logp = torch.log_softmax(logits.double(), -1)
+        positions = torch.arange(len(continuation))
+        return float(logp[positions, continuation].sum()), bool((logp.argmax(-1) == torch.tensor(continuation)).all())
+
+    for cid in configs:
+        want = [plain(c, x, cid) for c, x in requests]
+        np.testing.assert_allclose([ll for ll, _ in packed[cid]], [ll for ll, _ in want], rtol=0, atol=2e-4)
+        assert [g for _, g in packed[cid]] == [g for _, g in want]
+    # the edits did something, so the agreement above is not base == base
+    assert max(abs(a[0] - b[0]) for a, b in zip(packed["base"], packed["ablate"])) > 0.1
+    assert max(abs(a[0] - b[0]) for a, b in zip(packed["base"], packed["noise"])) > 0.1
 
 
 @pytest.mark.model
