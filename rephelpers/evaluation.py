@@ -404,14 +404,17 @@ def sweep_loglikelihood(
     context and to itself only (a 4-D attention mask; position ids restart at the
     context's end for every branch), so every token sees exactly the tokens it sees in its
     own unpacked row. Configs that edit only each row's last token (``positions="last"``)
-    are not packed, since a packed row has several last tokens.
+    are not packed, since a packed row has several last tokens, nor are models whose
+    attention kernel ignores a 4-D mask (flash attention).
     """
     valid = {cid: validate(model, ivs) for cid, ivs in configs.items()}
     require(len(valid) > 0, "sweep_loglikelihood: no configs given")
     limit = max_length or model.max_length
     split = split_layer(valid, model.n_layers)
     config_ids = list(valid)
-    pack = pack_choices and all(iv.positions == "all" for ivs in valid.values() for iv in ivs)
+    # A 4-D additive mask is honoured by the eager and SDPA attention kernels, not by flash attention.
+    pack = (pack_choices and all(iv.positions == "all" for ivs in valid.values() for iv in ivs)
+            and getattr(model.hf.config, "_attn_implementation", "eager") in ("eager", "sdpa"))
     rows, targets = _pack_requests(requests, limit, branches=pack)
     requests_of_row: dict[int, list[int]] = {}
     for q, (r, _, _) in enumerate(targets):

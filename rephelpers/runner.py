@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import yaml
@@ -434,8 +434,36 @@ def _pid_alive(pid: int | None) -> bool:
         return True
 
 
+def _descendants(pids: Sequence[int | None]) -> list[int]:
+    """Every live descendant of ``pids``, whatever session or group it moved to (from ``/proc``;
+    empty where there is none). A notebook that runs notebooks itself (07 runs the chain
+    through this runner) has a papermill child and a kernel in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [p for p in pids if p]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.append(child)
+                todo.append(child)
+    return found
+
+
 def _kill_tree(proc: subprocess.Popen, kernel_pid: int | None) -> None:
-    """Kill the papermill child (its own session) and the kernel (jupyter_client gives it another)."""
+    """Kill the papermill child (its own session), the kernel (jupyter_client gives it another)
+    and every process under them, so that no grandchild is orphaned (collected before the
+    first kill: an orphan is re-parented and can no longer be traced to us)."""
+    below = _descendants([proc.pid, kernel_pid])
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for pgid in (proc.pid, kernel_pid):
         if not pgid:
             continue

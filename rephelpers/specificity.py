@@ -42,10 +42,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .activations import load_activations
-from .artifacts import RunDir
+from .artifacts import RunDir, stable_hash
 from .errors import RephelpersError, require
 from .intervene import Intervention, Readout, forward_readout, perplexity, perturb, validate
-from .models import Model, output_tensor
+from .models import Model, model_fingerprint, output_tensor
 
 try:  # token keys for perturbations that draw per-token noise
     from .intervene import batch_keys
@@ -303,9 +303,6 @@ def control_spectrum(
     require(len(train) > 0, "control_spectrum: no training documents (split == 'train').")
     picked = np.sort(np.random.default_rng(0).permutation(len(train))[:n_texts])
     texts = [str(t) for t in train["text"].iloc[picked]]
-    from .artifacts import stable_hash
-    from .models import model_fingerprint
-
     key = (model_fingerprint(model), stable_hash(texts), layer, component, int(max_length))
     if key not in _SPECTRA:
         states = []

@@ -257,7 +257,11 @@ def test_a_stall_after_the_last_cell_is_detected_and_retried_once(project, monke
 
 def test_an_interrupted_run_is_recorded_as_such_and_a_rerun_completes_it(project, capsys):
     # The cell holds while runs/held/hold exists, so the signal lands mid-cell.
-    _add_notebook(project, "03_hold", "import time\nfrom pathlib import Path\np = Path(run_dir)\n"
+    # It also starts a grandchild in a session of its own, as notebook 07's inner papermill
+    # child is: the interrupted run must not leave it behind.
+    _add_notebook(project, "03_hold", "import subprocess, time\nfrom pathlib import Path\np = Path(run_dir)\n"
+                                      "child = subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+                                      "(p / 'grandchild').write_text(str(child.pid))\n"
                                       "(p / 'in_cell').touch()\nwhile (p / 'hold').exists(): time.sleep(0.1)\n"
                                       "(p / 'finished').touch()")
     spec_path = project / "held.yaml"
@@ -293,6 +297,12 @@ def test_an_interrupted_run_is_recorded_as_such_and_a_rerun_completes_it(project
             break
         time.sleep(0.1)
     assert not _alive(kernel_pid), "the kernel outlived the interrupted run"
+    grandchild = int((top / "grandchild").read_text())
+    for _ in range(50):
+        if not _alive(grandchild):
+            break
+        time.sleep(0.1)
+    assert not _alive(grandchild), "a process the notebook started in its own session outlived the interrupted run"
     assert not (top / "finished").exists()
 
     (top / "hold").unlink()
