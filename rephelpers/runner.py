@@ -63,6 +63,11 @@ WATCH = ".watch"  # per-notebook job, event and result files, under <run>/notebo
 #: kernel's reply to the notebook's last code cell, the way papermill #705 hangs.
 FAULT_ENV = "REPHELPERS_INJECT_FAULT"
 _KERNEL_EVENTS_ENV = "REPHELPERS_KERNEL_EVENTS"
+# torch, OpenMP and the BLAS libraries each start one thread per core in every kernel; with
+# several notebooks at once they oversubscribe the cores (two stage-02 kernels on 2 cores ran
+# at a third of one kernel's speed), so each job gets its share.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_THREADS: dict[str, str] = {}
 _POLL = 0.25  # seconds between the watcher's looks; small next to every limit
 _DEAD_KERNEL_GRACE = 10.0  # nbclient notices a dead kernel within ~1 s; give it time to say so itself
 _LAST_LINES = 20
@@ -555,7 +560,7 @@ def _watch_notebook(
         "log": str(log),
     }
     files["job.json"].write_text(json.dumps(job, default=str))
-    env = {**os.environ, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"])}
+    env = {**os.environ, **_THREADS, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"])}
     with open(log, "ab" if attempt > 1 else "wb") as f:
         if attempt > 1:
             f.write(f"[rephelpers] --- attempt {attempt}\n".encode())
@@ -849,6 +854,19 @@ def _explain_redo(run_dir: Path, label: str, notebooks: list[str], fingerprint: 
     )
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """``max(1, cores // jobs)``: the threads each of ``jobs`` concurrent kernels may use."""
+    return max(1, (cores or available_cores()) // max(1, jobs))
+
+
 def run_spec(
     spec: RunSpec,
     runs_root: str | os.PathLike | None = None,
@@ -860,8 +878,13 @@ def run_spec(
     """Run a single chain or a whole sweep; returns the top run directory.
 
     ``limits`` overrides ``spec.execution``. Raises :class:`RunInterrupted` after a
-    SIGINT/SIGTERM once every running notebook is stopped and recorded.
+    SIGINT/SIGTERM once every running notebook is stopped and recorded. Each kernel gets
+    :func:`threads_per_job` threads (``OMP_NUM_THREADS`` etc.; a value already set in the
+    environment is kept), so ``jobs`` × threads ≤ cores.
     """
+    threads = str(threads_per_job(jobs))
+    _THREADS.clear()
+    _THREADS.update({name: os.environ.get(name, threads) for name in THREAD_ENV})
     root = Path(runs_root) if runs_root else project_root() / "runs"
     top = (root / spec.name).resolve()
     top.mkdir(parents=True, exist_ok=True)

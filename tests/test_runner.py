@@ -22,12 +22,15 @@ import pytest
 from rephelpers.errors import RephelpersError
 from rephelpers.runner import (
     FAULT_ENV,
+    THREAD_ENV,
     ExecutionLimits,
     RunSpec,
     collect,
     parameterize_chain,
+    available_cores,
     run_spec,
     split_shared,
+    threads_per_job,
 )
 
 
@@ -95,6 +98,24 @@ def test_sweep_shares_unvarying_stages_resumes_and_records_failures(project):
     assert json.loads((top / "x=2" / "status.json").read_text())["state"] == "failed"
     assert len(collect(top)) == 2
     assert pd.read_csv(top / "failures.csv").point.tolist() == ["x=2"]
+
+
+def test_parallel_jobs_share_the_cores_instead_of_each_taking_all(project, monkeypatch):
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    _add_notebook(project, "02_threads", "import os, torch\nfrom pathlib import Path\n"
+                                         "p = Path(run_dir); p.mkdir(parents=True, exist_ok=True)\n"
+                                         "(p / 'threads.txt').write_text(f\"{os.environ['OMP_NUM_THREADS']} {torch.get_num_threads()}\")",
+                  params='run_dir = "runs/x"\nx = 0')
+    path = project / "threads.yaml"
+    path.write_text(json.dumps({"name": "t", "notebooks": ["02_threads"], "grid": {"x": [1, 2]}}))
+    with _within(120, "two parallel points"):
+        top = run_spec(RunSpec.from_yaml(path), runs_root=project / "runs", jobs=2)
+    share = threads_per_job(2)
+    assert share == max(1, available_cores() // 2)
+    for x in (1, 2):
+        assert (top / f"x={x}" / "threads.txt").read_text() == f"{share} {share}"
+    assert threads_per_job(3, cores=2) == 1 and threads_per_job(1, cores=16) == 16 and threads_per_job(4, cores=16) == 4
 
 
 def test_single_run_failure_raises(project):
