@@ -411,7 +411,10 @@ def sweep_loglikelihood(
     require(len(valid) > 0, "sweep_loglikelihood: no configs given")
     limit = max_length or model.max_length
     split = split_layer(valid, model.n_layers)
-    config_ids = list(valid)
+    # Configs with identical interventions (e.g. control draws that could only pick one set) run once.
+    first_of: dict[str, str] = {}
+    same_as = {cid: first_of.setdefault(interventions_to_json(ivs), cid) for cid, ivs in valid.items()}
+    config_ids = list(dict.fromkeys(same_as.values()))
     # A 4-D additive mask is honoured by the eager and SDPA attention kernels, not by flash attention.
     pack = (pack_choices and all(iv.positions == "all" for ivs in valid.values() for iv in ivs)
             and getattr(model.hf.config, "_attn_implementation", "eager") in ("eager", "sdpa"))
@@ -465,7 +468,7 @@ def sweep_loglikelihood(
                             float(logprobs[row_index, positions, tokens].sum()),
                             bool((greedy[row_index, positions] == tokens).all()),
                         )
-    return answers
+    return {cid: answers[same_as[cid]] for cid in valid}
 
 
 class SweepLM(PerturbedLM):

@@ -26,9 +26,10 @@ questions, so the unit of evidence is the per-item difference ``d_x = s_x − ŝ
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -560,6 +561,45 @@ def cell_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
 
 
 # -- the influence table ---------------------------------------------------------------------
+# Part of stage 06's cache key: a change here must not be served from an older influence.parquet.
+INFLUENCE_VERSION = "distinct-draws-1"
+
+
+def _recorded_perturbations(text: Any) -> bool:
+    """Whether an ``interventions`` cell records real perturbation parameters (stage 05 always
+    does; hand-made or simulated score tables may hold placeholders that identify nothing)."""
+    try:
+        ivs = json.loads(text) if isinstance(text, str) else []
+    except ValueError:
+        return False
+    return bool(ivs) and all(isinstance(iv, dict) and isinstance(iv.get("perturbation"), dict) for iv in ivs)
+
+
+def distinct_control_draws(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``scores`` without control draws that repeat an earlier draw of the same cluster, and per
+    cluster ``n_draws_requested`` / ``n_draws_distinct``.
+
+    A draw is the set of its configs' interventions over Θ. Magnitude-matched controls can
+    have no freedom left: when R_k holds the layer's largest dimensions, the only dimensions
+    outside R_k of matching size are the next largest, and every "random" draw picks the same
+    set. Counting such repeats as separate draws would let one control masquerade as a
+    distribution (20 copies of it allow a rank p of 1/21); they are counted once. Draws are
+    compared only where the scores record real perturbation parameters.
+    """
+    control = scores["control"].astype(bool)
+    requested = (scores[control].groupby("cluster")["draw"].nunique().rename("n_draws_requested"))
+    if not control.any() or not scores.loc[control, "interventions"].map(_recorded_perturbations).all():
+        counts = requested.to_frame().assign(n_draws_distinct=requested)
+        return scores, counts.reset_index()
+    signature = (scores[control].groupby(["cluster", "draw"])["interventions"]
+                 .agg(lambda v: "\n".join(sorted(set(v)))).reset_index())
+    first = signature.drop_duplicates(["cluster", "interventions"])
+    keep = set(zip(first.cluster, first.draw))
+    drop = control & ~pd.Series(list(zip(scores.cluster, scores.draw)), index=scores.index).isin(keep)
+    counts = requested.to_frame().join(first.groupby("cluster")["draw"].nunique().rename("n_draws_distinct"))
+    return scores[~drop].reset_index(drop=True), counts.reset_index()
+
+
 def influence_table(
     scores: pd.DataFrame,
     n_boot: int = 1000,
@@ -591,13 +631,15 @@ def influence_table(
     Cells whose baseline is below the floor keep ``delta`` but have NaN Φ and are left out
     of every correction. With ``n`` control draws the smallest ``p_vs_controls`` is
     ``1/(n + 1)``; ``min_p_vs_controls`` records it, so a reader sees when too few draws
-    make a finding impossible after the correction.
+    make a finding impossible after the correction. Draws that repeat an earlier draw's
+    interventions count once (:func:`distinct_control_draws`): ``n_draws`` is the number of
+    distinct draws, ``n_draws_requested`` the number drawn.
     """
     require(correction in CORRECTIONS, f"correction must be one of {CORRECTIONS}, got {correction!r}")
     require(control_correction in CORRECTIONS, f"control_correction must be one of {CORRECTIONS}, got {control_correction!r}")
     require(0 < alpha < 1, f"alpha must lie in (0, 1), got {alpha!r}")
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
-    df = validate_scores(scores)
+    df, draw_counts = distinct_control_draws(validate_scores(scores))
     ais_df = ais(df, floor_margin)
     phi = influence_matrix(ais_df)
     base = ais_df.groupby("ability").agg(
@@ -622,6 +664,7 @@ def influence_table(
     table["control_significant"] = table["p_control_adjusted"] < alpha
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
     table["min_p_vs_controls"] = 1.0 / (table["n_draws"].fillna(0) + 1)
+    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
 
     n_tests = max(1, int(table["readable"].sum()))
     mde = {row.ability: (minimum_detectable_ais(int(row.n_items), float(row.baseline_score), alpha, power, n_tests)
@@ -648,8 +691,8 @@ def influence_table(
         "n_configs", "n_control_configs", "phi", "phi_low", "phi_high", "delta", "delta_control",
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
-        "n_draws", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls", "p_vs_controls_adjusted",
-        "min_p_vs_controls", "exceeds_controls",
+        "n_draws", "n_draws_requested", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
+        "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls",
         "p_value", "p_adjusted", "significant", "p_control", "p_control_adjusted", "control_significant",
         "specific", "specificity_verdict", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
@@ -669,6 +712,14 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
         f"{table['min_p_vs_controls'].min():.3g}).",
         "Verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS if counts.get(v, 0)) + ".",
     ]
+    repeated = table.drop_duplicates("cluster")
+    repeated = repeated[repeated["n_draws"].notna() & (repeated["n_draws"] < repeated["n_draws_requested"])]
+    for row in repeated.itertuples(index=False):
+        lines.append(
+            f"cluster {row.cluster}: {int(row.n_draws_requested)} control draws requested, {int(row.n_draws)} distinct "
+            f"(the magnitude-matched controls had no freedom: R_k holds the layer's largest dimensions), so its "
+            f"smallest possible rank p is {row.min_p_vs_controls:.3g}."
+        )
     unread = table[~table["readable"]].drop_duplicates("ability")
     for row in unread.itertuples(index=False):
         lines.append(f"{row.ability}: baseline {row.baseline_score:.3f} is below the floor {row.floor:.3f}; "

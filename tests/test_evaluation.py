@@ -168,8 +168,10 @@ def test_packed_choices_equal_one_plain_forward_per_request(model):
     limit = 20
     dims = tuple(range(0, 576, 3))
     noise = Noise(tuple(range(1, 576, 2)), sigma=3.0, seed=1)
-    configs = {"base": [], "ablate": [Intervention(Ablate(dims), 12)], "noise": [Intervention(noise, 12)]}
+    configs = {"base": [], "ablate": [Intervention(Ablate(dims), 12)], "noise": [Intervention(noise, 12)],
+               "ablate_again": [Intervention(Ablate(dims), 12)]}  # identical configs run once, answer alike
     packed = sweep_loglikelihood(model, requests, configs, batch_size=3, max_length=limit, pack_choices=True)
+    assert packed["ablate_again"] == packed["ablate"]
 
     def plain(context, continuation, edit):
         tokens = torch.tensor([(context + continuation)[-(limit + 1):]])[:, :-1]
@@ -194,7 +196,7 @@ def test_packed_choices_equal_one_plain_forward_per_request(model):
         positions = torch.arange(len(continuation))
         return float(logp[positions, continuation].sum()), bool((logp.argmax(-1) == torch.tensor(continuation)).all())
 
-    for cid in configs:
+    for cid in ("base", "ablate", "noise"):
         want = [plain(c, x, cid) for c, x in requests]
         np.testing.assert_allclose([ll for ll, _ in packed[cid]], [ll for ll, _ in want], rtol=0, atol=2e-4)
         assert [g for _, g in packed[cid]] == [g for _, g in want]

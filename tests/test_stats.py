@@ -258,3 +258,34 @@ def test_ace_regression_with_fewer_clusters_than_parameters_reports_instead_of_f
     table = stats.ace_regression(rows)
     assert table["estimate"].isna().all() and table.attrs["n_obs"] == 3
     assert "too few clusters to fit" in table.attrs["note"]
+
+
+def test_repeated_control_draws_count_once():
+    """Three draws requested for cluster 0, two of them the same dimension set: the control
+    distribution has two members, so the smallest rank p is 1/3, not 1/4."""
+    import json
+
+    scores = impact.simulate_scores({(0, "math"): 0.0, (1, "math"): 0.0}, {"math": 0.7}, items_per_task=40,
+                                    magnitudes=(1.0,), n_controls=3, seed=3)
+
+    def recorded(row) -> str:
+        if row.cluster < 0:
+            return "[]"
+        dims = [row.cluster] if not row.control else ([100, 101] if row.cluster == 0 and row.draw < 2 else [200 + row.draw])
+        return json.dumps([{"layer": 15, "component": "resid", "positions": "all",
+                            "perturbation": {"kind": "ablate", "dims": dims, "strength": 1.0}}])
+
+    configs = scores.drop_duplicates("config_id")
+    by_config = {r.config_id: recorded(r) for r in configs.itertuples(index=False)}
+    scores = scores.assign(interventions=scores["config_id"].map(by_config))
+    kept, counts = stats.distinct_control_draws(scores)
+    assert counts.set_index("cluster").loc[0].tolist() == [3, 2] and counts.set_index("cluster").loc[1].tolist() == [3, 3]
+    assert sorted(kept[kept.control & (kept.cluster == 0)].draw.unique()) == [0, 2]
+    assert len(kept) == len(scores) - scores[scores.control & (scores.cluster == 0) & (scores.draw == 1)].shape[0]
+    table = stats.influence_table(scores, n_boot=50).set_index("cluster")
+    assert (table.loc[0, "n_draws"], table.loc[0, "n_draws_requested"]) == (2, 3)
+    assert table.loc[0, "min_p_vs_controls"] == pytest.approx(1 / 3) and table.loc[1, "n_draws"] == 3
+    assert "cluster 0: 3 control draws requested, 2 distinct" in stats.influence_summary(stats.influence_table(scores, n_boot=50))
+    # placeholders that identify nothing (hand-made tables) are never merged
+    untouched, _ = stats.distinct_control_draws(scores.assign(interventions="[]"))
+    assert len(untouched) == len(scores)
