@@ -44,7 +44,9 @@ from tqdm.auto import tqdm
 from .activations import load_activations
 from .artifacts import RunDir, stable_hash
 from .errors import RephelpersError, require
-from .intervene import Intervention, Readout, forward_readout, perplexity, perturb, validate
+from .intervene import (
+    Intervention, Readout, forward_readout, interventions_to_json, perplexity, perturb, validate,
+)
 from .models import Model, model_fingerprint, output_tensor
 
 try:  # token keys for perturbations that draw per-token noise
@@ -239,8 +241,14 @@ def specificity_report(
     for k, target, rest, arms, ivs in plans:
         texts = list(target["text"]) + list(rest["text"])
         is_target = np.arange(len(texts)) < len(target)
-        passes = _compare_passes(model, texts, ivs, read, attend, batch_size, max_length, bar)
-        edits = edit_norms(model, texts, ivs, layer, component, batch_size, max_length, bar)
+        # Control draws that came out identical (size-matched controls with no freedom left) run once.
+        first_of: dict[str, tuple[str, int]] = {}
+        same_as = {arm: first_of.setdefault(interventions_to_json(iv), arm) for arm, iv in ivs.items()}
+        distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
+        passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
+        edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
+        passes |= {arm: passes[first] for arm, first in same_as.items()}
+        edits |= {arm: edits[first] for arm, first in same_as.items()}
         probe_before = _probe_score(probes, documents, k, None, seed)
         for (arm, draw), perturbation in arms.items():
             rows.append({
@@ -355,6 +363,16 @@ def edit_norms(
         if bar is not None:
             bar.update(1)
     return {arm: value / max(count, 1) for arm, value in total.items()}
+
+
+def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
+    """Per kind × magnitude × cluster: control draws requested and distinct (by their
+    parameters). Fewer distinct than requested means the size-matched draw had no freedom
+    (R_k holds the layer's largest dimensions), so the controls are one control repeated."""
+    controls = report[report["arm"] == "control"]
+    counts = controls.groupby(["kind", "magnitude", "cluster"]).agg(
+        requested=("draw", "nunique"), distinct=("config", "nunique")).reset_index()
+    return counts[counts["distinct"] < counts["requested"]].reset_index(drop=True)
 
 
 def specificity_verdicts(

@@ -17,6 +17,7 @@ from rephelpers.specificity import (
     probe_balanced_accuracy,
     probe_chart,
     readout_layers,
+    repeated_controls,
     sample_heldout,
     specificity_chart,
     specificity_report,
@@ -244,3 +245,13 @@ def test_specificity_verdicts_gate_on_the_rest_and_on_the_controls():
     assert verdict(0.01, 0.004, [0.0]) == [False, "no measurable change"]
     small = specificity_verdicts(rows(0.01, 0.004, [0.0]))
     assert small["specificity_ratio"].isna().all()  # no ratio of two near-zero changes
+
+
+def test_repeated_controls_names_clusters_whose_draws_coincide():
+    rows = []
+    for cluster, configs in {0: ["a", "a", "a"], 1: ["b", "c", "b"], 2: ["d", "e", "f"]}.items():
+        rows.append({"kind": "ablate", "magnitude": 1.0, "cluster": cluster, "arm": "perturbation", "draw": 0, "config": "t"})
+        rows += [{"kind": "ablate", "magnitude": 1.0, "cluster": cluster, "arm": "control", "draw": j, "config": c}
+                 for j, c in enumerate(configs)]
+    out = repeated_controls(pd.DataFrame(rows))
+    assert out[["cluster", "requested", "distinct"]].values.tolist() == [[0, 3, 1], [1, 3, 2]]
