@@ -557,12 +557,19 @@ def cell_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
     rows = specificity[specificity["arm"] == "perturbation"] if "arm" in specificity.columns else specificity
     out = rows.groupby("cluster").agg(specific=("specific", "all"),
                                       specificity_verdict=("specificity_verdict", lambda v: "; ".join(sorted(set(v)))))
+    if {"arm", "edit_ratio"} <= set(specificity.columns):
+        # How much the controls change the state relative to the perturbation (stage 04's edit
+        # ‖ĥ − h‖): a control that changes it much less controls for size poorly.
+        controls = specificity[specificity["arm"] == "control"]
+        out = out.join(controls.groupby("cluster")["edit_ratio"].median().rename("control_edit_ratio"))
+        if "edit_matched" in controls.columns:
+            out = out.join(controls.groupby("cluster")["edit_matched"].mean().rename("controls_matched_share"))
     return out.reset_index()
 
 
 # -- the influence table ---------------------------------------------------------------------
 # Part of stage 06's cache key: a change here must not be served from an older influence.parquet.
-INFLUENCE_VERSION = "distinct-draws-1"
+INFLUENCE_VERSION = "distinct-draws-2"
 
 
 def _recorded_perturbations(text: Any) -> bool:
@@ -625,7 +632,9 @@ def influence_table(
     ``p_control``/``control_significant`` (Φ_control ≠ 0); ``baseline_score`` (M(f, a)),
     ``floor``, ``readable``, ``higher_is_better``, ``mde_ais`` (:func:`minimum_detectable_ais`
     at ``power`` for this ability's items and baseline, Holm over the table's cells);
-    ``specific`` and ``specificity_verdict`` from stage 04 (None/"" without it), and the
+    ``specific`` and ``specificity_verdict`` from stage 04 (None/"" without it), with the
+    controls' median edit relative to the perturbation's (``control_edit_ratio``) and the share
+    within stage 04's tolerance (``controls_matched_share``; NaN without stage 04), and the
     ``verdict`` (:func:`cell_verdict`); the cluster's ``selectivity``/``top_ability``.
 
     Cells whose baseline is below the floor keep ``delta`` but have NaN Φ and are left out
@@ -678,6 +687,9 @@ def influence_table(
     else:
         table = table.merge(gate, on="cluster", how="left")
         table["specificity_verdict"] = table["specificity_verdict"].fillna("")
+    for column in ("control_edit_ratio", "controls_matched_share"):
+        if column not in table.columns:
+            table[column] = np.nan
     table["verdict"] = [
         cell_verdict(bool(r.readable), bool(r.significant), bool(r.exceeds_controls),
                      None if r.specific is None or (isinstance(r.specific, float) and np.isnan(r.specific)) else bool(r.specific))
@@ -694,7 +706,7 @@ def influence_table(
         "n_draws", "n_draws_requested", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
         "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls",
         "p_value", "p_adjusted", "significant", "p_control", "p_control_adjusted", "control_significant",
-        "specific", "specificity_verdict", "verdict",
+        "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
     ]
     return table[columns].sort_values(["cluster", "ability"]).reset_index(drop=True)
@@ -712,6 +724,14 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
         f"{table['min_p_vs_controls'].min():.3g}).",
         "Verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS if counts.get(v, 0)) + ".",
     ]
+    per_cluster = table.drop_duplicates("cluster")
+    if "controls_matched_share" in table.columns:
+        for row in per_cluster[per_cluster["controls_matched_share"] < 1].itertuples(index=False):
+            lines.append(
+                f"cluster {row.cluster}: its controls change the state {row.control_edit_ratio:.2f}× as much as its "
+                f"perturbation (stage 04; {row.controls_matched_share:.0%} within the edit tolerance), so \"beyond its "
+                "controls\" compares it with smaller edits there."
+            )
     repeated = table.drop_duplicates("cluster")
     repeated = repeated[repeated["n_draws"].notna() & (repeated["n_draws"] < repeated["n_draws_requested"])]
     for row in repeated.itertuples(index=False):

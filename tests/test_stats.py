@@ -289,3 +289,21 @@ def test_repeated_control_draws_count_once():
     # placeholders that identify nothing (hand-made tables) are never merged
     untouched, _ = stats.distinct_control_draws(scores.assign(interventions="[]"))
     assert len(untouched) == len(scores)
+
+
+def test_controls_smaller_than_their_perturbation_are_named_next_to_the_numbers():
+    scores = impact.simulate_scores({(0, "math"): 0.0, (1, "math"): 0.0}, {"math": 0.7}, items_per_task=30,
+                                    magnitudes=(1.0,), n_controls=2, seed=1)
+    rows = []
+    for cluster, ratios in {0: [0.66, 0.66], 1: [1.05, 0.95]}.items():
+        rows.append({"cluster": cluster, "arm": "perturbation", "specific": False,
+                     "specificity_verdict": "non-specific damage", "edit_ratio": 1.0, "edit_matched": True})
+        rows += [{"cluster": cluster, "arm": "control", "specific": False, "specificity_verdict": "non-specific damage",
+                  "edit_ratio": r, "edit_matched": 0.8 <= r <= 1.25} for r in ratios]
+    table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
+    by_cluster = table.drop_duplicates("cluster").set_index("cluster")
+    assert by_cluster.loc[0, "control_edit_ratio"] == pytest.approx(0.66) and by_cluster.loc[0, "controls_matched_share"] == 0
+    assert by_cluster.loc[1, "controls_matched_share"] == 1
+    summary = stats.influence_summary(table)
+    assert "cluster 0: its controls change the state 0.66× as much" in summary and "cluster 1: its controls" not in summary
+    assert stats.influence_table(scores, n_boot=50)["controls_matched_share"].isna().all()
