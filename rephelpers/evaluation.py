@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from .abilities import ABILITIES, TaskInfo, build_tasks
 from .errors import RephelpersError, require
 from .intervene import (
-    Intervention, apply_in_trace, forward_order, interventions_to_json, needs_keys, perturb, validate,
+    Intervention, apply_in_trace, first_identical, forward_order, interventions_to_json, needs_keys, perturb,
+    validate,
 )
 from .models import Model, output_tensor, replace_output
 from .paths import cache_subdir
@@ -345,15 +346,17 @@ def _pack_requests(
     return rows, resolved
 
 
-def _packed_inputs(rows: Sequence[_PackedRow], dtype: torch.dtype, device: Any, keyed: bool) -> dict[str, Any]:
-    """Right-padded ``input_ids``, and for rows with branches the 4-D additive attention mask
-    and ``position_ids`` that make each branch see only the trunk and itself; ``keys``: the
-    token keys each token has in its unpacked row ``trunk ⊕ branch``."""
+def _packed_inputs(
+    rows: Sequence[_PackedRow], dtype: torch.dtype, device: Any, keyed: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The model inputs: right-padded ``input_ids``, and for rows with branches the 4-D additive
+    attention mask and ``position_ids`` that make each branch see only the trunk and itself;
+    and (``keyed``) the token keys each token has in its unpacked row ``trunk ⊕ branch``."""
     width = max(len(row.tokens) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row.tokens)] = torch.tensor(row.tokens)
-    inputs: dict[str, Any] = {"input_ids": ids.to(device)}
+    inputs = {"input_ids": ids.to(device)}
     keys = None
     if keyed:
         keys = torch.zeros(len(rows), width, dtype=torch.long)
@@ -376,7 +379,7 @@ def _packed_inputs(rows: Sequence[_PackedRow], dtype: torch.dtype, device: Any, 
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
         inputs["attention_mask"] = mask[:, None].to(device)
         inputs["position_ids"] = positions.to(device)
-    return {"inputs": inputs, "keys": keys}
+    return inputs, keys
 
 
 def sweep_loglikelihood(
@@ -412,8 +415,7 @@ def sweep_loglikelihood(
     limit = max_length or model.max_length
     split = split_layer(valid, model.n_layers)
     # Configs with identical interventions (e.g. control draws that could only pick one set) run once.
-    first_of: dict[str, str] = {}
-    same_as = {cid: first_of.setdefault(interventions_to_json(ivs), cid) for cid, ivs in valid.items()}
+    same_as = first_identical(valid)
     config_ids = list(dict.fromkeys(same_as.values()))
     # A 4-D additive mask is honoured by the eager and SDPA attention kernels, not by flash attention.
     pack = (pack_choices and all(iv.positions == "all" for ivs in valid.values() for iv in ivs)
@@ -429,8 +431,7 @@ def sweep_loglikelihood(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = model.device
     for batch in tqdm(batches, desc="shared-prefix batches", disable=not progress, leave=False):
-        packed = _packed_inputs([rows[r] for r in batch], model.hf.dtype, device, keyed)
-        inputs, keys = packed["inputs"], packed["keys"]
+        inputs, keys = _packed_inputs([rows[r] for r in batch], model.hf.dtype, device, keyed)
         width = inputs["input_ids"].shape[1]
         lengths = torch.tensor([len(rows[r].tokens) for r in batch], device=device)
         keep = sorted({p for r in batch for q in requests_of_row[r] for p in targets[q][1]})

@@ -18,7 +18,7 @@ import json
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from .errors import require
 from .models import Model, output_tensor, replace_output
 from .perturbations import Perturbation, perturbation_from_dict
 from .tokenkeys import token_keys
+
+K = TypeVar("K", bound=Hashable)
 
 POSITION_SCOPES = ("all", "last")
 _COMPONENT_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
@@ -76,6 +78,13 @@ class Intervention:
 
 def interventions_to_json(interventions: Sequence[Intervention]) -> str:
     return json.dumps([iv.to_dict() for iv in interventions], sort_keys=True)
+
+
+def first_identical(configs: Mapping[K, Sequence[Intervention]]) -> dict[K, K]:
+    """Each key of ``configs`` mapped to the first key whose interventions are identical to its
+    own (itself when none before it is), so identical configs are computed once and shared."""
+    first: dict[str, K] = {}
+    return {key: first.setdefault(interventions_to_json(ivs), key) for key, ivs in configs.items()}
 
 
 def interventions_from_json(text: str) -> list[Intervention]:

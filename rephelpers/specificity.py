@@ -45,7 +45,7 @@ from .activations import load_activations
 from .artifacts import RunDir, stable_hash
 from .errors import RephelpersError, require
 from .intervene import (
-    Intervention, Readout, forward_readout, interventions_to_json, perplexity, perturb, validate,
+    Intervention, Readout, first_identical, forward_readout, perplexity, perturb, validate,
 )
 from .models import Model, model_fingerprint, output_tensor
 
@@ -242,8 +242,7 @@ def specificity_report(
         texts = list(target["text"]) + list(rest["text"])
         is_target = np.arange(len(texts)) < len(target)
         # Control draws that came out identical (size-matched controls with no freedom left) run once.
-        first_of: dict[str, tuple[str, int]] = {}
-        same_as = {arm: first_of.setdefault(interventions_to_json(iv), arm) for arm, iv in ivs.items()}
+        same_as = first_identical(ivs)
         distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
         passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
         edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
@@ -367,8 +366,8 @@ def edit_norms(
 
 def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
     """Per kind × magnitude × cluster: control draws requested and distinct (by their
-    parameters). Fewer distinct than requested means the size-matched draw had no freedom
-    (R_k holds the layer's largest dimensions), so the controls are one control repeated."""
+    parameters). Fewer distinct than requested means the size-matched draw had little freedom
+    (R_k holds the layer's largest dimensions), so the draws repeat the same few sets."""
     controls = report[report["arm"] == "control"]
     counts = controls.groupby(["kind", "magnitude", "cluster"]).agg(
         requested=("draw", "nunique"), distinct=("config", "nunique")).reset_index()

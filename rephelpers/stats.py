@@ -594,8 +594,9 @@ def distinct_control_draws(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     compared only where the scores record real perturbation parameters.
     """
     control = scores["control"].astype(bool)
-    requested = (scores[control].groupby("cluster")["draw"].nunique().rename("n_draws_requested"))
-    if not control.any() or not scores.loc[control, "interventions"].map(_recorded_perturbations).all():
+    requested = scores[control].groupby("cluster")["draw"].nunique().rename("n_draws_requested")
+    if (not control.any() or "interventions" not in scores.columns
+            or not scores.loc[control, "interventions"].map(_recorded_perturbations).all()):
         counts = requested.to_frame().assign(n_draws_distinct=requested)
         return scores, counts.reset_index()
     signature = (scores[control].groupby(["cluster", "draw"])["interventions"]

@@ -289,6 +289,8 @@ def test_repeated_control_draws_count_once():
     # placeholders that identify nothing (hand-made tables) are never merged
     untouched, _ = stats.distinct_control_draws(scores.assign(interventions="[]"))
     assert len(untouched) == len(scores)
+    untouched, _ = stats.distinct_control_draws(scores.drop(columns="interventions"))  # not a required column
+    assert len(untouched) == len(scores)
 
 
 def test_controls_smaller_than_their_perturbation_are_named_next_to_the_numbers():
