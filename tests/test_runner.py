@@ -25,9 +25,9 @@ from rephelpers.runner import (
     THREAD_ENV,
     ExecutionLimits,
     RunSpec,
+    available_cores,
     collect,
     parameterize_chain,
-    available_cores,
     run_spec,
     split_shared,
     threads_per_job,
@@ -210,6 +210,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _dies_within(pid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while _alive(pid):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_execution_limits_from_yaml_and_overrides(project):
     spec = _single(project, "lim", "01_base", execution={"cell_timeout": 30, "stall_timeout": 5})
     assert (spec.execution.cell_timeout, spec.execution.start_timeout, spec.execution.stall_timeout) == (30, 120, 5)
@@ -313,17 +322,10 @@ def test_an_interrupted_run_is_recorded_as_such_and_a_rerun_completes_it(project
     assert "interrupted by SIGTERM" in err and "run the same command again" in err
     status = _status(top)
     assert (status["state"], status["signal"], status["notebook"], status["cell"]) == ("interrupted", "SIGTERM", "03_hold", 1)
-    for _ in range(50):  # the kernel is killed with its papermill child, not left behind
-        if not _alive(kernel_pid):
-            break
-        time.sleep(0.1)
-    assert not _alive(kernel_pid), "the kernel outlived the interrupted run"
+    # the kernel is killed with its papermill child, not left behind
+    assert _dies_within(kernel_pid, 5.0), "the kernel outlived the interrupted run"
     grandchild = int((top / "grandchild").read_text())
-    for _ in range(50):
-        if not _alive(grandchild):
-            break
-        time.sleep(0.1)
-    assert not _alive(grandchild), "a process the notebook started in its own session outlived the interrupted run"
+    assert _dies_within(grandchild, 5.0), "a process the notebook started in its own session outlived the interrupted run"
     assert not (top / "finished").exists()
 
     (top / "hold").unlink()
