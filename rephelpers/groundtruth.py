@@ -276,20 +276,31 @@ def chain_spec(
     return RunSpec(name=name, parameters=params, notebooks=notebooks, grid=grid)
 
 
-def chain_grids(grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]] | None) -> list[dict[str, list[Any]]]:
+def chain_grids(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Sequence[Any]]] | None,
+    parameters: Mapping[str, Any] | None = None,
+) -> list[dict[str, list[Any]]]:
     """``chain_grid`` as a list of product grids.
 
     A mapping is one product (every combination of its values); a list of mappings is the
     union of their products, for a design a single product cannot express (three kinds at one
-    layer, one kind at another). ``None`` or ``{}`` is a single run.
+    layer, one kind at another, a scoring variant for one kind only). ``None`` or ``{}`` is a
+    single run. The grids of a list share ``_shared/``, so they must vary the same keys: a key
+    one grid leaves out takes its value from ``parameters`` (the chain's fixed parameters),
+    and a key in neither is an error.
     """
     if grid is None or isinstance(grid, Mapping):
         return [{k: list(v) for k, v in (grid or {}).items()}]
     grids = [{k: list(v) for k, v in g.items()} for g in grid]
     require(grids and all(grids), "chain_grid: a list of grids needs at least one grid and no empty one")
-    keys = {tuple(sorted(g)) for g in grids}
-    require(len(keys) == 1, f"chain_grid: every grid in the list must vary the same keys, got {sorted(keys)}")
-    return grids
+    keys = sorted({k for g in grids for k in g})
+    parameters = dict(parameters or {})
+    for g in grids:
+        missing = [k for k in keys if k not in g and k not in parameters]
+        require(not missing, f"chain_grid: a grid leaves out {missing}, which other grids vary and chain_parameters "
+                             "does not fix; give them a value in that grid or in chain_parameters (the grids must "
+                             "vary the same keys, because they share stages 01-03)")
+    return [{k: g[k] if k in g else [parameters[k]] for k in keys} for g in grids]
 
 
 def run_chain(
@@ -321,7 +332,7 @@ def run_chain(
     folder = save_model_folder(model, trained, Path(model_cache) / f"f_all-{key}")
     specs = [chain_spec(corpus_path, folder, abilities, parameters, g, name=name, seed=seed,
                         items_per_task=items_per_task, notebooks=notebooks)
-             for g in chain_grids(grid)]
+             for g in chain_grids(grid, parameters)]
     for spec in specs:
         run_spec(spec, runs_root=Path(run_dir))
     return specs, Path(run_dir) / name
@@ -336,7 +347,7 @@ def chain_documents(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     raise RephelpersError(f"no documents.parquet under {chain_dir}: stage 01 of the chain did not finish")
 
 
-SETTING_KEYS = ("perturbation", "intervention_layer", "magnitude", "method", "standardize", "component")
+SETTING_KEYS = ("perturbation", "intervention_layer", "magnitude", "method", "standardize", "token_level", "component")
 
 
 def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
@@ -374,16 +385,45 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+DIMENSION_KINDS = ("ablate", "mean_ablate", "noise")
+"""Perturbation kinds that act on R_k, so that stage 03's selection score decides what they touch."""
+_OWN_SCORING = {"project": "SVD V_k", "leace": "LEACE", "shift": "mean direction", "gradient": "probe gradient"}
+
+
+def scoring_name(params: Mapping[str, Any]) -> str:
+    """How a setting chose what it perturbs, in the issue's words: raw S, Cohen's d, token-level, probe, SVD, LEACE.
+
+    Kinds on R_k (:data:`DIMENSION_KINDS`) take stage 03's selection: ``method`` (the probe
+    methods by their weights, else S(i,k)), ``standardize`` (Cohen's d instead of the raw
+    mean difference) and ``token_level`` (S over tokens instead of pooled texts). The other
+    kinds carry their own: ``project`` the rank-r SVD basis V_k, ``leace`` the fitted eraser,
+    ``shift`` v_k, ``gradient`` the probe.
+    """
+    kind = str(params.get("perturbation", "ablate"))
+    if kind not in DIMENSION_KINDS:
+        return _OWN_SCORING.get(kind, kind)
+    method = str(params.get("method", "mean_diff"))
+    if method != "mean_diff":
+        return {"probe_l1": "probe (L1)", "probe_l2": "probe (L2)", "mlp": "MLP probe"}.get(method, method)
+    name = "Cohen's d" if _truthy(params.get("standardize", False)) else "raw S"
+    return f"token-level {name}" if _truthy(params.get("token_level", False)) else name
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
+
+
 def _with_setting(table: pd.DataFrame, params: Mapping[str, Any], point: str) -> pd.DataFrame:
+    def text(value: Any) -> str:
+        return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
     table = table.copy()
-    parts = []
     for key in SETTING_KEYS:
         if key in params:
-            value = params[key]
-            value = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            table[key] = str(value)
-            parts.append(f"{key}={value}")
-    table["setting"] = ", ".join(parts) if parts else point
+            table[key] = text(params[key])
+    table["scoring"] = scoring_name(params)
+    parts = [f"{key}={text(params[key])}" for key in ("perturbation", "intervention_layer", "magnitude") if key in params]
+    table["setting"] = ", ".join([*parts, f"scoring={scoring_name(params)}"]) if parts else point
     table["point"] = point
     return table
 
@@ -500,7 +540,7 @@ def agreement_cells(influence: pd.DataFrame, stars: pd.DataFrame, mapping: pd.Da
         influence["min_p_vs_controls"] = math.nan
     keep = ["setting", "cluster", "ability", "phi", "phi_control", "phi_minus_control", "beyond", exceeds, flagged,
             "min_p_vs_controls"]
-    extra = [c for c in SETTING_KEYS if c in influence.columns]
+    extra = [c for c in (*SETTING_KEYS, "scoring") if c in influence.columns]
     chain = influence[keep + extra].rename(columns={"cluster": "chain_cluster", exceeds: "exceeds", flagged: "flagged"})
     cells = rows.drop(columns="cluster").merge(chain, on=["chain_cluster", "ability"], how="inner")
     cells["diagonal"] = cells["ability"] == cells["planted"].map(planted_ability)
@@ -569,7 +609,9 @@ def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 
             strict, per_skill_strict = diagonal_recovery(sub, skills, "exceeds", score)
             argmax = diagonal_argmax(sub, skills, score)
             rows.append({
-                "setting": f"{point}, score={score}", "point": point, "score": score, "n_cells": len(ok),
+                "setting": f"{point}, score={score}", "point": point, "score": score,
+                **{c: sub[c].iloc[0] for c in ("perturbation", "intervention_layer", "scoring") if c in sub.columns},
+                "n_cells": len(ok),
                 "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
                 "diagonal_recovery": share, "recovered": ",".join(s for s, v in per_skill.items() if v),
                 "diagonal_recovery_strict": strict,
@@ -585,6 +627,19 @@ def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 
     table = pd.DataFrame(rows)
     key = table["spearman_rho"].fillna(-2.0) + 1e-3 * table["diagonal_recovery"].fillna(0) - 1e-6 * table["off_diagonal_false_positives"]
     return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
+
+
+def best_by(per_setting: pd.DataFrame, column: str = "scoring") -> pd.DataFrame:
+    """The best row of :func:`setting_agreement` for each value of ``column`` (its order: best first).
+
+    ``column="scoring"`` answers which way of choosing what to perturb (raw S, Cohen's d,
+    token-level, probe, SVD, LEACE) agrees best with the fine-tunes, each at its best kind,
+    layer and score.
+    """
+    require(column in per_setting.columns, f"the agreement table has no {column!r} column (chain points before it existed)")
+    keep = [column, "setting", "spearman_rho", "spearman_low", "spearman_high", "diagonal_recovery",
+            "diagonal_argmax", "off_diagonal_false_positives", "null_off_diagonal_cells"]
+    return per_setting.drop_duplicates(column, keep="first")[[c for c in keep if c in per_setting.columns]].reset_index(drop=True)
 
 
 def agreement_summary(per_setting: pd.DataFrame, mapping: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -610,6 +665,8 @@ def agreement_summary(per_setting: pd.DataFrame, mapping: pd.DataFrame, extra: M
         "off_diagonal_false_positives": clean(best["off_diagonal_false_positives"]),
         "null_off_diagonal_cells": clean(best.get("null_off_diagonal_cells", math.nan)),
         "best_setting": str(best["setting"]),
+        **({"best_by_scoring": [{k: clean(v) for k, v in row.items()} for row in best_by(per_setting).to_dict("records")]}
+           if "scoring" in per_setting.columns else {}),
         "settings": [{k: clean(v) for k, v in row.items()} for row in per_setting.to_dict("records")],
         "cluster_mapping": [{k: clean(v) for k, v in row.items()} for row in mapping.to_dict("records")],
         **({k: v for k, v in extra.items()} if extra else {}),

@@ -349,8 +349,13 @@ def test_a_list_of_chain_grids_is_the_union_of_their_points(tmp_path):
     grids = gt.chain_grids([{"intervention_layer": [15], "perturbation": ["ablate", "leace"]},
                             {"intervention_layer": [24, 15], "perturbation": ["leace"]}])
     assert len(grids) == 2 and gt.chain_grids({"a": (1, 2)}) == [{"a": [1, 2]}] and gt.chain_grids(None) == [{}]
-    with pytest.raises(RephelpersError, match="same keys"):
+    with pytest.raises(RephelpersError, match="leaves out"):
         gt.chain_grids([{"intervention_layer": [15]}, {"perturbation": ["leace"]}])
+    # A key one grid leaves out takes the chain's fixed value, so every grid varies the same keys.
+    filled = gt.chain_grids([{"perturbation": ["leace", "mean_ablate"]}, {"perturbation": ["mean_ablate"], "standardize": [True]}],
+                            {"standardize": False, "n_clusters": 8})
+    assert filled == [{"perturbation": ["leace", "mean_ablate"], "standardize": [False]},
+                      {"perturbation": ["mean_ablate"], "standardize": [True]}]
     specs = [gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {"magnitude": 1.0}, g) for g in grids]
     from rephelpers.runner import point_name
 
@@ -362,5 +367,22 @@ def test_a_list_of_chain_grids_is_the_union_of_their_points(tmp_path):
         pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.5]}).to_parquet(tmp_path / name / "influence.parquet")
     influence = gt.chain_influence(tmp_path, specs)
     assert sorted(influence["point"]) == sorted(set(names) - {"intervention_layer=24,perturbation=leace"})
-    assert set(influence["setting"]) == {"perturbation=ablate, intervention_layer=15, magnitude=1.0",
-                                         "perturbation=leace, intervention_layer=15, magnitude=1.0"}
+    assert set(influence["setting"]) == {"perturbation=ablate, intervention_layer=15, magnitude=1.0, scoring=raw S",
+                                         "perturbation=leace, intervention_layer=15, magnitude=1.0, scoring=LEACE"}
+
+
+def test_a_setting_names_how_it_chose_what_to_perturb():
+    assert gt.scoring_name({"perturbation": "mean_ablate"}) == "raw S"
+    assert gt.scoring_name({"perturbation": "ablate", "standardize": True}) == "Cohen's d"
+    assert gt.scoring_name({"perturbation": "noise", "token_level": "True", "standardize": False}) == "token-level raw S"
+    assert gt.scoring_name({"perturbation": "mean_ablate", "token_level": True, "standardize": True}) == "token-level Cohen's d"
+    assert gt.scoring_name({"perturbation": "mean_ablate", "method": "probe_l1", "standardize": True}) == "probe (L1)"
+    # Kinds that do not act on R_k ignore stage 03's selection.
+    assert gt.scoring_name({"perturbation": "project", "standardize": True}) == "SVD V_k"
+    assert gt.scoring_name({"perturbation": "leace", "method": "probe_l1"}) == "LEACE"
+    table = pd.DataFrame({"scoring": ["LEACE", "raw S", "LEACE", "Cohen's d"], "setting": list("abcd"),
+                          "spearman_rho": [0.9, 0.5, 0.4, 0.3]})
+    best = gt.best_by(table)
+    assert best["scoring"].tolist() == ["LEACE", "raw S", "Cohen's d"] and best["setting"].tolist() == ["a", "b", "d"]
+    with pytest.raises(RephelpersError, match="no 'layer' column"):
+        gt.best_by(table, "layer")
