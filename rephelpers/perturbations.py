@@ -11,10 +11,10 @@ Notation: ``R`` is a set of dimension indices (R_k of cluster k), ``v`` a direct
 
 Every kind has one magnitude field (:data:`MAGNITUDE_FIELD`): ablate/project/leace a
 ``strength`` in [0, 1] interpolating between ``h`` and the fully perturbed state, noise
-its ``sigma``, shift its ``alpha``, gradient its ``epsilon``. :func:`build` turns a
-stage-03 subspace and a unit-free ``magnitude`` into a perturbation, and
-:func:`matched_control` into a random perturbation of the same size (the specificity
-control).
+its ``sigma``, shift its ``alpha``, gradient its ``epsilon``. :data:`KINDS` holds, per kind,
+how it is built from a stage-03 subspace and a unit-free ``magnitude`` (:func:`build`)
+and how its random perturbation of the same size is drawn (:func:`matched_control`, the
+specificity control).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -440,21 +440,160 @@ class Gradient(Perturbation):
 
 
 def registered_kinds() -> list[str]:
+    """The perturbation classes' ``kind`` tags (what :func:`perturbation_from_dict` reads).
+
+    Not the list of kinds the stages build: ``mean_ablate`` is an :class:`Ablate`; that list
+    is :func:`kinds`.
+    """
     return sorted(_REGISTRY)
 
 
-# -- factories: stage-03 subspaces → perturbations, and their matched random controls --
+# -- kinds: how a perturbation is built from a cluster's components, and its matched control --
+@dataclass(frozen=True)
+class Kind:
+    """One perturbation kind as the stages use it (one entry of :data:`KINDS`).
 
-MAGNITUDE_FIELD: dict[str, str] = {
-    "ablate": "strength",
-    "mean_ablate": "strength",
-    "noise": "sigma",
-    "shift": "alpha",
-    "project": "strength",
-    "leace": "strength",
-    "gradient": "epsilon",
-}
+    ``make(subspace, m, seed)`` builds the ``cls`` perturbation of one stage-03 subspace (a
+    cluster at a layer) at the unit-free magnitude m, scaled so that m = 1 is "full
+    strength" (``scaling`` says what that is); ``magnitude_field`` is the field m sets.
+    ``control(target, subspace, d_model, rng, spectrum)`` draws the random perturbation of
+    the same size that controls for it (:func:`matched_control`). Adding a kind means
+    writing its class (if it is a new one) and one ``Kind`` in :data:`KINDS`; nothing else
+    in the package lists kinds.
+    """
+
+    name: str
+    cls: type[Perturbation]
+    magnitude_field: str
+    scaling: str
+    make: Callable[[dict[str, Any], float, int], Perturbation] = field(repr=False)
+    control: Callable[..., Perturbation] = field(repr=False)
+
+
+def _make_ablate(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    return Ablate(dims=_dims(subspace, "ablate"), strength=m)
+
+
+def _make_mean_ablate(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    dims = _dims(subspace, "mean_ablate")
+    reference = np.asarray(_field(subspace, "mean_out", "mean_ablate"), dtype=np.float64)
+    return Ablate(dims=dims, values=reference[list(dims)], strength=m)
+
+
+def _make_noise(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    dims = _dims(subspace, "noise")
+    return Noise(dims=dims, sigma=m * _typical_std(subspace, dims), seed=seed)
+
+
+def _make_shift(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    v = np.asarray(_field(subspace, "direction", "shift"), dtype=np.float64)
+    gap = _mean_gap(subspace, len(v))
+    return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
+
+
+def _make_project(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    return Project(basis=_field(subspace, "basis", "project"), strength=m)
+
+
+def _make_leace(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    fitted = _field(subspace, "leace", "leace", hint="fit it with fit_leace(X, cluster == k).to_dict()")
+    return replace(_as_leace(fitted), strength=m)
+
+
+def _make_gradient(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
+    coef, intercept = _probe(subspace)
+    gap = _mean_gap(subspace, len(coef))
+    scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
+    return Gradient(coef=coef, intercept=intercept, epsilon=m * scale)
+
+
+def _control_dims(kind: str) -> Callable[..., Perturbation]:
+    """Partners of R_k from its magnitude strata (ablate, mean_ablate, noise; see :func:`matched_control`)."""
+    def control(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+                spectrum: dict[str, Any] | None) -> Perturbation:
+        profile, source = control_profile(kind, subspace, d_model, spectrum)
+        massive = _massive_dims(subspace, spectrum, d_model)
+        dims, note = _matched_dims(rng, target.dims, profile, massive, d_model)
+        matching = f"uniform{note}" if profile is None else f"{source} strata{note}"
+        if isinstance(target, Noise):
+            return Noise(dims=dims, sigma=target.sigma, seed=target.seed, matching=matching)
+        values = None
+        if target.values is not None:  # mean ablation: the control uses the same reference
+            values = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)[list(dims)]
+        return Ablate(dims=dims, values=values, strength=target.strength, matching=matching)
+    return control
+
+
+def _control_project(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+                     spectrum: dict[str, Any] | None) -> Perturbation:
+    spec = _check_spectrum(spectrum, d_model)
+    if spec is None:
+        q, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
+        return Project(basis=q.T, strength=target.strength, matching="uniform (no spectrum)")
+    basis, note = _matched_basis(rng, target, spec, _massive_dims(subspace, spectrum, d_model))
+    return Project(basis=basis, strength=target.strength, matching=f"spectrum variance strata{note}")
+
+
+def _control_shift(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+                   spectrum: dict[str, Any] | None) -> Perturbation:
+    v = rng.standard_normal(d_model)
+    v *= np.linalg.norm(target.direction) / np.linalg.norm(v)
+    return Shift(direction=v, alpha=target.alpha)
+
+
+def _control_gradient(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+                      spectrum: dict[str, Any] | None) -> Perturbation:
+    signs = rng.choice([-1.0, 1.0], size=d_model)
+    return Shift(direction=signs, alpha=target.epsilon)
+
+
+def _control_leace(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+                   spectrum: dict[str, Any] | None) -> Perturbation:
+    spread = np.ones(d_model) if subspace.get("std") is None else np.asarray(subspace["std"], dtype=np.float64)
+    require(spread.shape == (d_model,), f"leace: subspace['std'] has shape {spread.shape}, expected ({d_model},)")
+    gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
+    u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
+    return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
+                 strength=target.strength)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("ablate", Ablate, "strength", "strength m; ĥ_R = (1 − m)·h_R (m = 1 zeroes R_k)",
+         _make_ablate, _control_dims("ablate")),
+    Kind("mean_ablate", Ablate, "strength",
+         "strength m towards the rest's mean; ĥ_R = (1 − m)·h_R + m·μ_out,R. Zeroing a dimension whose "
+         "typical value is far from 0 (the 'massive activation' dimensions of many LMs) damages every input "
+         "alike; setting it to the value it takes on other clusters' text removes only what is specific to "
+         "cluster k",
+         _make_mean_ablate, _control_dims("mean_ablate")),
+    Kind("noise", Noise, "sigma",
+         "σ = m · median_{i∈R_k} std_i, noise as large as the typical natural spread of those dimensions "
+         "(raw σ = m if std is absent); the median, so that one massive dimension in R_k does not set the "
+         "noise level of all the others",
+         _make_noise, _control_dims("noise")),
+    Kind("shift", Shift, "alpha",
+         "ĥ = h + α v_k with α = m · (μ_out − μ_in)·v_k: at m = 1 the mean of cluster k lands on the mean "
+         "of the rest along v_k (raw α = m without the means)",
+         _make_shift, _control_shift),
+    Kind("project", Project, "strength", "strength m on V_k (m = 1 removes it entirely)",
+         _make_project, _control_project),
+    Kind("leace", Leace, "strength", "strength m on subspace['leace'] (m = 1 is full erasure)",
+         _make_leace, _control_leace),
+    Kind("gradient", Gradient, "epsilon",
+         "ε = m · |w·(μ_in − μ_out)| / ‖w‖₁: at m = 1 the step moves the probe's logit by the gap between "
+         "cluster k's mean and the rest's mean (a sign step changes the logit by exactly ε‖w‖₁); raw ε = m "
+         "without the means",
+         _make_gradient, _control_gradient),
+)}
+"""Every perturbation kind the stages build, by name: the one list of kinds."""
+
+MAGNITUDE_FIELD: dict[str, str] = {name: k.magnitude_field for name, k in KINDS.items()}
 """The field that :func:`build`'s ``magnitude`` sets, per kind."""
+
+
+def kinds() -> list[str]:
+    """The kinds :func:`build` makes (:data:`KINDS`), in their order."""
+    return list(KINDS)
 
 
 def fit_leace(X: Any, y: Any, **options: Any) -> Leace:
@@ -467,60 +606,30 @@ def fit_leace(X: Any, y: Any, **options: Any) -> Leace:
 
 
 def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int = 0) -> Perturbation:
-    """The ``kind`` perturbation of one stage-03 subspace (a cluster at a layer).
+    """The ``kind`` perturbation of one stage-03 subspace (a cluster at a layer): ``KINDS[kind].make``.
 
     ``subspace`` has the keys ``dims`` (R_k), ``direction`` (unit v_k), ``basis`` (rows of
     V_k), ``probe`` (``{"coef", "intercept"}`` or None), ``mean_in``/``mean_out`` (mean
     representation of cluster k / of the rest), ``std`` (per-dimension standard deviation)
     and optionally ``leace`` (a fitted :class:`Leace` as ``to_dict()``).
 
-    ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind:
+    ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind
+    (``KINDS[kind].scaling``):
 
     - ``ablate``: strength m; ``ĥ_R = (1 − m)·h_R`` (m = 1 zeroes R_k).
     - ``mean_ablate``: strength m towards the rest's mean; ``ĥ_R = (1 − m)·h_R + m·μ_out,R``.
-      Zeroing a dimension whose typical value is far from 0 (the "massive activation"
-      dimensions of many LMs) damages every input alike; setting it to the value it takes on
-      other clusters' text removes only what is specific to cluster k.
-    - ``noise``: ``σ = m · median_{i∈R_k} std_i``, noise as large as the typical natural
-      spread of those dimensions (raw σ = m if ``std`` is absent). The median, not the
-      mean, so that one "massive activation" dimension in R_k (hundreds of times the
-      usual spread) does not set the noise level of all the others.
-    - ``shift``: ``ĥ = h + α v_k`` with ``α = m · (μ_out − μ_in)·v_k``: at m = 1 the mean of
-      cluster k lands on the mean of the rest along v_k (raw α = m without the means).
+    - ``noise``: ``σ = m · median_{i∈R_k} std_i``.
+    - ``shift``: ``ĥ = h + α v_k`` with ``α = m · (μ_out − μ_in)·v_k``.
     - ``project``: strength m on V_k (m = 1 removes it entirely).
     - ``leace``: strength m on ``subspace["leace"]`` (m = 1 is full erasure).
-    - ``gradient``: ``ε = m · |w·(μ_in − μ_out)| / ‖w‖₁``: at m = 1 the step moves the
-      probe's logit by the gap between cluster k's mean and the rest's mean (a sign step
-      changes the logit by exactly ε‖w‖₁); raw ε = m without the means.
+    - ``gradient``: ``ε = m · |w·(μ_in − μ_out)| / ‖w‖₁``.
 
     ``seed`` seeds the noise draw.
     """
-    require(kind in MAGNITUDE_FIELD, f"unknown perturbation kind {kind!r}; use one of {sorted(MAGNITUDE_FIELD)}")
+    require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
     m = float(magnitude)
     require(math.isfinite(m), f"magnitude must be finite, got {magnitude}")
-    if kind == "ablate":
-        return Ablate(dims=_dims(subspace, kind), strength=m)
-    if kind == "mean_ablate":
-        dims = _dims(subspace, kind)
-        reference = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)
-        return Ablate(dims=dims, values=reference[list(dims)], strength=m)
-    if kind == "noise":
-        dims = _dims(subspace, kind)
-        return Noise(dims=dims, sigma=m * _typical_std(subspace, dims), seed=seed)
-    if kind == "project":
-        return Project(basis=_field(subspace, "basis", kind), strength=m)
-    if kind == "leace":
-        fitted = _field(subspace, "leace", kind, hint="fit it with fit_leace(X, cluster == k).to_dict()")
-        return replace(_as_leace(fitted), strength=m)
-    if kind == "shift":
-        v = np.asarray(_field(subspace, "direction", kind), dtype=np.float64)
-        gap = _mean_gap(subspace, len(v))
-        return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
-    assert kind == "gradient"
-    coef, intercept = _probe(subspace)
-    gap = _mean_gap(subspace, len(coef))
-    scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
-    return Gradient(coef=coef, intercept=intercept, epsilon=m * scale)
+    return KINDS[kind].make(subspace, m, seed)
 
 
 MATCH_WINDOW = 1.25
@@ -697,38 +806,7 @@ def matched_control(
     target = build(kind, subspace, magnitude, seed)
     target.check(d_model)
     rng = np.random.default_rng(_control_entropy(seed, subspace))
-    if isinstance(target, (Ablate, Noise)):
-        profile, source = control_profile(kind, subspace, d_model, spectrum)
-        massive = _massive_dims(subspace, spectrum, d_model)
-        dims, note = _matched_dims(rng, target.dims, profile, massive, d_model)
-        matching = f"uniform{note}" if profile is None else f"{source} strata{note}"
-        if isinstance(target, Noise):
-            return Noise(dims=dims, sigma=target.sigma, seed=target.seed, matching=matching)
-        values = None
-        if target.values is not None:  # mean ablation: the control uses the same reference
-            values = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)[list(dims)]
-        return Ablate(dims=dims, values=values, strength=target.strength, matching=matching)
-    if isinstance(target, Project):
-        spec = _check_spectrum(spectrum, d_model)
-        if spec is None:
-            q, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
-            return Project(basis=q.T, strength=target.strength, matching="uniform (no spectrum)")
-        basis, note = _matched_basis(rng, target, spec, _massive_dims(subspace, spectrum, d_model))
-        return Project(basis=basis, strength=target.strength, matching=f"spectrum variance strata{note}")
-    if isinstance(target, Shift):
-        v = rng.standard_normal(d_model)
-        v *= np.linalg.norm(target.direction) / np.linalg.norm(v)
-        return Shift(direction=v, alpha=target.alpha)
-    if isinstance(target, Gradient):
-        signs = rng.choice([-1.0, 1.0], size=d_model)
-        return Shift(direction=signs, alpha=target.epsilon)
-    assert isinstance(target, Leace)
-    spread = np.ones(d_model) if subspace.get("std") is None else np.asarray(subspace["std"], dtype=np.float64)
-    require(spread.shape == (d_model,), f"leace: subspace['std'] has shape {spread.shape}, expected ({d_model},)")
-    gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
-    u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
-    return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
-                 strength=target.strength)
+    return KINDS[kind].control(target, subspace, d_model, rng, spectrum)
 
 
 def matched_controls(
@@ -1008,7 +1086,10 @@ __all__ = [
     "Project",
     "Leace",
     "Gradient",
+    "Kind",
+    "KINDS",
     "MAGNITUDE_FIELD",
+    "kinds",
     "build",
     "matched_control",
     "matched_controls",

@@ -54,7 +54,7 @@ try:  # token keys for perturbations that draw per-token noise
 except ImportError:  # pragma: no cover - older intervene without keyed noise
     batch_keys = None
 from .perturbations import (
-    MAGNITUDE_FIELD, Perturbation, build, fit_leace, matched_controls, registered_kinds, second_moment_spectrum,
+    KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
 )
 from .similarity import attention_js, linear_cka
 
@@ -187,7 +187,7 @@ def specificity_report(
     """
     missing = [c for c in _REQUIRED_COLUMNS if c not in documents_df.columns]
     require(not missing, f"documents_df lacks columns {missing}; it must be notebook 01's documents.parquet.")
-    require(kind in MAGNITUDE_FIELD, f"unknown perturbation kind {kind!r}; use one of {sorted(MAGNITUDE_FIELD)}")
+    require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
     layer = model.check_layer(int(layer))
     model.check_component(component)
     documents = documents_df.reset_index(drop=True)
@@ -673,7 +673,7 @@ def explorer(
 
     return widgets.interactive(
         draw,
-        kind=widgets.Dropdown(options=list(kinds or registered_kinds()), value=first["kind"], description="perturbation"),
+        kind=widgets.Dropdown(options=list(kinds or KINDS), value=first["kind"], description="perturbation"),
         cluster=widgets.Dropdown(options=clusters, value=int(first["cluster"]), description="cluster"),
         layer=widgets.SelectionSlider(options=layers, value=int(first["layer"]), description="layer",
                                       continuous_update=False),

@@ -12,6 +12,9 @@ from sklearn.metrics import balanced_accuracy_score
 
 from rephelpers.errors import RephelpersError
 from rephelpers.perturbations import (
+    KINDS,
+    Kind,
+    Perturbation,
     MAGNITUDE_FIELD,
     Ablate,
     Gradient,
@@ -21,6 +24,7 @@ from rephelpers.perturbations import (
     Shift,
     build,
     fit_leace,
+    kinds,
     matched_control,
     perturbation_from_dict,
     registered_kinds,
@@ -290,6 +294,27 @@ def test_every_kind_round_trips(subspace, h):
             back = perturbation_from_dict(json.loads(p.to_json()))
             assert back == p
             assert torch.equal(back.apply(x), p.apply(x)), kind
+
+
+def test_each_kind_describes_itself_in_one_entry(subspace):
+    # One list of kinds: build, the magnitude fields and the controls all read KINDS.
+    assert kinds() == list(KINDS) == list(MAGNITUDE_FIELD)
+    assert {k.cls.kind for k in KINDS.values()} == set(registered_kinds())
+    for name, kind in KINDS.items():
+        target = build(name, subspace, 0.5, seed=1)
+        assert type(target) is kind.cls and getattr(target, kind.magnitude_field) != 0, name
+        assert kind.scaling, name
+        control = matched_control(name, subspace, D, 0.5, seed=1)
+        assert isinstance(control, Perturbation) and control != target, name
+    # a kind registered beside the built-in ones is built and controlled through the same entry
+    extra = Kind("half_ablate", Ablate, "strength", "strength m/2", lambda sub, m, seed: Ablate(dims=sub["dims"], strength=m / 2),
+                 KINDS["ablate"].control)
+    KINDS[extra.name] = extra
+    try:
+        assert build("half_ablate", subspace, 0.8).strength == 0.4
+        assert len(matched_control("half_ablate", subspace, D, 0.8, seed=2).dims) == len(subspace["dims"])
+    finally:
+        del KINDS[extra.name]
 
 
 # -- clear errors ------------------------------------------------------------------------------

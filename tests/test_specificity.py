@@ -9,7 +9,7 @@ import pytest
 from rephelpers.activations import extract_activations
 from rephelpers.errors import RephelpersError
 from rephelpers.intervene import perplexity, sequence_nll
-from rephelpers.perturbations import matched_control
+from rephelpers.perturbations import kinds, matched_control
 from rephelpers.specificity import (
     EDIT_TOLERANCE,
     control_spectrum,
@@ -159,6 +159,9 @@ def test_ablation_hits_harder_than_its_control(model, documents, subspaces):
     assert report.loc["perturbation", "cka_target"] < report.loc["control", "cka_target"]
     widget = explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
     assert widget.children[0].value == "ablate"
+    # by default the explorer offers every kind the stages build, mean ablation included
+    offered = explorer(model, documents, subspaces, report.reset_index()).children[0].options
+    assert list(offered) == kinds() and "mean_ablate" in offered
 
 
 @pytest.mark.model
