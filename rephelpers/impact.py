@@ -212,6 +212,17 @@ def ability_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["cluster", "control", "ability", "kind", "layer", "magnitude"]).reset_index(drop=True)
 
 
+def relative_loss(m_base: Any, m_pert: Any, sign: Any = 1.0) -> np.ndarray:
+    """The AIS formula on arrays: ``s · (M_base − M_pert) / M_base``, NaN where ``M_base = 0``.
+
+    :func:`ais` applies it to a score table, the bootstrap (:mod:`rephelpers.stats`) to
+    every resample's matrix of ``M*`` values.
+    """
+    m_base, m_pert = np.asarray(m_base, dtype=float), np.asarray(m_pert, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(m_base == 0, np.nan, sign * (m_base - m_pert) / np.where(m_base == 0, 1.0, m_base))
+
+
 def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFrame:
     """Ablation Impact Score of every perturbed config on every ability.
 
@@ -239,9 +250,7 @@ def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFram
     out["floor"] = [baseline_floor(c, h, floor_margin) for c, h in zip(out["chance"], out["higher_is_better"])]
     out["readable"] = (m_base >= out["floor"].to_numpy()) & (m_base > 0)
     out["delta"] = sign * (m_base - out["perturbed_score"].to_numpy())
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = out["delta"].to_numpy() / np.where(m_base == 0, 1.0, m_base)
-    out["ais"] = np.where(out["readable"], relative, np.nan)
+    out["ais"] = np.where(out["readable"], relative_loss(m_base, out["perturbed_score"].to_numpy(), sign), np.nan)
     out["note"] = np.where(
         out["readable"], "",
         [f"baseline M(f,a)={b:.3g} below the floor {f:.3g} (chance {c:.3g} + {floor_margin:g}): AIS not read"

@@ -45,6 +45,7 @@ from .impact import (
     control_draws,
     influence_matrix,
     item_matrix,
+    relative_loss,
     selectivity,
     validate_scores,
 )
@@ -267,12 +268,6 @@ class BootstrapCI:
     phi: pd.DataFrame
 
 
-def _relative_loss(m_base: np.ndarray, m_pert: np.ndarray, sign: float = 1.0) -> np.ndarray:
-    """``s · (M_base − M_pert) / M_base`` (:func:`rephelpers.impact.ais`), NaN where ``M_base = 0``."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(m_base == 0, np.nan, sign * (m_base - m_pert) / np.where(m_base == 0, 1.0, m_base))
-
-
 def _mean_rows(replicates: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """NaN-skipping mean of the selected config columns, NaN where none is defined."""
     if len(rows) == 0:
@@ -319,10 +314,10 @@ def bootstrap_ci(
         base_index = int(np.flatnonzero(is_base)[0])
         m_base = float(y[base_index].mean())
         readable = m_base >= baseline_floor(float(sub["chance"].max()), higher, floor_margin) and m_base > 0
-        ais_star = _relative_loss(replicates[:, [base_index]], replicates, sign)
+        ais_star = relative_loss(replicates[:, [base_index]], replicates, sign)
         dropped = float(np.mean(replicates[:, base_index] == 0))
         usable = readable and dropped <= MAX_DROPPED
-        ais_hat = _relative_loss(m_base, y.mean(axis=1), sign)
+        ais_hat = relative_loss(m_base, y.mean(axis=1), sign)
         low, high = percentile_interval(ais_star, alpha)
         for i, row in enumerate(table.itertuples(index=False)):
             if not is_base[i]:
