@@ -31,12 +31,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .artifacts import RunDir, stable_hash
 from .errors import RephelpersError, require
 from .models import Model, model_fingerprint, output_tensor
 from .paths import cache_subdir
+from .progress import progress_bar
 from .tokenstats import TokenStats, batch_token_stats, kept_mask, merge_batches
 
 POOLINGS = ("mean", "last")
@@ -76,7 +76,7 @@ def _extract_batches(
     too_short = 0
     # Longest first: padding waste is smallest and a too-long batch fails early.
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    bar = tqdm(total=len(texts), desc=f"activations ({len(layers)} layers)", disable=not progress, unit="doc")
+    bar = progress_bar(total=len(texts), desc=f"activations ({len(layers)} layers)", disable=not progress, unit="doc")
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         batch = model.encode([texts[j] for j in idx], max_length=max_length)

@@ -35,13 +35,13 @@ import altair as alt
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import NMF
-from tqdm.auto import tqdm
 
 from .artifacts import RunDir
 from .errors import RephelpersError, require
 from .models import COMPONENTS
 from .perturbations import Leace
 from .probes import ProbeFit, fit_probe, split_masks
+from .progress import progress_bar
 from .tokenstats import MASSIVE_THRESHOLD, TokenStats, massive_dimensions, token_mean_difference_scores
 
 METHODS = ("mean_diff", "probe_l1", "probe_l2", "mlp")
@@ -456,7 +456,7 @@ def find_cluster_components(
 
     rows: list[pd.DataFrame] = []
     subspaces: list[dict[str, Any]] = []
-    for layer in tqdm(layers, desc="cluster components", disable=not progress, leave=False):
+    for layer in progress_bar(layers, desc="cluster components", disable=not progress, leave=False):
         X = matrices[layer]
         X_train, y_train = X[train], labels[train]
         layer_stats = stats.get(layer)

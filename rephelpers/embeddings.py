@@ -111,10 +111,10 @@ def embed_texts(
             result[rows_of.pop(key)] = vector
     missing = sorted(rows_of, key=lambda k: -len(texts[rows_of[k][0]]))
     if missing:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
         block = batch_size * 16
-        with tqdm(total=len(missing), desc="embedding", unit="text", disable=not show_progress) as bar:
+        with progress_bar(total=len(missing), desc="embedding", unit="text", disable=not show_progress) as bar:
             for start in range(0, len(missing), block):
                 chunk = missing[start : start + block]
                 vectors = encoder.encode(

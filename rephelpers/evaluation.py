@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import torch
 from lm_eval.models.huggingface import HFLM
-from tqdm.auto import tqdm
 
 from .abilities import ABILITIES, TaskInfo, build_tasks
 from .errors import RephelpersError, require
@@ -45,6 +44,7 @@ from .intervene import (
 )
 from .models import Model, output_tensor, replace_output
 from .paths import cache_subdir
+from .progress import progress_bar
 from .tokenkeys import TokenKeys, token_keys
 
 # lm-eval pads log-likelihood batches on the right with token id 0 (`pad_and_concat`).
@@ -430,7 +430,7 @@ def sweep_loglikelihood(
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = model.device
-    for batch in tqdm(batches, desc="shared-prefix batches", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="shared-prefix batches", disable=not progress, leave=False):
         inputs, keys = _packed_inputs([rows[r] for r in batch], model.hf.dtype, device, keyed)
         width = inputs["input_ids"].shape[1]
         lengths = torch.tensor([len(rows[r].tokens) for r in batch], device=device)
@@ -549,7 +549,7 @@ def _quiet_lm_eval(level: int = logging.WARNING) -> Iterator[None]:
     logger = logging.getLogger("lm_eval")
     saved_level, saved_tqdm = logger.level, lm_eval.api.task.tqdm
     logger.setLevel(level)
-    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+    lm_eval.api.task.tqdm = functools.partial(saved_tqdm, disable=True)
     try:
         yield
     finally:
@@ -817,7 +817,7 @@ def evaluate_abilities(
     from lm_eval.evaluator import evaluate
 
     rows: list[dict[str, Any]] = []
-    for cid in tqdm(list(checked), desc="configs", disable=not progress):
+    for cid in progress_bar(list(checked), desc="configs", disable=not progress):
         if fast:
             lm.select(cid)
         else:

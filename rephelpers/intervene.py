@@ -22,12 +22,12 @@ from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .activations import pool
 from .errors import require
 from .models import Model, output_tensor, replace_output
 from .perturbations import Perturbation, perturbation_from_dict
+from .progress import progress_bar
 from .tokenkeys import token_keys
 
 K = TypeVar("K", bound=Hashable)
@@ -223,7 +223,7 @@ def sequence_nll(
     # Sorting by length keeps padding (wasted compute) small; results go back in order.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = model.encode([texts[j] for j in idx], max_length=max_length)
         keys = batch_keys(ivs, batch)

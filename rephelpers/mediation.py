@@ -24,12 +24,12 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .errors import require
 from .intervene import Intervention, sequence_nll
 from .models import Model, output_tensor
 from .perturbations import Ablate
+from .progress import progress_bar
 
 
 def reference_means(
@@ -107,7 +107,7 @@ def mediation_effects(
 
     original = _nll_per_token(model, texts_k, (), batch_size, max_length)
     rows = []
-    for dim, value in tqdm(list(zip(dims, values)), desc=f"mediation L{layer}", disable=not progress, leave=False):
+    for dim, value in progress_bar(list(zip(dims, values)), desc=f"mediation L{layer}", disable=not progress, leave=False):
         site = Intervention(Ablate(dims=(dim,), values=(value,)), layer, component)
         intervened = _nll_per_token(model, texts_k, [site], batch_size, max_length)
         rows.append({"dim": dim, "value": value, "nll_original": original,
@@ -148,7 +148,7 @@ def mediation_by_cluster(
         require(len(rows) > 0, f"cluster {s['cluster']} has no held-out documents to measure mediation on.")
         texts[s["cluster"]] = rows.text.head(n_texts).tolist()
     frames = []
-    for s in tqdm(at_layer, desc="clusters", disable=not progress, leave=False):
+    for s in progress_bar(at_layer, desc="clusters", disable=not progress, leave=False):
         dims = s["dims"][:top_n]
         effects = mediation_effects(
             model, texts[s["cluster"]], None, layer, dims, s["component"],

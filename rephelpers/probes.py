@@ -41,9 +41,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
 from .errors import RephelpersError, require
+from .progress import progress_bar
 
 PROBE_KINDS = ("l1", "l2", "mlp")
 SPLITS = ("train", "heldout")
@@ -221,7 +221,7 @@ def probe_accuracy_curve(
     chance = float(np.bincount(labels[heldout]).max() / heldout.sum())
     rows = []
     jobs = [(layer, kind) for layer in sorted(acts) for kind in kinds]
-    for layer, kind in tqdm(jobs, desc="probes", disable=not progress, leave=False):
+    for layer, kind in progress_bar(jobs, desc="probes", disable=not progress, leave=False):
         X = acts[layer]
         require(len(X) == len(labels), f"layer {layer}: {len(X)} activation rows for {len(labels)} labels.")
         fit = fit_probe(X[train], labels[train], X[heldout], labels[heldout], kind,

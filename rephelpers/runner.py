@@ -53,6 +53,8 @@ import yaml
 
 from .artifacts import MANIFEST, project_root, stable_hash
 from .errors import RephelpersError, require
+from .progress import PROGRESS_ENV
+from .progress import describe as describe_progress
 
 STATUS = "status.json"
 SHARED = "_shared"
@@ -69,6 +71,9 @@ _KERNEL_EVENTS_ENV = "REPHELPERS_KERNEL_EVENTS"
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _THREADS: dict[str, str] = {}
 _POLL = 0.25  # seconds between the watcher's looks; small next to every limit
+PROGRESS_EVERY = 30.0
+"""Seconds between two progress lines of one cell when the output is not a terminal."""
+_LIVE = threading.Event()  # set while one job writes to a terminal: the progress line is rewritten in place
 _DEAD_KERNEL_GRACE = 10.0  # nbclient notices a dead kernel within ~1 s; give it time to say so itself
 _LAST_LINES = 20
 
@@ -515,6 +520,65 @@ def _tail(path: Path, start: int, n: int = _LAST_LINES) -> list[str]:
     return lines[-n:]
 
 
+class ProgressLine:
+    """What one notebook is doing, for a person watching the runner: cell n of m and the
+    running stage's own progress bar (:mod:`rephelpers.progress`).
+
+    ``live`` (a terminal, one job): one line rewritten in place. Otherwise (a log file, CI,
+    parallel jobs): a line per code cell that starts, and the bar at most every
+    :data:`PROGRESS_EVERY` seconds, so a log stays readable.
+    """
+
+    def __init__(self, label: str, name: str, notebook: str | Path, live: bool = False, stream: Any = None) -> None:
+        cells = _read_cells(str(notebook))
+        self.code = [i for i, c in enumerate(cells) if c.get("cell_type") == "code"]
+        self.label, self.name, self.live = label, name, live
+        self.stream = stream or sys.stdout
+        self.current: int | None = None
+        self.started = 0.0
+        self.report: dict[str, Any] | None = None
+        self.shown, self.shown_at, self.width = "", 0.0, 0
+
+    def cell(self, index: int, t: float) -> None:
+        if index in self.code:
+            self.current, self.started, self.report = index, t, None
+
+    def bar(self, report: dict[str, Any]) -> None:
+        if report.get("t", 0) >= self.started:  # a bar of an earlier cell is over
+            self.report = None if report.get("closed") else report
+
+    def text(self) -> str:
+        if self.current is None:
+            return ""
+        position = f"cell {self.code.index(self.current) + 1}/{len(self.code)}"
+        bar = f" · {describe_progress(self.report)}" if self.report else ""
+        return f"[rephelpers] {self.label}: {self.name} {position}{bar}"
+
+    def show(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        text = self.text()
+        if not text or text == self.shown:
+            return
+        same_cell = text.split(" · ")[0] == self.shown.split(" · ")[0]
+        if self.live:
+            pad = max(0, self.width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self.width = len(text)
+        elif same_cell and now - self.shown_at < PROGRESS_EVERY:
+            return
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self.shown, self.shown_at = text, now
+
+    def end(self) -> None:
+        """Clear a live line, so the next message starts on an empty line."""
+        if self.live and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
 def _watch_notebook(
     label: str,
     name: str,
@@ -541,7 +605,8 @@ def _watch_notebook(
     out_dir = run_dir / "notebooks"
     watch = out_dir / WATCH
     watch.mkdir(parents=True, exist_ok=True)
-    files = {k: watch / f"{name}.{k}" for k in ("job.json", "client.jsonl", "kernel.jsonl", "result.json", "stderr")}
+    files = {k: watch / f"{name}.{k}"
+             for k in ("job.json", "client.jsonl", "kernel.jsonl", "result.json", "stderr", "progress.jsonl")}
     for path in files.values():
         path.unlink(missing_ok=True)
     log = out_dir / f"{name}.log"
@@ -560,7 +625,7 @@ def _watch_notebook(
         "log": str(log),
     }
     files["job.json"].write_text(json.dumps(job, default=str))
-    env = {**os.environ, **_THREADS, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"])}
+    env = {**os.environ, **_THREADS, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"]), PROGRESS_ENV: str(files["progress.jsonl"])}
     with open(log, "ab" if attempt > 1 else "wb") as f:
         if attempt > 1:
             f.write(f"[rephelpers] --- attempt {attempt}\n".encode())
@@ -576,6 +641,8 @@ def _watch_notebook(
             start_new_session=True,  # a Ctrl-C in the terminal reaches only us; we stop the child in order
         )
     client, kernel = _Lines(files["client.jsonl"]), _Lines(files["kernel.jsonl"])
+    bars = _Lines(files["progress.jsonl"])
+    progress = ProgressLine(label, name, job["input"], live=_LIVE.is_set() and not log_output)
     echo = _Lines(log, log_start)
     started = time.time()
     last_client: dict[str, Any] = {"e": "launch", "t": started}
@@ -609,15 +676,21 @@ def _watch_notebook(
     try:
         while True:
             rc = proc.poll()
-            for line in client.read():
-                if line.strip():
-                    last_client = json.loads(line)
+            for text in client.read():
+                if text.strip():
+                    last_client = json.loads(text)
                     if last_client["e"] == "start":
                         current = last_client
-            for line in kernel.read():
-                if line.strip():
-                    last_kernel = json.loads(line)
+                        progress.cell(last_client["cell"], last_client["t"])
+            for text in kernel.read():
+                if text.strip():
+                    last_kernel = json.loads(text)
                     kernel_pid = last_kernel.get("pid", kernel_pid)
+            for text in bars.read():
+                if text.strip():
+                    progress.bar(json.loads(text))
+            if not log_output:
+                progress.show()
             if log_output:
                 for line in echo.read():
                     print(f"[{label}:{name}] {line}", flush=True)
@@ -677,6 +750,7 @@ def _watch_notebook(
                         )
             time.sleep(_POLL)
     finally:
+        progress.end()
         if proc.poll() is None:  # any exit from this function, KeyboardInterrupt included, leaves no child
             _kill_tree(proc, kernel_pid)
         elif kernel_pid and _pid_alive(kernel_pid):
@@ -885,6 +959,10 @@ def run_spec(
     threads = str(threads_per_job(jobs))
     _THREADS.clear()
     _THREADS.update({name: os.environ.get(name, threads) for name in THREAD_ENV})
+    if jobs == 1 and sys.stdout.isatty():
+        _LIVE.set()
+    else:
+        _LIVE.clear()
     root = Path(runs_root) if runs_root else project_root() / "runs"
     top = (root / spec.name).resolve()
     top.mkdir(parents=True, exist_ok=True)

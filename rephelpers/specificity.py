@@ -39,7 +39,6 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .activations import load_activations
 from .artifacts import RunDir, stable_hash
@@ -56,6 +55,7 @@ except ImportError:  # pragma: no cover - older intervene without keyed noise
 from .perturbations import (
     KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
 )
+from .progress import progress_bar
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -236,7 +236,7 @@ def specificity_report(
         plans.append((k, target, rest, arms, ivs))
 
     total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
-    bar = tqdm(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
+    bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
     rows = []
     for k, target, rest, arms, ivs in plans:
         texts = list(target["text"]) + list(rest["text"])

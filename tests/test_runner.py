@@ -335,3 +335,62 @@ def test_an_interrupted_run_is_recorded_as_such_and_a_rerun_completes_it(project
     said = capsys.readouterr().out
     assert "held was interrupted by SIGTERM in 03_hold cell 1" in said and "will run 03_hold again" in said
     assert _status(top)["state"] == "done" and (top / "finished").exists()
+
+
+# --- the progress line --------------------------------------------------------------------
+
+
+def test_the_progress_line_shows_the_cell_and_the_running_bar(tmp_path):
+    import io
+
+    from rephelpers.runner import ProgressLine
+
+    path = tmp_path / "nb.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("a = 1"), nbformat.v4.new_code_cell("b = 2")]
+    nbformat.write(nb, path)
+    out = io.StringIO()
+    logged = ProgressLine("demo", "02_x", path, live=False, stream=out)
+    logged.cell(0, 1.0)  # a markdown cell is not counted
+    logged.show(now=1.0)
+    assert out.getvalue() == ""
+    logged.cell(1, 2.0)
+    logged.show(now=2.0)
+    logged.bar({"desc": "activations", "n": 3, "total": 12, "unit": "doc", "t": 2.5, "closed": False})
+    logged.show(now=3.0)  # same cell, within PROGRESS_EVERY: not repeated in a log
+    logged.show(now=40.0)
+    logged.bar({"desc": "old", "n": 1, "total": 2, "unit": "it", "t": 1.5, "closed": False})  # before the cell: ignored
+    logged.cell(2, 41.0)
+    logged.show(now=41.0)
+    assert out.getvalue().splitlines() == [
+        "[rephelpers] demo: 02_x cell 1/2",
+        "[rephelpers] demo: 02_x cell 1/2 · activations 3/12 doc (25%)",
+        "[rephelpers] demo: 02_x cell 2/2",
+    ]
+    tty = io.StringIO()
+    live = ProgressLine("demo", "02_x", path, live=True, stream=tty)
+    live.cell(1, 2.0)
+    live.show(now=2.0)
+    live.bar({"desc": "configs", "n": 5, "total": 10, "unit": "it", "t": 3.0, "closed": False})
+    live.show(now=3.0)
+    live.bar({"desc": "configs", "n": 10, "total": 10, "unit": "it", "t": 4.0, "closed": True})
+    live.show(now=4.0)
+    live.end()
+    frames = tty.getvalue().split("\r")
+    assert frames[1] == "[rephelpers] demo: 02_x cell 1/2"
+    assert frames[2] == "[rephelpers] demo: 02_x cell 1/2 · configs 5/10 (50%)"
+    assert frames[3].rstrip() == "[rephelpers] demo: 02_x cell 1/2" and len(frames[3]) == len(frames[2])  # padded over
+    assert frames[-1] == "" and frames[-2].strip() == ""  # end() blanks the line
+
+
+def test_the_runner_prints_each_cell_and_the_kernels_progress_bar(project, capsys, monkeypatch):
+    import rephelpers.runner as runner
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.0)
+    _add_notebook(project, "03_bar", "import time\nfrom rephelpers.progress import progress_bar\n"
+                  "for _ in progress_bar(range(2), desc='work', unit='step'):\n    time.sleep(1.5)")
+    with _within(120, "a notebook with a progress bar"):
+        run_spec(_single(project, "bar", "03_bar"), runs_root=project / "runs")
+    printed = capsys.readouterr().out
+    assert "[rephelpers] bar: 03_bar cell 2/2" in printed
+    assert "[rephelpers] bar: 03_bar cell 2/2 · work 1/2 step (50%)" in printed, printed
