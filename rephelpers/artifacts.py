@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,11 @@ MANIFEST = "manifest.json"
 
 
 def stable_hash(*parts: Any, length: int = 16) -> str:
-    """Hash of JSON-able parts (dicts sorted, numpy arrays by bytes), for cache keys."""
+    """Hash of JSON-able parts (dicts sorted, numpy arrays and data frames by content), for cache keys.
+
+    Arrays and frames count by their bytes wherever they sit, inside a dict or list too: a
+    nested one must never be hashed by its (truncated) printed form.
+    """
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, np.ndarray):
@@ -36,9 +40,31 @@ def stable_hash(*parts: Any, length: int = 16) -> str:
             h.update(pd.util.hash_pandas_object(part, index=False).values.tobytes())
             h.update(",".join(map(str, part.columns)).encode())
         else:
-            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+            h.update(json.dumps(_jsonable(part), sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()[:length]
+
+
+def _array_digest(array: np.ndarray) -> str:
+    h = hashlib.sha256(str(array.dtype).encode() + str(array.shape).encode())
+    if array.dtype == object:
+        h.update(json.dumps(array.tolist(), default=str).encode())
+    else:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _jsonable(part: Any) -> Any:
+    if isinstance(part, dict):
+        return {k: _jsonable(v) for k, v in part.items()}
+    if isinstance(part, (list, tuple)):
+        return [_jsonable(v) for v in part]
+    if isinstance(part, np.ndarray):
+        return {"__array__": _array_digest(part)}
+    if isinstance(part, (pd.DataFrame, pd.Series)):
+        frame = part.to_frame() if isinstance(part, pd.Series) else part
+        return {"__frame__": stable_hash(frame, length=64)}
+    return part
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:
@@ -125,6 +151,66 @@ class RunDir:
             f"{path} is missing: run {stage} first with the same run_dir ({self.root}).",
         )
         return path
+
+    # -- a stage's cached result ---------------------------------------------------------
+    def key_for(self, name: str, params: Any, upstream: Sequence[str] = ()) -> str:
+        """The key of artifact ``name``: ``stable_hash(name, params, {u: key of u for u in upstream})``.
+
+        ``upstream`` names the earlier artifacts in this run directory that the result is
+        computed from; their recorded keys enter this one, so when an earlier stage re-runs
+        with other inputs, this artifact is recomputed without the notebook listing what
+        made those inputs. An upstream artifact without a recorded key is an error.
+        """
+        manifest = self._manifest()
+        missing = [u for u in upstream if u not in manifest or not self.path(u).exists()]
+        require(
+            not missing,
+            f"{name} is computed from {missing}, which {self.root} does not hold: run the stage that "
+            "writes them first, with the same run_dir.",
+        )
+        return stable_hash(name, params, {u: manifest[u].get("key") for u in upstream})
+
+    def cached(
+        self,
+        name: str | Sequence[str],
+        compute: Callable[[], Any],
+        *,
+        params: Any,
+        upstream: Sequence[str] = (),
+        save: Callable[[Any, str], Any] | None = None,
+        load: Callable[[], Any] | None = None,
+        **meta: Any,
+    ) -> Any:
+        """The artifact ``name``, loaded if fresh, else ``compute()``d and saved under its key.
+
+        The key is :meth:`key_for` ``(name, params, upstream)``: ``params`` holds every
+        parameter the result depends on (put a version string in it when the computation
+        changes), ``upstream`` the run directory's artifacts it reads. A ``.parquet`` or
+        ``.json`` name is saved and loaded as such; other artifacts (a folder, several files
+        written together: then ``name`` is a list and all must be fresh) pass
+        ``save(value, key)`` and ``load()``. A stale artifact is moved to ``.history/`` by the
+        save, never overwritten in place.
+        """
+        names = [name] if isinstance(name, str) else list(name)
+        require(names, "cached: give at least one artifact name")
+        first = names[0]
+        if save is None or load is None:
+            require(len(names) == 1 and first.endswith((".parquet", ".json")),
+                    f"cached({names}): pass save= and load= for artifacts other than one .parquet or .json file")
+        key = self.key_for(first, params, upstream)
+        if all(self.is_fresh(n, key) for n in names):
+            print(f"{', '.join(names)}: up to date (key {key})")
+            return load() if load is not None else (
+                self.load_parquet(first) if first.endswith(".parquet") else self.load_json(first))
+        print(f"{', '.join(names)}: computing (key {key})")
+        value = compute()
+        if save is not None:
+            save(value, key)
+        elif first.endswith(".parquet"):
+            self.save_parquet(first, value, key, **meta)
+        else:
+            self.save_json(first, value, key, **meta)
+        return value
 
     # -- writing ------------------------------------------------------------------------
     def save(self, name: str, key: str, writer: Callable[[Path], None], **meta: Any) -> Path:

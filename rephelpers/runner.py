@@ -560,6 +560,8 @@ class ProgressLine:
         if not text or text == self.shown:
             return
         same_cell = text.split(" · ")[0] == self.shown.split(" · ")[0]
+        if not self.live and same_cell and self.report is None:
+            return  # a bar that ended: the log already says which cell this is
         if self.live:
             pad = max(0, self.width - len(text))
             self.stream.write("\r" + text + " " * pad)
