@@ -45,6 +45,7 @@ from .intervene import (
 from .models import Model, output_tensor, replace_output
 from .paths import cache_subdir
 from .progress import progress_bar
+from .setting import BASELINE_ID, Setting  # noqa: F401 - BASELINE_ID is part of this module's API
 from .tokenkeys import TokenKeys, token_keys
 
 # lm-eval pads log-likelihood batches on the right with token id 0 (`pad_and_concat`).
@@ -848,7 +849,6 @@ def evaluate_abilities(
 
 
 # -- configs of a run: baseline, each cluster's perturbation and its matched control ---------------
-BASELINE_ID = "baseline"
 
 
 def cluster_configs(
@@ -882,9 +882,10 @@ def cluster_configs(
     ``spectrum`` is the layer's token spectrum the controls are matched with
     (:func:`rephelpers.specificity.control_spectrum`, as stage 04 computes it; None: dimension
     controls from the subspace's statistics, uniform project controls).
-    Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; config ids are
-    ``k{k}:{kind}:m{m}`` and ``…:control``, ``…:control1``, ``…:control2``, … per draw,
-    and ``config_meta`` carries ``draw`` (0 for the perturbation itself).
+    Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; the config ids are
+    the :class:`~rephelpers.setting.Setting` ids (``k{k}:{kind}:m{m}``, ``…:control``,
+    ``…:control1``, … per draw, ``baseline``) and ``config_meta`` is each setting's
+    :meth:`~rephelpers.setting.Setting.meta` (``draw`` 0 for the perturbation itself).
     """
     from .perturbations import build, matched_controls
 
@@ -897,21 +898,19 @@ def cluster_configs(
         f"{sorted({s['layer'] for s in subspaces})}. Pick one of those as intervention_layer "
         "or add the layer to notebooks 02/03.",
     )
-    configs: dict[str, list[Intervention]] = {BASELINE_ID: []}
-    meta: dict[str, dict[str, Any]] = {
-        BASELINE_ID: {"cluster": -1, "control": False, "kind": "none", "magnitude": 0.0, "layer": layer, "draw": 0},
-    }
+    baseline = Setting.baseline(layer, component, positions)
+    configs: dict[str, list[Intervention]] = {baseline.id: []}
+    meta: dict[str, dict[str, Any]] = {baseline.id: baseline.meta()}
     for subspace in sorted(here, key=lambda s: s["cluster"]):
-        k = int(subspace["cluster"])
         for kind in kinds:
             for m in magnitudes:
-                arms = [(f"k{k}:{kind}:m{m:g}", False, 0, build(kind, dict(subspace), m, seed))]
+                setting = Setting(int(subspace["cluster"]), kind, m, layer, component, positions)
                 controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls, spectrum)
-                arms += [(f"k{k}:{kind}:m{m:g}:control{draw or ''}", True, draw, p) for draw, p in enumerate(controls)]
-                for cid, control, draw, perturbation in arms:
-                    configs[cid] = [Intervention(perturbation, layer, component, positions)]
-                    meta[cid] = {"cluster": k, "control": control, "kind": kind, "magnitude": float(m),
-                                 "layer": layer, "draw": draw}
+                arms = [(setting, build(kind, dict(subspace), m, seed))]
+                arms += [(setting.control_draw(draw), p) for draw, p in enumerate(controls)]
+                for arm, perturbation in arms:
+                    configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
+                    meta[arm.id] = arm.meta()
     return configs, meta
 
 

@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import RephelpersError, require
+from .setting import BASELINE_CLUSTER, Setting
 
-BASELINE_CLUSTER = -1
 SCORE_COLUMNS = (
     "config_id", "cluster", "control", "kind", "magnitude", "layer",
     "task", "ability", "item", "score",
@@ -142,7 +142,7 @@ def validate_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def _draws_from_ids(df: pd.DataFrame) -> pd.Series:
-    """Control draw index from stage-05 ids (``…:control`` is 0, ``…:control3`` is 3)."""
+    """Control draw index from setting ids (``…:control`` is 0, ``…:control3`` is 3); hand-made ids count as draw 0."""
     found = df["config_id"].astype(str).str.extract(r"control(\d*)$")[0]
     return pd.to_numeric(found.fillna("0").replace("", "0")).astype(int)
 
@@ -553,7 +553,7 @@ def simulate_scores(
     def draw_effect() -> float:
         return max(0.0, control_effect + (draw_sd * rng.standard_normal() if draw_sd > 0 else 0.0))
 
-    frames = [frame("baseline", BASELINE_CLUSTER, False, "none", 0.0, {})]
+    frames = [frame(Setting.baseline().id, BASELINE_CLUSTER, False, "none", 0.0, {})]
     for k in clusters:
         target = draw_effect() if target_like_control else None
         controls = [draw_effect() for _ in range(int(n_controls))]
@@ -562,9 +562,9 @@ def simulate_scores(
                 drop = {a: effects.get((k, a), 0.0) * m / top for a in abilities}
             else:
                 drop = {a: target * m / top for a in abilities}
-            frames.append(frame(f"k{k}-{kind}-m{m:g}", k, False, kind, m, drop))
+            setting = Setting(k, kind, m)
+            frames.append(frame(setting.id, k, False, kind, m, drop))
             for j, c in enumerate(controls):
                 ctrl = {a: c * m / top for a in abilities}
-                suffix = "" if j == 0 else str(j)
-                frames.append(frame(f"k{k}-{kind}-m{m:g}-control{suffix}", k, True, kind, m, ctrl, draw=j))
+                frames.append(frame(setting.control_draw(j).id, k, True, kind, m, ctrl, draw=j))
     return pd.concat(frames, ignore_index=True)

@@ -56,6 +56,7 @@ from .perturbations import (
     KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
 )
 from .progress import progress_bar
+from .setting import Setting
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -250,9 +251,11 @@ def specificity_report(
         edits |= {arm: edits[first] for arm, first in same_as.items()}
         probe_before = _probe_score(probes, documents, k, None, seed)
         for (arm, draw), perturbation in arms.items():
+            setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
             rows.append({
+                "setting": setting.id,
                 "cluster": k,
-                "arm": arm,
+                "arm": setting.arm,
                 "draw": draw,
                 "kind": kind,
                 "magnitude": float(magnitude),

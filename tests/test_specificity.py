@@ -9,6 +9,7 @@ import pytest
 from rephelpers.activations import extract_activations
 from rephelpers.errors import RephelpersError
 from rephelpers.intervene import perplexity, sequence_nll
+from rephelpers.evaluation import cluster_configs
 from rephelpers.perturbations import kinds, matched_control
 from rephelpers.specificity import (
     EDIT_TOLERANCE,
@@ -179,6 +180,11 @@ def test_several_control_draws_are_independent_rows(model, documents, subspaces)
                              spectrum=control_spectrum(model, documents, LAYER))
     assert report["config"].iloc[2] == second.to_json() and report["config"].iloc[2] != report["config"].iloc[1]
     assert report["dlogppl_target"].iloc[2] != report["dlogppl_target"].iloc[1]
+    # one name per setting: stage 05 evaluates these rows under the same ids, with the same perturbations
+    configs, _ = cluster_configs([s for s in subspaces if s["cluster"] == 1], LAYER, model.d_model, "ablate", 1.0,
+                                 n_controls=2, spectrum=control_spectrum(model, documents, LAYER))
+    assert report["setting"].tolist() == ["k1:ablate:m1", "k1:ablate:m1:control", "k1:ablate:m1:control1"]
+    assert [configs[sid][0].perturbation.to_json() for sid in report["setting"]] == report["config"].tolist()
     # the chart shows the mean over draws: one bar per (cluster, arm, set, metric)
     spec = specificity_chart(report).to_dict()
     assert spec["spec"]["encoding"]["y"]["aggregate"] == "mean"

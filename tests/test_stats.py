@@ -33,7 +33,7 @@ def item_vector(scores: pd.DataFrame, config_id: str, ability: str) -> np.ndarra
 def test_paired_wilcoxon_matches_scipy(scores):
     result = stats.paired_wilcoxon(scores).set_index(["config_id", "ability"])
     checked = 0
-    for config_id in ["k0-ablate-m1", "k0-ablate-m2", "k1-ablate-m2-control"]:
+    for config_id in ["k0:ablate:m1", "k0:ablate:m2", "k1:ablate:m2:control"]:
         for ability in BASE_ACCURACY:
             base, pert = item_vector(scores, "baseline", ability), item_vector(scores, config_id, ability)
             row = result.loc[(config_id, ability)]
@@ -44,7 +44,7 @@ def test_paired_wilcoxon_matches_scipy(scores):
                 assert row["statistic"] == pytest.approx(expected.statistic)
                 checked += 1
     assert checked >= 3
-    strong = result.loc[("k0-ablate-m2", "math"), "p_value"]
+    strong = result.loc[("k0:ablate:m2", "math"), "p_value"]
     assert strong < 1e-3
 
 
@@ -60,8 +60,8 @@ def test_wilcoxon_all_zero_differences_gives_p_one_with_note():
 def test_cell_wilcoxon_tests_the_theta_averaged_difference(scores):
     cells = stats.cell_wilcoxon(scores).set_index(["cluster", "ability", "comparison"])
     base = item_vector(scores, "baseline", "code")
-    pert = np.mean([item_vector(scores, f"k1-ablate-m{m}", "code") for m in (1, 2)], axis=0)
-    ctrl = np.mean([item_vector(scores, f"k1-ablate-m{m}-control", "code") for m in (1, 2)], axis=0)
+    pert = np.mean([item_vector(scores, f"k1:ablate:m{m}", "code") for m in (1, 2)], axis=0)
+    ctrl = np.mean([item_vector(scores, f"k1:ablate:m{m}:control", "code") for m in (1, 2)], axis=0)
     assert cells.loc[(1, "code", "perturbation"), "p_value"] == pytest.approx(sps.wilcoxon(base, pert).pvalue)
     assert cells.loc[(1, "code", "perturbation_vs_control"), "p_value"] == pytest.approx(sps.wilcoxon(ctrl, pert).pvalue)
     # mean θ-averaged difference / M(f, a) is exactly Φ
