@@ -15,22 +15,20 @@ from scipy.special import softmax
 from rephelpers.abilities import build_tasks
 from rephelpers.errors import RephelpersError
 from rephelpers.evaluation import (
-    BASELINE_ID,
-    PerturbedLM,
     _choice_statistics,
     ability_chart,
     ability_summary,
     cluster_configs,
     evaluate_abilities,
     expected_calibration_error,
-    greedy_generate,
-    prepare_tasks,
-    right_padded_last_index,
-    sweep_loglikelihood,
 )
+from rephelpers.forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
 from rephelpers.intervene import Intervention
+from rephelpers.lm_eval_model import PerturbedLM
+from rephelpers.lm_tasks import prepare_tasks
 from rephelpers.models import output_tensor, replace_output
 from rephelpers.perturbations import Ablate, Noise, Shift
+from rephelpers.setting import BASELINE_ID
 from rephelpers.tokenkeys import standard_normal, token_keys
 
 STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer

@@ -3,9 +3,9 @@
 import pytest
 
 from rephelpers.errors import RephelpersError
-from rephelpers.evaluation import BASELINE_ID, cluster_configs
+from rephelpers.evaluation import cluster_configs
 from rephelpers.impact import BASELINE_CLUSTER, simulate_scores
-from rephelpers.setting import Setting, parse_id
+from rephelpers.setting import BASELINE_ID, Setting, parse_id
 
 
 def test_a_setting_names_itself_and_its_control_draws():
