@@ -35,7 +35,7 @@ def peak_rss_mb() -> float:
 
 def short_documents(n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` distinct 100-300 character windows (cut at spaces) of the builtin domains' text."""
-    from rephelpers.corpus import build_builtin_corpus
+    from rephelpers.demo_corpus import build_builtin_corpus
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small domains warn that they hold fewer documents

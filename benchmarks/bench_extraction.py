@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rephelpers.corpus import build_builtin_corpus  # noqa: E402
+from rephelpers.demo_corpus import build_builtin_corpus  # noqa: E402
 from rephelpers.models import load_model, output_tensor  # noqa: E402
 
 

@@ -32,7 +32,8 @@ from rephelpers.clustering import (
     top_terms,
     validate_clusters,
 )
-from rephelpers.corpus import assign_splits, build_builtin_corpus
+from rephelpers.corpus import assign_splits
+from rephelpers.demo_corpus import build_builtin_corpus
 from rephelpers.embeddings import embed_texts
 
 DOMAINS = ("code", "legal", "markdown", "math")

@@ -16,19 +16,16 @@ import pandas as pd
 import pytest
 
 from rephelpers import RephelpersError
-from rephelpers import corpus as corpus_module
+from rephelpers import demo_corpus as corpus_module
 from rephelpers.corpus import (
-    BUILTIN_DOMAINS,
     MAX_CHARS,
     MIN_CHARS,
     assign_splits,
-    build_builtin_corpus,
     chunk_documents,
     corpus_fingerprint,
     load_corpus,
-    pack_paragraphs,
-    python_definitions,
 )
+from rephelpers.demo_corpus import BUILTIN_DOMAINS, build_builtin_corpus, pack_paragraphs, python_definitions
 from rephelpers.embeddings import embedder_path
 from rephelpers.holdout import ABILITY_HOLDOUT_MODULES
 
@@ -383,7 +380,7 @@ def test_two_builds_in_separate_processes_are_identical():
     import sys
 
     script = (
-        "from rephelpers.corpus import build_builtin_corpus, corpus_fingerprint;"
+        "from rephelpers.corpus import corpus_fingerprint; from rephelpers.demo_corpus import build_builtin_corpus;"
         "print(corpus_fingerprint(build_builtin_corpus(docs_per_domain=10, seed=0)))"
     )
     outputs = {
