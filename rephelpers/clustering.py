@@ -748,40 +748,6 @@ def contingency_chart(labels: Sequence[int], reference: Sequence[Any], names: Se
 
 
 # -- the interactive explorer ----------------------------------------------------------
-def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_samples: int = 3, seed: int = 0) -> Any:
-    """An ipywidgets cluster picker: top terms, statistics, representative and sample documents."""
-    import html
-
-    import ipywidgets as widgets
-
-    options = [(f"{row.cluster}: {row.name} ({row.size} docs)", int(row.cluster)) for row in characterization.itertuples()]
-    picker = widgets.Dropdown(options=options, description="cluster")
-    view = widgets.HTML()
-    by_id = documents.set_index("id")
-    statistic_columns = [c for c in characterization.columns if c not in ("cluster", "name", "top_terms", "representative_ids")]
-
-    def card(doc_id: str) -> str:
-        row = by_id.loc[doc_id]
-        header = html.escape(f"{doc_id} · {row.get('domain', '')} · {row.get('source', '')}")
-        return f"<details><summary><code>{header}</code></summary><pre style='white-space:pre-wrap'>{html.escape(str(row['text']))}</pre></details>"
-
-    def show(cluster: int) -> None:
-        row = characterization.set_index("cluster").loc[cluster]
-        stats = "".join(f"<tr><td>{c}</td><td>{row[c]:.3f}</td></tr>" if isinstance(row[c], float) else f"<tr><td>{c}</td><td>{html.escape(str(row[c]))}</td></tr>" for c in statistic_columns)
-        members = documents.loc[documents["cluster"] == cluster, "id"].astype(str)
-        samples = members.sample(min(n_samples, len(members)), random_state=seed).tolist()
-        view.value = (
-            f"<h4>Top terms</h4><p>{html.escape(', '.join(row['top_terms']))}</p>"
-            f"<h4>Statistics</h4><table>{stats}</table>"
-            f"<h4>Closest to the centroid</h4>{''.join(card(i) for i in row['representative_ids'])}"
-            f"<h4>Random members</h4>{''.join(card(i) for i in samples)}"
-        )
-
-    picker.observe(lambda change: show(change["new"]), names="value")
-    show(picker.value)
-    return widgets.VBox([picker, view])
-
-
 # -- the stage's artifacts -------------------------------------------------------------
 def save_clustering(run: RunDir, documents: pd.DataFrame, report: dict[str, Any], key: str) -> None:
     """Write ``documents.parquet`` (the :data:`DOCUMENT_COLUMNS`, plus ``n_tokens`` when

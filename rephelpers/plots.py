@@ -231,7 +231,7 @@ def _name_clusters_in_table(table: pd.DataFrame, cluster_labels: Mapping[int, st
 
 
 # -- stage 06: the influence matrix ----------------------------------------------------------
-def _cluster_label(cluster: int, cluster_labels: Mapping[int, str] | None) -> str:
+def cluster_label(cluster: int, cluster_labels: Mapping[int, str] | None) -> str:
     name = (cluster_labels or {}).get(int(cluster))
     return f"{int(cluster)}: {name}" if name else f"cluster {int(cluster)}"
 
@@ -263,7 +263,7 @@ def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | N
         part["significant"] = table[flag].fillna(False).astype(bool)
         frames.append(part)
     long = pd.concat(frames, ignore_index=True)
-    long["cluster_label"] = [_cluster_label(k, cluster_labels) for k in long["cluster"]]
+    long["cluster_label"] = [cluster_label(k, cluster_labels) for k in long["cluster"]]
     long["ci"] = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(long["low"], long["high"])]
     long["label"] = [
         "n/a" if not np.isfinite(v) else f"{v:+.2f}" + ("*" if s else "")
@@ -338,7 +338,7 @@ def dose_response_chart(
     line falling away from the rule while the grey one stays on it.
     """
     data = dose.copy()
-    data["cluster_label"] = [_cluster_label(k, cluster_labels) for k in data["cluster"]]
+    data["cluster_label"] = [cluster_label(k, cluster_labels) for k in data["cluster"]]
     data["site"] = [f"{kind} @ L{layer}" for kind, layer in zip(data["kind"], data["layer"])]
     clusters = sorted(data["cluster_label"].unique(), key=lambda s: data.loc[data.cluster_label == s, "cluster"].iloc[0])
     arm = alt.Color("arm:N", title=None, scale=alt.Scale(domain=["perturbation", "control"], range=["#c0392b", "#8c8c8c"]))
@@ -476,64 +476,3 @@ _REPORT_CSS = (
 
 
 # -- the item explorer -----------------------------------------------------------------------
-def item_explorer(
-    scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool = True, cluster_labels: Mapping[int, str] | None = None
-):
-    """An ipywidgets explorer: pick a (cluster, ability) cell and a config, see which items flipped.
-
-    Cells are listed strongest |Φ| first; the config menu offers every perturbation of the
-    cluster and its controls. Shows the count of lost / gained items and the item rows of
-    :func:`rephelpers.impact.flipped_items`. Building it runs nothing heavy, so a headless
-    (papermill) run just renders the first cell. With ``cluster_labels``
-    (:func:`cluster_names`) the cells read ``3: name × ability``.
-    """
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    from .impact import configs, flipped_items
-
-    ranked = table.assign(strength=table["phi"].abs()).sort_values("strength", ascending=False, na_position="last")
-    cells = [
-        (f"{_cluster_label(r.cluster, cluster_labels)} × {r.ability}  (Φ = {r.phi:+.3f}{' *' if r.significant else ''})",
-         (int(r.cluster), r.ability))
-        for r in ranked.itertuples(index=False)
-    ]
-    every = configs(scores)
-    cell_menu = widgets.Dropdown(options=cells, description="cell", layout=widgets.Layout(width="460px"))
-    config_menu = widgets.Dropdown(description="config", layout=widgets.Layout(width="460px"))
-    output = widgets.Output()
-
-    every_config = "every perturbation of the cluster"
-
-    def config_options(cluster: int) -> list[tuple[str, object]]:
-        options: list[tuple[str, object]] = [(every_config, every_config)]
-        for row in every[every["cluster"] == cluster].itertuples(index=False):
-            label = f"{'control ' if row.control else ''}{row.kind} m={row.magnitude:g} @ L{row.layer}  [{row.config_id}]"
-            options.append((label, (row.config_id, bool(row.control))))
-        return options
-
-    def show(*_: object) -> None:
-        cluster, ability = cell_menu.value
-        theta, control = (None, False) if config_menu.value == every_config else config_menu.value
-        items = flipped_items(scores, cluster, ability, theta=theta, control=control, only_changed=only_changed)
-        output.clear_output()
-        with output:
-            lost = int((items["direction"] == "lost").sum())
-            gained = int((items["direction"] == "gained").sum())
-            print(f"{_cluster_label(cluster, cluster_labels)} × {ability}: {lost} items lost, {gained} gained")
-            display(items)
-
-    def on_cell(change: dict) -> None:
-        config_menu.unobserve(show, names="value")  # one render per pick, not one per menu reset
-        config_menu.options = config_options(change["new"][0])
-        config_menu.value = every_config
-        config_menu.observe(show, names="value")
-        show()
-
-    if cells:
-        config_menu.options = config_options(cells[0][1][0])
-        config_menu.value = every_config
-        show()
-    cell_menu.observe(on_cell, names="value")
-    config_menu.observe(show, names="value")
-    return widgets.VBox([cell_menu, config_menu, output])

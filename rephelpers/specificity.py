@@ -42,7 +42,7 @@ import torch
 
 from .activations import load_activations
 from .artifacts import RunDir, stable_hash
-from .errors import RephelpersError, require
+from .errors import require
 from .intervene import (
     Intervention, Readout, first_identical, forward_readout, perplexity, perturb, validate,
 )
@@ -629,62 +629,6 @@ def probe_chart(report: pd.DataFrame) -> alt.Chart:
     return (bars + chance).properties(width=320, height=180, title="Is cluster k still linearly readable?")
 
 
-def explorer(
-    model: Model,
-    documents_df: pd.DataFrame,
-    subspaces: Sequence[Mapping[str, Any]],
-    report: pd.DataFrame,
-    kinds: Sequence[str] | None = None,
-    run_dir: RunDir | str | None = None,
-    **options: Any,
-) -> Any:
-    """An ipywidgets panel: perturbation type, cluster, layer and magnitude redraw the chart.
-
-    Settings already in ``report`` are drawn from it; new ones are computed for the
-    chosen cluster only (with ``options`` passed to :func:`specificity_report`) and kept,
-    so returning to them is instant. With ``run_dir`` the probe columns of new settings
-    use stage 02's activations at the chosen layer (:func:`probe_activations`). A setting
-    that cannot be built (say, LEACE without activations) shows why instead of a chart.
-    """
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    layers = sorted({int(s["layer"]) for s in subspaces})
-    clusters = sorted({int(s["cluster"]) for s in subspaces})
-    first = report.iloc[0]
-    cache = {"report": report}
-
-    def draw(kind: str, cluster: int, layer: int, magnitude: float) -> None:
-        known = cache["report"]
-        rows = known[
-            (known["kind"] == kind) & (known["cluster"] == cluster)
-            & (known["layer"] == layer) & np.isclose(known["magnitude"], magnitude)
-        ]
-        if rows.empty:
-            component = options.get("component", "resid")
-            try:
-                probes = None if run_dir is None else probe_activations(run_dir, documents_df, layer, component)
-                rows = specificity_report(
-                    model, documents_df, subspaces, kind, layer, magnitude, clusters=[cluster],
-                    probes=probes, **options,
-                )
-            except RephelpersError as err:
-                print(f"cannot show {kind} at layer {layer} for cluster {cluster}: {err}")
-                return
-            cache["report"] = pd.concat([known, rows], ignore_index=True)
-        display(specificity_chart(rows, title=f"{kind} × {magnitude:g} at layer {layer}, cluster {cluster}"))
-
-    return widgets.interactive(
-        draw,
-        kind=widgets.Dropdown(options=list(kinds or KINDS), value=first["kind"], description="perturbation"),
-        cluster=widgets.Dropdown(options=clusters, value=int(first["cluster"]), description="cluster"),
-        layer=widgets.SelectionSlider(options=layers, value=int(first["layer"]), description="layer",
-                                      continuous_update=False),
-        magnitude=widgets.FloatSlider(value=float(first["magnitude"]), min=0.0, max=4.0, step=0.25,
-                                      description="magnitude", continuous_update=False),
-    )
-
-
 __all__ = [
     "SPECIFICITY",
     "sample_heldout",
@@ -699,5 +643,4 @@ __all__ = [
     "specificity_long",
     "specificity_chart",
     "probe_chart",
-    "explorer",
 ]

@@ -19,7 +19,6 @@ from rephelpers.clustering import (
     class_tfidf,
     cluster_corpus,
     cluster_domain_chart,
-    cluster_explorer,
     cluster_map_chart,
     contingency_chart,
     load_clustering,
@@ -35,6 +34,7 @@ from rephelpers.clustering import (
 from rephelpers.corpus import assign_splits
 from rephelpers.demo_corpus import build_builtin_corpus
 from rephelpers.embeddings import embed_texts
+from rephelpers.explorers import cluster_explorer
 
 DOMAINS = ("code", "legal", "markdown", "math")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rephelpers import impact, plots, stats
+from rephelpers import explorers, impact, plots, stats
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_report_is_self_contained_and_escaped(table, scores):
 
 
 def test_item_explorer_builds_headless(scores, table):
-    explorer = plots.item_explorer(scores, table)
+    explorer = explorers.item_explorer(scores, table)
     cell_menu, config_menu, _ = explorer.children
     strongest = table.loc[table.phi.abs().idxmax()]
     assert cell_menu.value == (int(strongest.cluster), strongest.ability)
@@ -64,3 +64,18 @@ def test_item_explorer_builds_headless(scores, table):
     cell_menu.value = cell_menu.options[-1][1]
     assert config_menu.value == config_menu.options[0][1]
     assert np.all([isinstance(label, str) for label, _ in config_menu.options])
+
+
+def test_answer_explorer_pairs_each_answer_with_the_baseline(scores, capsys):
+    explorer = explorers.answer_explorer(scores, max_rows=500)
+    (ability_menu, config_menu), output = explorer.children[0].children, explorer.children[1]
+    ability, config_id = ability_menu.value, config_menu.value
+    # the header counts the items lost and gained against the unperturbed model, computed here independently
+    base = scores[(scores.config_id == "baseline") & (scores.ability == ability)].set_index(["task", "item"])["score"]
+    mine = scores[(scores.config_id == config_id) & (scores.ability == ability)].set_index(["task", "item"])["score"]
+    change = (mine - base.loc[mine.index]).to_numpy()
+    header = output.outputs[0]["text"] if output.outputs else capsys.readouterr().out
+    assert f"{int((change < 0).sum())} lost, {int((change > 0).sum())} gained" in header
+    assert all(label.endswith(f"[{cid}]") for label, cid in config_menu.options)
+    assert "baseline" not in [cid for _, cid in config_menu.options] and len(config_menu.options) == scores.config_id.nunique() - 1
+    ability_menu.value = ability_menu.options[-1]  # switching redraws without error

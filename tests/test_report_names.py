@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 import pytest
 
-from rephelpers import plots
+from rephelpers import explorers, plots
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
 
@@ -122,5 +122,5 @@ def test_item_explorer_names_its_cells():
 
     scores = impact.simulate_scores({(0, "math"): 0.9}, {"math": 0.8, "code": 0.7}, items_per_task=10, seed=2)
     table = pd.DataFrame({"cluster": [0, 1], "ability": ["math", "code"], "phi": [0.9, 0.1], "significant": [True, False]})
-    menu = plots.item_explorer(scores, table, cluster_labels={0: "numbers"}).children[0]
+    menu = explorers.item_explorer(scores, table, cluster_labels={0: "numbers"}).children[0]
     assert [label for label, _ in menu.options] == ["0: numbers × math  (Φ = +0.900 *)", "cluster 1 × code  (Φ = +0.100)"]

@@ -10,11 +10,11 @@ from rephelpers.activations import extract_activations
 from rephelpers.errors import RephelpersError
 from rephelpers.intervene import perplexity, sequence_nll
 from rephelpers.evaluation import cluster_configs
+from rephelpers.explorers import specificity_explorer
 from rephelpers.perturbations import kinds, matched_control
 from rephelpers.specificity import (
     EDIT_TOLERANCE,
     control_spectrum,
-    explorer,
     probe_balanced_accuracy,
     probe_chart,
     readout_layers,
@@ -158,10 +158,10 @@ def test_ablation_hits_harder_than_its_control(model, documents, subspaces):
     assert len(pert["dims"]) == len(ctrl["dims"]) == 48 and not set(pert["dims"]) & set(ctrl["dims"])
     # zeroing the 48 dimensions with the largest cluster gap moves states more than 48 random ones
     assert report.loc["perturbation", "cka_target"] < report.loc["control", "cka_target"]
-    widget = explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
+    widget = specificity_explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
     assert widget.children[0].value == "ablate"
     # by default the explorer offers every kind the stages build, mean ablation included
-    offered = explorer(model, documents, subspaces, report.reset_index()).children[0].options
+    offered = specificity_explorer(model, documents, subspaces, report.reset_index()).children[0].options
     assert list(offered) == kinds() and "mean_ablate" in offered
 
 

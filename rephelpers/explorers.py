@@ -1,0 +1,231 @@
+"""The interactive explorers of the notebooks (ipywidgets), one per stage that has one.
+
+- 01: :func:`cluster_explorer` (a cluster's top terms, statistics and documents);
+- 04: :func:`specificity_explorer` (perturbation kind, cluster, layer and magnitude redraw
+  the specificity chart, computing new settings on demand);
+- 05: :func:`answer_explorer` (an ability and a config: its answers beside the unperturbed model's);
+- 06: :func:`item_explorer` (a cell of Φ and a config: the items that flipped).
+
+Notebooks 02 and 03 explore a chart of their own module with ``ipywidgets.interact``.
+Building an explorer runs nothing heavy, so a headless (papermill) run renders its first
+view and moves on. The charts themselves live with the stage that computes their data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import RunDir
+from .errors import RephelpersError, require
+from .impact import baseline_config, configs, flipped_items
+from .models import Model
+from .perturbations import KINDS
+from .plots import cluster_label
+from .specificity import probe_activations, specificity_chart, specificity_report
+
+
+def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_samples: int = 3, seed: int = 0) -> Any:
+    """An ipywidgets cluster picker: top terms, statistics, representative and sample documents."""
+    import html
+
+    import ipywidgets as widgets
+
+    options = [(f"{row.cluster}: {row.name} ({row.size} docs)", int(row.cluster)) for row in characterization.itertuples()]
+    picker = widgets.Dropdown(options=options, description="cluster")
+    view = widgets.HTML()
+    by_id = documents.set_index("id")
+    statistic_columns = [c for c in characterization.columns if c not in ("cluster", "name", "top_terms", "representative_ids")]
+
+    def card(doc_id: str) -> str:
+        row = by_id.loc[doc_id]
+        header = html.escape(f"{doc_id} · {row.get('domain', '')} · {row.get('source', '')}")
+        return f"<details><summary><code>{header}</code></summary><pre style='white-space:pre-wrap'>{html.escape(str(row['text']))}</pre></details>"
+
+    def show(cluster: int) -> None:
+        row = characterization.set_index("cluster").loc[cluster]
+        stats = "".join(f"<tr><td>{c}</td><td>{row[c]:.3f}</td></tr>" if isinstance(row[c], float) else f"<tr><td>{c}</td><td>{html.escape(str(row[c]))}</td></tr>" for c in statistic_columns)
+        members = documents.loc[documents["cluster"] == cluster, "id"].astype(str)
+        samples = members.sample(min(n_samples, len(members)), random_state=seed).tolist()
+        view.value = (
+            f"<h4>Top terms</h4><p>{html.escape(', '.join(row['top_terms']))}</p>"
+            f"<h4>Statistics</h4><table>{stats}</table>"
+            f"<h4>Closest to the centroid</h4>{''.join(card(i) for i in row['representative_ids'])}"
+            f"<h4>Random members</h4>{''.join(card(i) for i in samples)}"
+        )
+
+    picker.observe(lambda change: show(change["new"]), names="value")
+    show(picker.value)
+    return widgets.VBox([picker, view])
+
+
+def specificity_explorer(
+    model: Model,
+    documents_df: pd.DataFrame,
+    subspaces: Sequence[Mapping[str, Any]],
+    report: pd.DataFrame,
+    kinds: Sequence[str] | None = None,
+    run_dir: RunDir | str | None = None,
+    **options: Any,
+) -> Any:
+    """An ipywidgets panel: perturbation type, cluster, layer and magnitude redraw the chart.
+
+    Settings already in ``report`` are drawn from it; new ones are computed for the
+    chosen cluster only (with ``options`` passed to :func:`specificity_report`) and kept,
+    so returning to them is instant. With ``run_dir`` the probe columns of new settings
+    use stage 02's activations at the chosen layer (:func:`probe_activations`). A setting
+    that cannot be built (say, LEACE without activations) shows why instead of a chart.
+    The chart is the interactive's return value, not a ``display()`` inside it: the
+    latter can leave nbclient waiting forever under papermill (nbclient #312).
+    """
+    import ipywidgets as widgets
+
+    layers = sorted({int(s["layer"]) for s in subspaces})
+    clusters = sorted({int(s["cluster"]) for s in subspaces})
+    first = report.iloc[0]
+    cache = {"report": report}
+
+    def draw(kind: str, cluster: int, layer: int, magnitude: float) -> Any:
+        known = cache["report"]
+        rows = known[
+            (known["kind"] == kind) & (known["cluster"] == cluster)
+            & (known["layer"] == layer) & np.isclose(known["magnitude"], magnitude)
+        ]
+        if rows.empty:
+            component = options.get("component", "resid")
+            try:
+                probes = None if run_dir is None else probe_activations(run_dir, documents_df, layer, component)
+                rows = specificity_report(
+                    model, documents_df, subspaces, kind, layer, magnitude, clusters=[cluster],
+                    probes=probes, **options,
+                )
+            except RephelpersError as err:
+                print(f"cannot show {kind} at layer {layer} for cluster {cluster}: {err}")
+                return
+            cache["report"] = pd.concat([known, rows], ignore_index=True)
+        return specificity_chart(rows, title=f"{kind} × {magnitude:g} at layer {layer}, cluster {cluster}")
+
+    return widgets.interactive(
+        draw,
+        kind=widgets.Dropdown(options=list(kinds or KINDS), value=first["kind"], description="perturbation"),
+        cluster=widgets.Dropdown(options=clusters, value=int(first["cluster"]), description="cluster"),
+        layer=widgets.SelectionSlider(options=layers, value=int(first["layer"]), description="layer",
+                                      continuous_update=False),
+        magnitude=widgets.FloatSlider(value=float(first["magnitude"]), min=0.0, max=4.0, step=0.25,
+                                      description="magnitude", continuous_update=False),
+    )
+
+
+def answer_explorer(scores: pd.DataFrame, max_rows: int = 30, prompt_chars: int = 120) -> Any:
+    """An ipywidgets panel over stage 05's scores: pick an ability and a config, read its answers.
+
+    Each item of the ability under the chosen config beside the unperturbed model's: the
+    end of the prompt, the target, both scores (and margins, for multiple choice) and,
+    for generation, both responses. Items whose score changed come first; ``max_rows``
+    rows are shown. The header counts the items lost and gained.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    require(len(scores) > 0, "answer_explorer: no scores to explore")
+    base_id = baseline_config(scores)
+    abilities = sorted(scores["ability"].unique())
+    table = configs(scores)
+    perturbed = table[table["config_id"] != base_id]
+    require(len(perturbed) > 0, "answer_explorer: the scores hold the baseline only")
+    labels = [(f"{'control ' if r.control else ''}k={r.cluster} {r.kind} m={r.magnitude:g}  [{r.config_id}]", r.config_id)
+              for r in perturbed.itertuples(index=False)]
+    ability_menu = widgets.Dropdown(options=abilities, description="ability")
+    config_menu = widgets.Dropdown(options=labels, description="config", layout=widgets.Layout(width="460px"))
+    output = widgets.Output()
+    columns = [c for c in ("score", "margin", "response") if c in scores.columns]
+    keys = ["task", "item"]
+
+    def rows(ability: str, config_id: str) -> pd.DataFrame:
+        sub = scores[scores["ability"] == ability]
+        base = sub[sub["config_id"] == base_id][[*keys, *(c for c in ("prompt", "target") if c in sub.columns), *columns]]
+        mine = sub[sub["config_id"] == config_id][[*keys, *columns]]
+        both = base.merge(mine, on=keys, suffixes=("_base", "_pert"))
+        both["change"] = both["score_pert"] - both["score_base"]
+        if "prompt" in both.columns:
+            both["prompt"] = both["prompt"].astype(str).str[-prompt_chars:]
+        if "response_base" in both.columns and both["response_base"].isna().all():
+            both = both.drop(columns=["response_base", "response_pert"])
+        return both.assign(changed=both["change"] != 0).sort_values(["changed", "task", "item"], ascending=[False, True, True])
+
+    def show(*_: object) -> None:
+        both = rows(ability_menu.value, config_menu.value)
+        output.clear_output()
+        with output:
+            lost, gained = int((both["change"] < 0).sum()), int((both["change"] > 0).sum())
+            print(f"{ability_menu.value} under {config_menu.value}: {len(both)} items, {lost} lost, {gained} gained "
+                  f"against the unperturbed model")
+            display(both.drop(columns="changed").head(max_rows))
+
+    show()
+    ability_menu.observe(show, names="value")
+    config_menu.observe(show, names="value")
+    return widgets.VBox([widgets.HBox([ability_menu, config_menu]), output])
+
+
+def item_explorer(
+    scores: pd.DataFrame, table: pd.DataFrame, only_changed: bool = True, cluster_labels: Mapping[int, str] | None = None
+):
+    """An ipywidgets explorer: pick a (cluster, ability) cell and a config, see which items flipped.
+
+    Cells are listed strongest |Φ| first; the config menu offers every perturbation of the
+    cluster and its controls. Shows the count of lost / gained items and the item rows of
+    :func:`rephelpers.impact.flipped_items`. Building it runs nothing heavy, so a headless
+    (papermill) run just renders the first cell. With ``cluster_labels``
+    (:func:`cluster_names`) the cells read ``3: name × ability``.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    ranked = table.assign(strength=table["phi"].abs()).sort_values("strength", ascending=False, na_position="last")
+    cells = [
+        (f"{cluster_label(r.cluster, cluster_labels)} × {r.ability}  (Φ = {r.phi:+.3f}{' *' if r.significant else ''})",
+         (int(r.cluster), r.ability))
+        for r in ranked.itertuples(index=False)
+    ]
+    every = configs(scores)
+    cell_menu = widgets.Dropdown(options=cells, description="cell", layout=widgets.Layout(width="460px"))
+    config_menu = widgets.Dropdown(description="config", layout=widgets.Layout(width="460px"))
+    output = widgets.Output()
+
+    every_config = "every perturbation of the cluster"
+
+    def config_options(cluster: int) -> list[tuple[str, object]]:
+        options: list[tuple[str, object]] = [(every_config, every_config)]
+        for row in every[every["cluster"] == cluster].itertuples(index=False):
+            label = f"{'control ' if row.control else ''}{row.kind} m={row.magnitude:g} @ L{row.layer}  [{row.config_id}]"
+            options.append((label, (row.config_id, bool(row.control))))
+        return options
+
+    def show(*_: object) -> None:
+        cluster, ability = cell_menu.value
+        theta, control = (None, False) if config_menu.value == every_config else config_menu.value
+        items = flipped_items(scores, cluster, ability, theta=theta, control=control, only_changed=only_changed)
+        output.clear_output()
+        with output:
+            lost = int((items["direction"] == "lost").sum())
+            gained = int((items["direction"] == "gained").sum())
+            print(f"{cluster_label(cluster, cluster_labels)} × {ability}: {lost} items lost, {gained} gained")
+            display(items)
+
+    def on_cell(change: dict) -> None:
+        config_menu.unobserve(show, names="value")  # one render per pick, not one per menu reset
+        config_menu.options = config_options(change["new"][0])
+        config_menu.value = every_config
+        config_menu.observe(show, names="value")
+        show()
+
+    if cells:
+        config_menu.options = config_options(cells[0][1][0])
+        config_menu.value = every_config
+        show()
+    cell_menu.observe(on_cell, names="value")
+    config_menu.observe(show, names="value")
+    return widgets.VBox([cell_menu, config_menu, output])
