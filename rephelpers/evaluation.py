@@ -292,7 +292,8 @@ def cluster_configs(
 # -- summaries and charts ---------------------------------------------------------------------
 def ability_summary(scores: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean item score per group of ``by`` (default: per config and ability), with its
-    standard error ``s / √n`` over items.
+    standard error ``s / √n`` over items. Per config and ability the mean is ``M(f, a)`` of
+    :func:`rephelpers.impact.ability_scores` (where the formula lives), tested equal.
 
     Rows of one item within a group (several control draws of one θ, say) are averaged
     first, so ``n`` counts items, not item × config.

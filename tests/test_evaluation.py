@@ -394,3 +394,14 @@ def test_ability_chart_has_one_bar_per_cluster_arm_and_setting():
     assert control_1["sem"] == pytest.approx(per_item.std(ddof=1) / 2) and control_1["n"] == 4
     assert set(bars["baseline"]) == {0.5}
     assert spec["spec"]["layer"][0]["encoding"]["y"]["stack"] is None
+
+
+def test_the_summary_per_config_is_m_of_f_a():
+    # M(f, a) is defined once (impact.ability_scores); stage 05's summary per config is the same number
+    from rephelpers.impact import ability_scores, simulate_scores
+
+    scores = simulate_scores({(0, "math"): 0.5, (1, "code"): 0.2}, {"math": 0.7, "code": 0.6}, n_controls=2,
+                             magnitudes=(0.5, 1.0), items_per_task=15, seed=4)
+    m = ability_scores(scores).set_index(["config_id", "ability"])["score"]
+    summary = ability_summary(scores).set_index(["config_id", "ability"])["mean"]
+    pd.testing.assert_series_equal(summary.loc[m.index], m, check_names=False)
