@@ -55,7 +55,11 @@ def load_corpus(
       column ``text_field``; nested objects are flattened to dotted columns, so
       ``domain_field="meta.pile_set_name"`` reads The Pile's set name;
     - ``"hf:<dataset_id>[:config]"``: a Hugging Face dataset, streamed (``split`` is the
-      dataset split) and capped at ``max_documents``, which is required here.
+      dataset split) and capped at ``max_documents``, which is required here;
+    - a directory: a Hugging Face dataset on disk, either saved with ``save_to_disk``
+      (``datasets.load_from_disk``; ``split`` picks from a ``DatasetDict``) or a folder of
+      data files that ``datasets.load_dataset(folder)`` reads (JSON Lines, Parquet, CSV,
+      text); no network either way. ``max_documents`` keeps the first rows.
 
     Missing ids become ``doc-000000``, ...; a missing domain falls back to the source, and
     a missing source to the file name or dataset id. Other columns are kept.
@@ -83,10 +87,10 @@ def load_corpus(
         path = Path(spec_text).expanduser()
         require(
             path.exists(),
-            f"corpus {spec_text!r} is neither 'builtin', an existing .jsonl/.parquet file, nor "
+            f"corpus {spec_text!r} is neither 'builtin', an existing .jsonl/.parquet file or dataset folder, nor "
             "'hf:<dataset_id>[:config]'. Check the path.",
         )
-        raw, default_source = _read_file(path), path.name
+        raw, default_source = (_read_local_dataset(path, split) if path.is_dir() else _read_file(path)), path.name
         if max_documents is not None:
             raw = raw.iloc[:max_documents]
     return validate_corpus(_standardise(raw, text_field, id_field, domain_field, source_field, default_source))
@@ -106,6 +110,31 @@ def _read_file(path: Path) -> pd.DataFrame:
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise RephelpersError(f"{path} could not be read as Parquet ({err}).") from err
     raise RephelpersError(f"unsupported corpus file {path.name!r}: use .jsonl or .parquet")
+
+
+def _read_local_dataset(path: Path, split: str) -> pd.DataFrame:
+    """A Hugging Face dataset in a local folder: ``save_to_disk`` output, or data files for ``load_dataset``."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise RephelpersError("reading a dataset folder needs the `datasets` package: pip install datasets") from err
+    saved = any((path / name).exists() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+    try:
+        if saved:
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                require(split in data, f"{path} holds the splits {sorted(data)}, not {split!r}: pass split= one of them")
+                data = data[split]
+        else:
+            data = datasets.load_dataset(str(path), split=split)
+    except RephelpersError:
+        raise
+    except Exception as err:  # datasets raises many types for a folder it cannot read
+        raise RephelpersError(
+            f"{path} is a folder but not a dataset that `datasets` can read ({err.__class__.__name__}: {err}); "
+            "pass a folder written by Dataset.save_to_disk, a folder of .jsonl/.parquet/.csv files, or one file."
+        ) from err
+    return _flatten(data.to_pandas())
 
 
 def _flatten(frame: pd.DataFrame) -> pd.DataFrame:

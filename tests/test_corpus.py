@@ -444,3 +444,31 @@ def _real_distribution(name: str):
         return importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def test_a_local_hugging_face_dataset_is_a_corpus(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    texts = [f"Document {i} about {topic}: " + "words " * 50 for i, topic in enumerate(["rivers", "ledgers", "stars"])]
+    rows = {"text": texts, "meta": [{"set": s} for s in ("geo", "finance", "astro")]}
+    # 1. a DatasetDict written by save_to_disk: the split picks, nested fields become dotted columns
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict({"text": texts[:1], "meta": rows["meta"][:1]})}).save_to_disk(saved)
+    frame = load_corpus(saved, domain_field="meta.set")
+    assert frame["text"].tolist() == texts and frame["domain"].tolist() == ["geo", "finance", "astro"]
+    assert len(load_corpus(saved, split="test")) == 1 and len(load_corpus(saved, max_documents=2)) == 2
+    with pytest.raises(RephelpersError, match=r"splits \['test', 'train'\], not 'validation'"):
+        load_corpus(saved, split="validation")
+    # 2. a folder of data files, read by datasets.load_dataset without the network
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": t, "id": f"d{i}"}) + "\n" for i, t in enumerate(texts)))
+    frame = load_corpus(folder)
+    assert sorted(frame["text"]) == sorted(texts) and sorted(frame["id"]) == ["d0", "d1", "d2"]
+    # 3. a folder that is no dataset says so
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RephelpersError, match="not a dataset that `datasets` can read"):
+        load_corpus(tmp_path / "empty")
