@@ -169,6 +169,7 @@ def evaluate_abilities(
     fast: bool = False,
     allow_download: bool = False,
     pack_choices: bool = True,
+    task_paths: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
     """Evaluate ``model`` on ``tasks`` under every config; one row per config × task × item.
 
@@ -182,11 +183,12 @@ def evaluate_abilities(
     for all configs (:class:`SweepLM`); scores equal the per-config path for every
     perturbation, ``Noise`` included (its draws are keyed by token, not by batch). With
     ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
-    its choices (:func:`sweep_loglikelihood`).
+    its choices (:func:`sweep_loglikelihood`). ``task_paths``: folders of your own lm-eval
+    task YAMLs, whose tasks ``tasks`` names (:func:`~rephelpers.lm_tasks.prepare_tasks`).
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
-    prepared = prepare_tasks(tasks, task_dir, allow_download)
+    prepared = prepare_tasks(tasks, task_dir, allow_download, task_paths)
     lm = (SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if fast
           else PerturbedLM(model, batch_size=batch_size))
 

@@ -113,15 +113,23 @@ def prepare_tasks(
     tasks: Mapping[str, TaskInfo] | Sequence[str | TaskInfo],
     task_dir: str | Path | None = None,
     allow_download: bool = False,
+    task_paths: Sequence[str | Path] = (),
 ) -> PreparedTasks:
     """Build the lm-eval task dict once: suite abilities and registered lm-eval task names.
 
     ``tasks`` is the output of :func:`~rephelpers.abilities.build_tasks`, or a list of
     ability names (built into ``task_dir`` with the defaults), ``TaskInfo``s and
-    registered lm-eval task or group names (gsm8k, mmlu, arc_easy, …). A registered task
-    whose dataset is not available offline (or, with ``allow_download``, not reachable)
-    raises a :class:`RephelpersError` naming it, before any model work.
+    registered lm-eval task or group names (gsm8k, mmlu, arc_easy, …). ``task_paths`` are
+    folders of your own lm-eval task YAMLs (lm-eval's ``include_path``); their tasks are
+    named in ``tasks`` like registered ones. A registered task whose dataset is not
+    available offline (or, with ``allow_download``, not reachable) raises a
+    :class:`RephelpersError` naming it, before any model work.
     """
+    own = [Path(p).expanduser() for p in task_paths]
+    missing = [str(p) for p in own if not p.is_dir()]
+    require(not missing, f"task_paths {missing} are not folders: give folders of lm-eval task YAMLs (include_path)")
+    require(not own or any(f for p in own for f in p.rglob("*.yaml")),
+            f"task_paths {[str(p) for p in own]} hold no .yaml task file")
     entries = list(tasks.values()) if isinstance(tasks, Mapping) else [tasks] if isinstance(tasks, str) else list(tasks)
     require(len(entries) > 0, "no tasks given: pass ability names (" + ", ".join(ABILITIES) + ") or lm-eval task names")
     suite_names = [e for e in entries if isinstance(e, str) and e in ABILITIES]
@@ -132,7 +140,10 @@ def prepare_tasks(
     bad = [e for e in entries if not isinstance(e, (str, TaskInfo))]
     require(not bad, f"tasks must be ability names, lm-eval task names or TaskInfo, got {bad[:3]}")
 
-    manager = _task_manager(sorted({str(i.yaml_path.parent) for i in infos}), bool(registered))
+    paths = sorted({str(i.yaml_path.parent) for i in infos} | {str(p.resolve()) for p in own})
+    manager = _task_manager(paths, False)
+    if any(name not in manager.all_tasks for name in registered):  # lm-eval's own tree: indexing it takes seconds
+        manager = _task_manager(paths, True)
     prepared = PreparedTasks(plain=_empty_task_dict(), chat=_empty_task_dict())
     loads = [(i.task, i) for i in infos] + [(name, None) for name in registered]
     with _quiet_lm_eval(), _hub_offline(not allow_download):
@@ -140,7 +151,8 @@ def prepare_tasks(
             if info is None and name not in manager.all_tasks:
                 raise RephelpersError(
                     f"{name!r} is neither an ability of the suite ({', '.join(ABILITIES)}) nor a "
-                    "registered lm-eval task or group (see `lm_eval ls tasks`)."
+                    "registered lm-eval task or group (see `lm_eval ls tasks`)"
+                    + (f" nor a task in task_paths {[str(p) for p in own]}" if own else "") + "."
                 )
             try:
                 loaded = manager.load([name])

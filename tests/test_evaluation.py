@@ -1,6 +1,7 @@
 """Perturbed evaluation: PerturbedLM against stock lm-eval and plain torch hooks, the
 response cache, the shared-prefix fast path, calibration and early errors."""
 
+import json
 import math
 
 import numpy as np
@@ -405,3 +406,48 @@ def test_the_summary_per_config_is_m_of_f_a():
     m = ability_scores(scores).set_index(["config_id", "ability"])["score"]
     summary = ability_summary(scores).set_index(["config_id", "ability"])["mean"]
     pd.testing.assert_series_equal(summary.loc[m.index], m, check_names=False)
+
+
+def _own_task_folder(root):
+    """A user's lm-eval task folder (include_path convention): one multiple-choice task over a local JSONL."""
+    folder = root / "my_tasks"
+    folder.mkdir()
+    items = [{"q": f"{a} plus {b} equals", "choices": [str(a + b), str(a + b + 1), str(a * b)], "gold": 0}
+             for a, b in [(2, 3), (4, 4), (1, 6), (5, 2), (3, 3), (7, 1)]]
+    (folder / "sums.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (folder / "sums.yaml").write_text(
+        "task: my_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'sums.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: gold\ntarget_delimiter: ' '\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return folder
+
+
+@pytest.mark.model
+def test_a_users_own_task_folder_runs_on_the_perturbation_path(model, tasks, tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from rephelpers.impact import ais
+
+    folder = _own_task_folder(tmp_path)
+    configs = {"baseline": [], "k0:ablate:m1": [Intervention(STRONG, 15)]}
+    meta = {"baseline": {"cluster": -1, "control": False, "kind": "none", "magnitude": 0.0, "layer": 15, "draw": 0},
+            "k0:ablate:m1": {"cluster": 0, "control": False, "kind": "ablate", "magnitude": 1.0, "layer": 15, "draw": 0}}
+    rows = evaluate_abilities(model, [tasks["icl"], "my_sums"], configs, batch_size=4, config_meta=meta,
+                              task_paths=[folder], progress=False, fast=True)
+    mine = rows[rows.ability == "my_sums"]
+    assert len(mine) == 2 * 6 and set(mine.config_id) == set(configs)
+    # the unperturbed answers equal stock lm-eval's HFLM on the same task folder
+    stock = evaluate(HFLM(pretrained=model.hf, tokenizer=model.tokenizer, batch_size=4),
+                     TaskManager(include_path=[str(folder)], include_defaults=False).load(["my_sums"]),
+                     log_samples=True, bootstrap_iters=0)["samples"]["my_sums"]
+    base = mine[mine.config_id == "baseline"].sort_values("item")
+    assert base["score"].tolist() == [s["acc"] for s in sorted(stock, key=lambda s: s["doc_id"])]
+    # and it pairs with the suite in stage 06's statistics
+    table = ais(rows)
+    assert set(table.ability) == {"icl", "my_sums"}
+    with pytest.raises(RephelpersError, match="not folders"):
+        prepare_tasks(["my_sums"], task_paths=[tmp_path / "nowhere"])
+    with pytest.raises(RephelpersError, match=r"nor a task in task_paths"):
+        prepare_tasks(["no_such_task_xyz"], task_paths=[folder])
