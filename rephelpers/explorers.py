@@ -109,6 +109,7 @@ def specificity_explorer(
 
     return widgets.interactive(
         draw,
+        {"auto_display": True},  # show the returned chart, as `interact` does
         kind=widgets.Dropdown(options=list(kinds or KINDS), value=first["kind"], description="perturbation"),
         cluster=widgets.Dropdown(options=clusters, value=int(first["cluster"]), description="cluster"),
         layer=widgets.SelectionSlider(options=layers, value=int(first["layer"]), description="layer",

@@ -689,8 +689,10 @@ def _watch_notebook(
                     last_kernel = json.loads(text)
                     kernel_pid = last_kernel.get("pid", kernel_pid)
             for text in bars.read():
-                if text.strip():
+                try:
                     progress.bar(json.loads(text))
+                except ValueError:  # a progress report is a courtesy: a garbled one must not stop the run
+                    pass
             if not log_output:
                 progress.show()
             if log_output:

@@ -160,6 +160,8 @@ def test_ablation_hits_harder_than_its_control(model, documents, subspaces):
     assert report.loc["perturbation", "cka_target"] < report.loc["control", "cka_target"]
     widget = specificity_explorer(model, documents, subspaces, report.reset_index(), kinds=["ablate", "noise"])
     assert widget.children[0].value == "ablate"
+    # the chart is returned and shown by the interactive itself (auto_display), not display()ed inside it
+    assert widget.auto_display and "cluster 1" in str(widget.result.to_dict())
     # by default the explorer offers every kind the stages build, mean ablation included
     offered = specificity_explorer(model, documents, subspaces, report.reset_index()).children[0].options
     assert list(offered) == kinds() and "mean_ablate" in offered
