@@ -51,6 +51,7 @@ from .abilities import ABILITIES, TaskInfo
 from .artifacts import stable_hash
 from .corpus import load_corpus
 from .errors import RephelpersError, require
+from .perturbations import KINDS
 from .planted import PLANTED, planted_ability, planted_corpus
 
 CHAIN_NOTEBOOKS = (
@@ -385,23 +386,19 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-DIMENSION_KINDS = ("ablate", "mean_ablate", "noise")
-"""Perturbation kinds that act on R_k, so that stage 03's selection score decides what they touch."""
-_OWN_SCORING = {"project": "SVD V_k", "leace": "LEACE", "shift": "mean direction", "gradient": "probe gradient"}
-
-
 def scoring_name(params: Mapping[str, Any]) -> str:
     """How a setting chose what it perturbs, in the issue's words: raw S, Cohen's d, token-level, probe, SVD, LEACE.
 
-    Kinds on R_k (:data:`DIMENSION_KINDS`) take stage 03's selection: ``method`` (the probe
-    methods by their weights, else S(i,k)), ``standardize`` (Cohen's d instead of the raw
-    mean difference) and ``token_level`` (S over tokens instead of pooled texts). The other
-    kinds carry their own: ``project`` the rank-r SVD basis V_k, ``leace`` the fitted eraser,
-    ``shift`` v_k, ``gradient`` the probe.
+    Kinds on R_k (``KINDS[kind].acts_on == "R_k"``) take stage 03's selection: ``method``
+    (the probe methods by their weights, else S(i,k)), ``standardize`` (Cohen's d instead of
+    the raw mean difference) and ``token_level`` (S over tokens instead of pooled texts). The
+    other kinds carry their own (``acts_on``): ``project`` the rank-r SVD basis V_k,
+    ``leace`` the fitted eraser, ``shift`` v_k, ``gradient`` the probe.
     """
     kind = str(params.get("perturbation", "ablate"))
-    if kind not in DIMENSION_KINDS:
-        return _OWN_SCORING.get(kind, kind)
+    acts_on = KINDS[kind].acts_on if kind in KINDS else kind
+    if acts_on != "R_k":
+        return acts_on
     method = str(params.get("method", "mean_diff"))
     if method != "mean_diff":
         return {"probe_l1": "probe (L1)", "probe_l2": "probe (L2)", "mlp": "MLP probe"}.get(method, method)

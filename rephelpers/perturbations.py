@@ -457,7 +457,10 @@ class Kind:
     cluster at a layer) at the unit-free magnitude m, scaled so that m = 1 is "full
     strength" (``scaling`` says what that is); ``magnitude_field`` is the field m sets.
     ``control(target, subspace, d_model, rng, spectrum)`` draws the random perturbation of
-    the same size that controls for it (:func:`matched_control`). Adding a kind means
+    the same size that controls for it (:func:`matched_control`). ``acts_on`` names the
+    cluster component it changes: ``"R_k"`` (stage 03's selected dimensions, so how they
+    were selected decides what it touches) or its own (``"SVD V_k"``, ``"LEACE"``, ...).
+    Adding a kind means
     writing its class (if it is a new one) and one ``Kind`` in :data:`KINDS`; nothing else
     in the package lists kinds.
     """
@@ -466,6 +469,7 @@ class Kind:
     cls: type[Perturbation]
     magnitude_field: str
     scaling: str
+    acts_on: str
     make: Callable[[dict[str, Any], float, int], Perturbation] = field(repr=False)
     control: Callable[..., Perturbation] = field(repr=False)
 
@@ -558,32 +562,32 @@ def _control_leace(target: Any, subspace: dict[str, Any], d_model: int, rng: np.
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("ablate", Ablate, "strength", "strength m; ĥ_R = (1 − m)·h_R (m = 1 zeroes R_k)",
+    Kind("ablate", Ablate, "strength", "strength m; ĥ_R = (1 − m)·h_R (m = 1 zeroes R_k)", "R_k",
          _make_ablate, _control_dims("ablate")),
     Kind("mean_ablate", Ablate, "strength",
          "strength m towards the rest's mean; ĥ_R = (1 − m)·h_R + m·μ_out,R. Zeroing a dimension whose "
          "typical value is far from 0 (the 'massive activation' dimensions of many LMs) damages every input "
          "alike; setting it to the value it takes on other clusters' text removes only what is specific to "
          "cluster k",
-         _make_mean_ablate, _control_dims("mean_ablate")),
+         "R_k", _make_mean_ablate, _control_dims("mean_ablate")),
     Kind("noise", Noise, "sigma",
          "σ = m · median_{i∈R_k} std_i, noise as large as the typical natural spread of those dimensions "
          "(raw σ = m if std is absent); the median, so that one massive dimension in R_k does not set the "
          "noise level of all the others",
-         _make_noise, _control_dims("noise")),
+         "R_k", _make_noise, _control_dims("noise")),
     Kind("shift", Shift, "alpha",
          "ĥ = h + α v_k with α = m · (μ_out − μ_in)·v_k: at m = 1 the mean of cluster k lands on the mean "
          "of the rest along v_k (raw α = m without the means)",
-         _make_shift, _control_shift),
-    Kind("project", Project, "strength", "strength m on V_k (m = 1 removes it entirely)",
+         "mean direction", _make_shift, _control_shift),
+    Kind("project", Project, "strength", "strength m on V_k (m = 1 removes it entirely)", "SVD V_k",
          _make_project, _control_project),
-    Kind("leace", Leace, "strength", "strength m on subspace['leace'] (m = 1 is full erasure)",
+    Kind("leace", Leace, "strength", "strength m on subspace['leace'] (m = 1 is full erasure)", "LEACE",
          _make_leace, _control_leace),
     Kind("gradient", Gradient, "epsilon",
          "ε = m · |w·(μ_in − μ_out)| / ‖w‖₁: at m = 1 the step moves the probe's logit by the gap between "
          "cluster k's mean and the rest's mean (a sign step changes the logit by exactly ε‖w‖₁); raw ε = m "
          "without the means",
-         _make_gradient, _control_gradient),
+         "probe gradient", _make_gradient, _control_gradient),
 )}
 """Every perturbation kind the stages build, by name: the one list of kinds."""
 

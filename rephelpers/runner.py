@@ -537,7 +537,7 @@ class ProgressLine:
         self.current: int | None = None
         self.started = 0.0
         self.report: dict[str, Any] | None = None
-        self.shown, self.shown_at, self.width = "", 0.0, 0
+        self.shown, self.shown_at, self.shown_cell, self.width = "", 0.0, None, 0
 
     def cell(self, index: int, t: float) -> None:
         if index in self.code:
@@ -559,7 +559,7 @@ class ProgressLine:
         text = self.text()
         if not text or text == self.shown:
             return
-        same_cell = text.split(" · ")[0] == self.shown.split(" · ")[0]
+        same_cell = self.current == self.shown_cell
         if not self.live and same_cell and self.report is None:
             return  # a bar that ended: the log already says which cell this is
         if self.live:
@@ -571,7 +571,7 @@ class ProgressLine:
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
-        self.shown, self.shown_at = text, now
+        self.shown, self.shown_at, self.shown_cell = text, now, self.current
 
     def end(self) -> None:
         """Clear a live line, so the next message starts on an empty line."""

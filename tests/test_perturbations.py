@@ -303,12 +303,12 @@ def test_each_kind_describes_itself_in_one_entry(subspace):
     for name, kind in KINDS.items():
         target = build(name, subspace, 0.5, seed=1)
         assert type(target) is kind.cls and getattr(target, kind.magnitude_field) != 0, name
-        assert kind.scaling, name
+        assert kind.scaling and kind.acts_on, name
         control = matched_control(name, subspace, D, 0.5, seed=1)
         assert isinstance(control, Perturbation) and control != target, name
     # a kind registered beside the built-in ones is built and controlled through the same entry
-    extra = Kind("half_ablate", Ablate, "strength", "strength m/2", lambda sub, m, seed: Ablate(dims=sub["dims"], strength=m / 2),
-                 KINDS["ablate"].control)
+    extra = Kind("half_ablate", Ablate, "strength", "strength m/2", "R_k",
+                 lambda sub, m, seed: Ablate(dims=sub["dims"], strength=m / 2), KINDS["ablate"].control)
     KINDS[extra.name] = extra
     try:
         assert build("half_ablate", subspace, 0.8).strength == 0.4
