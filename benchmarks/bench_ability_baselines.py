@@ -5,7 +5,7 @@ Stage 06 reads an ability only where the unperturbed model scores at least
 enough items: this prints, per ability, the baseline score of the embedded model on the
 items a run would build (``build_tasks(ability, items_per_task=n, seed=s)``), its chance
 rate, the number of items and the minimum detectable AIS at 80% power
-(:func:`rephelpers.stats.minimum_detectable_ais`, α = 0.05 per cell, and with Holm over
+(:func:`rephelpers.influence.stats.minimum_detectable_ais`, α = 0.05 per cell, and with Holm over
 ``--cells`` cells, the bound notebook 06 prints for a table of that many readable cells).
 Target of the default suite: a baseline in [0.4, 0.9] and a per-cell MDE ≤ 0.3. The
 last column is the wall time of the unperturbed evaluation of that ability (one config).
@@ -25,12 +25,12 @@ import time
 
 import numpy as np
 
-from rephelpers.abilities import ABILITIES, build_tasks
-from rephelpers.evaluation import evaluate_abilities
-from rephelpers.intervene import Intervention
-from rephelpers.models import load_model
-from rephelpers.perturbations import Ablate
-from rephelpers.stats import minimum_detectable_ais
+from rephelpers.abilities.suite import ABILITIES, build_tasks
+from rephelpers.abilities.evaluation import evaluate_abilities
+from rephelpers.perturbations.intervene import Intervention
+from rephelpers.representations.models import load_model
+from rephelpers.perturbations.kinds import Ablate
+from rephelpers.influence.stats import minimum_detectable_ais
 
 
 def main() -> None:

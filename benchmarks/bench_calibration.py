@@ -2,8 +2,8 @@
 
     python benchmarks/bench_calibration.py --json calibration.json [--n-sims 50] [--n-controls 19]
 
-Each null is simulated with the package's own functions (rephelpers.calibration) and read
-by rephelpers.stats exactly as notebook 06 reads a run; a test holds its α when its
+Each null is simulated with the package's own functions (rephelpers.influence.calibration) and read
+by rephelpers.influence.stats exactly as notebook 06 reads a run; a test holds its α when its
 false-positive rate is at most α (the CI-sized version, tests/test_calibration.py, allows
 α + 0.03). Tests marked "legacy"/"rejected" are not reported by stage 06: they are run to
 show why they were replaced.
@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-from rephelpers.calibration import calibrate, calibration_frame
+from rephelpers.influence.calibration import calibrate, calibration_frame
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ def peak_rss_mb() -> float:
 
 def short_documents(n: int, seed: int = 0) -> pd.DataFrame:
     """``n`` distinct 100-300 character windows (cut at spaces) of the builtin domains' text."""
-    from rephelpers.demo_corpus import build_builtin_corpus
+    from rephelpers.corpus.demo import build_builtin_corpus
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small domains warn that they hold fewer documents
@@ -88,10 +88,10 @@ def demo_ari(seed: int) -> dict[str, float]:
     """ARI against the domains of every method on the demo corpus (notebook 01's defaults)."""
     from sklearn.metrics import adjusted_rand_score
 
-    from rephelpers.clustering import cluster_corpus
-    from rephelpers.corpus import chunk_documents, load_corpus
-    from rephelpers.embeddings import embed_texts
-    from rephelpers.models import load_model
+    from rephelpers.corpus.clustering import cluster_corpus
+    from rephelpers.corpus.loaders import chunk_documents, load_corpus
+    from rephelpers.corpus.embeddings import embed_texts
+    from rephelpers.representations.models import load_model
 
     chunks = chunk_documents(load_corpus("builtin", docs_per_domain=60, seed=seed), load_model().tokenizer, 128)
     embeddings = embed_texts(chunks["text"].tolist())
@@ -112,8 +112,8 @@ def demo_ari(seed: int) -> dict[str, float]:
 
 def at_scale(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     """Embed ``args.n`` generated short documents, then cluster them (the steps go into ``results``)."""
-    from rephelpers.clustering import cluster_corpus
-    from rephelpers.embeddings import embed_texts
+    from rephelpers.corpus.clustering import cluster_corpus
+    from rephelpers.corpus.embeddings import embed_texts
 
     docs = timed("generate documents", results, lambda: short_documents(args.n, args.seed), n=args.n)
     mean_chars = float(docs["text"].str.len().mean())

@@ -20,9 +20,9 @@ import time
 import numpy as np
 import torch
 
-from rephelpers import perturbations as P
-from rephelpers.association import cluster_subspace, mean_difference_scores, select_dimensions
-from rephelpers.models import load_model
+from rephelpers.perturbations import kinds as P
+from rephelpers.dimensions.association import cluster_subspace, mean_difference_scores, select_dimensions
+from rephelpers.representations.models import load_model
 
 KINDS = ("ablate", "mean_ablate", "noise", "project")
 ARITH = [f"{a} plus {b} equals {a + b}, and {a} times {b} is {a * b}." for a, b in

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rephelpers.demo_corpus import build_builtin_corpus  # noqa: E402
-from rephelpers.models import load_model, output_tensor  # noqa: E402
+from rephelpers.corpus.demo import build_builtin_corpus  # noqa: E402
+from rephelpers.representations.models import load_model, output_tensor  # noqa: E402
 
 
 def main() -> None:

@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 
-from rephelpers.abilities import build_tasks
-from rephelpers.evaluation import evaluate_abilities
-from rephelpers.intervene import Intervention
-from rephelpers.models import load_model
-from rephelpers.perturbations import Ablate
+from rephelpers.abilities.suite import build_tasks
+from rephelpers.abilities.evaluation import evaluate_abilities
+from rephelpers.perturbations.intervene import Intervention
+from rephelpers.representations.models import load_model
+from rephelpers.perturbations.kinds import Ablate
 
 
 def main() -> None:

@@ -28,13 +28,13 @@ import time
 import numpy as np
 import yaml
 
-from rephelpers.activations import extract_activations
-from rephelpers.association import find_cluster_components
-from rephelpers.clustering import cluster_corpus
-from rephelpers.corpus import assign_splits, chunk_documents, load_corpus
-from rephelpers.embeddings import embed_texts
-from rephelpers.models import load_model
-from rephelpers.tokenstats import massive_table
+from rephelpers.representations.activations import extract_activations
+from rephelpers.dimensions.association import find_cluster_components
+from rephelpers.corpus.clustering import cluster_corpus
+from rephelpers.corpus.loaders import assign_splits, chunk_documents, load_corpus
+from rephelpers.corpus.embeddings import embed_texts
+from rephelpers.representations.models import load_model
+from rephelpers.representations.tokenstats import massive_table
 
 
 def main() -> None:

@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rephelpers.activations import extract_activations  # noqa: E402
-from rephelpers.corpus import chunk_documents, load_corpus  # noqa: E402
-from rephelpers.models import load_model  # noqa: E402
+from rephelpers.representations.activations import extract_activations  # noqa: E402
+from rephelpers.corpus.loaders import chunk_documents, load_corpus  # noqa: E402
+from rephelpers.representations.models import load_model  # noqa: E402
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            from .models import load_model
+            from .representations.models import load_model
 
             model = load_model()
             print(f"[rephelpers] {model.name}: {model.n_layers} layers, d_model={model.d_model}, ready")

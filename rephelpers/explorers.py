@@ -20,11 +20,11 @@ import pandas as pd
 
 from .artifacts import RunDir
 from .errors import RephelpersError, require
-from .impact import baseline_config, configs, flipped_items
-from .models import Model
-from .perturbations import KINDS
+from .influence.impact import baseline_config, configs, flipped_items
+from .representations.models import Model
+from .perturbations.kinds import KINDS
 from .plots import cluster_label
-from .specificity import probe_activations, specificity_chart, specificity_report
+from .perturbations.specificity import probe_activations, specificity_chart, specificity_report
 
 
 def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_samples: int = 3, seed: int = 0) -> Any:
@@ -178,7 +178,7 @@ def item_explorer(
 
     Cells are listed strongest |Φ| first; the config menu offers every perturbation of the
     cluster and its controls. Shows the count of lost / gained items and the item rows of
-    :func:`rephelpers.impact.flipped_items`. Building it runs nothing heavy, so a headless
+    :func:`rephelpers.influence.impact.flipped_items`. Building it runs nothing heavy, so a headless
     (papermill) run just renders the first cell. With ``cluster_labels``
     (:func:`cluster_names`) the cells read ``3: name × ability``.
     """

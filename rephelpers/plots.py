@@ -280,7 +280,7 @@ def phi_heatmap(
 ) -> alt.HConcatChart:
     """Φ (clusters × abilities) beside the random-control Φ (and Φ − Φ_control).
 
-    ``table`` is :func:`rephelpers.stats.influence_table`. One diverging colour scale,
+    ``table`` is :func:`rephelpers.influence.stats.influence_table`. One diverging colour scale,
     centred at 0 and shared by the panels (red = the ability got worse, blue = better);
     each cell shows its value with ``*`` where the adjusted p-value is below α; the
     tooltip carries the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
@@ -331,7 +331,7 @@ def dose_response_chart(
 ) -> alt.FacetChart:
     """Small multiples of ability score against perturbation magnitude.
 
-    ``dose`` is :func:`rephelpers.impact.dose_response` (with the same ``magnitude_col``).
+    ``dose`` is :func:`rephelpers.influence.impact.dose_response` (with the same ``magnitude_col``).
     Rows = cluster, columns = ability;
     the perturbation (red) and its matched random control (grey) as lines, the
     unperturbed ``M(f, a)`` as a dashed rule. A dose-response relation shows as the red
@@ -361,7 +361,7 @@ def dose_response_chart(
 def baseline_chart(ability_table: pd.DataFrame) -> alt.LayerChart:
     """Bar chart of the unperturbed model's ability scores ``M(f, a)``.
 
-    ``ability_table`` is :func:`rephelpers.impact.ability_scores` (the baseline rows are
+    ``ability_table`` is :func:`rephelpers.influence.impact.ability_scores` (the baseline rows are
     picked out) or any frame with ``ability``, ``score`` and ``n_items``.
     """
     data = ability_table

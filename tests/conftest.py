@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def model():
     """The embedded SmolLM2-135M, loaded once per test session."""
-    from rephelpers.models import load_model
+    from rephelpers.representations.models import load_model
 
     return load_model()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rephelpers.abilities import (
+from rephelpers.abilities.suite import (
     ABILITIES,
     SUITE_TAG,
     build_tasks,
@@ -23,8 +23,8 @@ from rephelpers.abilities import (
     stereotype_preference,
 )
 from rephelpers.errors import RephelpersError
-from rephelpers.holdout import ABILITY_HOLDOUT_MODULES
-from rephelpers.tasks import tables
+from rephelpers.abilities.holdout import ABILITY_HOLDOUT_MODULES
+from rephelpers.abilities.tasks import tables
 
 N = 12
 

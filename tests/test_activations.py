@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rephelpers.activations import (
+from rephelpers.representations.activations import (
     between_cluster_r2,
     extract_activations,
     load_activations,
@@ -11,7 +11,7 @@ from rephelpers.activations import (
 )
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
-from rephelpers.tokenstats import TokenStats
+from rephelpers.representations.tokenstats import TokenStats
 
 TEXTS = [
     "import os\nfor name in os.listdir('.'):\n    print(name)",

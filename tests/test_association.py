@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.decomposition import NMF, PCA
 
-from rephelpers.association import (
+from rephelpers.dimensions.association import (
     class_mean_direction,
     explained_variance_chart,
     explained_variance_frame,
@@ -28,7 +28,7 @@ from rephelpers.association import (
     subspace_for,
 )
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations import perturbation_from_dict
+from rephelpers.perturbations.kinds import perturbation_from_dict
 
 N_PER_CLUSTER, D, K = 40, 48, 4
 PLANTED = {k: [3 * k + 7, 3 * k + 8] for k in range(K)}

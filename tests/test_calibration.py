@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from rephelpers import calibration, stats
+from rephelpers.influence import calibration, stats
 
 
 @pytest.fixture(scope="module")

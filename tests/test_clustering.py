@@ -13,7 +13,7 @@ from scipy.special import comb
 
 from rephelpers import RephelpersError
 from rephelpers.artifacts import RunDir
-from rephelpers.clustering import (
+from rephelpers.corpus.clustering import (
     ClusterResult,
     characterize_clusters,
     class_tfidf,
@@ -31,9 +31,9 @@ from rephelpers.clustering import (
     top_terms,
     validate_clusters,
 )
-from rephelpers.corpus import assign_splits
-from rephelpers.demo_corpus import build_builtin_corpus
-from rephelpers.embeddings import embed_texts
+from rephelpers.corpus.loaders import assign_splits
+from rephelpers.corpus.demo import build_builtin_corpus
+from rephelpers.corpus.embeddings import embed_texts
 from rephelpers.explorers import cluster_explorer
 
 DOMAINS = ("code", "legal", "markdown", "math")
@@ -194,7 +194,7 @@ def test_class_tfidf_matches_the_formula_and_bertopic():
             assert scores[k, j] == pytest.approx(expected)
     # Same ranking as BERTopic's own transformer (it rounds A down to an int).
     from bertopic.vectorizers import ClassTfidfTransformer
-    from rephelpers.clustering import term_vectorizer
+    from rephelpers.corpus.clustering import term_vectorizer
 
     per_class = term_vectorizer(vocabulary=list(vocabulary)).fit_transform([" ".join(t for t, l in zip(TOY_TEXTS, TOY_LABELS) if l == k) for k in range(3)])
     bertopic_scores = ClassTfidfTransformer().fit_transform(per_class).toarray()

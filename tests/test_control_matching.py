@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rephelpers.association import cluster_subspace, mean_difference_scores, select_dimensions
-from rephelpers.perturbations import (
+from rephelpers.dimensions.association import cluster_subspace, mean_difference_scores, select_dimensions
+from rephelpers.perturbations.kinds import (
     MATCH_CARRY,
     MATCH_WINDOW,
     Ablate,

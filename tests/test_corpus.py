@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from rephelpers import RephelpersError
-from rephelpers import demo_corpus as corpus_module
-from rephelpers.corpus import (
+from rephelpers.corpus import demo as corpus_module
+from rephelpers.corpus.loaders import (
     MAX_CHARS,
     MIN_CHARS,
     assign_splits,
@@ -25,9 +25,9 @@ from rephelpers.corpus import (
     corpus_fingerprint,
     load_corpus,
 )
-from rephelpers.demo_corpus import BUILTIN_DOMAINS, build_builtin_corpus, pack_paragraphs, python_definitions
-from rephelpers.embeddings import embedder_path
-from rephelpers.holdout import ABILITY_HOLDOUT_MODULES
+from rephelpers.corpus.demo import BUILTIN_DOMAINS, build_builtin_corpus, pack_paragraphs, python_definitions
+from rephelpers.corpus.embeddings import embedder_path
+from rephelpers.abilities.holdout import ABILITY_HOLDOUT_MODULES
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,7 @@ def test_chunking_keeps_doc_id_and_respects_the_budget_with_special_tokens(built
 
 @pytest.mark.model
 def test_chunking_with_the_model_tokenizer(builtin):
-    from rephelpers.models import load_model
+    from rephelpers.representations.models import load_model
 
     tokenizer = load_model().tokenizer
     frame = builtin.groupby("domain").head(4).reset_index(drop=True)
@@ -380,7 +380,7 @@ def test_two_builds_in_separate_processes_are_identical():
     import sys
 
     script = (
-        "from rephelpers.corpus import corpus_fingerprint; from rephelpers.demo_corpus import build_builtin_corpus;"
+        "from rephelpers.corpus.loaders import corpus_fingerprint; from rephelpers.corpus.demo import build_builtin_corpus;"
         "print(corpus_fingerprint(build_builtin_corpus(docs_per_domain=10, seed=0)))"
     )
     outputs = {
@@ -415,7 +415,7 @@ def test_reference_versions_are_the_constraints_pins():
 def test_reference_fingerprint_is_what_the_pinned_stack_builds():
     if corpus_module.builtin_corpus_differences():
         pytest.skip(f"not the pinned stack: {corpus_module.builtin_corpus_differences()}")
-    from rephelpers.models import load_model
+    from rephelpers.representations.models import load_model
 
     chunks = chunk_documents(build_builtin_corpus(docs_per_domain=10, seed=0), load_model().tokenizer, 48)
     with warnings.catch_warnings():

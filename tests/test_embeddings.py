@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rephelpers import RephelpersError
-from rephelpers.embeddings import embed_texts, embedder_path, load_embedder
+from rephelpers.corpus.embeddings import embed_texts, embedder_path, load_embedder
 
 TEXTS = [
     "def add(a, b):\n    return a + b",

@@ -13,9 +13,9 @@ from lm_eval.evaluator import evaluate
 from lm_eval.models.huggingface import HFLM
 from scipy.special import softmax
 
-from rephelpers.abilities import build_tasks
+from rephelpers.abilities.suite import build_tasks
 from rephelpers.errors import RephelpersError
-from rephelpers.evaluation import (
+from rephelpers.abilities.evaluation import (
     _choice_statistics,
     ability_chart,
     ability_summary,
@@ -23,14 +23,14 @@ from rephelpers.evaluation import (
     evaluate_abilities,
     expected_calibration_error,
 )
-from rephelpers.forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
-from rephelpers.intervene import Intervention
-from rephelpers.lm_eval_model import PerturbedLM
-from rephelpers.lm_tasks import prepare_tasks
-from rephelpers.models import output_tensor, replace_output
-from rephelpers.perturbations import Ablate, Noise, Shift
+from rephelpers.abilities.forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
+from rephelpers.perturbations.intervene import Intervention
+from rephelpers.abilities.lm_eval_model import PerturbedLM
+from rephelpers.abilities.lm_tasks import prepare_tasks
+from rephelpers.representations.models import output_tensor, replace_output
+from rephelpers.perturbations.kinds import Ablate, Noise, Shift
 from rephelpers.setting import BASELINE_ID
-from rephelpers.tokenkeys import standard_normal, token_keys
+from rephelpers.perturbations.tokenkeys import standard_normal, token_keys
 
 STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer
 
@@ -399,7 +399,7 @@ def test_ability_chart_has_one_bar_per_cluster_arm_and_setting():
 
 def test_the_summary_per_config_is_m_of_f_a():
     # M(f, a) is defined once (impact.ability_scores); stage 05's summary per config is the same number
-    from rephelpers.impact import ability_scores, simulate_scores
+    from rephelpers.influence.impact import ability_scores, simulate_scores
 
     scores = simulate_scores({(0, "math"): 0.5, (1, "code"): 0.2}, {"math": 0.7, "code": 0.6}, n_controls=2,
                              magnitudes=(0.5, 1.0), items_per_task=15, seed=4)
@@ -428,7 +428,7 @@ def _own_task_folder(root):
 def test_a_users_own_task_folder_runs_on_the_perturbation_path(model, tasks, tmp_path):
     from lm_eval.tasks import TaskManager
 
-    from rephelpers.impact import ais
+    from rephelpers.influence.impact import ais
 
     folder = _own_task_folder(tmp_path)
     configs = {"baseline": [], "k0:ablate:m1": [Intervention(STRONG, 15)]}

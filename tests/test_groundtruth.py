@@ -14,10 +14,10 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from rephelpers import finetune as ft
-from rephelpers import groundtruth as gt
-from rephelpers import planted as P
-from rephelpers.abilities import ABILITIES, build_tasks, read_items
+from rephelpers.testbed import finetune as ft
+from rephelpers.testbed import groundtruth as gt
+from rephelpers.testbed import planted as P
+from rephelpers.abilities.suite import ABILITIES, build_tasks, read_items
 from rephelpers.errors import RephelpersError
 
 SKILLS = list(P.PLANTED)
@@ -89,7 +89,7 @@ def test_item_overlaps_finds_a_leaked_item():
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    from rephelpers.models import load_model
+    from rephelpers.representations.models import load_model
 
     return load_model("smollm2-135m")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rephelpers import impact
+from rephelpers.influence import impact
 from rephelpers.errors import RephelpersError
 
 # Baseline and three perturbed configs of cluster 0 (two θ and one control) on two tasks:

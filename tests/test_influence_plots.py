@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rephelpers import explorers, impact, plots, stats
+from rephelpers import explorers, plots
+from rephelpers.influence import impact, stats
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from rephelpers.activations import pool
+from rephelpers.representations.activations import pool
 from rephelpers.errors import RephelpersError
-from rephelpers.intervene import Intervention, eager_attention, forward_readout, run_logits, sequence_nll
-from rephelpers.perturbations import Ablate, Gradient, Leace, Noise, Project, Shift
-from rephelpers.tokenkeys import token_keys
+from rephelpers.perturbations.intervene import Intervention, eager_attention, forward_readout, run_logits, sequence_nll
+from rephelpers.perturbations.kinds import Ablate, Gradient, Leace, Noise, Project, Shift
+from rephelpers.perturbations.tokenkeys import token_keys
 
 pytestmark = pytest.mark.model
 

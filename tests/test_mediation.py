@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from rephelpers.errors import RephelpersError
-from rephelpers.mediation import mediation_by_cluster, mediation_chart, mediation_effects, reference_means
-from rephelpers.models import load_model, output_tensor, replace_output
+from rephelpers.dimensions.mediation import mediation_by_cluster, mediation_chart, mediation_effects, reference_means
+from rephelpers.representations.models import load_model, output_tensor, replace_output
 
 pytestmark = pytest.mark.model
 

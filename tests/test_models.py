@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from rephelpers.errors import RephelpersError
-from rephelpers.intervene import Intervention, run_logits
-from rephelpers.models import load_model
-from rephelpers.perturbations import Ablate
+from rephelpers.perturbations.intervene import Intervention, run_logits
+from rephelpers.representations.models import load_model
+from rephelpers.perturbations.kinds import Ablate
 
 
 def test_unknown_model_offline_is_a_clear_error():

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations import (
+from rephelpers.perturbations.kinds import (
     KINDS,
     Kind,
     Perturbation,
@@ -29,7 +29,7 @@ from rephelpers.perturbations import (
     perturbation_from_dict,
     registered_kinds,
 )
-from rephelpers.tokenkeys import standard_normal, token_keys
+from rephelpers.perturbations.tokenkeys import standard_normal, token_keys
 
 D = 24
 
@@ -439,7 +439,7 @@ def test_controls_differ_between_clusters(subspace):
 
 
 def test_mean_ablate_sets_dims_to_the_rest_mean_and_control_uses_same_reference():
-    from rephelpers.perturbations import Ablate, build, matched_control
+    from rephelpers.perturbations.kinds import Ablate, build, matched_control
 
     rng = np.random.default_rng(3)
     d = 12

@@ -118,7 +118,7 @@ def test_report_takes_explicit_names_files_and_no_names(run, tmp_path):
 
 
 def test_item_explorer_names_its_cells():
-    from rephelpers import impact
+    from rephelpers.influence import impact
 
     scores = impact.simulate_scores({(0, "math"): 0.9}, {"math": 0.8, "code": 0.7}, items_per_task=10, seed=2)
     table = pd.DataFrame({"cluster": [0, 1], "ability": ["math", "code"], "phi": [0.9, 0.1], "significant": [True, False]})

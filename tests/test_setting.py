@@ -3,8 +3,8 @@
 import pytest
 
 from rephelpers.errors import RephelpersError
-from rephelpers.evaluation import cluster_configs
-from rephelpers.impact import BASELINE_CLUSTER, simulate_scores
+from rephelpers.abilities.evaluation import cluster_configs
+from rephelpers.influence.impact import BASELINE_CLUSTER, simulate_scores
 from rephelpers.setting import BASELINE_ID, Setting, parse_id
 
 

@@ -9,7 +9,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import ortho_group
 
 from rephelpers.errors import RephelpersError
-from rephelpers.similarity import attention_js, js_divergence, linear_cka
+from rephelpers.perturbations.similarity import attention_js, js_divergence, linear_cka
 
 
 def _direct_cka(X, Y):

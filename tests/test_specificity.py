@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rephelpers.activations import extract_activations
+from rephelpers.representations.activations import extract_activations
 from rephelpers.errors import RephelpersError
-from rephelpers.intervene import perplexity, sequence_nll
-from rephelpers.evaluation import cluster_configs
+from rephelpers.perturbations.intervene import perplexity, sequence_nll
+from rephelpers.abilities.evaluation import cluster_configs
 from rephelpers.explorers import specificity_explorer
-from rephelpers.perturbations import kinds, matched_control
-from rephelpers.specificity import (
+from rephelpers.perturbations.kinds import kinds, matched_control
+from rephelpers.perturbations.specificity import (
     EDIT_TOLERANCE,
     control_spectrum,
     probe_balanced_accuracy,
@@ -234,7 +234,7 @@ def test_edit_norm_equals_a_plain_hidden_state_computation(model, documents, sub
 
 
 def test_specificity_verdicts_gate_on_the_rest_and_on_the_controls():
-    from rephelpers.specificity import specificity_verdicts
+    from rephelpers.perturbations.specificity import specificity_verdicts
 
     def rows(target, rest, control_gaps):
         out = [{"cluster": 0, "arm": "perturbation", "draw": 0, "kind": "ablate", "magnitude": 1.0, "layer": 3,

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from rephelpers import impact, stats
+from rephelpers.influence import impact, stats
 from rephelpers.errors import RephelpersError
 
 EFFECTS = {(0, "math"): 0.7, (1, "code"): 0.6}

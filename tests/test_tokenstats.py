@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from rephelpers.association import find_cluster_components
+from rephelpers.dimensions.association import find_cluster_components
 from rephelpers.errors import RephelpersError
-from rephelpers.tokenstats import (
+from rephelpers.representations.tokenstats import (
     TokenStats,
     batch_token_stats,
     kept_mask,

@@ -1,0 +1,393 @@
+"""Abilities of perturbed models, measured with lm-eval (stage 05).
+
+:func:`evaluate_abilities` evaluates one model under many perturbation configs and
+returns one row per config × task × item. It builds the lm-eval task dict once
+(:mod:`rephelpers.abilities.lm_tasks`), runs ``lm_eval.evaluator.evaluate`` per config through
+:class:`~rephelpers.abilities.lm_eval_model.PerturbedLM` with requests built fresh each time, and
+never uses lm-eval's response cache (which is keyed by request, not by model, and would
+serve the unperturbed answers to a perturbed run).
+
+``fast=True`` shares the layers below the lowest intervention layer ``L`` among configs
+(:func:`rephelpers.abilities.forward.sweep_loglikelihood` behind
+:class:`~rephelpers.abilities.lm_eval_model.SweepLM`). It covers log-likelihood requests (multiple
+choice, the bulk of the suite); generation requests always take the per-config path.
+
+:func:`cluster_configs` makes the configs of a run (every cluster's perturbation, its
+control draws, the baseline; :class:`~rephelpers.setting.Setting` ids), and the rest of
+the module summarises and charts the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .suite import TaskInfo
+from ..errors import RephelpersError, require
+from ..perturbations.intervene import Intervention, interventions_to_json, validate
+from .lm_eval_model import PerturbedLM, SweepLM
+from .lm_tasks import PreparedTasks, _quiet_lm_eval, prepare_tasks
+from ..representations.models import Model
+from ..progress import progress_bar
+from ..setting import Setting
+
+ROW_COLUMNS = (
+    "config_id", "task", "ability", "family", "item", "metric", "higher_is_better", "chance",
+    "score", "margin", "p_correct", "confidence", "prompt", "target", "response", "prompt_hash",
+)
+
+
+# -- one row per config × task × item ---------------------------------------------------------
+def _gold_indices(target: Any, choices: Sequence[str]) -> list[int]:
+    targets = target if isinstance(target, (list, tuple)) else [target]
+    out = []
+    for t in targets:
+        if isinstance(t, str) and not t.strip().isdigit():
+            require(t in choices, f"gold answer {t!r} is not among the choices {list(choices)[:4]}")
+            out.append(list(choices).index(t))
+        else:
+            out.append(int(t))
+    return out
+
+
+def _choice_statistics(logliks: Sequence[float], gold: Sequence[int]) -> tuple[float, float, float]:
+    """``(margin, p_correct, confidence)`` of a multiple-choice item.
+
+    ``margin = max_{g∈gold} ℓ_g − max_{j∉gold} ℓ_j``; ``p = softmax(ℓ)`` over the choices,
+    ``p_correct = Σ_{g∈gold} p_g`` and ``confidence = max_j p_j``.
+    """
+    ll = np.asarray(logliks, dtype=np.float64)
+    is_gold = np.zeros(len(ll), dtype=bool)
+    is_gold[list(gold)] = True
+    margin = float(ll[is_gold].max() - ll[~is_gold].max()) if (~is_gold).any() else math.nan
+    p = np.exp(ll - ll.max())
+    p /= p.sum()
+    return margin, float(p[is_gold].sum()), float(p.max())
+
+
+def _primary_metric(sample: dict[str, Any], preferred: str | None) -> str:
+    if preferred is not None:
+        return preferred
+    for name in sample["metrics"]:
+        if isinstance(sample.get(name), (int, float, np.number, bool)):
+            return name
+    raise RephelpersError(
+        f"no per-item numeric metric among {sample['metrics']}: the task only has corpus-level "
+        "metrics (e.g. f1, bleu), which give no per-item score; choose another task."
+    )
+
+
+def samples_to_rows(
+    samples: Mapping[str, list[dict[str, Any]]],
+    prepared: PreparedTasks,
+    task_objects: Mapping[str, Any],
+    config_id: str,
+) -> list[dict[str, Any]]:
+    """Rows of :data:`ROW_COLUMNS` from lm-eval's logged samples (the first filter of each task)."""
+    rows = []
+    for task_name, task_samples in samples.items():
+        if not task_samples:
+            continue
+        task = task_objects[task_name]
+        primary_filter = task_samples[0]["filter"]
+        multiple_choice = task.OUTPUT_TYPE == "multiple_choice"
+        # The direction of each metric, as the task declares it (lm-eval's `higher_is_better`):
+        # stage 06 flips lower-is-better metrics so that a positive AIS always means "worse".
+        directions = task.higher_is_better() or {}
+        for s in task_samples:
+            if s["filter"] != primary_filter:
+                continue
+            metric = _primary_metric(s, prepared.metric.get(task_name))
+            doc = s["doc"]
+            margin = p_correct = confidence = math.nan
+            response = ""
+            if multiple_choice:
+                choices = task.doc_to_choice(doc)
+                gold = _gold_indices(s["target"], choices)
+                margin, p_correct, confidence = _choice_statistics([r[0] for r in s["filtered_resps"]], gold)
+                target = " | ".join(str(choices[g]) for g in gold)
+            else:
+                response = str(s["resps"][0][0])
+                target = str(s["target"])
+            rows.append({
+                "config_id": config_id,
+                "task": task_name,
+                "ability": prepared.ability[task_name],
+                "family": prepared.family[task_name],
+                "item": str(doc.get("id", s["doc_id"])),
+                "metric": metric,
+                "higher_is_better": bool(directions.get(metric, True)),
+                "chance": float(prepared.chance.get(task_name, 0.0)),
+                "score": float(s[metric]),
+                "margin": margin,
+                "p_correct": p_correct,
+                "confidence": confidence,
+                "prompt": str(s["arguments"][0][0]),
+                "target": target,
+                "response": response,
+                "prompt_hash": s["prompt_hash"],
+            })
+    return rows
+
+
+def _check_configs(
+    model: Model,
+    configs: Mapping[str, Sequence[Intervention]],
+    config_meta: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, list[Intervention]]:
+    require(isinstance(configs, Mapping) and len(configs) > 0, "configs must be a non-empty dict {config_id: [Intervention, …]}")
+    checked = {}
+    for cid, ivs in configs.items():
+        require(isinstance(cid, str) and cid, f"config ids must be non-empty strings, got {cid!r}")
+        ivs = list(ivs)
+        require(
+            all(isinstance(iv, Intervention) for iv in ivs),
+            f"config {cid!r} must be a list of Intervention (an empty list is the unperturbed model)",
+        )
+        checked[cid] = validate(model, ivs)
+    if config_meta is not None:
+        extra = sorted(set(config_meta) - set(configs))
+        require(not extra, f"config_meta describes configs that are not evaluated: {extra[:5]}")
+        clash = sorted({k for meta in config_meta.values() for k in meta} & set(ROW_COLUMNS))
+        require(not clash, f"config_meta keys {clash} clash with score columns; rename them.")
+    return checked
+
+
+def evaluate_abilities(
+    model: Model,
+    tasks: Mapping[str, TaskInfo] | Sequence[str | TaskInfo],
+    configs: Mapping[str, Sequence[Intervention]],
+    limit: int | None = None,
+    batch_size: int = 8,
+    task_dir: str | Path | None = None,
+    config_meta: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: bool = True,
+    fast: bool = False,
+    allow_download: bool = False,
+    pack_choices: bool = True,
+    task_paths: Sequence[str | Path] = (),
+) -> pd.DataFrame:
+    """Evaluate ``model`` on ``tasks`` under every config; one row per config × task × item.
+
+    Columns: :data:`ROW_COLUMNS` (``score`` is the item's primary metric: acc,
+    exact_match, compliance or pct_stereotype; ``margin`` the log-likelihood margin of the
+    gold choice over the best wrong one, ``p_correct``/``confidence`` the softmax over
+    the choices' log-likelihoods, all NaN for generation), plus ``interventions`` (JSON)
+    and whatever ``config_meta[config_id]`` holds. ``limit`` caps items per task.
+
+    ``fast=True`` computes the layers below the lowest intervention layer once per batch
+    for all configs (:class:`SweepLM`); scores equal the per-config path for every
+    perturbation, ``Noise`` included (its draws are keyed by token, not by batch). With
+    ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
+    its choices (:func:`sweep_loglikelihood`). ``task_paths``: folders of your own lm-eval
+    task YAMLs, whose tasks ``tasks`` names (:func:`~rephelpers.abilities.lm_tasks.prepare_tasks`).
+    """
+    checked = _check_configs(model, configs, config_meta)
+    require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
+    prepared = prepare_tasks(tasks, task_dir, allow_download, task_paths)
+    lm = (SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if fast
+          else PerturbedLM(model, batch_size=batch_size))
+
+    from lm_eval.evaluator import evaluate
+
+    rows: list[dict[str, Any]] = []
+    for cid in progress_bar(list(checked), desc="configs", disable=not progress):
+        if fast:
+            lm.select(cid)
+        else:
+            lm.use(checked[cid])
+        for task_dict, chat in prepared.dicts():
+            # Few-shot examples are drawn from the task's RNG: reseed so every config sees the same prompts.
+            for task in task_dict["tasks"].values():
+                task.set_fewshot_seed(seed=1234)
+            with _quiet_lm_eval():
+                results = evaluate(
+                    lm, task_dict, limit=limit, log_samples=True, bootstrap_iters=0,
+                    apply_chat_template=chat,
+                )
+            rows += samples_to_rows(results["samples"], prepared, task_dict["tasks"], cid)
+    df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+    prompts_per_item = df.groupby(["task", "item"])["prompt_hash"].nunique()
+    require(
+        bool((prompts_per_item <= 1).all()),
+        "the prompts of some items differ between configs "
+        f"({prompts_per_item[prompts_per_item > 1].index[:3].tolist()}); scores would not pair. "
+        "Report this bug with the task names.",
+    )
+    df["interventions"] = df["config_id"].map({cid: interventions_to_json(ivs) for cid, ivs in checked.items()})
+    if config_meta:
+        meta = pd.DataFrame.from_dict({cid: dict(m) for cid, m in config_meta.items()}, orient="index")
+        df = df.join(meta, on="config_id")
+    return df
+
+
+# -- configs of a run: baseline, each cluster's perturbation and its matched control ---------------
+
+
+def cluster_configs(
+    subspaces: Sequence[Mapping[str, Any]],
+    layer: int,
+    d_model: int,
+    kinds: str | Sequence[str] = "ablate",
+    magnitudes: float | Sequence[float] = 1.0,
+    component: str = "resid",
+    positions: str = "all",
+    seed: int = 0,
+    n_controls: int = 1,
+    spectrum: dict[str, Any] | None = None,
+) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
+    """The configs stage 05 evaluates, and their descriptors for the score rows.
+
+    For every stage-03 subspace at ``layer`` (one per cluster k), every kind and magnitude:
+    ``P_{k,θ}`` from :func:`rephelpers.perturbations.kinds.build` and ``n_controls`` independent
+    matched random controls from :func:`~rephelpers.perturbations.kinds.matched_controls` (draw j
+    uses seed ``seed + j``), applied at ``(layer, component)``; plus the unperturbed
+    baseline (``cluster = -1``, ``kind = "none"``, ``magnitude = 0``). Stage 06 averages
+    the draws: ``Φ_control = mean over θ and draws``.
+
+    One draw is the proposals' design, but a single draw is a lottery when a model has a
+    few dimensions every input relies on (SmolLM2's "massive activations"): 32 random
+    dimensions out of 576 include a given one with probability 32/576 ≈ 5.6%, and that one
+    draw then looks as destructive as the cluster's own R_k. More draws make
+    Φ_control an estimate of what a random edit of that size does rather than one sample.
+    Draw j is the same random set (same seed) at every magnitude, so a draw's Φ over Θ_k
+    is one sample of the control distribution that stage 06 compares Φ with.
+    ``spectrum`` is the layer's token spectrum the controls are matched with
+    (:func:`rephelpers.perturbations.specificity.control_spectrum`, as stage 04 computes it; None: dimension
+    controls from the subspace's statistics, uniform project controls).
+    Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; the config ids are
+    the :class:`~rephelpers.setting.Setting` ids (``k{k}:{kind}:m{m}``, ``…:control``,
+    ``…:control1``, … per draw, ``baseline``) and ``config_meta`` is each setting's
+    :meth:`~rephelpers.setting.Setting.meta` (``draw`` 0 for the perturbation itself).
+    """
+    from ..perturbations.kinds import build, matched_controls
+
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
+    here = [s for s in subspaces if s["layer"] == layer and s.get("component", component) == component]
+    require(
+        len(here) > 0,
+        f"no stage-03 subspace at layer {layer} ({component}); it covered layers "
+        f"{sorted({s['layer'] for s in subspaces})}. Pick one of those as intervention_layer "
+        "or add the layer to notebooks 02/03.",
+    )
+    baseline = Setting.baseline(layer, component, positions)
+    configs: dict[str, list[Intervention]] = {baseline.id: []}
+    meta: dict[str, dict[str, Any]] = {baseline.id: baseline.meta()}
+    for subspace in sorted(here, key=lambda s: s["cluster"]):
+        for kind in kinds:
+            for m in magnitudes:
+                setting = Setting(int(subspace["cluster"]), kind, m, layer, component, positions)
+                controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls, spectrum)
+                arms = [(setting, build(kind, dict(subspace), m, seed))]
+                arms += [(setting.control_draw(draw), p) for draw, p in enumerate(controls)]
+                for arm, perturbation in arms:
+                    configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
+                    meta[arm.id] = arm.meta()
+    return configs, meta
+
+
+# -- summaries and charts ---------------------------------------------------------------------
+def ability_summary(scores: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean item score per group of ``by`` (default: per config and ability), with its
+    standard error ``s / √n`` over items. Per config and ability the mean is ``M(f, a)`` of
+    :func:`rephelpers.influence.impact.ability_scores` (where the formula lives), tested equal.
+
+    Rows of one item within a group (several control draws of one θ, say) are averaged
+    first, so ``n`` counts items, not item × config.
+    """
+    if by is None:
+        keys = [c for c in ("config_id", "cluster", "control", "kind", "magnitude", "ability", "metric") if c in scores.columns]
+    else:
+        keys = list(by)
+        missing = [c for c in [*keys, "score"] if c not in scores.columns]
+        require(not missing, f"ability_summary needs the columns {missing} (evaluate_abilities with config_meta=)")
+    items = [c for c in ("task", "item") if c in scores.columns]
+    per_item = scores.groupby(keys + items, dropna=False)["score"].mean().reset_index() if items else scores
+    out = per_item.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
+    out["sem"] = out["std"].fillna(0.0) / np.sqrt(out["count"])
+    return out.drop(columns="std").rename(columns={"count": "n"})
+
+
+def ability_chart(scores: pd.DataFrame, chance: Mapping[str, float] | None = None) -> Any:
+    """Bars: mean item score under each cluster's perturbation (red) and its matched random
+    control (grey), one column per ability and one row per setting θ = kind × magnitude;
+    whiskers ±1 s.e.m. over items; dashed line: the unperturbed model; dotted line: chance.
+
+    Several control draws of one θ are averaged item by item before the mean, so each
+    (cluster, arm, θ) is one bar and the s.e.m. is over items, not over item × draw.
+    """
+    import altair as alt
+
+    summary = ability_summary(scores, by=["cluster", "control", "kind", "magnitude", "ability"])
+    summary["arm"] = np.where(summary["control"], "matched control", "cluster perturbation")
+    summary["cluster_label"] = "k=" + summary["cluster"].astype(str)
+    summary["theta"] = summary["kind"].astype(str) + " × " + summary["magnitude"].map("{:g}".format)
+    summary["low"] = (summary["mean"] - summary["sem"]).clip(lower=0.0)
+    summary["high"] = (summary["mean"] + summary["sem"]).clip(upper=1.0)
+    base = summary[summary.cluster == -1].groupby("ability")["mean"].mean().rename("baseline").reset_index()
+    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left")
+    require(len(bars) > 0, "ability_chart: no perturbed config in scores (only the baseline).")
+    if chance:
+        bars["chance"] = bars["ability"].map(chance)
+    color = alt.Color("arm:N", scale=alt.Scale(domain=["cluster perturbation", "matched control"],
+                                                range=["#c0392b", "#95a5a6"]), title=None)
+    tooltip = ["ability", "cluster_label", "arm", "theta", alt.Tooltip("mean:Q", format=".3f"),
+               alt.Tooltip("baseline:Q", format=".3f"), "n"]
+    layer = alt.Chart().encode(x=alt.X("cluster_label:N", title="perturbed cluster"), xOffset="arm:N")
+    layers = [
+        layer.mark_bar().encode(
+            y=alt.Y("mean:Q", title="mean item score", scale=alt.Scale(domain=[0, 1]), stack=None),
+            color=color, tooltip=tooltip,
+        ),
+        layer.mark_rule().encode(y="low:Q", y2="high:Q"),
+        alt.Chart().mark_rule(strokeDash=[6, 3], color="black").encode(y="mean(baseline):Q"),
+    ]
+    if chance:
+        layers.append(alt.Chart().mark_rule(strokeDash=[2, 2], color="#7f8c8d").encode(y="mean(chance):Q"))
+    thetas = sorted(bars["theta"].unique(), key=lambda t: (t.split(" × ")[0], float(t.split(" × ")[1])))
+    return (
+        alt.layer(*layers, data=bars)
+        .properties(width=alt.Step(18), height=150)
+        .facet(column=alt.Column("ability:N", title=None), row=alt.Row("theta:N", title=None, sort=thetas))
+        .properties(title="Abilities under each cluster's perturbation (dashed: unperturbed, dotted: chance)")
+    )
+
+
+# -- calibration --------------------------------------------------------------------------------
+def expected_calibration_error(
+    scores: pd.DataFrame,
+    n_bins: int = 10,
+    by: Sequence[str] = ("config_id", "task"),
+) -> pd.DataFrame:
+    """ECE of multiple-choice items, per group of ``by``.
+
+    ``ECE = Σ_b (n_b / n) · |acc_b − conf_b|`` over ``n_bins`` equal-width bins of the
+    confidence (the softmax probability of the chosen answer), where ``acc_b`` is the
+    mean score and ``conf_b`` the mean confidence of the items in bin ``b``. Only
+    multiple-choice rows scored by accuracy count (not generation, not ``bias``).
+    """
+    require(n_bins >= 1, f"n_bins must be ≥ 1, got {n_bins}")
+    missing = [c for c in (*by, "confidence", "score") if c not in scores.columns]
+    require(not missing, f"expected_calibration_error needs columns {missing}: pass evaluate_abilities output")
+    # Calibration is about accuracy; a pct_stereotype "score" is no correctness.
+    mc = scores.dropna(subset=["confidence"])
+    if "metric" in mc.columns:
+        mc = mc[mc["metric"] == "acc"]
+    out = []
+    for key, g in mc.groupby(list(by), sort=True):
+        conf = g["confidence"].to_numpy(dtype=float)
+        acc = g["score"].to_numpy(dtype=float)
+        bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+        ece = sum(
+            (bins == b).sum() / len(conf) * abs(acc[bins == b].mean() - conf[bins == b].mean())
+            for b in np.unique(bins)
+        )
+        key = key if isinstance(key, tuple) else (key,)
+        out.append({**dict(zip(by, key)), "ece": float(ece), "n": len(conf),
+                    "accuracy": float(acc.mean()), "mean_confidence": float(conf.mean())})
+    return pd.DataFrame(out, columns=[*by, "ece", "n", "accuracy", "mean_confidence"])

@@ -1,0 +1,175 @@
+"""The lm-eval model interface of a perturbed model (stage 05).
+
+:class:`PerturbedLM` is the one lm-eval model class of the package: an ``HFLM`` around
+an already loaded :class:`~rephelpers.representations.models.Model` whose forward passes (log-likelihood
+batches and every greedy decoding step) run inside an nnsight trace that applies a list
+of :class:`~rephelpers.perturbations.intervene.Intervention`. With no interventions it scores exactly
+like lm-eval's stock ``HFLM``. :class:`SweepLM` is its sweep mode: it answers every
+config's log-likelihood requests at once through
+:func:`rephelpers.abilities.forward.sweep_loglikelihood`, then serves them config by config.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import nnsight
+import torch
+from lm_eval.models.huggingface import HFLM
+
+from ..errors import require
+from .forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
+from ..perturbations.intervene import Intervention, apply_in_trace, needs_keys, validate
+from .lm_tasks import _quiet_lm_eval
+from ..representations.models import Model
+from ..perturbations.tokenkeys import token_keys
+
+
+class PerturbedLM(HFLM):
+    """lm-eval's ``HFLM`` whose forward passes apply ``interventions`` through nnsight.
+
+    The model is passed in loaded (never reloaded). ``interventions`` can be swapped
+    between evaluations (:meth:`use`), so one instance serves every config; nothing the
+    model answered is kept between calls, only the tokenisations of request strings.
+    ``show_request_progress`` shows lm-eval's bar per request type and call.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        interventions: Sequence[Intervention] = (),
+        batch_size: int = 8,
+        max_length: int | None = None,
+        show_request_progress: bool = False,
+    ) -> None:
+        # lm-eval warns that a loaded model skips its loading options: that is the point here.
+        with _quiet_lm_eval(logging.ERROR):
+            super().__init__(
+                pretrained=model.hf,
+                tokenizer=model.tokenizer,
+                batch_size=batch_size,
+                device=str(model.device),
+                max_length=max_length or model.max_length,
+            )
+        self.rh_model = model
+        self.show_request_progress = show_request_progress
+        self._interventions: list[Intervention] = []
+        self._pair_tokens: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
+        self.use(interventions)
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return list(self._interventions)
+
+    def use(self, interventions: Sequence[Intervention]) -> "PerturbedLM":
+        """Apply ``interventions`` (validated against the model) from the next request on."""
+        self._interventions = validate(self.rh_model, interventions)
+        return self
+
+    # Request strings are tokenised once per instance: configs share their requests.
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        key = (context, continuation)
+        if key not in self._pair_tokens:
+            self._pair_tokens[key] = super()._encode_pair(context, continuation)
+        ctx, cont = self._pair_tokens[key]
+        return list(ctx), list(cont)
+
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_request_progress)
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_request_progress)
+
+    def _model_call(
+        self,
+        inps: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of a right-padded batch with the interventions applied (causal LMs only)."""
+        require(attn_mask is None and labels is None, "PerturbedLM supports decoder-only (causal) models only.")
+        last_index = (
+            right_padded_last_index(inps)
+            if any(iv.positions == "last" for iv in self._interventions)
+            else None
+        )
+        # Right padding follows every real token, so keys need no mask here.
+        keys = token_keys(inps).keys if needs_keys(self._interventions) else None
+        with torch.inference_mode(), self.rh_model.nn.trace({"input_ids": inps}):
+            apply_in_trace(self.rh_model, self._interventions, last_index, keys)
+            logits = nnsight.save(self.rh_model.nn.output.logits)
+        return logits
+
+    def _model_generate(
+        self,
+        context: torch.Tensor,
+        max_length: int,
+        stop: list[str],
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        mask = generation_kwargs.pop("attention_mask", None)
+        sampling = bool(generation_kwargs.get("do_sample")) or float(generation_kwargs.get("temperature") or 0.0) > 0
+        require(
+            not sampling,
+            "PerturbedLM decodes greedily; this task asks for sampling "
+            f"({ {k: generation_kwargs[k] for k in ('do_sample', 'temperature') if k in generation_kwargs} }). "
+            "Set do_sample: false in the task's generation_kwargs.",
+        )
+        return greedy_generate(
+            self.rh_model,
+            context,
+            torch.ones_like(context) if mask is None else mask,
+            self._interventions,
+            max_new_tokens=max_length - context.shape[1],
+            stop=stop,
+            eos_token_id=self.eot_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+
+
+class SweepLM(PerturbedLM):
+    """A :class:`PerturbedLM` that answers log-likelihood requests for all configs at once.
+
+    The first config's call computes every config's answers (:func:`sweep_loglikelihood`)
+    and keeps them, keyed by the exact token requests, for the other configs' calls;
+    :meth:`select` switches the config. Generation requests run per config.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        configs: Mapping[str, Sequence[Intervention]],
+        batch_size: int = 8,
+        max_batch_tokens: int = 16384,
+        show_request_progress: bool = False,
+        pack_choices: bool = True,
+    ) -> None:
+        super().__init__(model, (), batch_size=batch_size, show_request_progress=show_request_progress)
+        self.configs = {cid: validate(model, ivs) for cid, ivs in configs.items()}
+        self.max_batch_tokens = max_batch_tokens
+        self.pack_choices = pack_choices
+        self.active: str | None = None
+        self._answers: dict[tuple, dict[str, list[tuple[float, bool]]]] = {}
+
+    def select(self, config_id: str) -> "SweepLM":
+        require(config_id in self.configs, f"unknown config {config_id!r}")
+        self.active = config_id
+        self.use(self.configs[config_id])
+        return self
+
+    def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, override_bs: int | None = None) -> list[tuple[float, bool]]:
+        require(self.active is not None, "SweepLM: select(config_id) before evaluating")
+        key = tuple((tuple(ctx), tuple(cont)) for _, ctx, cont in requests)
+        if key not in self._answers:
+            self._answers[key] = sweep_loglikelihood(
+                self.rh_model,
+                [(ctx, cont) for _, ctx, cont in requests],
+                self.configs,
+                batch_size=self.batch_size_per_gpu,
+                max_length=self.max_length,
+                max_batch_tokens=self.max_batch_tokens,
+                progress=self.show_request_progress,
+                pack_choices=self.pack_choices,
+            )
+        return list(self._answers[key][self.active])

@@ -1,0 +1,8 @@
+"""Stage 01 (notebook ``01_corpus_clusters``): a corpus, its chunks and their clusters.
+
+- :mod:`.loaders`: the generic readers (text/JSONL/parquet files, local Hugging Face
+  datasets) and chunking;
+- :mod:`.demo`: the built-in demo corpus, built from material installed on every machine;
+- :mod:`.embeddings`: document embeddings (the embedded MiniLM, TF-IDF);
+- :mod:`.clustering`: k-means, BERTopic, LDA and metadata domains, with validation.
+"""

@@ -1,0 +1,178 @@
+"""Causal mediation (Vig et al., 2020): does a dimension carry a cluster's computation?
+
+A high S(i,k) says dimension ``i`` *differs* on cluster k; mediation asks whether the
+model *uses* that difference. For cluster-k texts ``x`` and a candidate dimension ``i`` at
+a ``(layer, component)`` site, the indirect effect is
+
+    IE_i = NLL(x | do(h_i = μ_i^other)) − NLL(x),
+
+where ``NLL`` is the next-token negative log-likelihood per predicted token over the
+texts (``Σ NLL / Σ tokens``) and ``do(h_i = μ_i^other)`` sets dimension ``i`` at that site,
+at every token, to its mean on other-cluster inputs, leaving everything upstream
+untouched: the mediator takes the value of the control condition while the input
+stays cluster k. ``IE_i > 0`` means the cluster-specific value of ``h_i`` helps the model
+predict cluster-k text. The intervention is
+``Ablate(dims=(i,), values=(μ_i^other,))`` applied through nnsight by
+:func:`rephelpers.perturbations.intervene.sequence_nll`, the same code path stages 04 and 05 use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import require
+from ..perturbations.intervene import Intervention, sequence_nll
+from ..representations.models import Model, output_tensor
+from ..perturbations.kinds import Ablate
+from ..progress import progress_bar
+
+
+def reference_means(
+    model: Model,
+    texts: Sequence[str],
+    layer: int,
+    component: str = "resid",
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> np.ndarray:
+    """``μ [d]``: mean of ``h`` at ``(layer, component)`` over every real token of ``texts``."""
+    require(len(texts) > 0, "reference_means: no texts given.")
+    layer = model.check_layer(layer)
+    model.check_component(component)
+    total = torch.zeros(model.d_model, dtype=torch.float64)
+    tokens = 0.0
+    for start in range(0, len(texts), batch_size):
+        batch = model.encode(list(texts[start : start + batch_size]), max_length=max_length)
+        with torch.inference_mode():
+            with model.nn.trace(dict(batch)):
+                hidden = output_tensor(model.envoy(layer, component).output).save()
+        mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
+        total += (hidden.to(torch.float64) * mask).sum((0, 1)).cpu()
+        tokens += float(mask.sum())
+    return (total / tokens).numpy()
+
+
+def _nll_per_token(
+    model: Model, texts: Sequence[str], interventions: Sequence[Intervention], batch_size: int, max_length: int
+) -> float:
+    """``Σ NLL / Σ predicted tokens`` over ``texts`` with ``interventions`` applied."""
+    nll, count = sequence_nll(model, texts, interventions, batch_size, max_length, progress=False)
+    return float(nll.sum() / count.sum())
+
+
+def mediation_effects(
+    model: Model,
+    texts_k: Sequence[str],
+    texts_other: Sequence[str] | None,
+    layer: int,
+    dims: Sequence[int],
+    component: str = "resid",
+    values: Sequence[float] | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Indirect effect ``IE_i`` of each dimension in ``dims`` on the NLL of ``texts_k``.
+
+    ``values`` gives μ_i^other directly (e.g. a subspace's ``mean_out``, the mean pooled
+    activation of the other clusters' training documents); without it μ^other is the
+    token mean over ``texts_other`` (:func:`reference_means`). Costs ``len(dims) + 1``
+    forward passes over ``texts_k``: keep both short.
+
+    Returns one row per dimension, largest effect first: ``dim, value (μ_i^other),
+    nll_original, nll_intervened`` (per token) ``, indirect_effect, rank``.
+    """
+    require(len(texts_k) > 0, "mediation_effects: no cluster texts given (is the cluster empty?).")
+    dims = [int(i) for i in dims]
+    require(len(dims) > 0, "mediation_effects: no candidate dimensions given.")
+    require(len(set(dims)) == len(dims), f"mediation_effects: dims repeat: {dims}.")
+    layer = model.check_layer(layer)
+    model.check_component(component)
+    bad = [i for i in dims if not 0 <= i < model.d_model]
+    require(not bad, f"dimensions {bad} are out of range for hidden size {model.d_model}.")
+    if values is None:
+        require(
+            texts_other is not None and len(texts_other) > 0,
+            "mediation_effects: give texts_other (to measure μ^other) or values (μ^other itself).",
+        )
+        values = reference_means(model, texts_other, layer, component, batch_size, max_length)[dims]
+    values = [float(v) for v in values]
+    require(len(values) == len(dims), f"{len(values)} reference values for {len(dims)} dimensions.")
+    require(bool(np.isfinite(values).all()), "mediation_effects: the reference values hold NaN or inf.")
+
+    original = _nll_per_token(model, texts_k, (), batch_size, max_length)
+    rows = []
+    for dim, value in progress_bar(list(zip(dims, values)), desc=f"mediation L{layer}", disable=not progress, leave=False):
+        site = Intervention(Ablate(dims=(dim,), values=(value,)), layer, component)
+        intervened = _nll_per_token(model, texts_k, [site], batch_size, max_length)
+        rows.append({"dim": dim, "value": value, "nll_original": original,
+                     "nll_intervened": intervened, "indirect_effect": intervened - original})
+    effects = pd.DataFrame(rows).sort_values("indirect_effect", ascending=False, kind="stable")
+    return effects.assign(rank=np.arange(1, len(effects) + 1)).reset_index(drop=True)
+
+
+def mediation_by_cluster(
+    model: Model,
+    documents: pd.DataFrame,
+    subspaces: Sequence[Mapping[str, Any]],
+    layer: int,
+    top_n: int = 8,
+    n_texts: int = 8,
+    batch_size: int = 8,
+    max_length: int = 128,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """:func:`mediation_effects` for every cluster's first ``top_n`` dimensions of R_k at ``layer``.
+
+    Texts are the cluster's first ``n_texts`` *held-out* documents (the dimensions were
+    chosen on training documents, so the test is not circular); μ^other is the
+    subspace's ``mean_out``. Returns the rows of every cluster with a ``cluster`` column.
+    """
+    require(top_n >= 1 and n_texts >= 1, "top_n and n_texts must be ≥ 1.")
+    missing = {"text", "cluster", "split"} - set(documents.columns)
+    require(not missing, f"documents lack columns {sorted(missing)} (documents.parquet from notebook 01).")
+    at_layer = sorted((s for s in subspaces if s["layer"] == layer), key=lambda s: s["cluster"])
+    require(
+        bool(at_layer),
+        f"no subspaces at layer {layer}; stage 03 covered layers {sorted({s['layer'] for s in subspaces})}.",
+    )
+    model.check_layer(layer)
+    texts = {}
+    for s in at_layer:
+        rows = documents[(documents.cluster == s["cluster"]) & (documents.split == "heldout")]
+        require(len(rows) > 0, f"cluster {s['cluster']} has no held-out documents to measure mediation on.")
+        texts[s["cluster"]] = rows.text.head(n_texts).tolist()
+    frames = []
+    for s in progress_bar(at_layer, desc="clusters", disable=not progress, leave=False):
+        dims = s["dims"][:top_n]
+        effects = mediation_effects(
+            model, texts[s["cluster"]], None, layer, dims, s["component"],
+            values=[s["mean_out"][i] for i in dims], batch_size=batch_size, max_length=max_length,
+            progress=progress,
+        )
+        frames.append(effects.assign(cluster=s["cluster"], layer=layer, component=s["component"]))
+    return pd.concat(frames, ignore_index=True)
+
+
+def mediation_chart(effects: pd.DataFrame) -> alt.FacetChart:
+    """Indirect effect of each candidate dimension, one panel per cluster, largest first."""
+    layer = int(effects.layer.iloc[0]) if "layer" in effects else None
+    bars = alt.Chart().mark_bar().encode(
+        x=alt.X("indirect_effect:Q", title="IE = ΔNLL per token"),
+        y=alt.Y("dim:N", sort="-x", title="dimension"),
+        color=alt.condition(alt.datum.indirect_effect > 0, alt.value("#c0392b"), alt.value("#7f8c8d")),
+        tooltip=["cluster", "dim", alt.Tooltip("value:Q", format=".3f"),
+                 alt.Tooltip("indirect_effect:Q", format=".4f"), "rank"],
+    ).properties(width=160, height=16 * int(effects.groupby("cluster").size().max()))
+    return alt.layer(bars, data=effects).facet(
+        facet=alt.Facet("cluster:O", title="cluster"), columns=5,
+        title=f"Causal mediation at layer {layer}: do(h_i = μ_i^other) on cluster texts",
+    ).resolve_scale(y="independent")
+
+
+__all__ = ["reference_means", "mediation_effects", "mediation_by_cluster", "mediation_chart"]

