@@ -92,18 +92,18 @@ def main() -> None:
                            ("default (skip 1, excluded)", pooled)):
             if not subs:
                 continue
-            hits = {s["cluster"]: sorted(set(s["dims"]) & massive) for s in subs if s["layer"] == layer}
+            hits = {s.cluster: sorted(set(s.dims) & massive) for s in subs if s.layer == layer}
             print(f"massive dims in R_k, {name}: {hits}")
-        at = {s["cluster"]: s for s in pooled if s["layer"] == layer}
-        tk = {s["cluster"]: s for s in token if s["layer"] == layer}
-        changed = {k: len(set(at[k]["dims"]) - set(tk[k]["dims"])) for k in sorted(at)}
+        at = {s.cluster: s for s in pooled if s.layer == layer}
+        tk = {s.cluster: s for s in token if s.layer == layer}
+        changed = {k: len(set(at[k].dims) - set(tk[k].dims)) for k in sorted(at)}
         print(f"R_k dims that differ, pooled raw S vs token-level raw S (of {top_k}): {changed}")
         top = int(table.dim.iloc[0])
         for skip in sorted(runs):
             A = runs[skip][0][layer][train, top].astype(np.float64)
             r = np.corrcoef(A, 1.0 / n_tokens[train])[0, 1]
-            S = [np.abs(np.array(s["mean_in"]) - np.array(s["mean_out"])).max() for s in (old if skip == 0 else skip_only)
-                 if s["layer"] == layer]
+            S = [np.abs(np.array(s.mean_in) - np.array(s.mean_out)).max() for s in (old if skip == 0 else skip_only)
+                 if s.layer == layer]
             print(f"skip_first={skip}: corr(A_{top}(d), 1/T_d) = {r:+.2f}; largest |S(i,k)| = {max(S):.2f}")
 
 if __name__ == "__main__":

@@ -10,25 +10,14 @@ import torch
 from sklearn.decomposition import NMF, PCA
 
 from rephelpers.dimensions.association import (
-    class_mean_direction,
-    explained_variance_chart,
-    explained_variance_frame,
-    find_cluster_components,
-    jaccard_matrix,
-    load_subspaces,
-    mean_difference_scores,
-    nmf_chart,
-    nmf_patterns,
-    overlap_chart,
-    overlap_frame,
-    principal_subspace,
-    save_subspaces,
-    score_heatmap_chart,
-    select_dimensions,
-    subspace_for,
+    class_mean_direction, explained_variance_frame, find_cluster_components, jaccard_matrix,
+    load_components, mean_difference_scores, nmf_patterns, overlap_frame, principal_subspace,
+    save_components, select_dimensions, components_for,
 )
+from rephelpers.views.charts import explained_variance_chart, nmf_chart, overlap_chart, score_heatmap_chart
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.kinds import perturbation_from_dict
+from rephelpers.dimensions.components import ClusterComponents
+from rephelpers.perturbations.kinds import Leace, perturbation_from_dict
 
 N_PER_CLUSTER, D, K = 40, 48, 4
 PLANTED = {k: [3 * k + 7, 3 * k + 8] for k in range(K)}
@@ -175,18 +164,20 @@ def test_nmf_patterns_against_sklearn(planted):
 @pytest.mark.parametrize("method", ["mean_diff", "probe_l2"])
 def test_find_cluster_components_recovers_planted_dimensions(planted, method):
     acts = {3: planted["X"], 9: planted["X"] * 3}
-    dims, subspaces = find_cluster_components(
+    dims, components = find_cluster_components(
         acts, planted["labels"], planted["split"], method=method, top_k=2, rank=3, progress=False
     )
     assert list(dims.columns) == ["layer", "cluster", "dim", "score", "probe_weight", "selected"]
     assert len(dims) == 2 * K * D
     assert (dims.groupby(["layer", "cluster"]).selected.sum() == 2).all()
-    for s in subspaces:
-        assert sorted(s["dims"]) == PLANTED[s["cluster"]]
-        assert np.linalg.norm(s["direction"]) == pytest.approx(1.0)
-        assert np.asarray(s["basis"]).shape == (3, D)
-        assert s["probe"]["accuracy"] > 0.8
-    json.dumps(subspaces)  # JSON-ready as promised
+    for c in components:
+        assert isinstance(c, ClusterComponents) and c.method == method
+        assert sorted(c.dims) == PLANTED[c.cluster]
+        assert np.linalg.norm(c.direction) == pytest.approx(1.0)
+        assert c.basis.shape == (3, D)
+        np.testing.assert_array_equal(c.principal, c.basis[0])
+        assert c.probe.accuracy > 0.8
+        json.dumps(c.to_dict())  # JSON-ready as promised
 
     # Scores use training rows only.
     train = planted["split"] == "train"
@@ -198,36 +189,53 @@ def test_find_cluster_components_recovers_planted_dimensions(planted, method):
 
 
 def test_threshold_in_find_cluster_components(planted):
-    dims, subspaces = find_cluster_components(
+    dims, components = find_cluster_components(
         {3: planted["X"]}, planted["labels"], planted["split"], tau=1.0, rank=2, with_probe=False, progress=False
     )
     assert dims.probe_weight.isna().all()
-    assert all(s["probe"] is None and s["top_k"] is None for s in subspaces)
+    assert all(c.probe is None and c.top_k is None and c.tau == 1.0 for c in components)
     chosen = dims[dims.selected]
     assert (chosen.score > 1.0).all() and (dims[~dims.selected].score <= 1.0).all()
     with pytest.raises(RephelpersError, match="layer 3, cluster 0: τ = 50"):
         find_cluster_components({3: planted["X"]}, planted["labels"], planted["split"], tau=50, progress=False)
 
 
-def test_subspaces_round_trip_and_lookup(planted, tmp_path):
-    _, subspaces = find_cluster_components(
+def test_components_round_trip_and_lookup(planted, tmp_path):
+    _, components = find_cluster_components(
         {3: planted["X"]}, planted["labels"], planted["split"], top_k=4, rank=2, progress=False
     )
-    save_subspaces(tmp_path, subspaces, key="abc")
-    loaded = load_subspaces(tmp_path)
-    assert loaded == json.loads(json.dumps(subspaces))
-    assert subspace_for(loaded, 3, 2)["dims"] == subspaces[2]["dims"]
+    save_components(tmp_path, components, key="abc")
+    loaded = load_components(tmp_path)
+    # Every field survives the file exactly: vectors, R_k, the probe and the fitted eraser.
+    assert [c.to_dict() for c in loaded] == [c.to_dict() for c in components]
+    assert all(isinstance(c.leace, Leace) and c.leace == o.leace for c, o in zip(loaded, components))
+    assert components_for(loaded, 3, 2).dims == components[2].dims
     with pytest.raises(RephelpersError, match=r"covered layers \[3\]"):
-        subspace_for(loaded, 5, 0)
+        components_for(loaded, 5, 0)
     with pytest.raises(RephelpersError, match="notebook 03"):
-        load_subspaces(tmp_path / "elsewhere")
-    as_arrays = [{**s, "direction": np.asarray(s["direction"]), "n_train": np.int64(s["n_train"])} for s in subspaces]
-    save_subspaces(tmp_path / "arrays", as_arrays, key="abc")
-    assert load_subspaces(tmp_path / "arrays") == loaded
+        load_components(tmp_path / "elsewhere")
+    with pytest.raises(RephelpersError, match="find_cluster_components"):
+        save_components(tmp_path / "dicts", [c.to_dict() for c in components], key="abc")
+    # A hand-built dict becomes components too; a misspelt field is named.
+    assert ClusterComponents.from_dict({"layer": 3, "cluster": 0, "dims": np.array([4, 1])}).dims == (4, 1)
+    with pytest.raises(RephelpersError, match=r"unknown fields \['dimz'\]"):
+        ClusterComponents.from_dict({"layer": 3, "cluster": 0, "dimz": [1]})
+
+
+def test_a_damaged_components_file_says_how_to_recover(planted, tmp_path):
+    _, components = find_cluster_components(
+        {3: planted["X"]}, planted["labels"], planted["split"], top_k=4, rank=2, progress=False
+    )
+    path = save_components(tmp_path, components, key="abc")
+    data = json.loads(path.read_text())
+    del data["subspaces"][0]["dims"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(RephelpersError, match=r"lacks \['dims'\].*re-run notebook 03"):
+        load_components(tmp_path)
 
 
 def test_tables_and_charts_build(planted):
-    dims, subspaces = find_cluster_components(
+    dims, components = find_cluster_components(
         {3: planted["X"], 9: planted["X"]}, planted["labels"], planted["split"], top_k=3, rank=2, progress=False
     )
     overlap = overlap_frame(dims)
@@ -236,7 +244,7 @@ def test_tables_and_charts_build(planted):
     expected = jaccard_matrix(sets)
     got = overlap[overlap.layer == 3].pivot(index="cluster_a", columns="cluster_b", values="jaccard").to_numpy()
     np.testing.assert_allclose(got, expected)
-    spectra = explained_variance_frame(subspaces)
+    spectra = explained_variance_frame(components)
     assert len(spectra) == 2 * K * 2
     for chart in (
         score_heatmap_chart(dims, 3, per_cluster=4),
@@ -251,14 +259,14 @@ def test_tables_and_charts_build(planted):
 
 def test_stored_leace_eraser_equalises_the_cluster_means(planted):
     train = planted["split"] == "train"
-    _, subspaces = find_cluster_components(
+    _, components = find_cluster_components(
         {3: planted["X"]}, planted["labels"], planted["split"], top_k=2, rank=2, progress=False
     )
     X, y = planted["X"][train].astype(np.float64), planted["labels"][train]
-    for s in subspaces:
-        eraser = perturbation_from_dict({"kind": "leace", **s["leace"]})
+    for c in components:
+        eraser = perturbation_from_dict(c.leace.to_dict())  # as the file stores it
         erased = eraser.apply(torch.tensor(X)).numpy()
-        inside = y == s["cluster"]
+        inside = y == c.cluster
         # LEACE leaves no linear trace of the concept: equal class-conditional means.
         gap_before = np.abs(X[inside].mean(0) - X[~inside].mean(0)).max()
         gap_after = np.abs(erased[inside].mean(0) - erased[~inside].mean(0)).max()
@@ -266,4 +274,4 @@ def test_stored_leace_eraser_equalises_the_cluster_means(planted):
     _, without = find_cluster_components(
         {3: planted["X"]}, planted["labels"], planted["split"], top_k=2, rank=2, with_leace=False, progress=False
     )
-    assert all(s["leace"] is None for s in without)
+    assert all(c.leace is None for c in without)

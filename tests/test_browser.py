@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from browser_support import ROOT, chromium_context, ink_fraction, offline_page, screenshot
-from rephelpers import plots
+from rephelpers.views import render
 
 CI_RUN = Path(os.environ.get("REPHELPERS_CI_RUN", ROOT / "runs" / "ci_nbmake"))
 MARKS = ".vega-embed .marks"  # the chart itself, not vega-embed's menu icon
@@ -46,7 +46,7 @@ def _open_chart(browser, path: Path, name: str) -> float:
 
 
 def test_saved_chart_renders_offline(browser, tmp_path):
-    files = plots.save_chart(_bars("offline chart"), tmp_path, "bars")
+    files = render.save_chart(_bars("offline chart"), tmp_path, "bars")
     text = files["html"].read_text()
     assert not re.search(r"<script[^>]+src=", text), "the chart loads a script from elsewhere"
     assert "cdn.jsdelivr" not in text and "vegaEmbed" in text
@@ -63,9 +63,9 @@ def test_report_renders_offline_with_cluster_names_and_links(browser, tmp_path):
         ' {"cluster": 1, "name": "license, copyright, software", "top_terms": ["license"]}]}'
     )
     chart = _bars("Φ by cluster")
-    plots.save_chart(chart, run, "06_bars")
+    render.save_chart(chart, run, "06_bars")
     table = pd.DataFrame({"cluster": [0, 1], "ability": ["code", "icl"], "phi": [0.4, -0.1]})
-    page_html = plots.html_report("Report", [("Summary", "cluster 0 → code: Φ = +0.40."), ("Matrix", chart), ("Table", table)])
+    page_html = render.html_report("Report", [("Summary", "cluster 0 → code: Φ = +0.40."), ("Matrix", chart), ("Table", table)])
     (run / "report.html").write_text(page_html)
     with offline_page(browser) as (page, blocked, errors):
         page.goto((run / "report.html").as_uri())
@@ -108,7 +108,7 @@ def test_ci_run_charts_render_offline(browser):
 @pytest.mark.after_notebooks
 def test_ci_run_report_renders_offline(browser):
     run = _ci_run()
-    names = plots.cluster_names(run)
+    names = render.cluster_names(run)
     assert names, f"{run / 'clusters.json'} names no cluster"
     with offline_page(browser) as (page, blocked, errors):
         page.goto((run / "report.html").as_uri())

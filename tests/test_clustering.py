@@ -14,27 +14,14 @@ from scipy.special import comb
 from rephelpers import RephelpersError
 from rephelpers.artifacts import RunDir
 from rephelpers.corpus.clustering import (
-    ClusterResult,
-    characterize_clusters,
-    class_tfidf,
-    cluster_corpus,
-    cluster_domain_chart,
-    cluster_map_chart,
-    contingency_chart,
-    load_clustering,
-    npmi_coherence,
-    project_2d,
-    purity,
-    save_clustering,
-    stability,
-    text_statistics,
-    top_terms,
-    validate_clusters,
+    ClusterResult, characterize_clusters, class_tfidf, cluster_corpus, load_clustering, npmi_coherence,
+    project_2d, purity, save_clustering, stability, text_statistics, top_terms, validate_clusters,
 )
+from rephelpers.views.charts import cluster_domain_chart, cluster_map_chart, contingency_chart
 from rephelpers.corpus.loaders import assign_splits
 from rephelpers.corpus.demo import build_builtin_corpus
 from rephelpers.corpus.embeddings import embed_texts
-from rephelpers.explorers import cluster_explorer
+from rephelpers.views.explorers import cluster_explorer
 
 DOMAINS = ("code", "legal", "markdown", "math")
 

@@ -16,13 +16,9 @@ from scipy.special import softmax
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.errors import RephelpersError
 from rephelpers.abilities.evaluation import (
-    _choice_statistics,
-    ability_chart,
-    ability_summary,
-    cluster_configs,
-    evaluate_abilities,
-    expected_calibration_error,
+    _choice_statistics, ability_summary, cluster_configs, evaluate_abilities, expected_calibration_error,
 )
+from rephelpers.views.charts import ability_chart
 from rephelpers.abilities.forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
 from rephelpers.perturbations.intervene import Intervention
 from rephelpers.abilities.lm_eval_model import PerturbedLM
@@ -341,7 +337,7 @@ def test_cluster_configs_pair_each_cluster_with_a_matched_control():
             assert len(iv.perturbation.dims) == len(r_k) and not set(iv.perturbation.dims) & r_k
         else:
             assert set(iv.perturbation.dims) == r_k
-    with pytest.raises(RephelpersError, match="no stage-03 subspace at layer 9"):
+    with pytest.raises(RephelpersError, match="no stage-03 cluster components at layer 9"):
         cluster_configs(subspaces, 9, 576)
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from rephelpers.views import charts
 from rephelpers.testbed import finetune as ft
 from rephelpers.testbed import groundtruth as gt
 from rephelpers.testbed import planted as P
@@ -283,7 +284,7 @@ def test_agreement_cells_recovery_and_false_positives(new_columns):
     assert summary["best_setting"].startswith("kind=a") and summary["diagonal_recovery"] == 1.0
     assert {"spearman_rho", "spearman_ci", "off_diagonal_false_positives"} <= set(summary)
     assert "Meets" in gt.headline(table.reset_index()) or "Falls short" in gt.headline(table.reset_index())
-    spec = gt.scatter_chart(cells).to_dict()
+    spec = charts.scatter_chart(cells).to_dict()
     assert "facet" in spec and all("data" not in layer for layer in spec["spec"]["layer"])  # each panel: its setting only
 
 

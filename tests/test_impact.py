@@ -78,6 +78,24 @@ def test_influence_matrix_averages_over_theta_and_controls():
     assert wide.loc[0, "code"] == pytest.approx(0.25) and list(wide.columns) == ["code", "math"]
 
 
+def test_phi_is_one_mean_over_configs_for_the_table_and_the_bootstrap():
+    # config_mean is the one definition of Φ's average: NaN configs left out, NaN if none is left.
+    rows = np.array([[0.2, np.nan, 0.4], [np.nan, np.nan, np.nan], [1.0, 2.0, 6.0]])
+    np.testing.assert_allclose(impact.config_mean(rows), [0.3, np.nan, 3.0])
+    np.testing.assert_allclose(impact.config_mean(rows, [2]), [0.4, np.nan, 6.0])
+    assert np.isnan(impact.config_mean(rows, [])).all()
+    # influence_matrix and control_draws agree with an independent pandas groupby mean
+    rng = np.random.default_rng(0)
+    a = impact.ais(tiny_scores())
+    a["ais"] = np.where(rng.random(len(a)) < 0.2, np.nan, rng.normal(size=len(a)))
+    phi = impact.influence_matrix(a).set_index(["cluster", "ability"])
+    expected = a[~a.control].groupby(["cluster", "ability"])["ais"].mean()
+    np.testing.assert_allclose(phi.loc[expected.index, "phi"], expected, rtol=1e-12)
+    draws = impact.control_draws(a).set_index(["cluster", "ability", "draw"])["phi_draw"]
+    expected = a[a.control].groupby(["cluster", "ability", "draw"])["ais"].mean()
+    np.testing.assert_allclose(draws.loc[expected.index], expected, rtol=1e-12)
+
+
 def test_zero_baseline_gives_nan_with_note_not_an_error():
     scores = tiny_scores()
     scores.loc[scores.task == "py", "score"] = 0.0  # M(f, code) = 0
@@ -193,7 +211,8 @@ def test_planted_influence_is_recovered():
 def test_ace_covariates_and_probe_accuracy():
     ace = impact.ace(tiny_scores())
     subspaces = [
-        {"layer": 15, "cluster": 0, "probe": {"accuracy": 0.9}, "selector_accuracy": None},
+        {"layer": 15, "cluster": 0, "probe": {"kind": "l2", "coef": [0.5, -1.0], "intercept": 0.1, "accuracy": 0.9},
+         "selector_accuracy": None},
         {"layer": 3, "cluster": 0, "probe": None, "selector_accuracy": 0.7},
     ]
     assert impact.probe_accuracy(subspaces) == {(15, 0): 0.9, (3, 0): 0.7}

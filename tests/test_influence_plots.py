@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rephelpers import explorers, plots
+from rephelpers.views import charts, explorers, render
 from rephelpers.influence import impact, stats
 
 
@@ -22,9 +22,9 @@ def table(scores) -> pd.DataFrame:
 
 
 def test_heatmap_frame_marks_significant_cells(table):
-    long = plots.phi_heatmap_frame(table, cluster_labels={0: "numbers"})
+    long = charts.phi_heatmap_frame(table, cluster_labels={0: "numbers"})
     assert len(long) == 3 * len(table)
-    phi_panel = long[long.panel == plots.PHI_PANELS[0][0]].set_index(["cluster", "ability"])
+    phi_panel = long[long.panel == charts.PHI_PANELS[0][0]].set_index(["cluster", "ability"])
     for row in table.itertuples(index=False):
         label = phi_panel.loc[(row.cluster, row.ability), "label"]
         assert label.endswith("*") == bool(row.significant)
@@ -33,22 +33,22 @@ def test_heatmap_frame_marks_significant_cells(table):
 
 
 def test_heatmap_has_a_shared_diverging_scale_centred_at_zero(table):
-    spec = plots.phi_heatmap(table).to_dict()
+    spec = charts.phi_heatmap(table).to_dict()
     assert len(spec["hconcat"]) == 3 and spec["resolve"]["scale"]["color"] == "shared"
     scale = spec["hconcat"][0]["layer"][0]["encoding"]["color"]["scale"]
     assert scale["domainMid"] == 0 and scale["domain"][0] == -scale["domain"][1]
-    assert len(plots.phi_heatmap(table, with_difference=False).to_dict()["hconcat"]) == 2
+    assert len(charts.phi_heatmap(table, with_difference=False).to_dict()["hconcat"]) == 2
 
 
 def test_dose_response_chart_facets_cluster_by_ability(scores):
-    spec = plots.dose_response_chart(impact.dose_response(scores)).to_dict()
+    spec = charts.dose_response_chart(impact.dose_response(scores)).to_dict()
     assert spec["facet"]["row"]["field"] == "cluster_label" and spec["facet"]["column"]["field"] == "ability"
 
 
 def test_report_is_self_contained_and_escaped(table, scores):
-    page = plots.html_report(
+    page = render.html_report(
         "Influence <test>",
-        [("Matrix", plots.phi_heatmap(table)), ("Table", table), ("Note", "a < b\nsecond line")],
+        [("Matrix", charts.phi_heatmap(table)), ("Table", table), ("Note", "a < b\nsecond line")],
         intro="run: x",
     )
     assert page.count("<svg") == 1 and "<script" not in page and "<link" not in page

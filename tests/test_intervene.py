@@ -6,7 +6,9 @@ import torch
 
 from rephelpers.representations.activations import pool
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import Intervention, eager_attention, forward_readout, run_logits, sequence_nll
+from rephelpers.perturbations.intervene import (
+    Intervention, eager_attention, forward_readout, run_logits, sequence_nll,
+)
 from rephelpers.perturbations.kinds import Ablate, Gradient, Leace, Noise, Project, Shift
 from rephelpers.perturbations.tokenkeys import token_keys
 

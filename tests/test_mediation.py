@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rephelpers.errors import RephelpersError
-from rephelpers.dimensions.mediation import mediation_by_cluster, mediation_chart, mediation_effects, reference_means
+from rephelpers.dimensions.mediation import mediation_by_cluster, mediation_effects, reference_means
+from rephelpers.views.charts import mediation_chart
 from rephelpers.representations.models import load_model, output_tensor, replace_output
 
 pytestmark = pytest.mark.model

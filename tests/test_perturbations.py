@@ -308,7 +308,7 @@ def test_each_kind_describes_itself_in_one_entry(subspace):
         assert isinstance(control, Perturbation) and control != target, name
     # a kind registered beside the built-in ones is built and controlled through the same entry
     extra = Kind("half_ablate", Ablate, "strength", "strength m/2", "R_k",
-                 lambda sub, m, seed: Ablate(dims=sub["dims"], strength=m / 2), KINDS["ablate"].control)
+                 lambda sub, m, seed: Ablate(dims=sub.dims, strength=m / 2), KINDS["ablate"].control)
     KINDS[extra.name] = extra
     try:
         assert build("half_ablate", subspace, 0.8).strength == 0.4
@@ -377,9 +377,9 @@ def test_build_without_statistics_uses_raw_magnitude():
 
 
 def test_build_errors(subspace):
-    with pytest.raises(RephelpersError, match="has no 'leace'.*fit_leace"):
+    with pytest.raises(RephelpersError, match="no 'leace'.*fit_leace"):
         build("leace", {k: v for k, v in subspace.items() if k != "leace"})
-    with pytest.raises(RephelpersError, match="has no 'probe'"):
+    with pytest.raises(RephelpersError, match="no 'probe'"):
         build("gradient", {**subspace, "probe": None})
     with pytest.raises(RephelpersError, match="R_k is empty"):
         build("ablate", {**subspace, "dims": []})

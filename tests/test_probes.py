@@ -12,7 +12,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from rephelpers.errors import RephelpersError
-from rephelpers.dimensions.probes import fit_probe, probe_accuracy_chart, probe_accuracy_curve, split_masks
+from rephelpers.dimensions.probes import fit_probe, probe_accuracy_curve, split_masks
+from rephelpers.views.charts import probe_accuracy_chart
 
 K, D = 3, 24
 PLANTED = {0: [2, 3], 1: [10, 11], 2: [17, 18]}

@@ -9,7 +9,7 @@ import altair as alt
 import pandas as pd
 import pytest
 
-from rephelpers import explorers, plots
+from rephelpers.views import explorers, render
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
 
@@ -35,16 +35,16 @@ def _chart() -> alt.Chart:
 def test_cluster_names_prefer_the_characterisation(run, tmp_path):
     # name, else the first three top terms, else the clustering's names; RunDir and paths alike
     expected = {0: "def, self, return", 1: "license, copyright, software", 2: "old name 2"}
-    assert plots.cluster_names(run) == expected
-    assert plots.cluster_names(tmp_path) == expected and plots.cluster_names(str(tmp_path)) == expected
-    assert plots.cluster_names(tmp_path / "elsewhere") == {}
+    assert render.cluster_names(run) == expected
+    assert render.cluster_names(tmp_path) == expected and render.cluster_names(str(tmp_path)) == expected
+    assert render.cluster_names(tmp_path / "elsewhere") == {}
     (tmp_path / "clusters.json").write_text("{broken")
     with pytest.raises(RephelpersError, match="re-run notebook 01"):
-        plots.cluster_names(tmp_path)
+        render.cluster_names(tmp_path)
 
 
 def test_save_chart_embeds_its_javascript_and_accepts_a_path(tmp_path):
-    files = plots.save_chart(_chart(), tmp_path, "bars")  # a Path's .root is "/": must not land there
+    files = render.save_chart(_chart(), tmp_path, "bars")  # a Path's .root is "/": must not land there
     assert files["html"] == tmp_path / "charts" / "bars.html" and files["png"].exists()
     html = files["html"].read_text()
     assert not re.search(r"<script[^>]+src=", html) and "cdn.jsdelivr" not in html
@@ -58,37 +58,37 @@ def _fake_kernel(monkeypatch, metadata):
 
     shell = types.SimpleNamespace(kernel=types.SimpleNamespace(get_parent=lambda: {"metadata": metadata}))
     monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
-    monkeypatch.setitem(plots._FRONTEND, "jupyterlab", False)
+    monkeypatch.setitem(render._FRONTEND, "jupyterlab", False)
 
 
 def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small(monkeypatch):
     assert alt.renderers.active == "rephelpers-offline"
     _fake_kernel(monkeypatch, {"cellId": "c1", "recordTiming": False, "deletedCells": []})  # what JupyterLab sends
     data, metadata = _chart().properties(title="t")._repr_mimebundle_()
-    assert set(data) == {plots.NOTEBOOK_MIMETYPE, "text/plain"}  # no text/html that would fetch vega from a CDN
-    assert data[plots.NOTEBOOK_MIMETYPE]["mark"]["type"] == "bar" and data["text/plain"] == "<altair chart: t>"
-    assert metadata[plots.NOTEBOOK_MIMETYPE]["embed_options"]["renderer"] == "svg"
+    assert set(data) == {render.NOTEBOOK_MIMETYPE, "text/plain"}  # no text/html that would fetch vega from a CDN
+    assert data[render.NOTEBOOK_MIMETYPE]["mark"]["type"] == "bar" and data["text/plain"] == "<altair chart: t>"
+    assert metadata[render.NOTEBOOK_MIMETYPE]["embed_options"]["renderer"] == "svg"
     assert len(json.dumps(data)) < 5_000  # the vega bundle never goes into a notebook
     # remembered for the kernel: an explorer redrawn from a widget message has no cell metadata
-    plots._FRONTEND["jupyterlab"] = True
+    render._FRONTEND["jupyterlab"] = True
     import IPython
 
     monkeypatch.setattr(IPython, "get_ipython", lambda: None)
-    assert plots.NOTEBOOK_MIMETYPE in _chart()._repr_mimebundle_()[0]
+    assert render.NOTEBOOK_MIMETYPE in _chart()._repr_mimebundle_()[0]
 
 
 def test_notebook_renderer_keeps_altairs_html_for_papermill_and_nbmake(monkeypatch):
     _fake_kernel(monkeypatch, {})  # nbclient sends no cell metadata
     bundle = _chart()._repr_mimebundle_()
     assert set(bundle) == {"text/html"} and "vegaEmbed" in bundle["text/html"]
-    assert plots._FRONTEND["jupyterlab"] is False
+    assert render._FRONTEND["jupyterlab"] is False
 
 
 def test_report_names_clusters_everywhere_and_links_chart_files(run):
     chart = _chart()
-    files = plots.save_chart(chart, run, "06_phi_heatmap")
+    files = render.save_chart(chart, run, "06_phi_heatmap")
     table = pd.DataFrame({"cluster": [0, 1, -1], "ability": ["code", "icl", "code"], "phi": [0.4, 0.1, 0.0]})
-    page = plots.html_report(
+    page = render.html_report(
         "R", [("Summary", "cluster 0 → code: Φ = +0.40.\ncluster 7 is unnamed"), ("Matrix", chart), ("Table", table)],
         intro="cluster 1 and cluster 10",
     )
@@ -107,14 +107,14 @@ def test_report_names_clusters_everywhere_and_links_chart_files(run):
 def test_report_takes_explicit_names_files_and_no_names(run, tmp_path):
     chart = _chart()
     table = pd.DataFrame({"cluster": [0], "phi": [0.4]})
-    other = plots.save_chart(_chart(), tmp_path / "elsewhere", "other")
-    page = plots.html_report("R", [("A", chart, other), ("T", table)], cluster_labels={0: "maths"}, base_dir=tmp_path)
+    other = render.save_chart(_chart(), tmp_path / "elsewhere", "other")
+    page = render.html_report("R", [("A", chart, other), ("T", table)], cluster_labels={0: "maths"}, base_dir=tmp_path)
     assert re.findall(r"href='([^']+)'", page) == ["elsewhere/charts/other.html", "elsewhere/charts/other.png"]
     assert "<td>maths</td>" in page
-    plain = plots.html_report("R", [("T", table), ("S", "cluster 0 → code")])  # no saved chart: no names
+    plain = render.html_report("R", [("T", table), ("S", "cluster 0 → code")])  # no saved chart: no names
     assert "cluster name" not in plain and "cluster 0 → code" in plain
     with pytest.raises(RephelpersError, match=r"\(heading, content\)"):
-        plots.html_report("R", [("only a heading",)])
+        render.html_report("R", [("only a heading",)])
 
 
 def test_item_explorer_names_its_cells():

@@ -10,19 +10,13 @@ from rephelpers.representations.activations import extract_activations
 from rephelpers.errors import RephelpersError
 from rephelpers.perturbations.intervene import perplexity, sequence_nll
 from rephelpers.abilities.evaluation import cluster_configs
-from rephelpers.explorers import specificity_explorer
+from rephelpers.views.explorers import specificity_explorer
 from rephelpers.perturbations.kinds import kinds, matched_control
 from rephelpers.perturbations.specificity import (
-    EDIT_TOLERANCE,
-    control_spectrum,
-    probe_balanced_accuracy,
-    probe_chart,
-    readout_layers,
-    repeated_controls,
-    sample_heldout,
-    specificity_chart,
-    specificity_report,
+    EDIT_TOLERANCE, control_spectrum, probe_balanced_accuracy, readout_layers, repeated_controls,
+    sample_heldout, specificity_report,
 )
+from rephelpers.views.charts import probe_chart, specificity_chart
 
 LAYER = 26
 TEXTS = {
@@ -196,13 +190,13 @@ def test_several_control_draws_are_independent_rows(model, documents, subspaces)
 
 @pytest.mark.model
 def test_errors_come_before_compute(model, documents, subspaces, activations):
-    with pytest.raises(RephelpersError, match="no subspace at layer 5"):
+    with pytest.raises(RephelpersError, match="no cluster components at layer 5"):
         specificity_report(model, documents, subspaces, "ablate", 5)
     with pytest.raises(RephelpersError, match=r"clusters \[7\]"):
         specificity_report(model, documents, subspaces, "ablate", LAYER, clusters=[7])
     with pytest.raises(RephelpersError, match="fitted eraser; pass probes="):
         specificity_report(model, documents, subspaces, "leace", LAYER)
-    with pytest.raises(RephelpersError, match="has no 'probe'"):
+    with pytest.raises(RephelpersError, match="no 'probe'"):
         specificity_report(model, documents, subspaces, "gradient", LAYER)
     with pytest.raises(RephelpersError, match="probes must be pooled"):
         specificity_report(model, documents, subspaces, "ablate", LAYER, probes=activations[:3])

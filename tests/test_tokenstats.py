@@ -132,16 +132,16 @@ def test_find_cluster_components_keeps_massive_dims_out_of_r_k(sink_corpus):
     _, kept = find_cluster_components(acts, c["labels"], c["split"], keep_massive=True,
                                       token_stats={2: c["stats"]}, **kwargs)
     _, default = find_cluster_components(acts, c["labels"], c["split"], token_stats={2: c["stats"]}, **kwargs)
-    assert 3 in kept[2]["dims"]  # cluster 2 has the largest sink value: dim 3 tops its raw S
+    assert 3 in kept[2].dims  # cluster 2 has the largest sink value: dim 3 tops its raw S
     for s in default:
-        assert s["massive_dims"] == [3] and 3 not in s["dims"] and s["keep_massive"] is False
-        assert 10 + s["cluster"] in s["dims"]
+        assert s.massive_dims == (3,) and 3 not in s.dims and s.keep_massive is False
+        assert 10 + s.cluster in s.dims
     train = c["split"] == "train"
     tokens = np.concatenate([h for h, t in zip(c["docs"], train) if t])
-    np.testing.assert_allclose(default[0]["token_rms"], np.sqrt((tokens**2).mean(0)))
+    np.testing.assert_allclose(default[0].token_rms, np.sqrt((tokens**2).mean(0)))
     # Without token statistics nothing is detected and token_rms is None.
     _, plain = find_cluster_components(acts, c["labels"], c["split"], **kwargs)
-    assert plain[0]["massive_dims"] == [] and plain[0]["token_rms"] is None
+    assert plain[0].massive_dims == () and plain[0].token_rms is None
 
 
 def test_token_level_scores_in_find_cluster_components(sink_corpus):
@@ -157,8 +157,8 @@ def test_token_level_scores_in_find_cluster_components(sink_corpus):
         expected = brute_force_token_scores(docs, c["labels"][train], k, standardize=True)
         got = dims[dims.cluster == k].sort_values("dim").score.to_numpy()
         np.testing.assert_allclose(got, expected, atol=1e-10)
-        assert subspaces[k]["token_level"] is True and subspaces[k]["dims"][0] == 10 + k
-    assert all(s["massive_dims"] == [3] and 3 not in s["dims"] for s in subspaces)
+        assert subspaces[k].token_level is True and subspaces[k].dims[0] == 10 + k
+    assert all(s.massive_dims == (3,) and 3 not in s.dims for s in subspaces)
 
 
 def test_massive_exclusion_edge_cases(sink_corpus):
@@ -168,7 +168,7 @@ def test_massive_exclusion_edge_cases(sink_corpus):
     with pytest.warns(UserWarning, match="fewer than top_k"):
         _, subspaces = find_cluster_components(acts, c["labels"], c["split"], top_k=24,
                                                token_stats={2: c["stats"]}, **base)
-    assert sorted(subspaces[0]["dims"]) == [i for i in range(24) if i != 3]
+    assert sorted(subspaces[0].dims) == [i for i in range(24) if i != 3]
     with pytest.raises(RephelpersError, match="selects no dimension"):
         find_cluster_components(acts, c["labels"], c["split"], tau=5.0, top_k=None,
                                 token_stats={2: c["stats"]}, **base)

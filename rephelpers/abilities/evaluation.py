@@ -26,14 +26,16 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .suite import TaskInfo
+from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 from ..perturbations.intervene import Intervention, interventions_to_json, validate
+from ..perturbations.kinds import build, matched_controls
+from ..progress import progress_bar
+from ..representations.models import Model
+from ..setting import Setting
 from .lm_eval_model import PerturbedLM, SweepLM
 from .lm_tasks import PreparedTasks, _quiet_lm_eval, prepare_tasks
-from ..representations.models import Model
-from ..progress import progress_bar
-from ..setting import Setting
+from .suite import TaskInfo
 
 ROW_COLUMNS = (
     "config_id", "task", "ability", "family", "item", "metric", "higher_is_better", "chance",
@@ -229,7 +231,7 @@ def evaluate_abilities(
 
 
 def cluster_configs(
-    subspaces: Sequence[Mapping[str, Any]],
+    components: Sequence[ClusterComponents],
     layer: int,
     d_model: int,
     kinds: str | Sequence[str] = "ablate",
@@ -242,7 +244,8 @@ def cluster_configs(
 ) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
     """The configs stage 05 evaluates, and their descriptors for the score rows.
 
-    For every stage-03 subspace at ``layer`` (one per cluster k), every kind and magnitude:
+    For stage 03's components of every cluster k at ``layer``
+    (:class:`~rephelpers.dimensions.components.ClusterComponents`), every kind and magnitude:
     ``P_{k,θ}`` from :func:`rephelpers.perturbations.kinds.build` and ``n_controls`` independent
     matched random controls from :func:`~rephelpers.perturbations.kinds.matched_controls` (draw j
     uses seed ``seed + j``), applied at ``(layer, component)``; plus the unperturbed
@@ -258,32 +261,31 @@ def cluster_configs(
     is one sample of the control distribution that stage 06 compares Φ with.
     ``spectrum`` is the layer's token spectrum the controls are matched with
     (:func:`rephelpers.perturbations.specificity.control_spectrum`, as stage 04 computes it; None: dimension
-    controls from the subspace's statistics, uniform project controls).
+    controls from the components' statistics, uniform project controls).
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; the config ids are
     the :class:`~rephelpers.setting.Setting` ids (``k{k}:{kind}:m{m}``, ``…:control``,
     ``…:control1``, … per draw, ``baseline``) and ``config_meta`` is each setting's
     :meth:`~rephelpers.setting.Setting.meta` (``draw`` 0 for the perturbation itself).
     """
-    from ..perturbations.kinds import build, matched_controls
-
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
-    here = [s for s in subspaces if s["layer"] == layer and s.get("component", component) == component]
+    components = [as_components(c) for c in components]
+    here = [c for c in components if c.layer == layer and c.component in (None, component)]
     require(
         len(here) > 0,
-        f"no stage-03 subspace at layer {layer} ({component}); it covered layers "
-        f"{sorted({s['layer'] for s in subspaces})}. Pick one of those as intervention_layer "
+        f"no stage-03 cluster components at layer {layer} ({component}); it covered layers "
+        f"{sorted({c.layer for c in components})}. Pick one of those as intervention_layer "
         "or add the layer to notebooks 02/03.",
     )
     baseline = Setting.baseline(layer, component, positions)
     configs: dict[str, list[Intervention]] = {baseline.id: []}
     meta: dict[str, dict[str, Any]] = {baseline.id: baseline.meta()}
-    for subspace in sorted(here, key=lambda s: s["cluster"]):
+    for cluster_components in sorted(here, key=lambda c: c.cluster):
         for kind in kinds:
             for m in magnitudes:
-                setting = Setting(int(subspace["cluster"]), kind, m, layer, component, positions)
-                controls = matched_controls(kind, dict(subspace), d_model, m, seed, n_controls, spectrum)
-                arms = [(setting, build(kind, dict(subspace), m, seed))]
+                setting = Setting(cluster_components.cluster, kind, m, layer, component, positions)
+                controls = matched_controls(kind, cluster_components, d_model, m, seed, n_controls, spectrum)
+                arms = [(setting, build(kind, cluster_components, m, seed))]
                 arms += [(setting.control_draw(draw), p) for draw, p in enumerate(controls)]
                 for arm, perturbation in arms:
                     configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
@@ -311,51 +313,6 @@ def ability_summary(scores: pd.DataFrame, by: Sequence[str] | None = None) -> pd
     out = per_item.groupby(keys, dropna=False)["score"].agg(["mean", "std", "count"]).reset_index()
     out["sem"] = out["std"].fillna(0.0) / np.sqrt(out["count"])
     return out.drop(columns="std").rename(columns={"count": "n"})
-
-
-def ability_chart(scores: pd.DataFrame, chance: Mapping[str, float] | None = None) -> Any:
-    """Bars: mean item score under each cluster's perturbation (red) and its matched random
-    control (grey), one column per ability and one row per setting θ = kind × magnitude;
-    whiskers ±1 s.e.m. over items; dashed line: the unperturbed model; dotted line: chance.
-
-    Several control draws of one θ are averaged item by item before the mean, so each
-    (cluster, arm, θ) is one bar and the s.e.m. is over items, not over item × draw.
-    """
-    import altair as alt
-
-    summary = ability_summary(scores, by=["cluster", "control", "kind", "magnitude", "ability"])
-    summary["arm"] = np.where(summary["control"], "matched control", "cluster perturbation")
-    summary["cluster_label"] = "k=" + summary["cluster"].astype(str)
-    summary["theta"] = summary["kind"].astype(str) + " × " + summary["magnitude"].map("{:g}".format)
-    summary["low"] = (summary["mean"] - summary["sem"]).clip(lower=0.0)
-    summary["high"] = (summary["mean"] + summary["sem"]).clip(upper=1.0)
-    base = summary[summary.cluster == -1].groupby("ability")["mean"].mean().rename("baseline").reset_index()
-    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left")
-    require(len(bars) > 0, "ability_chart: no perturbed config in scores (only the baseline).")
-    if chance:
-        bars["chance"] = bars["ability"].map(chance)
-    color = alt.Color("arm:N", scale=alt.Scale(domain=["cluster perturbation", "matched control"],
-                                                range=["#c0392b", "#95a5a6"]), title=None)
-    tooltip = ["ability", "cluster_label", "arm", "theta", alt.Tooltip("mean:Q", format=".3f"),
-               alt.Tooltip("baseline:Q", format=".3f"), "n"]
-    layer = alt.Chart().encode(x=alt.X("cluster_label:N", title="perturbed cluster"), xOffset="arm:N")
-    layers = [
-        layer.mark_bar().encode(
-            y=alt.Y("mean:Q", title="mean item score", scale=alt.Scale(domain=[0, 1]), stack=None),
-            color=color, tooltip=tooltip,
-        ),
-        layer.mark_rule().encode(y="low:Q", y2="high:Q"),
-        alt.Chart().mark_rule(strokeDash=[6, 3], color="black").encode(y="mean(baseline):Q"),
-    ]
-    if chance:
-        layers.append(alt.Chart().mark_rule(strokeDash=[2, 2], color="#7f8c8d").encode(y="mean(chance):Q"))
-    thetas = sorted(bars["theta"].unique(), key=lambda t: (t.split(" × ")[0], float(t.split(" × ")[1])))
-    return (
-        alt.layer(*layers, data=bars)
-        .properties(width=alt.Step(18), height=150)
-        .facet(column=alt.Column("ability:N", title=None), row=alt.Row("theta:N", title=None, sort=thetas))
-        .properties(title="Abilities under each cluster's perturbation (dashed: unperturbed, dotted: chance)")
-    )
 
 
 # -- calibration --------------------------------------------------------------------------------

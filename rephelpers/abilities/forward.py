@@ -21,10 +21,12 @@ import nnsight
 import torch
 
 from ..errors import require
-from ..perturbations.intervene import Intervention, apply_in_trace, first_identical, forward_order, needs_keys, perturb, validate
-from ..representations.models import Model, output_tensor, replace_output
-from ..progress import progress_bar
+from ..perturbations.intervene import (
+    Intervention, apply_in_trace, first_identical, forward_order, needs_keys, perturb, validate,
+)
 from ..perturbations.tokenkeys import TokenKeys, token_keys
+from ..progress import progress_bar
+from ..representations.models import Model, output_tensor, replace_output
 
 
 # lm-eval pads log-likelihood batches on the right with token id 0 (`pad_and_concat`).

@@ -19,11 +19,11 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import require
-from .forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
 from ..perturbations.intervene import Intervention, apply_in_trace, needs_keys, validate
-from .lm_tasks import _quiet_lm_eval
-from ..representations.models import Model
 from ..perturbations.tokenkeys import token_keys
+from ..representations.models import Model
+from .forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
+from .lm_tasks import _quiet_lm_eval
 
 
 class PerturbedLM(HFLM):

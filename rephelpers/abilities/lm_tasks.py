@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .suite import ABILITIES, TaskInfo, build_tasks
 from ..errors import RephelpersError, require
 from ..paths import cache_subdir
+from .suite import ABILITIES, TaskInfo, build_tasks
 
 
 @dataclass

@@ -29,8 +29,8 @@ import pandas as pd
 from scipy import sparse
 
 from ..artifacts import RunDir
-from .embeddings import DEFAULT_EMBEDDER, embed_texts, load_embedder
 from ..errors import RephelpersError, require
+from .embeddings import DEFAULT_EMBEDDER, embed_texts, load_embedder
 
 METHODS = ("kmeans", "domain", "bertopic", "lda")
 OUTLIER_MODES = ("reassign", "keep")
@@ -683,68 +683,6 @@ def project_2d(embeddings: np.ndarray, seed: int = 0, reducer: str = "umap", n_n
     require(n >= 4, f"a 2-D map needs at least 4 documents, got {n}")
     model = reduce_dimensions_model(reducer, n_components=2, n_documents=n, seed=seed, n_neighbors=n_neighbors)
     return np.asarray(model.fit_transform(np.asarray(embeddings, dtype=np.float32)))
-
-
-def _chart_frame(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
-    labels = np.asarray(labels, dtype=np.int64)
-    return pd.DataFrame({
-        "id": df["id"].astype(str).to_numpy(),
-        "domain": df["domain"].astype(str).to_numpy(),
-        "cluster": [f"{k}: {names[k]}" for k in labels],
-        "snippet": [" ".join(t.split())[:160] for t in df["text"].astype(str)],
-    })
-
-
-def cluster_domain_chart(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str]) -> Any:
-    """Stacked bars: documents per cluster, split by metadata domain."""
-    import altair as alt
-
-    counts = _chart_frame(df, labels, names).groupby(["cluster", "domain"]).size().reset_index(name="documents")
-    return alt.Chart(counts, title="Cluster sizes by domain").mark_bar().encode(
-        x=alt.X("cluster:N", sort=None, title="cluster", axis=alt.Axis(labelAngle=-30, labelLimit=180)),
-        y=alt.Y("documents:Q", title="documents"),
-        color=alt.Color("domain:N", title="domain"),
-        tooltip=["cluster", "domain", "documents"],
-    )
-
-
-def cluster_map_chart(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str], coordinates: np.ndarray) -> Any:
-    """Two linked 2-D scatters of the documents, coloured by cluster and by domain.
-
-    Hovering shows a text snippet; clicking a cluster in the legend highlights it in both.
-    """
-    import altair as alt
-
-    frame = _chart_frame(df, labels, names)
-    frame["x"], frame["y"] = np.asarray(coordinates)[:, 0], np.asarray(coordinates)[:, 1]
-    picked = alt.selection_point(fields=["cluster"], bind="legend")
-    base = alt.Chart(frame).mark_circle(size=40).encode(
-        x=alt.X("x:Q", title="UMAP 1", axis=alt.Axis(labels=False)),
-        y=alt.Y("y:Q", title="UMAP 2", axis=alt.Axis(labels=False)),
-        opacity=alt.condition(picked, alt.value(0.85), alt.value(0.1)),
-        tooltip=["id", "cluster", "domain", "snippet"],
-    ).properties(width=320, height=320)
-    by_cluster = base.encode(color=alt.Color("cluster:N", title="cluster")).add_params(picked).properties(title="coloured by cluster")
-    by_domain = base.encode(color=alt.Color("domain:N", title="domain")).properties(title="coloured by domain")
-    return alt.hconcat(by_cluster, by_domain).resolve_scale(color="independent")
-
-
-def contingency_chart(labels: Sequence[int], reference: Sequence[Any], names: Sequence[str]) -> Any:
-    """Heatmap of documents per (cluster, domain) with the counts written in the cells."""
-    import altair as alt
-
-    labels = np.asarray(labels, dtype=np.int64)
-    table = pd.crosstab(pd.Series([f"{k}: {names[k]}" for k in labels], name="cluster"), pd.Series(np.asarray(reference).astype(str), name="domain"))
-    cells = table.stack().reset_index(name="documents")
-    base = alt.Chart(cells, title="Clusters against domains").encode(
-        x=alt.X("domain:N", title="domain"), y=alt.Y("cluster:N", sort=None, title="cluster"),
-    )
-    heat = base.mark_rect().encode(color=alt.Color("documents:Q", scale=alt.Scale(scheme="blues")), tooltip=["cluster", "domain", "documents"])
-    text = base.mark_text(baseline="middle").encode(
-        text="documents:Q",
-        color=alt.condition(alt.datum.documents > float(cells["documents"].max()) / 2, alt.value("white"), alt.value("black")),
-    )
-    return heat + text
 
 
 # -- the interactive explorer ----------------------------------------------------------

@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from .loaders import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
-from ..errors import require
 from ..abilities.holdout import ABILITY_HOLDOUT_MODULES
+from ..errors import require
+from .loaders import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
 
 
 BUILTIN_DOMAINS = ("code", "docs", "legal", "markdown", "math")
@@ -539,7 +539,13 @@ _PROBLEMS = (_problem_shopping, _problem_travel, _problem_percent, _problem_shar
 
 
 def arithmetic_word_problem(rng: np.random.Generator) -> str:
-    """One word problem with a worked, step-by-step solution and its integer answer."""
+    """One word problem with a worked, step-by-step solution and its integer answer.
+
+    Deliberately not the ability suite's generator (``abilities.suite._word_problem``): the
+    corpus teaches worked solutions in these six templates, and the ``reasoning`` ability
+    asks short questions in eight others, so that ability measures transfer, not recall of
+    a corpus template. Merging the two would also change the pinned demo corpus.
+    """
     question, steps, answer = _PROBLEMS[int(rng.integers(len(_PROBLEMS)))](rng)
     return "\n".join([f"Problem: {question}", "Solution:", *steps, f"Answer: {answer}"])
 

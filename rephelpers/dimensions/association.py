@@ -16,7 +16,7 @@ the ``heldout`` rows.
 - :func:`nmf_patterns`: non-negative parts of the activations and which cluster uses them.
 - :func:`jaccard_matrix`: how much the clusters' R_k overlap.
 - :func:`find_cluster_components`: all of it per layer, the one call notebook 03 makes;
-  :func:`save_subspaces` / :func:`load_subspaces` / :func:`subspace_for` hand the result
+  :func:`save_components` / :func:`load_components` / :func:`components_for` hand the result
   to stages 04 and 05.
 
 Causal mediation (does a dimension *carry* the cluster's next-token computation?) is in
@@ -31,18 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import altair as alt
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import NMF
 
 from ..artifacts import RunDir
 from ..errors import RephelpersError, require
-from ..representations.models import COMPONENTS
 from ..perturbations.kinds import Leace
-from .probes import ProbeFit, fit_probe, split_masks
 from ..progress import progress_bar
-from ..representations.tokenstats import MASSIVE_THRESHOLD, TokenStats, massive_dimensions, token_mean_difference_scores
+from ..representations.models import COMPONENTS
+from ..representations.tokenstats import (
+    MASSIVE_THRESHOLD, TokenStats, massive_dimensions, token_mean_difference_scores,
+)
+from .components import ClusterComponents
+from .probes import ProbeFit, fit_probe, split_masks
 
 METHODS = ("mean_diff", "probe_l1", "probe_l2", "mlp")
 NONNEGATIVE = ("shift", "relu")
@@ -355,7 +357,7 @@ def find_cluster_components(
     token_level: bool = False,
     keep_massive: bool = False,
     massive_threshold: float = MASSIVE_THRESHOLD,
-) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+) -> tuple[pd.DataFrame, list[ClusterComponents]]:
     """Every cluster's dimensions R_k and subspace (v_k, V_k, probe) at every layer.
 
     All statistics use the ``train`` rows; probe accuracies the ``heldout`` rows.
@@ -369,17 +371,15 @@ def find_cluster_components(
     ``with_probe`` an L2 logistic probe is also fit for the non-linear-probe methods,
     so every subspace carries a linear read-out ``logit_k(h) = coef · h + intercept``
     (original activation space) for gradient-based perturbations. With ``with_leace``
-    each subspace also carries the LEACE eraser of "is in cluster k" fitted on the
-    training rows (``Leace.fit(X, y == k).to_dict()``, what the ``leace`` perturbation
-    reads), or None where the concept is not linearly present.
+    each cluster's components also carry the LEACE eraser of "is in cluster k" fitted on
+    the training rows (``Leace.fit(X, y == k)``, what the ``leace`` perturbation reads;
+    fitted here once), or None where the concept is not linearly present.
 
-    Returns ``(dimensions, subspaces)``. ``dimensions`` has one row per (layer, cluster,
+    Returns ``(dimensions, components)``. ``dimensions`` has one row per (layer, cluster,
     dim): ``score`` = S(i,k), ``probe_weight`` = w_{k,i} of the fitted probe (NaN without
-    one) and ``selected`` = i ∈ R_k. Each subspace is a JSON-ready dict with
-    ``layer, cluster, component, method, dims (R_k), direction (v_k), principal,
-    basis (V_k, rank × d), explained_variance, probe {kind, coef, intercept, accuracy}
-    or None, selector_accuracy, mean_in, mean_out, std, n_train, n_heldout, tau, top_k,
-    leace, massive_dims, token_rms, token_level, keep_massive``.
+    one) and ``selected`` = i ∈ R_k. ``components`` holds one
+    :class:`~rephelpers.dimensions.components.ClusterComponents` per (layer, cluster): R_k,
+    v_k, V_k and its spectrum, the probe, the eraser, the means and the token statistics.
 
     Attention-sink-aware options (they need ``token_stats``, stage 02's
     ``{layer: TokenStats}`` from :func:`rephelpers.representations.activations.load_token_stats`, rows in
@@ -455,7 +455,7 @@ def find_cluster_components(
         require(bool(heldout.any()), "probes need held-out documents, but no row has split == 'heldout'.")
 
     rows: list[pd.DataFrame] = []
-    subspaces: list[dict[str, Any]] = []
+    components: list[ClusterComponents] = []
     for layer in progress_bar(layers, desc="cluster components", disable=not progress, leave=False):
         X = matrices[layer]
         X_train, y_train = X[train], labels[train]
@@ -506,7 +506,7 @@ def find_cluster_components(
                 fit = fits[linear]
                 probe = {"kind": linear, "coef": fit.coef[k].tolist(), "intercept": float(fit.intercept[k]),
                          "accuracy": float(fit.accuracy[k])}
-            subspaces.append({
+            components.append(ClusterComponents.from_dict({
                 "layer": int(layer),
                 "cluster": k,
                 "component": component,
@@ -524,17 +524,17 @@ def find_cluster_components(
                 "token_rms": token_rms,
                 "token_level": bool(token_level),
                 "keep_massive": bool(keep_massive),
-            })
+            }))
     dimensions = pd.concat(rows, ignore_index=True)
     dimensions["layer"] = dimensions["layer"].astype(np.int64)
     dimensions["cluster"] = dimensions["cluster"].astype(np.int64)
-    return dimensions, subspaces
+    return dimensions, components
 
 
-def _leace_eraser(X: np.ndarray, concept: np.ndarray, layer: int, cluster: int) -> dict[str, Any] | None:
-    """``Leace.fit(X, concept).to_dict()``, or None (with a warning) when nothing is erasable."""
+def _leace_eraser(X: np.ndarray, concept: np.ndarray, layer: int, cluster: int) -> Leace | None:
+    """``Leace.fit(X, concept)``, or None (with a warning) when nothing is erasable."""
     try:
-        return Leace.fit(X, concept.astype(int)).to_dict()
+        return Leace.fit(X, concept.astype(int))
     except RephelpersError as err:
         # One cluster without a linear trace must not stop the stage; the leace
         # perturbation reports the missing eraser when it is asked for.
@@ -550,46 +550,57 @@ def _to_list(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def save_subspaces(run_dir: RunDir | str | Path, subspaces: Sequence[Mapping[str, Any]], key: str) -> Path:
-    """Write ``subspaces.json`` (``{"version": 1, "subspaces": [...]}``) into the run directory."""
-    require(len(subspaces) > 0, "save_subspaces: no subspaces to save.")
-    for entry in subspaces:
-        missing = [k for k in SUBSPACE_KEYS if k not in entry]
-        require(not missing, f"save_subspaces: an entry lacks {missing}; build entries with find_cluster_components.")
+def save_components(run_dir: RunDir | str | Path, components: Sequence[ClusterComponents], key: str) -> Path:
+    """Write ``subspaces.json`` (``{"version": 1, "subspaces": [c.to_dict(), ...]}``) into the run directory."""
+    require(len(components) > 0, "save_components: no cluster components to save.")
+    for entry in components:
+        require(
+            isinstance(entry, ClusterComponents),
+            f"save_components: got a {type(entry).__name__}; build entries with find_cluster_components.",
+        )
     text = json.dumps(
-        {"version": 1, "subspaces": list(subspaces)}, separators=(",", ":"), allow_nan=False, default=_to_list
+        {"version": 1, "subspaces": [c.to_dict() for c in components]}, separators=(",", ":"), allow_nan=False,
+        default=_to_list,
     )
     # Compact: with one line per number, the vectors (d floats each) would triple the file.
     return RunDir(run_dir).save(SUBSPACES, key, lambda path: path.write_text(text))
 
 
-def load_subspaces(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
-    """Read stage 03's ``subspaces.json`` back as a list of dicts."""
+def load_components(run_dir: RunDir | str | Path) -> list[ClusterComponents]:
+    """Read stage 03's ``subspaces.json`` back: one :class:`ClusterComponents` per (layer, cluster)."""
     data = RunDir(run_dir).load_json(SUBSPACES, stage="notebook 03_cluster_dimensions")
     entries = data.get("subspaces") if isinstance(data, dict) else None
     require(
         isinstance(entries, list) and all(isinstance(e, dict) for e in entries),
-        f"{SUBSPACES} does not hold a list of subspaces; delete it and re-run notebook 03.",
+        f"{SUBSPACES} does not hold a list of cluster components; delete it and re-run notebook 03.",
     )
-    return entries
+    loaded = []
+    for entry in entries:
+        missing = [k for k in SUBSPACE_KEYS if k not in entry]
+        require(not missing, f"{SUBSPACES}: an entry lacks {missing}; delete the file and re-run notebook 03.")
+        try:
+            loaded.append(ClusterComponents.from_dict(entry))
+        except (RephelpersError, TypeError, ValueError) as err:
+            raise RephelpersError(f"{SUBSPACES} is not readable ({err}); delete it and re-run notebook 03.") from None
+    return loaded
 
 
-def subspace_for(subspaces: Sequence[Mapping[str, Any]], layer: int, cluster: int) -> dict[str, Any]:
-    """The subspace entry of ``(layer, cluster)``, or an error listing what there is."""
-    found = [s for s in subspaces if s["layer"] == layer and s["cluster"] == cluster]
+def components_for(components: Sequence[ClusterComponents], layer: int, cluster: int) -> ClusterComponents:
+    """The components of ``(layer, cluster)``, or an error listing what there is."""
+    found = [c for c in components if c.layer == layer and c.cluster == cluster]
     if len(found) == 1:
-        return dict(found[0])
-    available = sorted({(s["layer"], s["cluster"]) for s in subspaces})
+        return found[0]
+    available = sorted({(c.layer, c.cluster) for c in components})
     layers = sorted({l for l, _ in available})
     clusters = sorted({c for _, c in available})
     require(
         len(found) == 0,
-        f"{len(found)} subspaces for layer {layer}, cluster {cluster}: the list mixes several "
+        f"{len(found)} entries for layer {layer}, cluster {cluster}: the list mixes several "
         "runs; filter it by `method` first.",
     )
     raise RephelpersError(
-        f"no subspace for layer {layer}, cluster {cluster}: stage 03 covered layers {layers} and "
-        f"clusters {clusters}. Pick one of those, or add the layer to notebook 02/03 and re-run them."
+        f"no cluster components for layer {layer}, cluster {cluster}: stage 03 covered layers {layers} "
+        f"and clusters {clusters}. Pick one of those, or add the layer to notebook 02/03 and re-run them."
     )
 
 
@@ -618,89 +629,15 @@ def top_dimensions(dimensions: pd.DataFrame, layer: int, per_cluster: int = 8) -
     return at[at.dim.isin(top.dim)].reset_index(drop=True)
 
 
-def score_heatmap_chart(dimensions: pd.DataFrame, layer: int, per_cluster: int = 8) -> alt.LayerChart:
-    """Clusters × top dimensions heatmap of S(i,k) at ``layer``; dots mark i ∈ R_k."""
-    data = top_dimensions(dimensions, layer, per_cluster)
-    order = data.sort_values(["cluster", "score"], ascending=[True, False]).drop_duplicates("dim").dim.tolist()
-    # A few "massive activation" dimensions can be 100× larger than the rest; clipping the
-    # colour scale at the 90th percentile of |S| keeps the others visible (tooltips are exact).
-    limit = float(np.quantile(np.abs(data.score), 0.9)) or 1.0
-    base = alt.Chart(data).encode(
-        x=alt.X("dim:O", sort=order, title="dimension"),
-        y=alt.Y("cluster:O", title="cluster"),
-    )
-    cells = base.mark_rect().encode(
-        color=alt.Color("score:Q", title="S(i,k)",
-                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], clamp=True)),
-        tooltip=["cluster", "dim", alt.Tooltip("score:Q", format=".3f"),
-                 alt.Tooltip("probe_weight:Q", format=".4f"), "selected"],
-    )
-    dots = base.transform_filter(alt.datum.selected).mark_circle(size=18, color="black")
-    return (cells + dots).properties(
-        title=f"Layer {layer}: S(i,k) of each cluster's top {per_cluster} dimensions (• = in R_k; colour clipped at ±{limit:.3g})",
-        width=max(300, 14 * len(order)), height=30 * data.cluster.nunique(),
-    )
-
-
-def overlap_chart(overlap: pd.DataFrame, columns: int = 5) -> alt.FacetChart:
-    """Jaccard(R_a, R_b) heatmaps, one panel per layer."""
-    base = alt.Chart().encode(x=alt.X("cluster_a:O", title="cluster"), y=alt.Y("cluster_b:O", title="cluster"))
-    cells = base.mark_rect().encode(
-        color=alt.Color("jaccard:Q", scale=alt.Scale(domain=[0, 1], scheme="blues"), title="Jaccard"),
-        tooltip=["layer", "cluster_a", "cluster_b", alt.Tooltip("jaccard:Q", format=".2f")],
-    )
-    text = base.mark_text(fontSize=9).encode(
-        text=alt.Text("jaccard:Q", format=".2f"),
-        color=alt.condition(alt.datum.jaccard > 0.5, alt.value("white"), alt.value("black")),
-    )
-    size = 22 * overlap.cluster_a.nunique()
-    return alt.layer(cells, text, data=overlap).properties(width=size, height=size).facet(
-        facet=alt.Facet("layer:O", title="layer"), columns=columns,
-        title="Overlap of the clusters' dimension sets R_k (Jaccard)",
-    )
-
-
-def explained_variance_frame(subspaces: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """``layer, cluster, component, ratio, cumulative`` from the subspaces' SVD spectra."""
+def explained_variance_frame(components: Sequence[ClusterComponents]) -> pd.DataFrame:
+    """``layer, cluster, component, ratio, cumulative`` from each cluster's SVD spectrum."""
     rows = []
-    for s in subspaces:
-        cumulative = np.cumsum(s["explained_variance"])
-        for j, (ratio, total) in enumerate(zip(s["explained_variance"], cumulative), start=1):
-            rows.append({"layer": s["layer"], "cluster": s["cluster"], "component": j,
-                         "ratio": ratio, "cumulative": float(total)})
+    for c in components:
+        ratios = c.need("explained_variance", "explained_variance_frame")
+        for j, (ratio, total) in enumerate(zip(ratios, np.cumsum(ratios)), start=1):
+            rows.append({"layer": c.layer, "cluster": c.cluster, "component": j,
+                         "ratio": float(ratio), "cumulative": float(total)})
     return pd.DataFrame(rows)
-
-
-def explained_variance_chart(spectra: pd.DataFrame, columns: int = 5) -> alt.FacetChart:
-    """Cumulative share of each cluster's variance captured by its first r principal directions."""
-    return alt.Chart(spectra).mark_line(point=True).encode(
-        x=alt.X("component:O", title="principal direction"),
-        y=alt.Y("cumulative:Q", title="cumulative explained variance", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("cluster:N"),
-        tooltip=["layer", "cluster", "component", alt.Tooltip("ratio:Q", format=".3f"),
-                 alt.Tooltip("cumulative:Q", format=".3f")],
-    ).properties(width=150, height=150).facet(
-        facet=alt.Facet("layer:O", title="layer"), columns=columns,
-        title="SVD of each cluster's centred activations: variance in V_k",
-    )
-
-
-def nmf_chart(patterns: NMFPatterns, layer: int) -> alt.Chart:
-    """Clusters × NMF components heatmap of the code mean-difference score."""
-    data = patterns.to_frame()
-    limit = float(np.abs(data.score).max()) or 1.0
-    return alt.Chart(data).mark_rect().encode(
-        x=alt.X("component:O", title="NMF component"),
-        y=alt.Y("cluster:O"),
-        color=alt.Color("score:Q", title="S on codes",
-                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit])),
-        tooltip=["cluster", "component", alt.Tooltip("score:Q", format=".3f")],
-    ).properties(
-        title=f"Layer {layer}: NMF ({patterns.nonnegative}"
-        f"{', standardised' if (patterns.scale != 1).any() else ''}) parts per cluster, "
-        f"relative reconstruction error {patterns.relative_error:.3f}",
-        width=22 * data.component.nunique(), height=30 * data.cluster.nunique(),
-    )
 
 
 __all__ = [
@@ -718,14 +655,10 @@ __all__ = [
     "cluster_subspace",
     "nmf_patterns",
     "find_cluster_components",
-    "save_subspaces",
-    "load_subspaces",
-    "subspace_for",
+    "save_components",
+    "load_components",
+    "components_for",
     "overlap_frame",
     "top_dimensions",
-    "score_heatmap_chart",
-    "overlap_chart",
     "explained_variance_frame",
-    "explained_variance_chart",
-    "nmf_chart",
 ]

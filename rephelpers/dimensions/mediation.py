@@ -20,16 +20,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import torch
 
+from .components import ClusterComponents, as_components
 from ..errors import require
 from ..perturbations.intervene import Intervention, sequence_nll
-from ..representations.models import Model, output_tensor
 from ..perturbations.kinds import Ablate
 from ..progress import progress_bar
+from ..representations.models import Model, output_tensor
 
 
 def reference_means(
@@ -119,7 +119,7 @@ def mediation_effects(
 def mediation_by_cluster(
     model: Model,
     documents: pd.DataFrame,
-    subspaces: Sequence[Mapping[str, Any]],
+    components: Sequence[ClusterComponents],
     layer: int,
     top_n: int = 8,
     n_texts: int = 8,
@@ -131,48 +131,35 @@ def mediation_by_cluster(
 
     Texts are the cluster's first ``n_texts`` *held-out* documents (the dimensions were
     chosen on training documents, so the test is not circular); μ^other is the
-    subspace's ``mean_out``. Returns the rows of every cluster with a ``cluster`` column.
+    components' ``mean_out``. Returns the rows of every cluster with a ``cluster`` column.
     """
     require(top_n >= 1 and n_texts >= 1, "top_n and n_texts must be ≥ 1.")
     missing = {"text", "cluster", "split"} - set(documents.columns)
     require(not missing, f"documents lack columns {sorted(missing)} (documents.parquet from notebook 01).")
-    at_layer = sorted((s for s in subspaces if s["layer"] == layer), key=lambda s: s["cluster"])
+    components = [as_components(c) for c in components]
+    at_layer = sorted((c for c in components if c.layer == layer), key=lambda c: c.cluster)
     require(
         bool(at_layer),
-        f"no subspaces at layer {layer}; stage 03 covered layers {sorted({s['layer'] for s in subspaces})}.",
+        f"no cluster components at layer {layer}; stage 03 covered layers {sorted({c.layer for c in components})}.",
     )
     model.check_layer(layer)
     texts = {}
-    for s in at_layer:
-        rows = documents[(documents.cluster == s["cluster"]) & (documents.split == "heldout")]
-        require(len(rows) > 0, f"cluster {s['cluster']} has no held-out documents to measure mediation on.")
-        texts[s["cluster"]] = rows.text.head(n_texts).tolist()
+    for c in at_layer:
+        rows = documents[(documents.cluster == c.cluster) & (documents.split == "heldout")]
+        require(len(rows) > 0, f"cluster {c.cluster} has no held-out documents to measure mediation on.")
+        texts[c.cluster] = rows.text.head(n_texts).tolist()
     frames = []
-    for s in progress_bar(at_layer, desc="clusters", disable=not progress, leave=False):
-        dims = s["dims"][:top_n]
+    for c in progress_bar(at_layer, desc="clusters", disable=not progress, leave=False):
+        dims = list(c.need("dims", "mediation")[:top_n])
+        mean_out = c.need("mean_out", "mediation")
+        component = c.component or "resid"
         effects = mediation_effects(
-            model, texts[s["cluster"]], None, layer, dims, s["component"],
-            values=[s["mean_out"][i] for i in dims], batch_size=batch_size, max_length=max_length,
+            model, texts[c.cluster], None, layer, dims, component,
+            values=[float(mean_out[i]) for i in dims], batch_size=batch_size, max_length=max_length,
             progress=progress,
         )
-        frames.append(effects.assign(cluster=s["cluster"], layer=layer, component=s["component"]))
+        frames.append(effects.assign(cluster=c.cluster, layer=layer, component=component))
     return pd.concat(frames, ignore_index=True)
 
 
-def mediation_chart(effects: pd.DataFrame) -> alt.FacetChart:
-    """Indirect effect of each candidate dimension, one panel per cluster, largest first."""
-    layer = int(effects.layer.iloc[0]) if "layer" in effects else None
-    bars = alt.Chart().mark_bar().encode(
-        x=alt.X("indirect_effect:Q", title="IE = ΔNLL per token"),
-        y=alt.Y("dim:N", sort="-x", title="dimension"),
-        color=alt.condition(alt.datum.indirect_effect > 0, alt.value("#c0392b"), alt.value("#7f8c8d")),
-        tooltip=["cluster", "dim", alt.Tooltip("value:Q", format=".3f"),
-                 alt.Tooltip("indirect_effect:Q", format=".4f"), "rank"],
-    ).properties(width=160, height=16 * int(effects.groupby("cluster").size().max()))
-    return alt.layer(bars, data=effects).facet(
-        facet=alt.Facet("cluster:O", title="cluster"), columns=5,
-        title=f"Causal mediation at layer {layer}: do(h_i = μ_i^other) on cluster texts",
-    ).resolve_scale(y="independent")
-
-
-__all__ = ["reference_means", "mediation_effects", "mediation_by_cluster", "mediation_chart"]
+__all__ = ["reference_means", "mediation_effects", "mediation_by_cluster"]

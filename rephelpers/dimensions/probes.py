@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import sklearn
@@ -233,24 +232,10 @@ def probe_accuracy_curve(
     return pd.DataFrame(rows)
 
 
-def probe_accuracy_chart(curve: pd.DataFrame, title: str = "Held-out probe accuracy per layer") -> alt.LayerChart:
-    """Accuracy-per-layer lines (one per probe kind) over a dashed chance line."""
-    lines = alt.Chart(curve).mark_line(point=True).encode(
-        x=alt.X("layer:O", title="layer"),
-        y=alt.Y("accuracy:Q", title="held-out accuracy (cluster prediction)", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("kind:N", title="probe"),
-        tooltip=["layer", "kind", alt.Tooltip("accuracy:Q", format=".3f"),
-                 alt.Tooltip("mean_binary_accuracy:Q", format=".3f")],
-    )
-    chance = alt.Chart(curve).mark_rule(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
-    return (lines + chance).properties(title=title, width=380, height=240)
-
-
 __all__ = [
     "PROBE_KINDS",
     "ProbeFit",
     "fit_probe",
     "split_masks",
     "probe_accuracy_curve",
-    "probe_accuracy_chart",
 ]

@@ -31,8 +31,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from . import impact, stats
 from ..errors import require
+from . import impact, stats
 
 DEFAULT_GRID = {"n_clusters": (3, 5, 8), "items": (20, 40), "baseline": (0.5, 0.8)}
 

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 from ..setting import BASELINE_CLUSTER, Setting
 
@@ -261,6 +262,29 @@ def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFram
     return out[columns].reset_index(drop=True)
 
 
+def config_mean(ais: np.ndarray, configs: np.ndarray | None = None) -> np.ndarray:
+    """Φ's average over configs: ``(1/|Θ'|) Σ_{θ∈Θ'} AIS(θ)``, one value per row of ``ais``.
+
+    ``ais [n, c]`` holds AIS per config in its columns (one row for the point estimate, one
+    per bootstrap replicate in :func:`rephelpers.influence.stats.bootstrap_ci`); ``configs``
+    picks the columns of Θ_k (default: all). Θ' is the configs whose AIS is defined (a
+    baseline of 0 leaves it undefined, NaN); a row with none left is NaN. This is the one
+    definition of Φ: :func:`influence_matrix`, :func:`control_draws` and the bootstrap use it.
+    """
+    ais = np.atleast_2d(np.asarray(ais, dtype=np.float64))
+    chosen = ais if configs is None else ais[:, np.asarray(configs, dtype=np.int64)]
+    if chosen.shape[1] == 0:
+        return np.full(ais.shape[0], np.nan)
+    count = np.sum(~np.isnan(chosen), axis=1)
+    total = np.nansum(chosen, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _config_mean_of(values: pd.Series) -> float:
+    return float(config_mean(values.to_numpy()[None, :])[0])
+
+
 def influence_matrix(ais_df: pd.DataFrame) -> pd.DataFrame:
     """The Data Influence Matrix, long form: one row per cluster × ability.
 
@@ -268,14 +292,14 @@ def influence_matrix(ais_df: pd.DataFrame) -> pd.DataFrame:
     (``phi``), the same mean over its random controls (``phi_control``), and
     ``phi_minus_control = Φ − Φ_control``: the effect beyond what perturbing as many
     random dimensions does. Configs with undefined AIS (baseline 0) are left out of the
-    mean; a cell with none left is NaN. ``delta``/``delta_control`` are the same means of
-    the absolute loss in score units (:func:`ais`).
+    mean; a cell with none left is NaN (:func:`config_mean`). ``delta``/``delta_control``
+    are the same means of the absolute loss in score units (:func:`ais`).
     """
     require("ais" in ais_df.columns, "influence_matrix expects the output of impact.ais(scores).")
     grouped = ais_df.groupby(["cluster", "ability", "control"])
-    means = grouped["ais"].mean().unstack("control")
+    means = grouped["ais"].agg(_config_mean_of).unstack("control")
     counts = grouped.size().unstack("control")
-    deltas = grouped["delta"].mean().unstack("control") if "delta" in ais_df.columns else None
+    deltas = grouped["delta"].agg(_config_mean_of).unstack("control") if "delta" in ais_df.columns else None
     out = pd.DataFrame(index=means.index)
     out["phi"] = means.get(False, np.nan)
     out["phi_control"] = means.get(True, np.nan)
@@ -297,7 +321,7 @@ def control_draws(ais_df: pd.DataFrame) -> pd.DataFrame:
     random edit of the same size does to ability a, the distribution Φ_{k,a} is judged against.
     """
     controls = ais_df[ais_df["control"].astype(bool)]
-    out = controls.groupby(["cluster", "ability", "draw"])["ais"].mean().rename("phi_draw").reset_index()
+    out = controls.groupby(["cluster", "ability", "draw"])["ais"].agg(_config_mean_of).rename("phi_draw").reset_index()
     return out.sort_values(["cluster", "ability", "draw"]).reset_index(drop=True)
 
 
@@ -389,17 +413,18 @@ def ace_covariates(
     return rows.reset_index(drop=True)
 
 
-def probe_accuracy(subspaces: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], float]:
-    """Held-out probe accuracy per ``(layer, cluster)`` from stage 03's ``subspaces.json`` entries.
+def probe_accuracy(components: Sequence[ClusterComponents]) -> dict[tuple[int, int], float]:
+    """Held-out probe accuracy per ``(layer, cluster)`` from stage 03's cluster components.
 
     The linear probe's accuracy where one was fit, else the selecting probe's
     (``selector_accuracy``); entries with neither are left out.
     """
     accuracy = {}
-    for entry in subspaces:
-        value = (entry.get("probe") or {}).get("accuracy", entry.get("selector_accuracy"))
+    for entry in map(as_components, components):
+        value = entry.probe.accuracy if entry.probe is not None else None
+        value = entry.selector_accuracy if value is None else value
         if value is not None:
-            accuracy[(int(entry["layer"]), int(entry["cluster"]))] = float(value)
+            accuracy[(entry.layer, entry.cluster)] = float(value)
     return accuracy
 
 

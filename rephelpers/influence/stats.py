@@ -42,6 +42,7 @@ from .impact import (
     FLOOR_MARGIN,
     ais,
     baseline_floor,
+    config_mean,
     control_draws,
     influence_matrix,
     item_matrix,
@@ -268,17 +269,6 @@ class BootstrapCI:
     phi: pd.DataFrame
 
 
-def _mean_rows(replicates: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """NaN-skipping mean of the selected config columns, NaN where none is defined."""
-    if len(rows) == 0:
-        return np.full(replicates.shape[0], np.nan)
-    chosen = replicates[:, rows]
-    count = np.sum(~np.isnan(chosen), axis=1)
-    total = np.nansum(chosen, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
 MAX_DROPPED = 0.01
 """A bootstrap interval is reported only if at most this share of its replicates is undefined."""
 
@@ -329,9 +319,9 @@ def bootstrap_ci(
         draw = table["draw"].to_numpy()
         for cluster in sorted(c for c in table["cluster"].unique() if c != BASELINE_CLUSTER):
             in_cluster = (table["cluster"] == cluster).to_numpy()
-            phi_star = _mean_rows(ais_star, np.flatnonzero(in_cluster & ~control))
+            phi_star = config_mean(ais_star, np.flatnonzero(in_cluster & ~control))
             draws = sorted(set(draw[in_cluster & control]))
-            per_draw = np.stack([_mean_rows(ais_star, np.flatnonzero(in_cluster & control & (draw == j)))
+            per_draw = np.stack([config_mean(ais_star, np.flatnonzero(in_cluster & control & (draw == j)))
                                  for j in draws], axis=1) if draws else np.full((len(phi_star), 1), np.nan)
             ctrl_star = np.nanmean(per_draw, axis=1) if draws else per_draw[:, 0]
             picks = draw_rng.integers(0, per_draw.shape[1], size=per_draw.shape)

@@ -23,11 +23,11 @@ from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
 import numpy as np
 import torch
 
-from ..representations.activations import pool
 from ..errors import require
+from ..progress import progress_bar
+from ..representations.activations import pool
 from ..representations.models import Model, output_tensor, replace_output
 from .kinds import Perturbation, perturbation_from_dict
-from ..progress import progress_bar
 from .tokenkeys import token_keys
 
 K = TypeVar("K", bound=Hashable)

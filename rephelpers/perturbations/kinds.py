@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 
+from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 
 _REGISTRY: dict[str, type["Perturbation"]] = {}
@@ -453,10 +454,10 @@ def registered_kinds() -> list[str]:
 class Kind:
     """One perturbation kind as the stages use it (one entry of :data:`KINDS`).
 
-    ``make(subspace, m, seed)`` builds the ``cls`` perturbation of one stage-03 subspace (a
+    ``make(components, m, seed)`` builds the ``cls`` perturbation of one stage-03 subspace (a
     cluster at a layer) at the unit-free magnitude m, scaled so that m = 1 is "full
     strength" (``scaling`` says what that is); ``magnitude_field`` is the field m sets.
-    ``control(target, subspace, d_model, rng, spectrum)`` draws the random perturbation of
+    ``control(target, components, d_model, rng, spectrum)`` draws the random perturbation of
     the same size that controls for it (:func:`matched_control`). ``acts_on`` names the
     cluster component it changes: ``"R_k"`` (stage 03's selected dimensions, so how they
     were selected decides what it touches) or its own (``"SVD V_k"``, ``"LEACE"``, ...).
@@ -470,91 +471,91 @@ class Kind:
     magnitude_field: str
     scaling: str
     acts_on: str
-    make: Callable[[dict[str, Any], float, int], Perturbation] = field(repr=False)
+    make: Callable[[ClusterComponents, float, int], Perturbation] = field(repr=False)
     control: Callable[..., Perturbation] = field(repr=False)
 
 
-def _make_ablate(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    return Ablate(dims=_dims(subspace, "ablate"), strength=m)
+def _make_ablate(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    return Ablate(dims=_dims(components, "ablate"), strength=m)
 
 
-def _make_mean_ablate(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    dims = _dims(subspace, "mean_ablate")
-    reference = np.asarray(_field(subspace, "mean_out", "mean_ablate"), dtype=np.float64)
+def _make_mean_ablate(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    dims = _dims(components, "mean_ablate")
+    reference = np.asarray(components.need("mean_out", "mean_ablate"), dtype=np.float64)
     return Ablate(dims=dims, values=reference[list(dims)], strength=m)
 
 
-def _make_noise(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    dims = _dims(subspace, "noise")
-    return Noise(dims=dims, sigma=m * _typical_std(subspace, dims), seed=seed)
+def _make_noise(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    dims = _dims(components, "noise")
+    return Noise(dims=dims, sigma=m * _typical_std(components, dims), seed=seed)
 
 
-def _make_shift(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    v = np.asarray(_field(subspace, "direction", "shift"), dtype=np.float64)
-    gap = _mean_gap(subspace, len(v))
+def _make_shift(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    v = np.asarray(components.need("direction", "shift"), dtype=np.float64)
+    gap = _mean_gap(components, len(v))
     return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
 
 
-def _make_project(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    return Project(basis=_field(subspace, "basis", "project"), strength=m)
+def _make_project(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    return Project(basis=components.need("basis", "project"), strength=m)
 
 
-def _make_leace(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    fitted = _field(subspace, "leace", "leace", hint="fit it with fit_leace(X, cluster == k).to_dict()")
-    return replace(_as_leace(fitted), strength=m)
+def _make_leace(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    fitted = components.need("leace", "leace", hint="fit it with fit_leace(X, cluster == k) in notebook 03")
+    return replace(fitted, strength=m)
 
 
-def _make_gradient(subspace: dict[str, Any], m: float, seed: int) -> Perturbation:
-    coef, intercept = _probe(subspace)
-    gap = _mean_gap(subspace, len(coef))
+def _make_gradient(components: ClusterComponents, m: float, seed: int) -> Perturbation:
+    coef, intercept = _probe(components)
+    gap = _mean_gap(components, len(coef))
     scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
     return Gradient(coef=coef, intercept=intercept, epsilon=m * scale)
 
 
 def _control_dims(kind: str) -> Callable[..., Perturbation]:
     """Partners of R_k from its magnitude strata (ablate, mean_ablate, noise; see :func:`matched_control`)."""
-    def control(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+    def control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                 spectrum: dict[str, Any] | None) -> Perturbation:
-        profile, source = control_profile(kind, subspace, d_model, spectrum)
-        massive = _massive_dims(subspace, spectrum, d_model)
+        profile, source = control_profile(kind, components, d_model, spectrum)
+        massive = _massive_dims(components, spectrum, d_model)
         dims, note = _matched_dims(rng, target.dims, profile, massive, d_model)
         matching = f"uniform{note}" if profile is None else f"{source} strata{note}"
         if isinstance(target, Noise):
             return Noise(dims=dims, sigma=target.sigma, seed=target.seed, matching=matching)
         values = None
         if target.values is not None:  # mean ablation: the control uses the same reference
-            values = np.asarray(_field(subspace, "mean_out", kind), dtype=np.float64)[list(dims)]
+            values = np.asarray(components.need("mean_out", kind), dtype=np.float64)[list(dims)]
         return Ablate(dims=dims, values=values, strength=target.strength, matching=matching)
     return control
 
 
-def _control_project(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+def _control_project(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                      spectrum: dict[str, Any] | None) -> Perturbation:
     spec = _check_spectrum(spectrum, d_model)
     if spec is None:
         q, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
         return Project(basis=q.T, strength=target.strength, matching="uniform (no spectrum)")
-    basis, note = _matched_basis(rng, target, spec, _massive_dims(subspace, spectrum, d_model))
+    basis, note = _matched_basis(rng, target, spec, _massive_dims(components, spectrum, d_model))
     return Project(basis=basis, strength=target.strength, matching=f"spectrum variance strata{note}")
 
 
-def _control_shift(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+def _control_shift(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                    spectrum: dict[str, Any] | None) -> Perturbation:
     v = rng.standard_normal(d_model)
     v *= np.linalg.norm(target.direction) / np.linalg.norm(v)
     return Shift(direction=v, alpha=target.alpha)
 
 
-def _control_gradient(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+def _control_gradient(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                       spectrum: dict[str, Any] | None) -> Perturbation:
     signs = rng.choice([-1.0, 1.0], size=d_model)
     return Shift(direction=signs, alpha=target.epsilon)
 
 
-def _control_leace(target: Any, subspace: dict[str, Any], d_model: int, rng: np.random.Generator,
+def _control_leace(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                    spectrum: dict[str, Any] | None) -> Perturbation:
-    spread = np.ones(d_model) if subspace.get("std") is None else np.asarray(subspace["std"], dtype=np.float64)
-    require(spread.shape == (d_model,), f"leace: subspace['std'] has shape {spread.shape}, expected ({d_model},)")
+    spread = np.ones(d_model) if components.std is None else np.asarray(components.std, dtype=np.float64)
+    require(spread.shape == (d_model,), f"leace: the components' std has shape {spread.shape}, expected ({d_model},)")
     gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
     u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
     return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
@@ -581,7 +582,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "mean direction", _make_shift, _control_shift),
     Kind("project", Project, "strength", "strength m on V_k (m = 1 removes it entirely)", "SVD V_k",
          _make_project, _control_project),
-    Kind("leace", Leace, "strength", "strength m on subspace['leace'] (m = 1 is full erasure)", "LEACE",
+    Kind("leace", Leace, "strength", "strength m on the fitted eraser (m = 1 is full erasure)", "LEACE",
          _make_leace, _control_leace),
     Kind("gradient", Gradient, "epsilon",
          "ε = m · |w·(μ_in − μ_out)| / ‖w‖₁: at m = 1 the step moves the probe's logit by the gap between "
@@ -604,18 +605,19 @@ def fit_leace(X: Any, y: Any, **options: Any) -> Leace:
     """Fit a :class:`Leace` eraser of labels ``y`` on ``X [n, d]`` (see :meth:`Leace.fit`).
 
     For cluster k's eraser pass one-vs-rest labels, ``y = (cluster == k)``; the result's
-    ``to_dict()`` is what ``build("leace", subspace)`` reads from ``subspace["leace"]``.
+    result is what ``build("leace", components)`` reads from ``components.leace``.
     """
     return Leace.fit(X, y, **options)
 
 
-def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int = 0) -> Perturbation:
-    """The ``kind`` perturbation of one stage-03 subspace (a cluster at a layer): ``KINDS[kind].make``.
+def build(kind: str, components: ClusterComponents, magnitude: float = 1.0, seed: int = 0) -> Perturbation:
+    """The ``kind`` perturbation of one cluster's components at a layer: ``KINDS[kind].make``.
 
-    ``subspace`` has the keys ``dims`` (R_k), ``direction`` (unit v_k), ``basis`` (rows of
-    V_k), ``probe`` (``{"coef", "intercept"}`` or None), ``mean_in``/``mean_out`` (mean
-    representation of cluster k / of the rest), ``std`` (per-dimension standard deviation)
-    and optionally ``leace`` (a fitted :class:`Leace` as ``to_dict()``).
+    ``components`` is stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
+    (or a dict of its fields): ``dims`` (R_k), ``direction`` (unit v_k), ``basis`` (rows of
+    V_k), ``probe``, ``mean_in``/``mean_out`` (mean representation of cluster k / of the
+    rest), ``std`` (per-dimension standard deviation) and ``leace`` (the fitted eraser).
+    A kind that needs a field the components lack says which.
 
     ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind
     (``KINDS[kind].scaling``):
@@ -625,7 +627,7 @@ def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int
     - ``noise``: ``σ = m · median_{i∈R_k} std_i``.
     - ``shift``: ``ĥ = h + α v_k`` with ``α = m · (μ_out − μ_in)·v_k``.
     - ``project``: strength m on V_k (m = 1 removes it entirely).
-    - ``leace``: strength m on ``subspace["leace"]`` (m = 1 is full erasure).
+    - ``leace``: strength m on ``components.leace`` (m = 1 is full erasure).
     - ``gradient``: ``ε = m · |w·(μ_in − μ_out)| / ‖w‖₁``.
 
     ``seed`` seeds the noise draw.
@@ -633,7 +635,7 @@ def build(kind: str, subspace: dict[str, Any], magnitude: float = 1.0, seed: int
     require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
     m = float(magnitude)
     require(math.isfinite(m), f"magnitude must be finite, got {magnitude}")
-    return KINDS[kind].make(subspace, m, seed)
+    return KINDS[kind].make(as_components(components), m, seed)
 
 
 MATCH_WINDOW = 1.25
@@ -649,7 +651,7 @@ MATCH_ACCEPT = 1.1
 taken; otherwise up to :data:`MATCH_TRIES` draws are made and the one closest to 1 is kept."""
 MATCH_TRIES = 32
 MASSIVE_RATIO = 100.0
-"""Without ``subspace["massive_dims"]``, a spectrum's dimensions with ``max_t |h_ti| / median_j |h_tj|``
+"""Without ``components.massive_dims``, a spectrum's dimensions with ``max_t |h_ti| / median_j |h_tj|``
 above this ratio count as massive (the definition of :mod:`rephelpers.representations.tokenstats`)."""
 _SPECTRUM_KEYS = ("eigenvalues", "eigenvectors", "mean", "rms", "ratio_max", "n_tokens")
 
@@ -690,19 +692,19 @@ def second_moment_spectrum(states: Any, source: str = "") -> dict[str, Any]:
 
 
 def control_profile(
-    kind: str, subspace: dict[str, Any], d_model: int, spectrum: dict[str, Any] | None = None
+    kind: str, components: ClusterComponents, d_model: int, spectrum: dict[str, Any] | None = None
 ) -> tuple[np.ndarray | None, str]:
     """Per-dimension magnitude that governs the edit of ``kind`` on that dimension, and its source.
 
     Dimension controls pair each i ∈ R_k with a dimension of similar profile:
 
     - ``ablate`` edits dimension i by ``|h_i|``: its root-mean-square over tokens,
-      ``subspace["token_rms"]`` (stage 03, over training tokens) or else the spectrum's
+      ``components.token_rms`` (stage 03, over training tokens) or else the spectrum's
       ``rms``; else, from the pooled statistics, ``√(μ_out,i² + std_i²)`` (RMS over
       documents of the pooled vector, with the rest's mean for the overall mean).
     - ``mean_ablate`` edits it by ``|h_i − μ_out,i|``: its spread about the reference,
       ``√E_t[(h_i − μ_out,i)²] = √(rms_i² − 2 μ_out,i m_i + μ_out,i²)`` from the spectrum
-      (or ``subspace["token_rms"]`` with ``subspace["token_mean"]``); else the pooled
+      (or ``components.token_rms`` with ``components.token_mean``); else the pooled
       ``std_i`` (the same formula over documents with the overall mean ≈ μ_out).
     - ``noise`` adds the same ``σ z`` whatever the dimensions, so its edit size is matched
       by construction; what differs is how large σ is next to a dimension's own spread, so
@@ -716,11 +718,12 @@ def control_profile(
         require(arr.shape == (d_model,), f"{kind}: {name} has {arr.size} entries, hidden size is {d_model}")
         return arr
 
+    components = as_components(components)
     spec = _check_spectrum(spectrum, d_model)
-    token_rms = None if subspace.get("token_rms") is None else vec(subspace["token_rms"], "token_rms")
-    token_mean = None if subspace.get("token_mean") is None else vec(subspace["token_mean"], "token_mean")
-    std = None if subspace.get("std") is None else vec(subspace["std"], "std")
-    mean_out = None if subspace.get("mean_out") is None else vec(subspace["mean_out"], "mean_out")
+    token_rms = None if components.token_rms is None else vec(components.token_rms, "token_rms")
+    token_mean = None if components.token_mean is None else vec(components.token_mean, "token_mean")
+    std = None if components.std is None else vec(components.std, "std")
+    mean_out = None if components.mean_out is None else vec(components.mean_out, "mean_out")
     moments = None
     if spec is not None:
         moments = (spec["rms"], spec["mean"], "spectrum")
@@ -752,13 +755,13 @@ def control_profile(
 
 def matched_control(
     kind: str,
-    subspace: dict[str, Any],
+    components: ClusterComponents,
     d_model: int,
     magnitude: float = 1.0,
     seed: int = 0,
     spectrum: dict[str, Any] | None = None,
 ) -> Perturbation:
-    """A random perturbation of the same size as ``build(kind, subspace, magnitude, seed)``.
+    """A random perturbation of the same size as ``build(kind, components, magnitude, seed)``.
 
     Size means the edit ``‖ĥ − h‖`` it makes on real states, not only its parameters:
     stage 03 selects R_k by raw S(i,k), which favours high-magnitude dimensions, and
@@ -774,7 +777,7 @@ def matched_control(
       neighbouring strata). R_k is paired from its largest dimension down (those have the
       fewest partners). Eligible: dimensions outside R_k (a control that reused R_k's
       dimensions would share the effect it controls for) and outside
-      ``subspace["massive_dims"]`` (never drawn; without that key, the spectrum's dimensions
+      ``components.massive_dims`` (never drawn; without that key, the spectrum's dimensions
       with ``ratio_max`` > :data:`MASSIVE_RATIO`). If fewer eligible dimensions exist than
       |R_k|, R_k's own become eligible too, then massive ones. Without any profile, the
       partners are drawn uniformly (the old behaviour).
@@ -793,7 +796,7 @@ def matched_control(
       the same L2 norm ``ε√d`` as the gradient-sign step).
     - ``leace``: the LEACE formula ``r(x) = x − m · Ŵ⁺ P' Ŵ (x − μ)`` about the same mean μ,
       with the whitening approximated by the per-dimension spread, ``Ŵ = diag(std)⁻¹``
-      (``subspace["std"]``; the identity without it), and ``P' = U'U'ᵀ`` the projection
+      (``components.std``; the identity without it), and ``P' = U'U'ᵀ`` the projection
       onto a random subspace of the same rank (QR of a Gaussian matrix). Like the fitted
       eraser, it is an oblique projection that removes rank-many coordinates of about unit
       variance each in standardised space (exactly 1 in expectation over U'). Rotating the
@@ -803,19 +806,20 @@ def matched_control(
     Ablate, noise and project controls say in ``matching`` (shown by ``describe()`` and
     kept in ``to_json()``) how they were drawn and the edit ratio the profile predicts,
     ``√(Σ profile²_control / Σ profile²_R_k)`` (captured second moments for project).
-    The draw is deterministic for ``(seed, subspace["layer"], subspace["cluster"])``, so
+    The draw is deterministic for ``(seed, components.layer, components.cluster)``, so
     each cluster's control is independent of the others'.
     """
     require(d_model >= 1, f"d_model must be positive, got {d_model}")
-    target = build(kind, subspace, magnitude, seed)
+    components = as_components(components)
+    target = build(kind, components, magnitude, seed)
     target.check(d_model)
-    rng = np.random.default_rng(_control_entropy(seed, subspace))
-    return KINDS[kind].control(target, subspace, d_model, rng, spectrum)
+    rng = np.random.default_rng(_control_entropy(seed, components))
+    return KINDS[kind].control(target, components, d_model, rng, spectrum)
 
 
 def matched_controls(
     kind: str,
-    subspace: dict[str, Any],
+    components: ClusterComponents,
     d_model: int,
     magnitude: float = 1.0,
     seed: int = 0,
@@ -831,7 +835,8 @@ def matched_controls(
         isinstance(n_controls, int) and not isinstance(n_controls, bool) and n_controls >= 1,
         f"n_controls must be a positive int (independent random-control draws), got {n_controls!r}",
     )
-    return [matched_control(kind, subspace, d_model, magnitude, seed + draw, spectrum) for draw in range(n_controls)]
+    components = as_components(components)
+    return [matched_control(kind, components, d_model, magnitude, seed + draw, spectrum) for draw in range(n_controls)]
 
 
 def _check_spectrum(spectrum: dict[str, Any] | None, d_model: int) -> dict[str, Any] | None:
@@ -850,9 +855,9 @@ def _check_spectrum(spectrum: dict[str, Any] | None, d_model: int) -> dict[str, 
     return out
 
 
-def _massive_dims(subspace: dict[str, Any], spectrum: dict[str, Any] | None, d_model: int) -> np.ndarray:
-    if subspace.get("massive_dims") is not None:
-        dims = np.asarray(subspace["massive_dims"], dtype=np.int64).reshape(-1)
+def _massive_dims(components: ClusterComponents, spectrum: dict[str, Any] | None, d_model: int) -> np.ndarray:
+    if components.massive_dims is not None:
+        dims = np.asarray(components.massive_dims, dtype=np.int64).reshape(-1)
     elif spectrum is not None:
         dims = np.flatnonzero(np.asarray(spectrum["ratio_max"], dtype=np.float64) > MASSIVE_RATIO)
     else:
@@ -1018,67 +1023,42 @@ def _matched_basis(
     return state[id(chosen)], f"{note}, predicted edit ratio {predicted:.3g}"
 
 
-def _field(subspace: dict[str, Any], key: str, kind: str, hint: str = "") -> Any:
-    value = subspace.get(key)
-    require(
-        value is not None,
-        f"{kind}: the subspace has no {key!r} (it has {sorted(k for k, v in subspace.items() if v is not None)})"
-        + (f"; {hint}" if hint else "; re-run notebook 03 or pick another perturbation kind."),
-    )
-    return value
-
-
-def _dims(subspace: dict[str, Any], kind: str) -> tuple[int, ...]:
-    dims = tuple(int(i) for i in np.asarray(_field(subspace, "dims", kind)).reshape(-1))
+def _dims(components: ClusterComponents, kind: str) -> tuple[int, ...]:
+    dims = components.need("dims", kind)
     require(len(dims) > 0, f"{kind}: R_k is empty for this cluster; lower τ or use top_k in notebook 03.")
     return dims
 
 
-def _typical_std(subspace: dict[str, Any], dims: tuple[int, ...]) -> float:
-    std = subspace.get("std")
+def _typical_std(components: ClusterComponents, dims: tuple[int, ...]) -> float:
+    std = components.std
     if std is None:
         return 1.0
-    std = np.asarray(std, dtype=np.float64).reshape(-1)
     if std.size == 1:
         return float(std[0])
     require(
         max(dims) < std.size,
-        f"noise: subspace['std'] has {std.size} entries but R_k reaches dimension {max(dims)}; "
+        f"noise: the components' std has {std.size} entries but R_k reaches dimension {max(dims)}; "
         "it must hold one standard deviation per hidden dimension.",
     )
     return float(np.median(std[list(dims)]))
 
 
-def _mean_gap(subspace: dict[str, Any], width: int) -> np.ndarray | None:
-    if subspace.get("mean_in") is None or subspace.get("mean_out") is None:
+def _mean_gap(components: ClusterComponents, width: int) -> np.ndarray | None:
+    if components.mean_in is None or components.mean_out is None:
         return None
-    gap = np.asarray(subspace["mean_in"], dtype=np.float64) - np.asarray(subspace["mean_out"], dtype=np.float64)
+    gap = components.mean_in - components.mean_out
     require(gap.shape == (width,), f"mean_in/mean_out have shape {gap.shape}, expected ({width},)")
     return gap
 
 
-def _probe(subspace: dict[str, Any]) -> tuple[np.ndarray, float]:
-    probe = _field(subspace, "probe", "gradient", hint="notebook 03 stores a probe per cluster")
-    require(
-        isinstance(probe, dict) and "coef" in probe,
-        f"gradient: subspace['probe'] must be a dict with 'coef' and 'intercept', got {type(probe).__name__}",
-    )
-    coef = np.asarray(probe["coef"], dtype=np.float64).reshape(-1)
-    require(bool(np.abs(coef).sum() > 0), "gradient: the probe coefficients are all zero")
-    return coef, float(probe.get("intercept", 0.0))
+def _probe(components: ClusterComponents) -> tuple[np.ndarray, float]:
+    probe = components.need("probe", "gradient", hint="notebook 03 stores a probe per cluster")
+    require(bool(np.abs(probe.coef).sum() > 0), "gradient: the probe coefficients are all zero")
+    return probe.coef, probe.intercept
 
 
-def _as_leace(fitted: Any) -> Leace:
-    if isinstance(fitted, Leace):
-        return fitted
-    require(isinstance(fitted, dict), f"leace: subspace['leace'] must be Leace.to_dict(), got {type(fitted).__name__}")
-    eraser = perturbation_from_dict({"kind": "leace", **fitted})
-    assert isinstance(eraser, Leace)
-    return eraser
-
-
-def _control_entropy(seed: int, subspace: dict[str, Any]) -> list[int]:
-    extra = [subspace.get("layer"), subspace.get("cluster")]
+def _control_entropy(seed: int, components: ClusterComponents) -> list[int]:
+    extra = [components.layer, components.cluster]
     return [int(seed)] + [int(x) for x in extra if isinstance(x, (int, np.integer)) and int(x) >= 0]
 
 

@@ -33,30 +33,26 @@ exceeds that on the rest and its target-minus-rest gap beats every control draw'
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import torch
 
-from ..representations.activations import load_activations
 from ..artifacts import RunDir, stable_hash
+from ..dimensions.components import ClusterComponents, as_components
 from ..errors import require
-from .intervene import (
-    Intervention, Readout, first_identical, forward_readout, perplexity, perturb, validate,
-)
+from ..representations.activations import load_activations
 from ..representations.models import Model, model_fingerprint, output_tensor
-
-try:  # token keys for perturbations that draw per-token noise
-    from .intervene import batch_keys
-except ImportError:  # pragma: no cover - older intervene without keyed noise
-    batch_keys = None
+from ..progress import progress_bar
+from ..setting import Setting
+from .intervene import (
+    Intervention, Readout, batch_keys, first_identical, forward_readout, perplexity, perturb, validate,
+)
 from .kinds import (
     KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
 )
-from ..progress import progress_bar
-from ..setting import Setting
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -139,7 +135,7 @@ def probe_balanced_accuracy(
 def specificity_report(
     model: Model,
     documents_df: pd.DataFrame,
-    subspaces: Sequence[Mapping[str, Any]],
+    components: Sequence[ClusterComponents],
     kind: str,
     layer: int,
     magnitude: float = 1.0,
@@ -165,7 +161,7 @@ def specificity_report(
     (:func:`rephelpers.perturbations.kinds.matched_control`): ``"auto"`` computes it with
     :func:`control_spectrum` from the training texts of ``documents_df`` (what stage 05
     does too, so both stages draw the same controls), a dict passes one in, and None draws
-    dimension controls from the subspace's own statistics and project controls uniformly.
+    dimension controls from the components' own statistics and project controls uniformly.
     ``edit_tolerance`` sets the ``edit_matched`` flag.
 
     ``n_controls`` independent random controls are drawn per cluster (draw j uses seed
@@ -173,12 +169,12 @@ def specificity_report(
     ``arm = "control"`` and ``draw = j`` (the perturbation's row has ``draw = 0``). The
     charts average the draws.
 
-    ``subspaces`` are stage 03's entries (``rephelpers.dimensions.association.load_subspaces``);
-    the ones at ``layer`` are used, for ``clusters`` (default: every cluster with a
-    subspace there). ``probes`` are pooled representations at ``layer`` for every row of
+    ``components`` are stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
+    (:func:`rephelpers.dimensions.association.load_components`); the ones at ``layer`` are
+    used, for ``clusters`` (default: every cluster with components there). ``probes`` are pooled representations at ``layer`` for every row of
     ``documents_df`` (stage 02's activations, :func:`probe_activations`): they give the
-    probe-accuracy columns (NaN without them) and fit the LEACE eraser of a subspace that
-    has none. The probe columns apply the perturbation to the pooled representation,
+    probe-accuracy columns (NaN without them) and fit the LEACE eraser of components that
+    have none. The probe columns apply the perturbation to the pooled representation,
     which equals perturbing every token and then pooling for the affine kinds (ablate,
     shift, project, leace, and gradient wherever its probe is not saturated).
 
@@ -192,15 +188,16 @@ def specificity_report(
     layer = model.check_layer(int(layer))
     model.check_component(component)
     documents = documents_df.reset_index(drop=True)
-    at_layer = {int(s["cluster"]): dict(s) for s in subspaces if int(s["layer"]) == layer}
+    components = [as_components(c) for c in components]
+    at_layer = {c.cluster: c for c in components if c.layer == layer}
     require(
         bool(at_layer),
-        f"no subspace at layer {layer}; stage 03 covered layers "
-        f"{sorted({int(s['layer']) for s in subspaces})}. Pick one of those or re-run notebooks 02/03.",
+        f"no cluster components at layer {layer}; stage 03 covered layers "
+        f"{sorted({c.layer for c in components})}. Pick one of those or re-run notebooks 02/03.",
     )
     clusters = sorted(at_layer) if clusters is None else [int(k) for k in clusters]
     absent = [k for k in clusters if k not in at_layer]
-    require(not absent, f"clusters {absent} have no subspace at layer {layer} (available: {sorted(at_layer)}).")
+    require(not absent, f"clusters {absent} have no components at layer {layer} (available: {sorted(at_layer)}).")
     if probes is not None:
         probes = np.asarray(probes, dtype=np.float64)
         require(
@@ -229,9 +226,9 @@ def specificity_report(
                 0 < int((in_train == k).sum()) < len(in_train),
                 f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
             )
-        subspace = _complete_subspace(at_layer[k], kind, k, documents, probes)
-        controls = matched_controls(kind, subspace, model.d_model, magnitude, seed, n_controls, spectrum)
-        arms = {("perturbation", 0): build(kind, subspace, magnitude, seed)}
+        cluster_components = _with_eraser(at_layer[k], kind, k, documents, probes)
+        controls = matched_controls(kind, cluster_components, model.d_model, magnitude, seed, n_controls, spectrum)
+        arms = {("perturbation", 0): build(kind, cluster_components, magnitude, seed)}
         arms |= {("control", draw): control for draw, control in enumerate(controls)}
         ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
         plans.append((k, target, rest, arms, ivs))
@@ -355,7 +352,7 @@ def edit_norms(
             tracer.stop()
         h = saved.float()
         mask = batch["attention_mask"].bool()
-        keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch) if batch_keys else None
+        keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch)
         for arm, ivs in arms.items():
             edited = h
             for iv in ivs:
@@ -442,20 +439,23 @@ def probe_activations(
     return acts[int(layer)][[row_of[d] for d in documents_df["id"]]]
 
 
-def _complete_subspace(
-    subspace: dict[str, Any], kind: str, cluster: int, documents: pd.DataFrame, probes: np.ndarray | None
-) -> dict[str, Any]:
-    """``subspace``, with a LEACE eraser of "is cluster k" fitted on the training rows if needed."""
-    if kind != "leace" or subspace.get("leace") is not None:
-        return subspace
+def _with_eraser(
+    components: ClusterComponents, kind: str, cluster: int, documents: pd.DataFrame, probes: np.ndarray | None
+) -> ClusterComponents:
+    """``components``, with a LEACE eraser of "is cluster k" fitted on the training rows if they lack one.
+
+    Stage 03 fits it (``with_leace=True``, the default); this is for components built without.
+    """
+    if kind != "leace" or components.leace is not None:
+        return components
     require(
         probes is not None,
-        f"leace: the subspace of cluster {cluster} has no fitted eraser; pass probes= (stage 02 "
+        f"leace: the components of cluster {cluster} have no fitted eraser; pass probes= (stage 02 "
         "activations at this layer) so that one is fitted on the training documents.",
     )
     train = (documents["split"] == "train").to_numpy()
     is_k = (documents["cluster"] == cluster).to_numpy()
-    return {**subspace, "leace": fit_leace(probes[train], is_k[train]).to_dict()}
+    return replace(components, leace=fit_leace(probes[train], is_k[train]))
 
 
 def _compare_passes(
@@ -580,55 +580,6 @@ def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
     return long.dropna(subset=["value"])
 
 
-def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.FacetChart:
-    """Bars of Δ log-perplexity, CKA (and attention JS) on target vs rest texts, perturbation
-    vs its random control (the mean over control draws), one column per cluster."""
-    long = specificity_long(report)
-    require(len(long) > 0, "specificity_chart: the report is empty.")
-    kinds = ", ".join(sorted(report["kind"].unique()))
-    chart = (
-        alt.Chart(long)
-        .mark_bar()
-        .encode(
-            x=alt.X("set:N", title=None, sort=list(SETS)),
-            xOffset=alt.XOffset("arm:N", sort=list(ARMS)),
-            y=alt.Y("mean(value):Q", title=None),
-            color=alt.Color("arm:N", sort=list(ARMS), scale=alt.Scale(range=["#d62728", "#7f7f7f"])),
-            tooltip=["cluster", "arm", "set", "metric", alt.Tooltip("mean(value):Q", format=".4f"),
-                     alt.Tooltip("count():Q", title="draws"), "magnitude"],
-        )
-        .properties(width=90, height=140)
-        .facet(row=alt.Row("metric:N", title=None, sort=list(_METRICS.values())),
-               column=alt.Column("cluster:N", title="cluster"))
-        .resolve_scale(y="independent")
-        .properties(title=title or f"Specificity of {kinds} at layer {int(report['layer'].iloc[0])}")
-    )
-    return chart
-
-
-def probe_chart(report: pd.DataFrame) -> alt.Chart:
-    """Balanced accuracy of a fresh probe for each cluster before and after each arm (0.5 = chance)."""
-    rows = report.dropna(subset=["probe_bacc_after"])
-    require(len(rows) > 0, "probe_chart: no probe columns (pass probes= to specificity_report).")
-    before = rows.drop_duplicates("cluster").assign(arm="original", bacc=lambda d: d["probe_bacc_before"])
-    after = rows.assign(bacc=rows["probe_bacc_after"])
-    frame = pd.concat([before, after])[["cluster", "arm", "bacc", "kind"]]
-    bars = (
-        alt.Chart(frame)
-        .mark_bar()
-        .encode(
-            x=alt.X("cluster:N"),
-            xOffset=alt.XOffset("arm:N", sort=["original", *ARMS]),
-            y=alt.Y("mean(bacc):Q", title="probe balanced accuracy", scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color("arm:N", sort=["original", *ARMS],
-                            scale=alt.Scale(range=["#1f77b4", "#d62728", "#7f7f7f"])),
-            tooltip=["cluster", "arm", alt.Tooltip("mean(bacc):Q", format=".3f")],
-        )
-    )
-    chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
-    return (bars + chance).properties(width=320, height=180, title="Is cluster k still linearly readable?")
-
-
 __all__ = [
     "SPECIFICITY",
     "sample_heldout",
@@ -641,6 +592,4 @@ __all__ = [
     "control_spectrum",
     "EDIT_TOLERANCE",
     "specificity_long",
-    "specificity_chart",
-    "probe_chart",
 ]

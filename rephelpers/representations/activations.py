@@ -34,9 +34,9 @@ import torch
 
 from ..artifacts import RunDir, stable_hash
 from ..errors import RephelpersError, require
-from .models import Model, model_fingerprint, output_tensor
 from ..paths import cache_subdir
 from ..progress import progress_bar
+from .models import Model, model_fingerprint, output_tensor
 from .tokenstats import TokenStats, batch_token_stats, kept_mask, merge_batches
 
 POOLINGS = ("mean", "last")
@@ -331,18 +331,3 @@ def pca_2d(X: np.ndarray) -> np.ndarray:
     return u[:, :2] * s[:2]
 
 
-def pca_chart(docs, X: np.ndarray, title: str):
-    """Altair scatter of the 2-D PCA of pooled representations, coloured by cluster."""
-    import altair as alt
-
-    xy = pca_2d(X)
-    frame = docs[["id", "domain", "cluster"]].assign(
-        pc1=xy[:, 0], pc2=xy[:, 1], snippet=docs["text"].str.slice(0, 80)
-    )
-    return (
-        alt.Chart(frame)
-        .mark_circle(size=30, opacity=0.7)
-        .encode(x="pc1:Q", y="pc2:Q", color="cluster:N", shape="domain:N",
-                tooltip=["id", "domain", "cluster", "snippet"])
-        .properties(title=title, width=420, height=320)
-    )

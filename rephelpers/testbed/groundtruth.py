@@ -686,68 +686,6 @@ def headline(per_setting: pd.DataFrame, target_rho: float = 0.7) -> str:
     )
 
 
-def scatter_chart(cells: pd.DataFrame) -> Any:
-    """Φ (chain) against Φ* (fine-tunes), one point per cell, a panel per setting; diagonal cells filled."""
-    import altair as alt
-
-    data = cells.assign(cell=cells["planted"] + " → " + cells["ability"],
-                        kind=np.where(cells["diagonal"], "own skill (diagonal)", "other skill"))
-    # Layers without data of their own, so that the facet splits every layer by setting.
-    x_title = "Φ* (leave-cluster-out fine-tuning)"
-    base = alt.Chart().encode(
-        x=alt.X("phi_star:Q", title=x_title),
-        y=alt.Y("phi:Q", title="Φ (representation perturbation)"),
-    )
-    points = base.mark_point(size=70, filled=True).encode(
-        color=alt.Color("planted:N", title="planted cluster"),
-        shape=alt.Shape("kind:N", title="cell"),
-        tooltip=["setting", "cell", alt.Tooltip("phi:Q", format="+.3f"), alt.Tooltip("phi_star:Q", format="+.3f"),
-                 "exceeds", "flagged", "null"],
-    )
-    errors = base.mark_errorbar(opacity=0.5).encode(x=alt.X("phi_star_low:Q", title=x_title), x2="phi_star_high:Q",
-                                                    color="planted:N")
-    zero = alt.Chart().mark_rule(strokeDash=[3, 3], color="grey").encode(y=alt.datum(0))
-    return (
-        alt.layer(errors, points, zero, data=data)
-        .properties(width=220, height=200)
-        .facet(facet=alt.Facet("setting:N", title=None), columns=3)
-        .properties(title="Does Φ from perturbing representations track Φ* from leaving the cluster out?")
-    )
-
-
-def scores_chart(scores: pd.DataFrame, chance: float = 0.25) -> Any:
-    """Mean planted-ability score of f_all and each f_{−p} (bars; ± s.e. over items and seeds) and chance."""
-    import altair as alt
-
-    summary = scores.groupby(["model", "ability"])["score"].agg(["mean", "sem"]).reset_index()
-    summary["low"], summary["high"] = summary["mean"] - summary["sem"], summary["mean"] + summary["sem"]
-    bars = alt.Chart(summary).mark_bar().encode(
-        x=alt.X("model:N", title=None), y=alt.Y("mean:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("model:N", legend=None),
-    )
-    err = alt.Chart(summary).mark_errorbar().encode(x="model:N", y="low:Q", y2="high:Q")
-    rule = alt.Chart(pd.DataFrame({"chance": [chance]})).mark_rule(strokeDash=[4, 4]).encode(y="chance:Q")
-    return (alt.layer(bars, err, rule).properties(width=160, height=180)
-            .facet(column=alt.Column("ability:N", title=None), data=summary)
-            .properties(title="Planted abilities with and without their cluster (dashed: chance)"))
-
-
-def loss_chart(runs: pd.DataFrame, cache: Path) -> Any:
-    """Training loss per step of every fine-tune (a 10-step moving average)."""
-    import altair as alt
-
-    frames = []
-    for row in runs.itertuples(index=False):
-        meta = json.loads((Path(cache) / row.key / "meta.json").read_text())
-        loss = pd.Series(meta["losses"]).rolling(10, min_periods=1).mean()
-        frames.append(pd.DataFrame({"step": np.arange(1, len(loss) + 1), "loss": loss,
-                                    "model": row.model, "seed": row.seed}))
-    data = pd.concat(frames, ignore_index=True)
-    return alt.Chart(data).mark_line().encode(
-        x="step:Q", y=alt.Y("loss:Q", title="next-token loss (nats)"), color="model:N", detail="seed:N",
-    ).properties(width=420, height=200, title="Fine-tuning loss (10-step moving average)")
-
-
 def check_abilities(abilities: Sequence[str]) -> list[str]:
     """``abilities`` as a list, if every name is an ability of the suite; else a clear error."""
     unknown = [a for a in abilities if a not in ABILITIES]

@@ -25,11 +25,10 @@ import re
 from typing import Any, Mapping, Sequence
 
 import altair as alt
-import numpy as np
 import pandas as pd
 
-from .artifacts import RunDir
-from .errors import RephelpersError
+from ..artifacts import RunDir
+from ..errors import RephelpersError
 
 alt.data_transformers.disable_max_rows()
 
@@ -101,7 +100,7 @@ def _vega_bundle_path() -> Path:
     import vl_convert
     from altair.utils._importers import vl_version_for_vl_convert
 
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     version = vl_version_for_vl_convert()
     path = cache_dir() / f"vega-bundle-{vl_convert.__version__}-{version}.js"
@@ -234,147 +233,6 @@ def _name_clusters_in_table(table: pd.DataFrame, cluster_labels: Mapping[int, st
 def cluster_label(cluster: int, cluster_labels: Mapping[int, str] | None) -> str:
     name = (cluster_labels or {}).get(int(cluster))
     return f"{int(cluster)}: {name}" if name else f"cluster {int(cluster)}"
-
-
-def _symmetric_limit(*columns: pd.Series) -> float:
-    """Half-width of a colour domain centred at 0 that holds every finite value (at least 0.05)."""
-    values = pd.concat(columns).to_numpy(dtype=float)
-    values = values[np.isfinite(values)]
-    return float(max(0.05, np.abs(values).max() if len(values) else 0.0))
-
-
-PHI_PANELS = (
-    # (panel title, estimate column, CI prefix, adjusted p column, significance column)
-    ("Φ: cluster perturbation", "phi", "phi", "p_adjusted", "significant"),
-    ("Φ_control: random dimensions", "phi_control", "phi_control", "p_control_adjusted", "control_significant"),
-    ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_controls_adjusted", "exceeds_controls"),
-)
-
-
-def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None) -> pd.DataFrame:
-    """The influence table in long form for :func:`phi_heatmap`: one row per panel × cluster × ability."""
-    frames = []
-    for panel, value, ci, p_adj, flag in PHI_PANELS:
-        part = table[["cluster", "ability", "n_items", "baseline_score"]].copy()
-        part["panel"] = panel
-        part["value"] = table[value]
-        part["low"], part["high"] = table[f"{ci}_low"], table[f"{ci}_high"]
-        part["p_adjusted"] = table[p_adj]
-        part["significant"] = table[flag].fillna(False).astype(bool)
-        frames.append(part)
-    long = pd.concat(frames, ignore_index=True)
-    long["cluster_label"] = [cluster_label(k, cluster_labels) for k in long["cluster"]]
-    long["ci"] = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(long["low"], long["high"])]
-    long["label"] = [
-        "n/a" if not np.isfinite(v) else f"{v:+.2f}" + ("*" if s else "")
-        for v, s in zip(long["value"], long["significant"])
-    ]
-    return long
-
-
-def phi_heatmap(
-    table: pd.DataFrame,
-    cluster_labels: Mapping[int, str] | None = None,
-    with_difference: bool = True,
-    cell_size: int = 56,
-) -> alt.HConcatChart:
-    """Φ (clusters × abilities) beside the random-control Φ (and Φ − Φ_control).
-
-    ``table`` is :func:`rephelpers.influence.stats.influence_table`. One diverging colour scale,
-    centred at 0 and shared by the panels (red = the ability got worse, blue = better);
-    each cell shows its value with ``*`` where the adjusted p-value is below α; the
-    tooltip carries the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
-    """
-    long = phi_heatmap_frame(table, cluster_labels)
-    panels = [p[0] for p in PHI_PANELS[: 3 if with_difference else 2]]
-    long = long[long["panel"].isin(panels)]
-    limit = _symmetric_limit(long["value"])
-    colour = alt.Color(
-        "value:Q", title="Φ (relative loss)",
-        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0),
-    )
-    clusters = sorted(long["cluster_label"].unique(), key=lambda s: long.loc[long.cluster_label == s, "cluster"].iloc[0])
-    tooltip = [
-        alt.Tooltip("cluster_label:N", title="cluster"), alt.Tooltip("ability:N"),
-        alt.Tooltip("value:Q", title="estimate", format="+.3f"), alt.Tooltip("ci:N", title="bootstrap CI"),
-        alt.Tooltip("p_adjusted:Q", title="adjusted p", format=".3g"),
-        alt.Tooltip("baseline_score:Q", title="M(f, a)", format=".3f"), alt.Tooltip("n_items:Q", title="items"),
-    ]
-    charts = []
-    for panel in panels:
-        base = alt.Chart(long[long["panel"] == panel]).encode(
-            x=alt.X("ability:N", title="ability", axis=alt.Axis(labelAngle=-30)),
-            y=alt.Y("cluster_label:N", title="cluster", sort=clusters),
-        )
-        cells = base.mark_rect(stroke="white").encode(color=colour, tooltip=tooltip)
-        text = base.mark_text(fontSize=12).encode(
-            text="label:N",
-            color=alt.condition(f"abs(datum.value) > {0.6 * limit}", alt.value("white"), alt.value("black")),
-            tooltip=tooltip,
-        )
-        charts.append((cells + text).properties(
-            title=panel, width=cell_size * long["ability"].nunique(), height=cell_size * len(clusters)
-        ))
-    alpha = table["alpha"].iloc[0] if "alpha" in table else None
-    note = f"* adjusted p < {alpha:g} ({table['correction'].iloc[0]})" if alpha is not None else ""
-    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
-        title=alt.TitleParams("Data Influence Matrix", subtitle=[note] if note else [])
-    )
-
-
-def dose_response_chart(
-    dose: pd.DataFrame,
-    cluster_labels: Mapping[int, str] | None = None,
-    magnitude_col: str = "magnitude",
-    width: int = 150,
-    height: int = 110,
-) -> alt.FacetChart:
-    """Small multiples of ability score against perturbation magnitude.
-
-    ``dose`` is :func:`rephelpers.influence.impact.dose_response` (with the same ``magnitude_col``).
-    Rows = cluster, columns = ability;
-    the perturbation (red) and its matched random control (grey) as lines, the
-    unperturbed ``M(f, a)`` as a dashed rule. A dose-response relation shows as the red
-    line falling away from the rule while the grey one stays on it.
-    """
-    data = dose.copy()
-    data["cluster_label"] = [cluster_label(k, cluster_labels) for k in data["cluster"]]
-    data["site"] = [f"{kind} @ L{layer}" for kind, layer in zip(data["kind"], data["layer"])]
-    clusters = sorted(data["cluster_label"].unique(), key=lambda s: data.loc[data.cluster_label == s, "cluster"].iloc[0])
-    arm = alt.Color("arm:N", title=None, scale=alt.Scale(domain=["perturbation", "control"], range=["#c0392b", "#8c8c8c"]))
-    lines = alt.Chart().mark_line(point=True).encode(
-        x=alt.X(f"{magnitude_col}:Q", title=magnitude_col),
-        y=alt.Y("score:Q", title="ability score"),
-        color=arm,
-        strokeDash=alt.StrokeDash("site:N", title="kind @ layer"),
-        detail="site:N",
-        tooltip=["arm:N", "site:N", alt.Tooltip(f"{magnitude_col}:Q"), alt.Tooltip("score:Q", format=".3f"),
-                 alt.Tooltip("ais:Q", title="AIS", format="+.3f"), alt.Tooltip("baseline_score:Q", format=".3f")],
-    )
-    baseline = alt.Chart().mark_rule(strokeDash=[4, 3], color="black", opacity=0.6).encode(y="mean(baseline_score):Q")
-    return alt.layer(lines, baseline, data=data).properties(width=width, height=height).facet(
-        row=alt.Row("cluster_label:N", title=None, sort=clusters),
-        column=alt.Column("ability:N", title=None),
-    ).properties(title="Dose-response: ability score vs perturbation magnitude (dashed: unperturbed)")
-
-
-def baseline_chart(ability_table: pd.DataFrame) -> alt.LayerChart:
-    """Bar chart of the unperturbed model's ability scores ``M(f, a)``.
-
-    ``ability_table`` is :func:`rephelpers.influence.impact.ability_scores` (the baseline rows are
-    picked out) or any frame with ``ability``, ``score`` and ``n_items``.
-    """
-    data = ability_table
-    if "cluster" in data.columns:
-        data = data[data["cluster"] == -1]
-    base = alt.Chart(data).encode(
-        x=alt.X("ability:N", title="ability", sort="-y", axis=alt.Axis(labelAngle=-30)),
-        y=alt.Y("score:Q", title="M(f, a): mean item score", scale=alt.Scale(domain=[0, max(1.0, float(data["score"].max()))])),
-        tooltip=["ability:N", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("n_items:Q", title="items")],
-    )
-    bars = base.mark_bar(color="#4c72b0")
-    labels = base.mark_text(dy=-6).encode(text=alt.Text("score:Q", format=".2f"))
-    return (bars + labels).properties(title="Unperturbed model: ability scores", width=60 * data["ability"].nunique(), height=200)
 
 
 # -- the HTML report -------------------------------------------------------------------------

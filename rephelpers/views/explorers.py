@@ -18,13 +18,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .artifacts import RunDir
-from .errors import RephelpersError, require
-from .influence.impact import baseline_config, configs, flipped_items
-from .representations.models import Model
-from .perturbations.kinds import KINDS
-from .plots import cluster_label
-from .perturbations.specificity import probe_activations, specificity_chart, specificity_report
+from ..artifacts import RunDir
+from ..dimensions.components import ClusterComponents, as_components
+from ..errors import RephelpersError, require
+from ..influence.impact import baseline_config, configs, flipped_items
+from ..perturbations.kinds import KINDS
+from ..perturbations.specificity import probe_activations, specificity_report
+from ..representations.models import Model
+from .charts import specificity_chart
+from .render import cluster_label
 
 
 def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_samples: int = 3, seed: int = 0) -> Any:
@@ -64,7 +66,7 @@ def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_
 def specificity_explorer(
     model: Model,
     documents_df: pd.DataFrame,
-    subspaces: Sequence[Mapping[str, Any]],
+    components: Sequence[ClusterComponents],
     report: pd.DataFrame,
     kinds: Sequence[str] | None = None,
     run_dir: RunDir | str | None = None,
@@ -82,8 +84,9 @@ def specificity_explorer(
     """
     import ipywidgets as widgets
 
-    layers = sorted({int(s["layer"]) for s in subspaces})
-    clusters = sorted({int(s["cluster"]) for s in subspaces})
+    components = [as_components(c) for c in components]
+    layers = sorted({c.layer for c in components})
+    clusters = sorted({c.cluster for c in components})
     first = report.iloc[0]
     cache = {"report": report}
 
@@ -98,7 +101,7 @@ def specificity_explorer(
             try:
                 probes = None if run_dir is None else probe_activations(run_dir, documents_df, layer, component)
                 rows = specificity_report(
-                    model, documents_df, subspaces, kind, layer, magnitude, clusters=[cluster],
+                    model, documents_df, components, kind, layer, magnitude, clusters=[cluster],
                     probes=probes, **options,
                 )
             except RephelpersError as err:

@@ -1,0 +1,525 @@
+"""Every chart the notebooks draw (altair), by stage.
+
+Each function takes the table a stage wrote (or its frame helper's output) and returns an
+altair chart; none computes a result. Saving, the offline renderer and the HTML report are in
+:mod:`rephelpers.views.render`; the ipywidgets explorers in :mod:`rephelpers.views.explorers`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from ..abilities.evaluation import ability_summary
+from ..dimensions.association import NMFPatterns, top_dimensions
+from ..errors import require
+from ..perturbations.specificity import ARMS, SETS, _METRICS, specificity_long
+from ..representations.activations import pca_2d
+from .render import cluster_label
+
+alt.data_transformers.disable_max_rows()
+
+
+# -- Stage 01: corpus and clusters ---------------------------------------------------------
+
+
+def _chart_frame(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str]) -> pd.DataFrame:
+    labels = np.asarray(labels, dtype=np.int64)
+    return pd.DataFrame({
+        "id": df["id"].astype(str).to_numpy(),
+        "domain": df["domain"].astype(str).to_numpy(),
+        "cluster": [f"{k}: {names[k]}" for k in labels],
+        "snippet": [" ".join(t.split())[:160] for t in df["text"].astype(str)],
+    })
+
+
+def cluster_domain_chart(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str]) -> Any:
+    """Stacked bars: documents per cluster, split by metadata domain."""
+    import altair as alt
+
+    counts = _chart_frame(df, labels, names).groupby(["cluster", "domain"]).size().reset_index(name="documents")
+    return alt.Chart(counts, title="Cluster sizes by domain").mark_bar().encode(
+        x=alt.X("cluster:N", sort=None, title="cluster", axis=alt.Axis(labelAngle=-30, labelLimit=180)),
+        y=alt.Y("documents:Q", title="documents"),
+        color=alt.Color("domain:N", title="domain"),
+        tooltip=["cluster", "domain", "documents"],
+    )
+
+
+def cluster_map_chart(df: pd.DataFrame, labels: Sequence[int], names: Sequence[str], coordinates: np.ndarray) -> Any:
+    """Two linked 2-D scatters of the documents, coloured by cluster and by domain.
+
+    Hovering shows a text snippet; clicking a cluster in the legend highlights it in both.
+    """
+    import altair as alt
+
+    frame = _chart_frame(df, labels, names)
+    frame["x"], frame["y"] = np.asarray(coordinates)[:, 0], np.asarray(coordinates)[:, 1]
+    picked = alt.selection_point(fields=["cluster"], bind="legend")
+    base = alt.Chart(frame).mark_circle(size=40).encode(
+        x=alt.X("x:Q", title="UMAP 1", axis=alt.Axis(labels=False)),
+        y=alt.Y("y:Q", title="UMAP 2", axis=alt.Axis(labels=False)),
+        opacity=alt.condition(picked, alt.value(0.85), alt.value(0.1)),
+        tooltip=["id", "cluster", "domain", "snippet"],
+    ).properties(width=320, height=320)
+    by_cluster = base.encode(color=alt.Color("cluster:N", title="cluster")).add_params(picked).properties(title="coloured by cluster")
+    by_domain = base.encode(color=alt.Color("domain:N", title="domain")).properties(title="coloured by domain")
+    return alt.hconcat(by_cluster, by_domain).resolve_scale(color="independent")
+
+
+def contingency_chart(labels: Sequence[int], reference: Sequence[Any], names: Sequence[str]) -> Any:
+    """Heatmap of documents per (cluster, domain) with the counts written in the cells."""
+    import altair as alt
+
+    labels = np.asarray(labels, dtype=np.int64)
+    table = pd.crosstab(pd.Series([f"{k}: {names[k]}" for k in labels], name="cluster"), pd.Series(np.asarray(reference).astype(str), name="domain"))
+    cells = table.stack().reset_index(name="documents")
+    base = alt.Chart(cells, title="Clusters against domains").encode(
+        x=alt.X("domain:N", title="domain"), y=alt.Y("cluster:N", sort=None, title="cluster"),
+    )
+    heat = base.mark_rect().encode(color=alt.Color("documents:Q", scale=alt.Scale(scheme="blues")), tooltip=["cluster", "domain", "documents"])
+    text = base.mark_text(baseline="middle").encode(
+        text="documents:Q",
+        color=alt.condition(alt.datum.documents > float(cells["documents"].max()) / 2, alt.value("white"), alt.value("black")),
+    )
+    return heat + text
+
+
+# -- Stage 02: representations -------------------------------------------------------------
+
+
+def pca_chart(docs, X: np.ndarray, title: str):
+    """Altair scatter of the 2-D PCA of pooled representations, coloured by cluster."""
+    import altair as alt
+
+    xy = pca_2d(X)
+    frame = docs[["id", "domain", "cluster"]].assign(
+        pc1=xy[:, 0], pc2=xy[:, 1], snippet=docs["text"].str.slice(0, 80)
+    )
+    return (
+        alt.Chart(frame)
+        .mark_circle(size=30, opacity=0.7)
+        .encode(x="pc1:Q", y="pc2:Q", color="cluster:N", shape="domain:N",
+                tooltip=["id", "domain", "cluster", "snippet"])
+        .properties(title=title, width=420, height=320)
+    )
+
+
+# -- Stage 03: cluster dimensions ----------------------------------------------------------
+
+
+def score_heatmap_chart(dimensions: pd.DataFrame, layer: int, per_cluster: int = 8) -> alt.LayerChart:
+    """Clusters × top dimensions heatmap of S(i,k) at ``layer``; dots mark i ∈ R_k."""
+    data = top_dimensions(dimensions, layer, per_cluster)
+    order = data.sort_values(["cluster", "score"], ascending=[True, False]).drop_duplicates("dim").dim.tolist()
+    # A few "massive activation" dimensions can be 100× larger than the rest; clipping the
+    # colour scale at the 90th percentile of |S| keeps the others visible (tooltips are exact).
+    limit = float(np.quantile(np.abs(data.score), 0.9)) or 1.0
+    base = alt.Chart(data).encode(
+        x=alt.X("dim:O", sort=order, title="dimension"),
+        y=alt.Y("cluster:O", title="cluster"),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color("score:Q", title="S(i,k)",
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], clamp=True)),
+        tooltip=["cluster", "dim", alt.Tooltip("score:Q", format=".3f"),
+                 alt.Tooltip("probe_weight:Q", format=".4f"), "selected"],
+    )
+    dots = base.transform_filter(alt.datum.selected).mark_circle(size=18, color="black")
+    return (cells + dots).properties(
+        title=f"Layer {layer}: S(i,k) of each cluster's top {per_cluster} dimensions (• = in R_k; colour clipped at ±{limit:.3g})",
+        width=max(300, 14 * len(order)), height=30 * data.cluster.nunique(),
+    )
+
+
+def overlap_chart(overlap: pd.DataFrame, columns: int = 5) -> alt.FacetChart:
+    """Jaccard(R_a, R_b) heatmaps, one panel per layer."""
+    base = alt.Chart().encode(x=alt.X("cluster_a:O", title="cluster"), y=alt.Y("cluster_b:O", title="cluster"))
+    cells = base.mark_rect().encode(
+        color=alt.Color("jaccard:Q", scale=alt.Scale(domain=[0, 1], scheme="blues"), title="Jaccard"),
+        tooltip=["layer", "cluster_a", "cluster_b", alt.Tooltip("jaccard:Q", format=".2f")],
+    )
+    text = base.mark_text(fontSize=9).encode(
+        text=alt.Text("jaccard:Q", format=".2f"),
+        color=alt.condition(alt.datum.jaccard > 0.5, alt.value("white"), alt.value("black")),
+    )
+    size = 22 * overlap.cluster_a.nunique()
+    return alt.layer(cells, text, data=overlap).properties(width=size, height=size).facet(
+        facet=alt.Facet("layer:O", title="layer"), columns=columns,
+        title="Overlap of the clusters' dimension sets R_k (Jaccard)",
+    )
+
+
+def explained_variance_chart(spectra: pd.DataFrame, columns: int = 5) -> alt.FacetChart:
+    """Cumulative share of each cluster's variance captured by its first r principal directions."""
+    return alt.Chart(spectra).mark_line(point=True).encode(
+        x=alt.X("component:O", title="principal direction"),
+        y=alt.Y("cumulative:Q", title="cumulative explained variance", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("cluster:N"),
+        tooltip=["layer", "cluster", "component", alt.Tooltip("ratio:Q", format=".3f"),
+                 alt.Tooltip("cumulative:Q", format=".3f")],
+    ).properties(width=150, height=150).facet(
+        facet=alt.Facet("layer:O", title="layer"), columns=columns,
+        title="SVD of each cluster's centred activations: variance in V_k",
+    )
+
+
+def nmf_chart(patterns: NMFPatterns, layer: int) -> alt.Chart:
+    """Clusters × NMF components heatmap of the code mean-difference score."""
+    data = patterns.to_frame()
+    limit = float(np.abs(data.score).max()) or 1.0
+    return alt.Chart(data).mark_rect().encode(
+        x=alt.X("component:O", title="NMF component"),
+        y=alt.Y("cluster:O"),
+        color=alt.Color("score:Q", title="S on codes",
+                        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit])),
+        tooltip=["cluster", "component", alt.Tooltip("score:Q", format=".3f")],
+    ).properties(
+        title=f"Layer {layer}: NMF ({patterns.nonnegative}"
+        f"{', standardised' if (patterns.scale != 1).any() else ''}) parts per cluster, "
+        f"relative reconstruction error {patterns.relative_error:.3f}",
+        width=22 * data.component.nunique(), height=30 * data.cluster.nunique(),
+    )
+
+
+def probe_accuracy_chart(curve: pd.DataFrame, title: str = "Held-out probe accuracy per layer") -> alt.LayerChart:
+    """Accuracy-per-layer lines (one per probe kind) over a dashed chance line."""
+    lines = alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("layer:O", title="layer"),
+        y=alt.Y("accuracy:Q", title="held-out accuracy (cluster prediction)", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("kind:N", title="probe"),
+        tooltip=["layer", "kind", alt.Tooltip("accuracy:Q", format=".3f"),
+                 alt.Tooltip("mean_binary_accuracy:Q", format=".3f")],
+    )
+    chance = alt.Chart(curve).mark_rule(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
+    return (lines + chance).properties(title=title, width=380, height=240)
+
+
+def mediation_chart(effects: pd.DataFrame) -> alt.FacetChart:
+    """Indirect effect of each candidate dimension, one panel per cluster, largest first."""
+    layer = int(effects.layer.iloc[0]) if "layer" in effects else None
+    bars = alt.Chart().mark_bar().encode(
+        x=alt.X("indirect_effect:Q", title="IE = ΔNLL per token"),
+        y=alt.Y("dim:N", sort="-x", title="dimension"),
+        color=alt.condition(alt.datum.indirect_effect > 0, alt.value("#c0392b"), alt.value("#7f8c8d")),
+        tooltip=["cluster", "dim", alt.Tooltip("value:Q", format=".3f"),
+                 alt.Tooltip("indirect_effect:Q", format=".4f"), "rank"],
+    ).properties(width=160, height=16 * int(effects.groupby("cluster").size().max()))
+    return alt.layer(bars, data=effects).facet(
+        facet=alt.Facet("cluster:O", title="cluster"), columns=5,
+        title=f"Causal mediation at layer {layer}: do(h_i = μ_i^other) on cluster texts",
+    ).resolve_scale(y="independent")
+
+
+# -- Stage 04: perturbations ---------------------------------------------------------------
+
+
+def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.FacetChart:
+    """Bars of Δ log-perplexity, CKA (and attention JS) on target vs rest texts, perturbation
+    vs its random control (the mean over control draws), one column per cluster."""
+    long = specificity_long(report)
+    require(len(long) > 0, "specificity_chart: the report is empty.")
+    kinds = ", ".join(sorted(report["kind"].unique()))
+    chart = (
+        alt.Chart(long)
+        .mark_bar()
+        .encode(
+            x=alt.X("set:N", title=None, sort=list(SETS)),
+            xOffset=alt.XOffset("arm:N", sort=list(ARMS)),
+            y=alt.Y("mean(value):Q", title=None),
+            color=alt.Color("arm:N", sort=list(ARMS), scale=alt.Scale(range=["#d62728", "#7f7f7f"])),
+            tooltip=["cluster", "arm", "set", "metric", alt.Tooltip("mean(value):Q", format=".4f"),
+                     alt.Tooltip("count():Q", title="draws"), "magnitude"],
+        )
+        .properties(width=90, height=140)
+        .facet(row=alt.Row("metric:N", title=None, sort=list(_METRICS.values())),
+               column=alt.Column("cluster:N", title="cluster"))
+        .resolve_scale(y="independent")
+        .properties(title=title or f"Specificity of {kinds} at layer {int(report['layer'].iloc[0])}")
+    )
+    return chart
+
+
+def probe_chart(report: pd.DataFrame) -> alt.Chart:
+    """Balanced accuracy of a fresh probe for each cluster before and after each arm (0.5 = chance)."""
+    rows = report.dropna(subset=["probe_bacc_after"])
+    require(len(rows) > 0, "probe_chart: no probe columns (pass probes= to specificity_report).")
+    before = rows.drop_duplicates("cluster").assign(arm="original", bacc=lambda d: d["probe_bacc_before"])
+    after = rows.assign(bacc=rows["probe_bacc_after"])
+    frame = pd.concat([before, after])[["cluster", "arm", "bacc", "kind"]]
+    bars = (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("cluster:N"),
+            xOffset=alt.XOffset("arm:N", sort=["original", *ARMS]),
+            y=alt.Y("mean(bacc):Q", title="probe balanced accuracy", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("arm:N", sort=["original", *ARMS],
+                            scale=alt.Scale(range=["#1f77b4", "#d62728", "#7f7f7f"])),
+            tooltip=["cluster", "arm", alt.Tooltip("mean(bacc):Q", format=".3f")],
+        )
+    )
+    chance = alt.Chart(pd.DataFrame({"y": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(y="y:Q")
+    return (bars + chance).properties(width=320, height=180, title="Is cluster k still linearly readable?")
+
+
+# -- Stage 05: abilities -------------------------------------------------------------------
+
+
+def ability_chart(scores: pd.DataFrame, chance: Mapping[str, float] | None = None) -> Any:
+    """Bars: mean item score under each cluster's perturbation (red) and its matched random
+    control (grey), one column per ability and one row per setting θ = kind × magnitude;
+    whiskers ±1 s.e.m. over items; dashed line: the unperturbed model; dotted line: chance.
+
+    Several control draws of one θ are averaged item by item before the mean, so each
+    (cluster, arm, θ) is one bar and the s.e.m. is over items, not over item × draw.
+    """
+    import altair as alt
+
+    summary = ability_summary(scores, by=["cluster", "control", "kind", "magnitude", "ability"])
+    summary["arm"] = np.where(summary["control"], "matched control", "cluster perturbation")
+    summary["cluster_label"] = "k=" + summary["cluster"].astype(str)
+    summary["theta"] = summary["kind"].astype(str) + " × " + summary["magnitude"].map("{:g}".format)
+    summary["low"] = (summary["mean"] - summary["sem"]).clip(lower=0.0)
+    summary["high"] = (summary["mean"] + summary["sem"]).clip(upper=1.0)
+    base = summary[summary.cluster == -1].groupby("ability")["mean"].mean().rename("baseline").reset_index()
+    bars = summary[summary.cluster >= 0].merge(base, on="ability", how="left")
+    require(len(bars) > 0, "ability_chart: no perturbed config in scores (only the baseline).")
+    if chance:
+        bars["chance"] = bars["ability"].map(chance)
+    color = alt.Color("arm:N", scale=alt.Scale(domain=["cluster perturbation", "matched control"],
+                                                range=["#c0392b", "#95a5a6"]), title=None)
+    tooltip = ["ability", "cluster_label", "arm", "theta", alt.Tooltip("mean:Q", format=".3f"),
+               alt.Tooltip("baseline:Q", format=".3f"), "n"]
+    layer = alt.Chart().encode(x=alt.X("cluster_label:N", title="perturbed cluster"), xOffset="arm:N")
+    layers = [
+        layer.mark_bar().encode(
+            y=alt.Y("mean:Q", title="mean item score", scale=alt.Scale(domain=[0, 1]), stack=None),
+            color=color, tooltip=tooltip,
+        ),
+        layer.mark_rule().encode(y="low:Q", y2="high:Q"),
+        alt.Chart().mark_rule(strokeDash=[6, 3], color="black").encode(y="mean(baseline):Q"),
+    ]
+    if chance:
+        layers.append(alt.Chart().mark_rule(strokeDash=[2, 2], color="#7f8c8d").encode(y="mean(chance):Q"))
+    thetas = sorted(bars["theta"].unique(), key=lambda t: (t.split(" × ")[0], float(t.split(" × ")[1])))
+    return (
+        alt.layer(*layers, data=bars)
+        .properties(width=alt.Step(18), height=150)
+        .facet(column=alt.Column("ability:N", title=None), row=alt.Row("theta:N", title=None, sort=thetas))
+        .properties(title="Abilities under each cluster's perturbation (dashed: unperturbed, dotted: chance)")
+    )
+
+
+# -- Stage 06: the influence matrix --------------------------------------------------------
+
+
+def _symmetric_limit(*columns: pd.Series) -> float:
+    """Half-width of a colour domain centred at 0 that holds every finite value (at least 0.05)."""
+    values = pd.concat(columns).to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    return float(max(0.05, np.abs(values).max() if len(values) else 0.0))
+
+
+PHI_PANELS = (
+    # (panel title, estimate column, CI prefix, adjusted p column, significance column)
+    ("Φ: cluster perturbation", "phi", "phi", "p_adjusted", "significant"),
+    ("Φ_control: random dimensions", "phi_control", "phi_control", "p_control_adjusted", "control_significant"),
+    ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_controls_adjusted", "exceeds_controls"),
+)
+
+
+def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """The influence table in long form for :func:`phi_heatmap`: one row per panel × cluster × ability."""
+    frames = []
+    for panel, value, ci, p_adj, flag in PHI_PANELS:
+        part = table[["cluster", "ability", "n_items", "baseline_score"]].copy()
+        part["panel"] = panel
+        part["value"] = table[value]
+        part["low"], part["high"] = table[f"{ci}_low"], table[f"{ci}_high"]
+        part["p_adjusted"] = table[p_adj]
+        part["significant"] = table[flag].fillna(False).astype(bool)
+        frames.append(part)
+    long = pd.concat(frames, ignore_index=True)
+    long["cluster_label"] = [cluster_label(k, cluster_labels) for k in long["cluster"]]
+    long["ci"] = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(long["low"], long["high"])]
+    long["label"] = [
+        "n/a" if not np.isfinite(v) else f"{v:+.2f}" + ("*" if s else "")
+        for v, s in zip(long["value"], long["significant"])
+    ]
+    return long
+
+
+def phi_heatmap(
+    table: pd.DataFrame,
+    cluster_labels: Mapping[int, str] | None = None,
+    with_difference: bool = True,
+    cell_size: int = 56,
+) -> alt.HConcatChart:
+    """Φ (clusters × abilities) beside the random-control Φ (and Φ − Φ_control).
+
+    ``table`` is :func:`rephelpers.influence.stats.influence_table`. One diverging colour scale,
+    centred at 0 and shared by the panels (red = the ability got worse, blue = better);
+    each cell shows its value with ``*`` where the adjusted p-value is below α; the
+    tooltip carries the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
+    """
+    long = phi_heatmap_frame(table, cluster_labels)
+    panels = [p[0] for p in PHI_PANELS[: 3 if with_difference else 2]]
+    long = long[long["panel"].isin(panels)]
+    limit = _symmetric_limit(long["value"])
+    colour = alt.Color(
+        "value:Q", title="Φ (relative loss)",
+        scale=alt.Scale(scheme="redblue", reverse=True, domain=[-limit, limit], domainMid=0),
+    )
+    clusters = sorted(long["cluster_label"].unique(), key=lambda s: long.loc[long.cluster_label == s, "cluster"].iloc[0])
+    tooltip = [
+        alt.Tooltip("cluster_label:N", title="cluster"), alt.Tooltip("ability:N"),
+        alt.Tooltip("value:Q", title="estimate", format="+.3f"), alt.Tooltip("ci:N", title="bootstrap CI"),
+        alt.Tooltip("p_adjusted:Q", title="adjusted p", format=".3g"),
+        alt.Tooltip("baseline_score:Q", title="M(f, a)", format=".3f"), alt.Tooltip("n_items:Q", title="items"),
+    ]
+    charts = []
+    for panel in panels:
+        base = alt.Chart(long[long["panel"] == panel]).encode(
+            x=alt.X("ability:N", title="ability", axis=alt.Axis(labelAngle=-30)),
+            y=alt.Y("cluster_label:N", title="cluster", sort=clusters),
+        )
+        cells = base.mark_rect(stroke="white").encode(color=colour, tooltip=tooltip)
+        text = base.mark_text(fontSize=12).encode(
+            text="label:N",
+            color=alt.condition(f"abs(datum.value) > {0.6 * limit}", alt.value("white"), alt.value("black")),
+            tooltip=tooltip,
+        )
+        charts.append((cells + text).properties(
+            title=panel, width=cell_size * long["ability"].nunique(), height=cell_size * len(clusters)
+        ))
+    alpha = table["alpha"].iloc[0] if "alpha" in table else None
+    note = f"* adjusted p < {alpha:g} ({table['correction'].iloc[0]})" if alpha is not None else ""
+    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
+        title=alt.TitleParams("Data Influence Matrix", subtitle=[note] if note else [])
+    )
+
+
+def dose_response_chart(
+    dose: pd.DataFrame,
+    cluster_labels: Mapping[int, str] | None = None,
+    magnitude_col: str = "magnitude",
+    width: int = 150,
+    height: int = 110,
+) -> alt.FacetChart:
+    """Small multiples of ability score against perturbation magnitude.
+
+    ``dose`` is :func:`rephelpers.influence.impact.dose_response` (with the same ``magnitude_col``).
+    Rows = cluster, columns = ability;
+    the perturbation (red) and its matched random control (grey) as lines, the
+    unperturbed ``M(f, a)`` as a dashed rule. A dose-response relation shows as the red
+    line falling away from the rule while the grey one stays on it.
+    """
+    data = dose.copy()
+    data["cluster_label"] = [cluster_label(k, cluster_labels) for k in data["cluster"]]
+    data["site"] = [f"{kind} @ L{layer}" for kind, layer in zip(data["kind"], data["layer"])]
+    clusters = sorted(data["cluster_label"].unique(), key=lambda s: data.loc[data.cluster_label == s, "cluster"].iloc[0])
+    arm = alt.Color("arm:N", title=None, scale=alt.Scale(domain=["perturbation", "control"], range=["#c0392b", "#8c8c8c"]))
+    lines = alt.Chart().mark_line(point=True).encode(
+        x=alt.X(f"{magnitude_col}:Q", title=magnitude_col),
+        y=alt.Y("score:Q", title="ability score"),
+        color=arm,
+        strokeDash=alt.StrokeDash("site:N", title="kind @ layer"),
+        detail="site:N",
+        tooltip=["arm:N", "site:N", alt.Tooltip(f"{magnitude_col}:Q"), alt.Tooltip("score:Q", format=".3f"),
+                 alt.Tooltip("ais:Q", title="AIS", format="+.3f"), alt.Tooltip("baseline_score:Q", format=".3f")],
+    )
+    baseline = alt.Chart().mark_rule(strokeDash=[4, 3], color="black", opacity=0.6).encode(y="mean(baseline_score):Q")
+    return alt.layer(lines, baseline, data=data).properties(width=width, height=height).facet(
+        row=alt.Row("cluster_label:N", title=None, sort=clusters),
+        column=alt.Column("ability:N", title=None),
+    ).properties(title="Dose-response: ability score vs perturbation magnitude (dashed: unperturbed)")
+
+
+def baseline_chart(ability_table: pd.DataFrame) -> alt.LayerChart:
+    """Bar chart of the unperturbed model's ability scores ``M(f, a)``.
+
+    ``ability_table`` is :func:`rephelpers.influence.impact.ability_scores` (the baseline rows are
+    picked out) or any frame with ``ability``, ``score`` and ``n_items``.
+    """
+    data = ability_table
+    if "cluster" in data.columns:
+        data = data[data["cluster"] == -1]
+    base = alt.Chart(data).encode(
+        x=alt.X("ability:N", title="ability", sort="-y", axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("score:Q", title="M(f, a): mean item score", scale=alt.Scale(domain=[0, max(1.0, float(data["score"].max()))])),
+        tooltip=["ability:N", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("n_items:Q", title="items")],
+    )
+    bars = base.mark_bar(color="#4c72b0")
+    labels = base.mark_text(dy=-6).encode(text=alt.Text("score:Q", format=".2f"))
+    return (bars + labels).properties(title="Unperturbed model: ability scores", width=60 * data["ability"].nunique(), height=200)
+
+
+# -- Notebook 07: the known-answer testbed -------------------------------------------------
+
+
+def scatter_chart(cells: pd.DataFrame) -> Any:
+    """Φ (chain) against Φ* (fine-tunes), one point per cell, a panel per setting; diagonal cells filled."""
+    import altair as alt
+
+    data = cells.assign(cell=cells["planted"] + " → " + cells["ability"],
+                        kind=np.where(cells["diagonal"], "own skill (diagonal)", "other skill"))
+    # Layers without data of their own, so that the facet splits every layer by setting.
+    x_title = "Φ* (leave-cluster-out fine-tuning)"
+    base = alt.Chart().encode(
+        x=alt.X("phi_star:Q", title=x_title),
+        y=alt.Y("phi:Q", title="Φ (representation perturbation)"),
+    )
+    points = base.mark_point(size=70, filled=True).encode(
+        color=alt.Color("planted:N", title="planted cluster"),
+        shape=alt.Shape("kind:N", title="cell"),
+        tooltip=["setting", "cell", alt.Tooltip("phi:Q", format="+.3f"), alt.Tooltip("phi_star:Q", format="+.3f"),
+                 "exceeds", "flagged", "null"],
+    )
+    errors = base.mark_errorbar(opacity=0.5).encode(x=alt.X("phi_star_low:Q", title=x_title), x2="phi_star_high:Q",
+                                                    color="planted:N")
+    zero = alt.Chart().mark_rule(strokeDash=[3, 3], color="grey").encode(y=alt.datum(0))
+    return (
+        alt.layer(errors, points, zero, data=data)
+        .properties(width=220, height=200)
+        .facet(facet=alt.Facet("setting:N", title=None), columns=3)
+        .properties(title="Does Φ from perturbing representations track Φ* from leaving the cluster out?")
+    )
+
+
+def scores_chart(scores: pd.DataFrame, chance: float = 0.25) -> Any:
+    """Mean planted-ability score of f_all and each f_{−p} (bars; ± s.e. over items and seeds) and chance."""
+    import altair as alt
+
+    summary = scores.groupby(["model", "ability"])["score"].agg(["mean", "sem"]).reset_index()
+    summary["low"], summary["high"] = summary["mean"] - summary["sem"], summary["mean"] + summary["sem"]
+    bars = alt.Chart(summary).mark_bar().encode(
+        x=alt.X("model:N", title=None), y=alt.Y("mean:Q", title="accuracy", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("model:N", legend=None),
+    )
+    err = alt.Chart(summary).mark_errorbar().encode(x="model:N", y="low:Q", y2="high:Q")
+    rule = alt.Chart(pd.DataFrame({"chance": [chance]})).mark_rule(strokeDash=[4, 4]).encode(y="chance:Q")
+    return (alt.layer(bars, err, rule).properties(width=160, height=180)
+            .facet(column=alt.Column("ability:N", title=None), data=summary)
+            .properties(title="Planted abilities with and without their cluster (dashed: chance)"))
+
+
+def loss_chart(runs: pd.DataFrame, cache: Path) -> Any:
+    """Training loss per step of every fine-tune (a 10-step moving average)."""
+    import altair as alt
+
+    frames = []
+    for row in runs.itertuples(index=False):
+        meta = json.loads((Path(cache) / row.key / "meta.json").read_text())
+        loss = pd.Series(meta["losses"]).rolling(10, min_periods=1).mean()
+        frames.append(pd.DataFrame({"step": np.arange(1, len(loss) + 1), "loss": loss,
+                                    "model": row.model, "seed": row.seed}))
+    data = pd.concat(frames, ignore_index=True)
+    return alt.Chart(data).mark_line().encode(
+        x="step:Q", y=alt.Y("loss:Q", title="next-token loss (nats)"), color="model:N", detail="seed:N",
+    ).properties(width=420, height=200, title="Fine-tuning loss (10-step moving average)")
