@@ -1,4 +1,4 @@
-"""Charts (altair) and saving them next to the results.
+"""Saving charts next to the results, rendering them offline, and the HTML report.
 
 ``save_chart`` writes both an interactive HTML file and a static PNG (through
 ``vl-convert-python``) into ``<run_dir>/charts/``, so a papermill run leaves pictures a
@@ -8,10 +8,10 @@ also makes the ``rephelpers-offline`` renderer altair's active one: charts shown
 go to its own vega-lite renderer, so they render on an offline machine too; elsewhere altair's
 default HTML output is kept (``alt.renderers.enable("default")`` uses it everywhere).
 
-Stage 06 draws the Data Influence Matrix (:func:`phi_heatmap`), dose-response small
-multiples (:func:`dose_response_chart`) and the baseline abilities
-(:func:`baseline_chart`), writes a self-contained HTML report (:func:`html_report`) and
-offers an item explorer widget (:func:`item_explorer`).
+The charts themselves are built in :mod:`rephelpers.views.charts` (which imports this
+module, so any chart gets the offline renderer); stage 06 writes a self-contained HTML
+report with :func:`html_report`. :func:`cluster_names` gives charts, the report and the
+explorers their cluster labels.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def cluster_names(run_dir: str | Path | RunDir) -> dict[int, str]:
     The name is the characterisation's ``name`` (for k-means, BERTopic and LDA the cluster's
     top three c-TF-IDF terms; for ``domain`` the domain), else its first three ``top_terms``,
     else the clustering's ``names``. Pass it as ``cluster_labels`` to the charts,
-    :func:`html_report` and :func:`item_explorer`, which then write ``3: name`` for cluster 3.
+    :func:`html_report` and :func:`rephelpers.views.explorers.item_explorer`, which then write ``3: name`` for cluster 3.
     """
     path = _run_root(run_dir) / "clusters.json"
     if not path.exists():
