@@ -474,7 +474,7 @@ def find_cluster_components(
                 f"top_k = {top_k}; R_k takes all of them.", stacklevel=2,
             )
             layer_top_k = len(candidates)
-        token_rms = None if train_stats is None else train_stats.token_rms().tolist()
+        token_rms = None if train_stats is None else train_stats.token_rms()
         fits: dict[str, ProbeFit] = {
             kind: fit_probe(X_train, y_train, X[heldout], labels[heldout], kind, K, C=C, seed=seed)
             for kind in dict.fromkeys(k for k in (selector, linear) if k)
@@ -517,7 +517,7 @@ def find_cluster_components(
                 **cluster_subspace(X_train, y_train, k, int(rank)),
                 "probe": probe,
                 "selector_accuracy": float(fits[selector].accuracy[k]) if selector else None,
-                "std": spread.tolist(),
+                "std": spread,
                 "n_heldout": int((labels[heldout] == k).sum()),
                 "leace": _leace_eraser(X_train, y_train == k, layer, k) if with_leace else None,
                 "massive_dims": list(massive),

@@ -481,7 +481,7 @@ def _make_ablate(components: ClusterComponents, m: float, seed: int) -> Perturba
 
 def _make_mean_ablate(components: ClusterComponents, m: float, seed: int) -> Perturbation:
     dims = _dims(components, "mean_ablate")
-    reference = np.asarray(components.need("mean_out", "mean_ablate"), dtype=np.float64)
+    reference = components.need("mean_out", "mean_ablate")
     return Ablate(dims=dims, values=reference[list(dims)], strength=m)
 
 
@@ -491,7 +491,7 @@ def _make_noise(components: ClusterComponents, m: float, seed: int) -> Perturbat
 
 
 def _make_shift(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    v = np.asarray(components.need("direction", "shift"), dtype=np.float64)
+    v = components.need("direction", "shift")
     gap = _mean_gap(components, len(v))
     return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
 
@@ -524,7 +524,7 @@ def _control_dims(kind: str) -> Callable[..., Perturbation]:
             return Noise(dims=dims, sigma=target.sigma, seed=target.seed, matching=matching)
         values = None
         if target.values is not None:  # mean ablation: the control uses the same reference
-            values = np.asarray(components.need("mean_out", kind), dtype=np.float64)[list(dims)]
+            values = components.need("mean_out", kind)[list(dims)]
         return Ablate(dims=dims, values=values, strength=target.strength, matching=matching)
     return control
 
@@ -554,7 +554,7 @@ def _control_gradient(target: Any, components: ClusterComponents, d_model: int, 
 
 def _control_leace(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
                    spectrum: dict[str, Any] | None) -> Perturbation:
-    spread = np.ones(d_model) if components.std is None else np.asarray(components.std, dtype=np.float64)
+    spread = np.ones(d_model) if components.std is None else components.std
     require(spread.shape == (d_model,), f"leace: the components' std has shape {spread.shape}, expected ({d_model},)")
     gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
     u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))

@@ -557,7 +557,7 @@ def _probe_score(
 
 
 # -- tables and charts --------------------------------------------------------------------
-_METRICS = {
+METRICS = {
     "dlogppl": "Δ log perplexity",
     "cka": "CKA (original, perturbed)",
     "attn_js": "attention JS (bits)",
@@ -570,7 +570,7 @@ def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
     Metrics without values (attention JS when not measured) are dropped.
     """
     frames = []
-    for key, label in _METRICS.items():
+    for key, label in METRICS.items():
         for name in SETS:
             column = f"{key}_{name}"
             frames.append(report[["cluster", "arm", "draw", "kind", "magnitude", "layer"]].assign(

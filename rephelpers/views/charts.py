@@ -18,7 +18,7 @@ import pandas as pd
 from ..abilities.evaluation import ability_summary
 from ..dimensions.association import NMFPatterns, top_dimensions
 from ..errors import require
-from ..perturbations.specificity import ARMS, SETS, _METRICS, specificity_long
+from ..perturbations.specificity import ARMS, METRICS, SETS, specificity_long
 from ..representations.activations import pca_2d
 from .render import cluster_label
 
@@ -237,7 +237,7 @@ def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.Fac
                      alt.Tooltip("count():Q", title="draws"), "magnitude"],
         )
         .properties(width=90, height=140)
-        .facet(row=alt.Row("metric:N", title=None, sort=list(_METRICS.values())),
+        .facet(row=alt.Row("metric:N", title=None, sort=list(METRICS.values())),
                column=alt.Column("cluster:N", title="cluster"))
         .resolve_scale(y="independent")
         .properties(title=title or f"Specificity of {kinds} at layer {int(report['layer'].iloc[0])}")
