@@ -93,18 +93,30 @@ def contingency_chart(labels: Sequence[int], reference: Sequence[Any], names: Se
 # -- Stage 02: representations -------------------------------------------------------------
 
 
-def pca_chart(docs, X: np.ndarray, title: str):
-    """Altair scatter of the 2-D PCA of pooled representations, coloured by cluster."""
-    import altair as alt
+def cluster_r2_chart(r2: pd.DataFrame, component: str = "resid") -> alt.Chart:
+    """Between-cluster variance share R² per layer (``layer, between_cluster_R2``), a line."""
+    return alt.Chart(r2).mark_line(point=True).encode(
+        x=alt.X("layer:O"),
+        y=alt.Y("between_cluster_R2:Q", title="between-cluster variance share"),
+        tooltip=["layer", alt.Tooltip("between_cluster_R2:Q", format=".3f")],
+    ).properties(title=f"Cluster structure in {component} per layer", width=360, height=220)
 
+
+def pca_chart(docs: pd.DataFrame, X: np.ndarray, title: str, color: str = "cluster") -> alt.Chart:
+    """Scatter of the 2-D PCA of pooled representations, coloured by ``color`` (cluster or domain).
+
+    The other of the two labels sets the marks' shape, so a cluster that mixes domains shows it.
+    """
+    require(color in ("cluster", "domain"), f"pca_chart colours by 'cluster' or 'domain', not {color!r}.")
     xy = pca_2d(X)
     frame = docs[["id", "domain", "cluster"]].assign(
         pc1=xy[:, 0], pc2=xy[:, 1], snippet=docs["text"].str.slice(0, 80)
     )
+    shape = "domain" if color == "cluster" else "cluster"
     return (
         alt.Chart(frame)
         .mark_circle(size=30, opacity=0.7)
-        .encode(x="pc1:Q", y="pc2:Q", color="cluster:N", shape="domain:N",
+        .encode(x="pc1:Q", y="pc2:Q", color=f"{color}:N", shape=f"{shape}:N",
                 tooltip=["id", "domain", "cluster", "snippet"])
         .properties(title=title, width=420, height=320)
     )
@@ -134,6 +146,39 @@ def score_heatmap_chart(dimensions: pd.DataFrame, layer: int, per_cluster: int =
     return (cells + dots).properties(
         title=f"Layer {layer}: S(i,k) of each cluster's top {per_cluster} dimensions (• = in R_k; colour clipped at ±{limit:.3g})",
         width=max(300, 14 * len(order)), height=30 * data.cluster.nunique(),
+    )
+
+
+def critical_set_chart(
+    dimensions: pd.DataFrame, layer: int, cluster: int, massive_dims: Sequence[int] = (), title: str | None = None
+) -> alt.LayerChart:
+    """One cluster's critical set R_k at ``layer``: bars of S(i,k) for i ∈ R_k, ticks of the others' S(i,k′).
+
+    A dimension whose bar stands far from every tick is specific to the cluster; one whose
+    ticks sit as high as its bar is shared. Massive-activation dimensions are coloured apart.
+    """
+    at = dimensions[dimensions.layer == layer]
+    chosen = at[(at.cluster == cluster) & at.selected].sort_values("score", ascending=False)
+    require(len(chosen) > 0, f"cluster {cluster} has no selected dimension at layer {layer}; "
+                             f"clusters there: {sorted(at.cluster.unique())}.")
+    order = chosen.dim.tolist()
+    massive = set(int(i) for i in massive_dims)
+    bars = chosen.assign(kind=[("massive" if int(i) in massive else "in R_k") for i in chosen.dim])
+    others = at[(at.cluster != cluster) & at.dim.isin(order)]
+    x = alt.X("dim:O", sort=order, title="dimension (in R_k, by S)")
+    bar = alt.Chart(bars).mark_bar().encode(
+        x=x, y=alt.Y("score:Q", title="S(i,k)"),
+        color=alt.Color("kind:N", scale=alt.Scale(domain=["in R_k", "massive"], range=["#4c78a8", "#e45756"]),
+                        title=None),
+        tooltip=["dim", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("probe_weight:Q", format=".4f")],
+    )
+    ticks = alt.Chart(others).mark_tick(color="black", thickness=1.5).encode(
+        x=x, y="score:Q", tooltip=[alt.Tooltip("cluster:N", title="other cluster"), "dim",
+                                   alt.Tooltip("score:Q", format=".3f")],
+    )
+    return (bar + ticks).properties(
+        title=title or f"Cluster {cluster} at layer {layer}: S(i,k) over R_k (ticks: the other clusters)",
+        width=max(300, 12 * len(order)), height=200,
     )
 
 

@@ -1,20 +1,27 @@
 """The interactive explorers of the notebooks (ipywidgets), one per stage that has one.
 
 - 01: :func:`cluster_explorer` (a cluster's top terms, statistics and documents);
+- 02: :func:`representation_explorer` (a layer's 2-D PCA of the pooled vectors and its
+  between-cluster R²);
+- 03: :func:`dimension_explorer` (a layer's S(i,k) heatmap and one cluster's critical set R_k
+  against the other clusters' scores);
 - 04: :func:`specificity_explorer` (perturbation kind, cluster, layer and magnitude redraw
   the specificity chart, computing new settings on demand);
 - 05: :func:`answer_explorer` (an ability and a config: its answers beside the unperturbed model's);
 - 06: :func:`item_explorer` (a cell of Φ and a config: the items that flipped).
 
-Notebooks 02 and 03 explore a chart of their own module with ``ipywidgets.interact``.
 Building an explorer runs nothing heavy, so a headless (papermill) run renders its first
-view and moves on. The charts themselves live with the stage that computes their data.
+view and moves on. The charts they draw are :mod:`rephelpers.views.charts`'. An explorer
+that draws one chart returns it from its function (``widgets.interactive``), never
+``display()``-ing it: the latter can leave nbclient waiting forever under papermill
+(nbclient #312, nbconvert #2029).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import altair as alt
 import numpy as np
 import pandas as pd
 
@@ -25,7 +32,8 @@ from ..influence.impact import baseline_config, configs, flipped_items
 from ..perturbations.kinds import KINDS
 from ..perturbations.specificity import probe_activations, specificity_report
 from ..representations.models import Model
-from .charts import specificity_chart
+from ..representations.activations import between_cluster_r2
+from .charts import critical_set_chart, pca_chart, score_heatmap_chart, specificity_chart
 from .render import cluster_label
 
 
@@ -61,6 +69,78 @@ def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_
     picker.observe(lambda change: show(change["new"]), names="value")
     show(picker.value)
     return widgets.VBox([picker, view])
+
+
+def representation_explorer(
+    docs: pd.DataFrame, activations: Mapping[int, np.ndarray], component: str = "resid", pooling: str = "mean"
+) -> Any:
+    """02: pick a layer and a colouring; see the 2-D PCA of that layer's pooled vectors.
+
+    The title gives the layer's between-cluster variance share
+    ``R² = Σ_k n_k ‖μ_k − μ‖² / Σ_d ‖A(d) − μ‖²`` (:func:`between_cluster_r2`), so stepping
+    through the layers shows where the clusters separate. ``docs`` needs ``id, domain,
+    cluster, text`` in the order of the activations' rows.
+    """
+    import ipywidgets as widgets
+
+    layers = list(activations)
+    require(len(layers) > 0, "representation_explorer: no layers of activations to explore")
+    for layer in layers:
+        require(len(activations[layer]) == len(docs),
+                f"representation_explorer: layer {layer} has {len(activations[layer])} vectors for "
+                f"{len(docs)} documents; pass the activations notebook 02 extracted for these documents.")
+    labels = docs["cluster"].to_numpy()
+    r2: dict[int, float] = {}
+
+    def draw(layer: int, colour: str) -> Any:
+        if layer not in r2:
+            r2[layer] = between_cluster_r2(activations[layer], labels)
+        title = f"Layer {layer} ({component}, {pooling}-pooled): PCA; between-cluster R² = {r2[layer]:.3f}"
+        return pca_chart(docs, activations[layer], title, color=colour)
+
+    return widgets.interactive(
+        draw,
+        {"auto_display": True},
+        layer=widgets.Dropdown(options=layers, value=layers[len(layers) // 2], description="layer"),
+        colour=widgets.ToggleButtons(options=["cluster", "domain"], value="cluster", description="colour by"),
+    )
+
+
+def dimension_explorer(dimensions: pd.DataFrame, components: Sequence[ClusterComponents], per_cluster: int = 8) -> Any:
+    """03: pick a layer, a cluster and how many top dimensions; see where R_k stands.
+
+    Above, the clusters × top-dimensions heatmap of S(i,k) at the layer (dots: i ∈ R_k);
+    below, the chosen cluster's R_k as bars of S(i,k) with ticks at the other clusters'
+    S(i,k′) of the same dimensions, its size, its probe's held-out accuracy and its
+    massive-activation dimensions (coloured apart) in the title.
+    """
+    import ipywidgets as widgets
+
+    components = [as_components(c) for c in components]
+    require(len(components) > 0, "dimension_explorer: no cluster components; run notebook 03's first cells")
+    by_key = {(c.layer, c.cluster): c for c in components}
+    layers = sorted({c.layer for c in components})
+    clusters = sorted({c.cluster for c in components})
+
+    def draw(layer: int, cluster: int, top: int) -> Any:
+        part = by_key.get((layer, cluster))
+        if part is None:
+            print(f"no components for cluster {cluster} at layer {layer}")
+            return None
+        probe = "" if part.probe is None else f", probe held-out accuracy {part.probe.accuracy:.2f}"
+        massive = sorted(set(part.dims) & set(part.massive_dims or ()))
+        title = (f"Cluster {cluster} at layer {layer}: |R_k| = {len(part.dims)}{probe}"
+                 + (f"; massive dims in R_k: {massive}" if massive else ""))
+        below = critical_set_chart(dimensions, layer, cluster, massive_dims=part.massive_dims or (), title=title)
+        return alt.vconcat(score_heatmap_chart(dimensions, layer, top), below).resolve_scale(color="independent")
+
+    return widgets.interactive(
+        draw,
+        {"auto_display": True},
+        layer=widgets.Dropdown(options=layers, value=layers[len(layers) // 2], description="layer"),
+        cluster=widgets.Dropdown(options=clusters, value=clusters[0], description="cluster"),
+        top=widgets.IntSlider(value=per_cluster, min=2, max=24, description="top dims", continuous_update=False),
+    )
 
 
 def specificity_explorer(
