@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the notebook chain or a sweep")
     run.add_argument("params", help="papermill_params/<name>.yaml")
     run.add_argument("--runs-root", default=None, help="where run directories go (default: <project>/runs)")
-    run.add_argument("--jobs", type=int, default=1, help="sweep points run in parallel")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="sweep points run in parallel (threads, or the local dask cluster's workers)")
+    run.add_argument("--engine", choices=["local", "dask"], default="local",
+                     help="where points run: local threads, or dask.distributed tasks (README: sweeps on a cluster)")
+    run.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                     help="with --engine dask: an existing scheduler (tcp://host:8786) instead of a local cluster")
     run.add_argument("--force", action="store_true", help="re-run points already done")
     run.add_argument("--log", action="store_true", help="stream notebook output")
     run.add_argument("--cell-timeout", type=float, default=None, metavar="S",
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             try:
                 top = run_spec(spec, runs_root=args.runs_root, jobs=args.jobs, log_output=args.log,
-                               force=args.force, limits=limits)
+                               force=args.force, limits=limits, engine=args.engine, scheduler=args.scheduler)
             except RunInterrupted as err:
                 print(f"rephelpers: {err}", file=sys.stderr)
                 return 128 + err.signum

@@ -42,7 +42,6 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -325,6 +324,28 @@ def _probe_argument() -> str:
     return f"--IPKernelApp.exec_lines=exec(__import__('base64').b64decode('{code}').decode(), {{'get_ipython': get_ipython}})"
 
 
+def _exit_with_parent() -> None:
+    """Stop this child, its kernel and everything under them once the watcher that started it is gone.
+
+    A watcher killed outright (SIGKILL, an out-of-memory kill, a dask worker lost) cannot
+    stop its child; without this the orphaned notebook would go on writing into a run
+    directory that a re-run (or dask's re-submission of the point) is writing too.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        for pid in _descendants([os.getpid()]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _child_main(job_path: str) -> int:
     """Entry point of the child process: run one notebook with papermill, report as it goes.
 
@@ -337,6 +358,7 @@ def _child_main(job_path: str) -> int:
     """
     import papermill
 
+    _exit_with_parent()
     job = json.loads(Path(job_path).read_text())
     events = open(job["client_events"], "a", buffering=1)
     out = open(job["log"], "a", buffering=1)
@@ -952,18 +974,32 @@ def run_spec(
     log_output: bool = False,
     force: bool = False,
     limits: ExecutionLimits | None = None,
+    engine: str = "local",
+    scheduler: str | None = None,
+    client: Any = None,
 ) -> Path:
     """Run a single chain or a whole sweep; returns the top run directory.
 
-    ``limits`` overrides ``spec.execution``. Raises :class:`RunInterrupted` after a
-    SIGINT/SIGTERM once every running notebook is stopped and recorded. Each kernel gets
-    :func:`threads_per_job` threads (``OMP_NUM_THREADS`` etc.; a value already set in the
-    environment is kept), so ``jobs`` × threads ≤ cores.
+    ``engine`` says where the points run (:mod:`rephelpers.engines`): ``"local"`` threads, or
+    ``"dask"`` tasks on a local cluster of ``jobs`` workers, on the scheduler at ``scheduler``,
+    or through ``client`` (a connected ``distributed.Client``, e.g. to a dask-jobqueue
+    cluster). The semantics do not depend on it: shared stages once, finished points skipped,
+    failures recorded, ``results.parquet`` from every point. ``limits`` overrides
+    ``spec.execution``. Raises :class:`RunInterrupted` after a SIGINT/SIGTERM once every
+    running notebook is stopped and recorded. Each kernel gets :func:`threads_per_job`
+    threads (``OMP_NUM_THREADS`` etc.; a value already set in the environment is kept), so
+    ``jobs`` × threads ≤ cores; on a remote cluster each worker's own ``OMP_NUM_THREADS``.
     """
+    from .engines import check_engine, dask_client, run_tasks
+
+    check_engine(engine, scheduler if client is None else None)
+    require(client is None or engine == "dask", "a dask client was given: pass engine='dask' to run on it.")
     threads = str(threads_per_job(jobs))
     _THREADS.clear()
     _THREADS.update({name: os.environ.get(name, threads) for name in THREAD_ENV})
-    if jobs == 1 and sys.stdout.isatty():
+    remote = engine == "dask" and (scheduler is not None or client is not None)
+    task_threads = None if remote else dict(_THREADS)
+    if jobs == 1 and engine == "local" and sys.stdout.isatty():
         _LIVE.set()
     else:
         _LIVE.clear()
@@ -973,9 +1009,15 @@ def run_spec(
     limits = limits or spec.execution
     points = spec.points()
 
-    with _interruptible():
+    def run(tasks: list[tuple[Any, ...]], workers: int) -> list[tuple[str, str]]:
+        return list(run_tasks(engine, run_point_task, tasks, jobs=workers, client=connected, stopped=_STOP.is_set))
+
+    with _interruptible(), (dask_client(jobs, scheduler, client) if engine == "dask" else _no_client()) as connected:
         if not spec.grid:
-            _run_point(top, spec.name, spec.parameters, spec.notebooks, {}, log_output, force, limits)
+            run([(str(top), spec.name, spec.parameters, spec.notebooks, {}, log_output, force, limits,
+                  task_threads, None, True)], 1)
+            if _STOP.is_set():
+                raise RunInterrupted(_STOP.signum)
             status = _read_status(top)
             if status.get("state") != "done":
                 raise RephelpersError(f"run {spec.name} failed: {status.get('error', 'see notebooks/')}")
@@ -984,7 +1026,10 @@ def run_spec(
         shared, per_point = split_shared(spec)
         base = top / SHARED
         if shared:
-            _run_point(base, f"{spec.name}/{SHARED}", spec.parameters, shared, {}, log_output, force, limits)
+            run([(str(base), f"{spec.name}/{SHARED}", spec.parameters, shared, {}, log_output, force, limits,
+                  task_threads, None, True)], 1)
+            if _STOP.is_set():
+                raise RunInterrupted(_STOP.signum)
             require(
                 _read_status(base).get("state") == "done",
                 f"the shared stages {shared} failed: {_read_status(base).get('error', '?')}; "
@@ -1001,29 +1046,73 @@ def run_spec(
             print(f"[rephelpers] {spec.name}: {len(fresh)} point(s) not started before, will run: "
                   f"{', '.join(fresh[:10])}{' ...' if len(fresh) > 10 else ''}", flush=True)
 
-        def one(point: dict[str, Any]) -> tuple[str, str]:
-            if _STOP.is_set():
-                return point_name(point), "not started"
-            run_dir = top / point_name(point)
-            if shared:
-                _link_artifacts(base, run_dir)
-            _run_point(run_dir, f"{spec.name}/{point_name(point)}", {**spec.parameters, **point}, per_point,
-                       point, log_output, force, limits, explain=False)
-            return point_name(point), _read_status(run_dir).get("state", "?")
-
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-            futures = [pool.submit(one, p) for p in points]
-            for fut in as_completed(futures):
-                try:
-                    name, state = fut.result()
-                except RunInterrupted:
-                    continue
+        tasks = [
+            (str(top / point_name(point)), f"{spec.name}/{point_name(point)}", {**spec.parameters, **point},
+             per_point, point, log_output, force, limits, task_threads, str(base) if shared else None, False)
+            for point in points
+        ]
+        try:
+            for name, state in run_tasks(engine, run_point_task, tasks, jobs=jobs, client=connected,
+                                         stopped=_STOP.is_set):
                 print(f"[rephelpers] point {name}: {state}", flush=True)
+        except RunInterrupted:
+            pass
         if _STOP.is_set():
             raise RunInterrupted(_STOP.signum)
     table = collect(top)
     print(f"[rephelpers] sweep {spec.name}: {len(points)} points, results in {top / 'results.parquet'} ({len(table)} rows)")
+    try:
+        from .views.render import save_sweep_charts
+
+        for path in save_sweep_charts(top, table, list(spec.grid)):
+            print(f"[rephelpers]   {path}", flush=True)
+    except Exception as err:  # a chart must not cost the sweep its results, which are already written
+        print(f"[rephelpers] the sweep's charts were not drawn ({type(err).__name__}: {err})", flush=True)
     return top
+
+
+@contextmanager
+def _no_client() -> Iterator[None]:
+    yield None
+
+
+def run_point_task(
+    run_dir: str,
+    label: str,
+    parameters: dict[str, Any],
+    notebooks: list[str],
+    point: dict[str, Any],
+    log_output: bool,
+    force: bool,
+    limits: ExecutionLimits | None,
+    threads: dict[str, str] | None,
+    link_from: str | None,
+    explain: bool,
+) -> tuple[str, str]:
+    """One run directory's notebooks as a self-contained task, the unit every engine executes.
+
+    Links ``link_from``'s artifacts (the shared stages) in first, sets the kernel's thread
+    variables (``threads``; ``None``: this machine's :func:`rephelpers.engines.worker_threads`),
+    runs :func:`_run_point` (skipped when done with the same parameters) and returns
+    ``(point, state)``. Only arguments and the file system cross to the worker.
+    """
+    from .engines import worker_threads
+
+    folder = Path(run_dir)
+    name = folder.name if point else label
+    if _STOP.is_set():
+        return name, "not started"
+    require(folder.parent.is_dir(),
+            f"{folder.parent} is not visible on {os.uname().nodename}: every worker must see the run directory "
+            "at the same path (put --runs-root on a shared file system).")
+    if threads is None and not _THREADS:
+        _THREADS.update({var: str(worker_threads()) for var in THREAD_ENV})
+    elif threads is not None:
+        _THREADS.update(threads)
+    if link_from:
+        _link_artifacts(Path(link_from), folder)
+    _run_point(folder, label, parameters, notebooks, point, log_output, force, limits, explain=explain)
+    return name, _read_status(folder).get("state", "?")
 
 
 def _run_point(

@@ -394,3 +394,86 @@ def test_the_runner_prints_each_cell_and_the_kernels_progress_bar(project, capsy
     printed = capsys.readouterr().out
     assert "[rephelpers] bar: 03_bar cell 2/2" in printed
     assert "[rephelpers] bar: 03_bar cell 2/2 · work 1/2 step (50%)" in printed, printed
+
+
+# --- the dask engine ---------------------------------------------------------------------
+
+
+def test_the_dask_engine_shares_stages_records_failures_and_skips_on_rerun(project):
+    """Two workers of a local dask cluster: shared stages once, the local runner's results, failures recorded,
+    re-runs skip (the same at CI size against the local runner itself: test_sweep_engines.py)."""
+    spec = _spec(project, {"x": [1, 2, 3]})
+    with _within(240, "a sweep on a local dask cluster"):
+        remote = run_spec(spec, runs_root=project / "dask", engine="dask", jobs=2)
+    assert (remote / "base_runs.log").read_text() == "x"  # the shared stage ran once on the cluster
+    table = pd.read_parquet(remote / "results.parquet").sort_values("x")
+    assert table.value.tolist() == [31, 33] and table.point.tolist() == ["x=1", "x=3"]
+    failed = json.loads((remote / "x=2" / "status.json").read_text())
+    assert failed["state"] == "failed" and "planted failure" in failed["error"]
+    done = {x: (remote / f"x={x}" / "influence.parquet").stat().st_mtime_ns for x in (1, 3)}
+    with _within(120, "a re-run on a local dask cluster"):
+        run_spec(spec, runs_root=project / "dask", engine="dask", jobs=2)
+    assert {x: (remote / f"x={x}" / "influence.parquet").stat().st_mtime_ns for x in (1, 3)} == done
+    assert pd.read_csv(remote / "failures.csv").point.tolist() == ["x=2"]
+
+
+def test_a_dask_worker_killed_mid_point_is_redone_and_its_kernel_stops(project):
+    """SIGKILL the worker running a point: dask re-submits the point, which finishes; the orphaned kernel exits."""
+    _add_notebook(
+        project, "02_point",
+        "import os, time\nfrom pathlib import Path\nimport pandas as pd\n"
+        "p = Path(run_dir); p.mkdir(parents=True, exist_ok=True)\n"
+        "marker = p.parent / f'started_{x}'\n"
+        "first = not marker.exists()\n"
+        "marker.write_text(str(os.getpid()))\n"
+        "if first and x == 3:\n    time.sleep(120)\n"
+        "pd.DataFrame({'value': [x]}).to_parquet(p / 'influence.parquet')",
+        params='run_dir = "runs/x"\nx = 0',
+    )
+    spec = _spec(project, {"x": [1, 3]})
+    top = project / "runs" / "s"
+    outcome: dict = {}
+
+    def sweep():
+        try:
+            outcome["top"] = run_spec(spec, runs_root=project / "runs", engine="dask", jobs=2)
+        except BaseException as err:  # reported by the main thread
+            outcome["error"] = err
+
+    import threading
+
+    runner = threading.Thread(target=sweep)
+    with _within(300, "a sweep whose worker is killed"):
+        runner.start()
+        deadline = time.time() + 150
+        while not (top / "started_3").exists():
+            assert time.time() < deadline and runner.is_alive(), f"point x=3 never started: {outcome}"
+            time.sleep(0.2)
+        kernel = int((top / "started_3").read_text())
+        chain, pid = [], kernel
+        while pid > 1:  # kernel <- papermill child <- worker process
+            chain.append(pid)
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        worker = next(p for p in chain if "distributed" in Path(f"/proc/{p}/cmdline").read_text()
+                      or "spawn" in Path(f"/proc/{p}/cmdline").read_text())
+        os.kill(worker, signal.SIGKILL)
+        runner.join()
+        assert "error" not in outcome, outcome
+        assert _dies_within(kernel, 30), "the killed worker's kernel went on running"
+    assert int((top / "started_3").read_text()) != kernel  # a second kernel ran the point
+    assert _status(top / "x=3")["state"] == "done"
+    assert sorted(pd.read_parquet(top / "results.parquet").value) == [1, 3]
+
+
+def test_engine_choices_are_checked_before_any_work(project, monkeypatch):
+    import rephelpers.engines
+
+    monkeypatch.setattr(rephelpers.engines, "SCHEDULER_TIMEOUT", "3s")
+    spec = _spec(project, {"x": [1]})
+    with pytest.raises(RephelpersError, match="unknown engine 'ray'"):
+        run_spec(spec, runs_root=project / "runs", engine="ray")
+    with pytest.raises(RephelpersError, match="needs --engine dask"):
+        run_spec(spec, runs_root=project / "runs", scheduler="tcp://127.0.0.1:1")
+    with pytest.raises(RephelpersError, match="cannot reach a dask scheduler at tcp://127.0.0.1:9"):
+        run_spec(spec, runs_root=project / "runs", engine="dask", scheduler="tcp://127.0.0.1:9")
+    assert not (project / "runs" / "s" / "x=1").exists()
