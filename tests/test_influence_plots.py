@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from rephelpers.errors import RephelpersError
 from rephelpers.views import charts, explorers, render
 from rephelpers.influence import impact, stats
 
@@ -80,3 +81,22 @@ def test_answer_explorer_pairs_each_answer_with_the_baseline(scores, capsys):
     assert all(label.endswith(f"[{cid}]") for label, cid in config_menu.options)
     assert "baseline" not in [cid for _, cid in config_menu.options] and len(config_menu.options) == scores.config_id.nunique() - 1
     ability_menu.value = ability_menu.options[-1]  # switching redraws without error
+
+
+def test_phi_across_a_sweep_axis_is_drawn_and_saved_per_axis(tmp_path):
+    from rephelpers.views.render import save_sweep_charts
+
+    rows = [{"cluster": k, "ability": a, "model_name": m, "intervention_layer": 15, "phi": 0.1 * k + (m == "b") * 0.2,
+             "phi_low": 0.0, "phi_high": 0.5, "significant": k == 1 and m == "b"}
+            for m in ("a", "b") for k in (0, 1) for a in ("code", "icl")]
+    results = pd.DataFrame(rows)
+    spec = charts.phi_across_chart(results, "model_name").to_dict()
+    assert spec["facet"]["column"]["field"] == "ability"
+    data = spec["datasets"][next(iter(spec["datasets"]))]
+    assert len(data) == 8 and {d["value"] for d in data} == {"a", "b"}
+    assert [d["phi"] for d in data if d["significant"]] == [pytest.approx(0.3)] * 2  # cluster 1 under b, both abilities
+    # one chart per axis that varies: the layer takes one value here, so only the model axis is drawn
+    written = save_sweep_charts(tmp_path, results, ["model_name", "intervention_layer"])
+    assert [p.name for p in written] == ["phi_by_model_name.html"] and (tmp_path / "charts" / "phi_by_model_name.png").exists()
+    with pytest.raises(RephelpersError, match="no column 'seed'"):
+        charts.phi_across_chart(results, "seed")

@@ -71,3 +71,84 @@ def test_last_position_scope_only_changes_last_token_state(model):
     # Earlier positions cannot see a later position (causal attention): unchanged.
     assert torch.allclose(edited[:, :-1], clean[:, :-1], atol=1e-4)
     assert (edited[:, -1] - clean[:, -1]).abs().max() > 1e-2
+
+
+# -- device, dtype, device_map -------------------------------------------------------------
+
+
+def test_device_and_dtype_choices_fail_before_any_weights_are_read():
+    with pytest.raises(RephelpersError, match="dtype 'int8' is not one.*float32', 'bfloat16', 'float16'"):
+        load_model(dtype="int8")
+    with pytest.raises(RephelpersError, match="pass device .* or device_map .*not both"):
+        load_model(device="cpu", device_map="auto")
+    with pytest.raises(RephelpersError, match="device='tpu'"):
+        load_model(device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RephelpersError, match="torch sees no CUDA GPU here.*device='cpu'"):
+            load_model(device="cuda")
+
+
+@pytest.mark.model
+def test_a_bfloat16_model_hands_on_float32_activations_close_to_float32s(model):
+    """Weights in bfloat16 (as on a GPU), activations gathered to CPU float32; keys tell the two apart."""
+    from rephelpers.representations.activations import extract_activations
+    from rephelpers.representations.models import model_fingerprint
+
+    half = load_model(dtype="bfloat16", device="cpu")
+    assert half.hf.dtype == torch.bfloat16 and model_fingerprint(half) != model_fingerprint(model)
+    assert model_fingerprint(model).count("|") == 3  # float32's key is the one written before dtypes existed
+    texts = ["Photosynthesis turns light into chemical energy.", "def add(a, b):\n    return a + b"]
+    full = extract_activations(model, texts, [3, 15], use_cache=False, progress=False)
+    low = extract_activations(half, texts, [3, 15], use_cache=False, progress=False)
+    for layer in (3, 15):
+        assert low[layer].dtype.name == full[layer].dtype.name == "float32"
+        error = float(((low[layer] - full[layer]) ** 2).sum() ** 0.5 / (full[layer] ** 2).sum() ** 0.5)
+        assert error < 0.05, f"layer {layer}: bfloat16 activations {error:.3f} away (relative) from float32's"
+    # A perturbation acts on bfloat16 hidden states as a plain hook does. bfloat16 keeps ~3 digits, so two
+    # op orders (the nnsight trace, the bare module) already differ by ~0.06 in mean |logit| unperturbed
+    # (the same text alone vs in a batch differs as much): the bound is that floor, the effect 20x above it.
+    batch = half.encode(texts)
+    dims = list(range(1, half.d_model, 8))
+    logits = run_logits(half, batch, [Intervention(layer=9, perturbation=Ablate(dims=dims))])
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[..., dims] = 0
+        return output
+
+    handle = half.hf.model.layers[9].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            expected = half.hf(**batch).logits
+    finally:
+        handle.remove()
+    with torch.inference_mode():
+        plain = half.hf(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert logits.dtype == torch.bfloat16
+    gap = (logits.float() - expected.float()).abs()[real].mean().item()
+    effect = (plain.float() - expected.float()).abs()[real].mean().item()
+    assert gap < 0.08 and effect > 20 * gap, (gap, effect)
+    assert torch.equal(logits.argmax(-1)[real], expected.argmax(-1)[real])
+
+
+@pytest.mark.model
+def test_device_map_auto_reaches_from_pretrained_and_gives_the_same_logits(model, monkeypatch):
+    """On a machine without GPUs accelerate keeps every layer on the CPU; the map must still reach it."""
+    import transformers
+
+    seen = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    placed = load_model(device_map="auto", max_length=2047)  # a max_length of its own: not the memoised copy
+    assert seen.get("device_map") == "auto"
+    batch = model.encode(["The quick brown fox jumps over the lazy dog."])
+    with torch.inference_mode():
+        expected = model.hf(**batch).logits
+        got = placed.hf(**{k: v.to(placed.device) for k, v in batch.items()}).logits
+    assert torch.allclose(got.cpu(), expected, atol=1e-5)

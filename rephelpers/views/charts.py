@@ -450,6 +450,39 @@ def phi_heatmap(
     )
 
 
+def phi_across_chart(results: pd.DataFrame, axis: str) -> alt.FacetChart:
+    """Φ of every (cluster, ability) cell across the values of one sweep axis (``model_name``, a layer, ...).
+
+    ``results`` is a sweep's ``results.parquet`` (every point's influence table with the
+    point's parameters as columns). One panel per ability; per cluster a line through the
+    axis' values with Φ's bootstrap interval; a filled point where the adjusted p-value is
+    below α. Across models, compare clusters by name: a cluster's number is its k-means
+    label, the same across models only where they chunk the corpus alike (one tokenizer).
+    """
+    require(axis in results.columns, f"results have no column {axis!r}; the sweep's axes are the point parameters.")
+    require("phi" in results.columns, "results hold no Φ column (phi): collect a sweep of notebook 06's influence.parquet.")
+    data = results.assign(
+        value=results[axis].astype(str),
+        cluster_name=[f"{int(k)}" for k in results["cluster"]],
+        significant=results.get("significant", pd.Series(False, index=results.index)).fillna(False).astype(bool),
+    )
+    order = [str(v) for v in pd.unique(results[axis])]
+    x = alt.X("value:N", title=axis, sort=order, axis=alt.Axis(labelAngle=-30))
+    base = alt.Chart().encode(x=x, color=alt.Color("cluster_name:N", title="cluster"))
+    lines = base.mark_line(opacity=0.6).encode(y=alt.Y("phi:Q", title="Φ (relative loss)"))
+    bars = base.mark_rule().encode(y="phi_low:Q", y2="phi_high:Q")
+    points = base.mark_point(size=60).encode(
+        y="phi:Q",
+        fill=alt.condition("datum.significant", alt.Color("cluster_name:N"), alt.value("white")),
+        tooltip=["cluster", "ability", alt.Tooltip("value:N", title=axis), alt.Tooltip("phi:Q", format="+.3f"),
+                 alt.Tooltip("phi_low:Q", format="+.3f"), alt.Tooltip("phi_high:Q", format="+.3f"), "significant"],
+    )
+    zero = alt.Chart().mark_rule(color="gray", strokeDash=[4, 4]).encode(y=alt.datum(0))
+    return alt.layer(zero, bars, lines, points, data=data).properties(width=max(160, 60 * len(order)), height=200).facet(
+        column=alt.Column("ability:N", title=None)
+    ).properties(title=f"Φ across {axis} (filled: adjusted p < α)")
+
+
 def dose_response_chart(
     dose: pd.DataFrame,
     cluster_labels: Mapping[int, str] | None = None,

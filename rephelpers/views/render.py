@@ -159,6 +159,18 @@ def _in_jupyterlab() -> bool:
     return _FRONTEND["jupyterlab"]
 
 
+def save_sweep_charts(top: str | Path, results: pd.DataFrame, axes: Sequence[str]) -> list[Path]:
+    """Save :func:`rephelpers.views.charts.phi_across_chart` for every axis of a sweep that takes
+    more than one value in ``results``, as ``<top>/charts/phi_by_<axis>.html/.png``; returns the HTML paths."""
+    from .charts import phi_across_chart
+
+    written = []
+    for axis in axes:
+        if axis in results.columns and "phi" in results.columns and results[axis].astype(str).nunique() > 1:
+            written.append(save_chart(phi_across_chart(results, axis), top, f"phi_by_{axis}")["html"])
+    return written
+
+
 def _offline_renderer(spec: dict, **metadata: Any) -> Any:
     """Charts in JupyterLab go to its own vega renderer (SVG), so they draw with no network.
 
