@@ -95,6 +95,9 @@ def test_phi_across_a_sweep_axis_is_drawn_and_saved_per_axis(tmp_path):
     data = spec["datasets"][next(iter(spec["datasets"]))]
     assert len(data) == 8 and {d["value"] for d in data} == {"a", "b"}
     assert [d["phi"] for d in data if d["significant"]] == [pytest.approx(0.3)] * 2  # cluster 1 under b, both abilities
+    layers = results.assign(intervention_layer=np.where(results.model_name == "a", 15, 3))
+    spec = charts.phi_across_chart(layers, "intervention_layer").to_dict()
+    assert spec["spec"]["layer"][1]["encoding"]["x"]["sort"] == ["3", "15"]  # numbers in numeric order
     # one chart per axis that varies: the layer takes one value here, so only the model axis is drawn
     written = save_sweep_charts(tmp_path, results, ["model_name", "intervention_layer"])
     assert [p.name for p in written] == ["phi_by_model_name.html"] and (tmp_path / "charts" / "phi_by_model_name.png").exists()
