@@ -463,19 +463,18 @@ def phi_across_chart(results: pd.DataFrame, axis: str) -> alt.FacetChart:
     require("phi" in results.columns, "results hold no Φ column (phi): collect a sweep of notebook 06's influence.parquet.")
     data = results.assign(
         value=results[axis].astype(str),
-        cluster_name=[f"{int(k)}" for k in results["cluster"]],
         significant=results.get("significant", pd.Series(False, index=results.index)).fillna(False).astype(bool),
     )
     values = list(pd.unique(results[axis]))
     numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
     order = [str(v) for v in (sorted(values) if numeric else values)]  # layers 3 < 15, models as listed
     x = alt.X("value:N", title=axis, sort=order, axis=alt.Axis(labelAngle=-30))
-    base = alt.Chart().encode(x=x, color=alt.Color("cluster_name:N", title="cluster"))
+    base = alt.Chart().encode(x=x, color=alt.Color("cluster:N", title="cluster"))
     lines = base.mark_line(opacity=0.6).encode(y=alt.Y("phi:Q", title="Φ (relative loss)"))
     bars = base.mark_rule().encode(y="phi_low:Q", y2="phi_high:Q")
     points = base.mark_point(size=60).encode(
         y="phi:Q",
-        fill=alt.condition("datum.significant", alt.Color("cluster_name:N", legend=None), alt.value("white")),
+        fill=alt.condition("datum.significant", alt.Color("cluster:N", legend=None), alt.value("white")),
         tooltip=["cluster", "ability", alt.Tooltip("value:N", title=axis), alt.Tooltip("phi:Q", format="+.3f"),
                  alt.Tooltip("phi_low:Q", format="+.3f"), alt.Tooltip("phi_high:Q", format="+.3f"), "significant"],
     )
