@@ -19,7 +19,7 @@ from rephelpers.abilities.evaluation import (
     _choice_statistics, ability_summary, cluster_configs, evaluate_abilities, expected_calibration_error,
 )
 from rephelpers.views.charts import ability_chart
-from rephelpers.abilities.forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
+from rephelpers.abilities.forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood
 from rephelpers.perturbations.intervene import Intervention
 from rephelpers.abilities.lm_eval_model import PerturbedLM
 from rephelpers.abilities.lm_tasks import prepare_tasks
@@ -134,10 +134,11 @@ def test_fast_path_equals_per_config_path(model, tasks):
         "noise12": [Intervention(Noise(tuple(range(0, 576, 2)), sigma=3.0, seed=1), 12)],
         "noise12_last": [Intervention(Noise(tuple(range(1, 576, 2)), sigma=6.0, seed=2), 12, positions="last")],
     }
-    mc_tasks = {k: v for k, v in tasks.items() if k != "reasoning"}
+    # Generation (reasoning) included: its batches are decoded for every config together.
     meta = {cid: {"cluster": i - 1} for i, cid in enumerate(configs)}
-    naive = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta)
-    fast = evaluate_abilities(model, mc_tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta, fast=True)
+    naive = evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta)
+    fast = evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta, fast=True)
+    assert set(fast.task) == {info.task for info in tasks.values()} and (fast.response != "").any()
     key = ["config_id", "task", "item"]
     naive, fast = naive.sort_values(key).reset_index(drop=True), fast.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(naive.drop(columns=["margin", "p_correct", "confidence"]),
@@ -213,6 +214,30 @@ def test_greedy_generation_matches_hf_generate_and_stops(model):
     stopped = greedy_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, stop=[stop])
     assert stop in model.tokenizer.decode(stopped[0, n:])
     assert stopped.shape[1] <= ours.shape[1]
+
+
+@pytest.mark.model
+def test_sweep_generate_equals_greedy_generate_per_config(model):
+    batch = model.encode(["Q: What is 12 + 30?\nA:", "The capital of France is", "def add(a, b):\n    return"])
+    configs = {
+        "base": [],
+        "ablate5": [Intervention(Ablate(tuple(range(64))), 5)],
+        "ablate5_again": [Intervention(Ablate(tuple(range(64))), 5)],
+        "ablate9": [Intervention(Ablate(tuple(range(100, 300))), 9)],  # changes the text
+        "noise7": [Intervention(Noise(tuple(range(50)), sigma=3.0, seed=1), 7)],
+        "shift6_last": [Intervention(Shift(tuple([0.5] * 576), alpha=4.0), 6, positions="last")],
+        "ablate5+noise12": [Intervention(Ablate((1, 2, 3)), 5), Intervention(Noise(tuple(range(20)), sigma=2.0), 12)],
+    }
+    expected = {cid: greedy_generate(model, batch["input_ids"], batch["attention_mask"], ivs, max_new_tokens=10, stop=["\n"])
+                for cid, ivs in configs.items()}
+    assert not torch.equal(expected["base"], expected["ablate9"])
+    # One stack of all configs, and stacks of one config each (a tiny token budget).
+    for budget in (16384, 1):
+        got = sweep_generate(model, batch["input_ids"], batch["attention_mask"], configs, max_new_tokens=10, stop=["\n"],
+                             max_batch_tokens=budget)
+        assert set(got) == set(configs)
+        for cid in configs:
+            assert torch.equal(got[cid], expected[cid]), cid
 
 
 @pytest.mark.model

@@ -8,9 +8,10 @@ never uses lm-eval's response cache (which is keyed by request, not by model, an
 serve the unperturbed answers to a perturbed run).
 
 ``fast=True`` shares the layers below the lowest intervention layer ``L`` among configs
-(:func:`rephelpers.abilities.forward.sweep_loglikelihood` behind
-:class:`~rephelpers.abilities.lm_eval_model.SweepLM`). It covers log-likelihood requests (multiple
-choice, the bulk of the suite); generation requests always take the per-config path.
+(:class:`~rephelpers.abilities.lm_eval_model.SweepLM`): log-likelihood requests through
+:func:`rephelpers.abilities.forward.sweep_loglikelihood`, generation through
+:func:`rephelpers.abilities.forward.sweep_generate` (every config of a batch decoded together,
+the prompt's lower layers and their KV cache computed once).
 
 :func:`cluster_configs` makes the configs of a run (every cluster's perturbation, its
 control draws, the baseline; :class:`~rephelpers.setting.Setting` ids), and the rest of
@@ -182,8 +183,10 @@ def evaluate_abilities(
     and whatever ``config_meta[config_id]`` holds. ``limit`` caps items per task.
 
     ``fast=True`` computes the layers below the lowest intervention layer once per batch
-    for all configs (:class:`SweepLM`); scores equal the per-config path for every
-    perturbation, ``Noise`` included (its draws are keyed by token, not by batch). With
+    for all configs, and decodes generation tasks for all configs together
+    (:class:`SweepLM`); scores equal the per-config path for every perturbation, ``Noise``
+    included (its draws are keyed by token, not by batch), up to the float rounding of a
+    larger batch. With
     ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
     its choices (:func:`sweep_loglikelihood`). ``task_paths``: folders of your own lm-eval
     task YAMLs, whose tasks ``tasks`` names (:func:`~rephelpers.abilities.lm_tasks.prepare_tasks`).

@@ -13,6 +13,8 @@ lm-eval: :mod:`rephelpers.abilities.lm_eval_model` puts these behind lm-eval's m
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -50,6 +52,57 @@ def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class _GreedyRows:
+    """The bookkeeping of greedy decoding shared by :func:`greedy_generate` and :func:`sweep_generate`.
+
+    Each step takes every row's argmax token; a finished row gets ``pad`` instead. A row is
+    finished once it emits ``eos`` or the text of its last few tokens contains a ``stop``
+    string. ``steps_until_done(rows)`` is the number of steps a decoding of only ``rows``
+    would have run (it stops after the step that finishes its last row), so a decoding of
+    stacked configs can hand each config exactly the tensor its own decoding gives.
+    """
+
+    def __init__(self, tokenizer: Any, rows: int, device: Any, eos: int | None, pad: int, stop: Sequence[str]) -> None:
+        self.tokenizer, self.eos, self.pad, self.stop = tokenizer, eos, pad, tuple(stop)
+        self.lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) for s in self.stop), default=0) + 2
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.finished_at = torch.full((rows,), -1, dtype=torch.long, device=device)
+        self.generated: list[torch.Tensor] = []
+
+    def step(self, logits: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Record the greedy tokens of one step's last-position ``logits``; return them for every row.
+
+        ``logits [rows, vocab]``, or ``[len(active), vocab]`` for only the ``active`` rows
+        (the rest are finished and get ``pad``)."""
+        token = torch.full_like(self.done, self.pad, dtype=torch.long)
+        token[slice(None) if active is None else active] = logits.argmax(-1)
+        token = torch.where(self.done, torch.full_like(token, self.pad), token)
+        self.generated.append(token)
+        if self.eos is not None:
+            self.done |= token == self.eos
+        if self.stop:
+            recent = torch.stack(self.generated[-self.lookback:], dim=1)
+            for row in torch.nonzero(~self.done).flatten().tolist():
+                text = self.tokenizer.decode(recent[row], skip_special_tokens=False)
+                self.done[row] = any(s in text for s in self.stop)
+        self.finished_at[self.done & (self.finished_at < 0)] = len(self.generated)
+        return token
+
+    def all_done(self) -> bool:
+        return bool(self.done.all())
+
+    def steps_until_done(self, rows: slice) -> int:
+        finished = self.finished_at[rows]
+        return int(finished.max()) if bool((finished > 0).all()) else len(self.generated)
+
+    def output(self, input_ids: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """``[rows, prompt + generated]`` for ``rows``, cut where their own decoding would have stopped."""
+        if not self.generated:
+            return input_ids
+        steps = self.steps_until_done(rows)
+        return torch.cat([input_ids, torch.stack(self.generated[:steps], dim=1)[rows]], dim=1)
+
+
 def greedy_generate(
     model: Model,
     input_ids: torch.Tensor,
@@ -77,16 +130,13 @@ def greedy_generate(
     ivs = validate(model, interventions)
     eos = model.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = model.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    tokenizer = model.tokenizer
-    lookback = max((len(tokenizer.encode(s, add_special_tokens=False)) for s in stop), default=0) + 2
     cache = DynamicCache(config=model.hf.config)
     mask = attention_mask.to(input_ids.device)
     positions = left_padded_positions(mask)
     step_ids = input_ids
     keyed = needs_keys(ivs)
     keys: TokenKeys | None = None
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    generated: list[torch.Tensor] = []
+    rows = _GreedyRows(model.tokenizer, input_ids.shape[0], input_ids.device, eos, pad, stop)
     for _ in range(max_new_tokens):
         inputs = {
             "input_ids": step_ids, "attention_mask": mask, "position_ids": positions,
@@ -97,21 +147,189 @@ def greedy_generate(
         with torch.inference_mode(), model.nn.trace(inputs):
             apply_in_trace(model, ivs, keys=None if keys is None else keys.keys)
             logits = nnsight.save(model.nn.output.logits)
-        token = logits[:, -1].argmax(-1)
-        token = torch.where(done, torch.full_like(token, pad), token)
-        generated.append(token)
-        done |= token == eos
-        if stop:
-            recent = torch.stack(generated[-lookback:], dim=1)
-            for row in torch.nonzero(~done).flatten().tolist():
-                text = tokenizer.decode(recent[row], skip_special_tokens=False)
-                done[row] = any(s in text for s in stop)
-        if bool(done.all()):
+        token = rows.step(logits[:, -1])
+        if rows.all_done():
             break
         step_ids = token[:, None]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions[:, -1:] + 1
-    return torch.cat([input_ids, torch.stack(generated, dim=1)], dim=1) if generated else input_ids
+    return rows.output(input_ids)
+
+
+def sweep_generate(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    configs: Mapping[str, Sequence[Intervention]],
+    max_new_tokens: int = 16,
+    stop: Sequence[str] = (),
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    max_batch_tokens: int = 16384,
+) -> dict[str, torch.Tensor]:
+    """:func:`greedy_generate` of one left-padded batch under every config at once.
+
+    No config touches the layers below :func:`split_layer` ``L``, so there a row's states
+    depend only on its tokens: the prompt runs through them once, and while decoding they
+    run once per distinct token history (configs that have generated the same tokens so far
+    share them). As many configs as ``max_batch_tokens`` allows (rows × (prompt + new
+    tokens)) are stacked along the batch for layers ``L…``, each config's interventions on its
+    own rows, with their own KV cache; a row that finishes leaves the stack. Each config's
+    tensor is cut where its own decoding would have stopped, so it equals
+    ``greedy_generate(model, input_ids, attention_mask, configs[c], …)`` up to the float
+    rounding of other batch shapes. Identical configs decode once.
+    """
+    valid = {cid: validate(model, ivs) for cid, ivs in configs.items()}
+    require(len(valid) > 0, "sweep_generate: no configs given")
+    same_as = first_identical(valid)
+    config_ids = list(dict.fromkeys(same_as.values()))
+    eos = model.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = model.tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    # With no intervention anywhere every config is the same one: nothing to share.
+    split = split_layer(valid, model.n_layers) % model.n_layers
+    mask = attention_mask.to(input_ids.device)
+    positions = left_padded_positions(mask)
+    rows, width = input_ids.shape
+    keyed = any(needs_keys(valid[c]) for c in config_ids)
+    prompt_keys = token_keys(input_ids, mask) if keyed else None
+    prompt = _SharedLower.of_prompt(model, split, input_ids, mask, positions) if split > 0 else None
+
+    per_group = max(1, max_batch_tokens // (rows * (width + max_new_tokens)))
+    outputs: dict[str, torch.Tensor] = {}
+    for start in range(0, len(config_ids), per_group):
+        group = config_ids[start : start + per_group]
+        g = len(group)
+        stacked_ivs = [valid[c] for c in group]
+        config_of_row = torch.arange(g).repeat_interleave(rows)
+        prompt_row = torch.arange(rows, device=input_ids.device).repeat(g)
+        cache = _upper_cache(model, split)
+        keys = (None if prompt_keys is None else
+                TokenKeys(prompt_keys.keys.repeat(g, 1), prompt_keys.prefix.repeat(g), prompt_keys.length.repeat(g)))
+        greedy = _GreedyRows(model.tokenizer, g * rows, input_ids.device, eos, pad, stop)
+        # The stacked rows still decoding (a finished row leaves the batch and its cache).
+        active = torch.arange(g * rows, device=input_ids.device)
+        lower = prompt.for_rows(prompt_row) if prompt is not None else None
+        step_ids = input_ids.repeat(g, 1)
+        for step in range(max_new_tokens):
+            step_mask = torch.cat([mask[prompt_row[active]], mask.new_ones(len(active), step)], dim=1)
+            step_positions = positions[prompt_row[active], -1:] + step if step else positions.repeat(g, 1)
+            if step and lower is not None:
+                lower = lower.extend(model, step_ids[:, 0], mask, positions, step)
+            if keyed and step > 0:
+                keys = token_keys(step_ids, None, keys)
+            counts = torch.bincount(config_of_row[active.cpu()], minlength=g).tolist()
+            inputs = {"input_ids": step_ids, "attention_mask": step_mask, "position_ids": step_positions,
+                      "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+            with torch.inference_mode(), model.nn.trace(inputs):
+                if lower is not None:
+                    replay = lower.replay()
+                    for layer in range(split):
+                        model.envoy(layer).skip(replay)
+                _apply_per_config(model, stacked_ivs, counts, None, None if keys is None else keys.keys)
+                logits = nnsight.save(model.nn.output.logits)
+            token = greedy.step(logits[:, -1], active)
+            if greedy.all_done():
+                break
+            still = ~greedy.done[active]
+            if not bool(still.all()):
+                keep = torch.nonzero(still).flatten()
+                cache.batch_select_indices(keep)
+                active = active[keep]
+                if lower is not None:
+                    lower = lower.keep(keep)
+                if keys is not None:
+                    keys = TokenKeys(keys.keys[keep], keys.prefix[keep], keys.length[keep])
+            step_ids = token[active][:, None]
+        for j, cid in enumerate(group):
+            outputs[cid] = greedy.output(input_ids, slice(j * rows, (j + 1) * rows))
+    return {cid: outputs[same_as[cid]] for cid in valid}
+
+
+def _upper_cache(model: Model, split: int) -> Any:
+    """A KV cache whose layers below ``split`` are placeholders (those layers are skipped, their
+    output replayed), so the attention mask takes its lengths from layer ``split``."""
+    from transformers.cache_utils import Cache, DummyLayer, DynamicCache, DynamicLayer
+
+    if split == 0:
+        return DynamicCache(config=model.hf.config)
+    return Cache(layers=[DummyLayer() if layer < split else DynamicLayer() for layer in range(model.n_layers)])
+
+
+@dataclass
+class _SharedLower:
+    """The layers below the split for the distinct token histories of a stack of rows.
+
+    ``cache`` holds the keys and values of layers ``0…split−1``, one row per distinct history;
+    ``history_prompt[u]`` is the prompt row history ``u`` continues; ``of_row[i]`` is the
+    history of stacked row ``i``; ``output`` is the split layer's input for each history's
+    newest tokens (the prompt, then one token per step). ``owned``: whether ``cache`` belongs to
+    this stack alone and may grow in place.
+    """
+
+    split: int
+    cache: Any
+    history_prompt: torch.Tensor
+    of_row: torch.Tensor
+    output: Any
+    owned: bool = False
+
+    @staticmethod
+    def of_prompt(model: Model, split: int, input_ids: torch.Tensor, mask: torch.Tensor,
+                  positions: torch.Tensor) -> "_SharedLower":
+        """Run the prompt once through the layers below ``split``."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.hf.config)
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions,
+                  "past_key_values": cache, "use_cache": True}
+        with torch.inference_mode(), model.nn.trace(inputs) as tracer:
+            output = nnsight.save(model.envoy(split - 1).output)
+            tracer.stop()
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return _SharedLower(split, cache, rows, rows, output)
+
+    def for_rows(self, prompt_row: torch.Tensor) -> "_SharedLower":
+        """The same histories seen from a stack whose row ``i`` continues prompt row ``prompt_row[i]``."""
+        return _SharedLower(self.split, self.cache, self.history_prompt, prompt_row, self.output)
+
+    def replay(self) -> Any:
+        """The split layer's input for every stacked row (its history's)."""
+        return replace_output(self.output, output_tensor(self.output)[self.of_row])
+
+    def keep(self, index: torch.Tensor) -> "_SharedLower":
+        """Only the stacked rows ``index`` go on (the others finished)."""
+        return dataclasses.replace(self, of_row=self.of_row[index])
+
+    def extend(self, model: Model, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+               step: int) -> "_SharedLower":
+        """Append each stacked row's new token: the distinct (history, token) pairs become the
+        histories, and only their new tokens run through the layers below the split."""
+        vocab = int(model.hf.config.vocab_size)
+        pairs, of_row = torch.unique(self.of_row * vocab + tokens, return_inverse=True)
+        parent, new_tokens = pairs // vocab, pairs % vocab
+        cache = self.cache
+        if not (self.owned and len(parent) == len(self.history_prompt)
+                and bool((parent == torch.arange(len(parent), device=parent.device)).all())):
+            cache = _cache_rows(model, cache, parent, self.split)
+        history_prompt = self.history_prompt[parent]
+        inputs = {"input_ids": new_tokens[:, None],
+                  "attention_mask": torch.cat([mask[history_prompt], mask.new_ones(len(parent), step)], dim=1),
+                  "position_ids": positions[history_prompt, -1:] + step,
+                  "past_key_values": cache, "use_cache": True}
+        with torch.inference_mode(), model.nn.trace(inputs) as tracer:
+            output = nnsight.save(model.envoy(self.split - 1).output)
+            tracer.stop()
+        return _SharedLower(self.split, cache, history_prompt, of_row, output, owned=True)
+
+
+def _cache_rows(model: Model, cache: Any, index: torch.Tensor, layers: int) -> Any:
+    """A new cache holding rows ``index`` (repeats allowed) of ``cache``'s first ``layers`` layers."""
+    from transformers import DynamicCache
+
+    out = DynamicCache(config=model.hf.config)
+    for layer in range(layers):
+        out.update(cache.layers[layer].keys[index], cache.layers[layer].values[index], layer)
+    return out
 
 
 def split_layer(configs: Mapping[str, Sequence[Intervention]], n_layers: int) -> int:
@@ -122,12 +340,18 @@ def split_layer(configs: Mapping[str, Sequence[Intervention]], n_layers: int) ->
 def _apply_per_config(
     model: Model,
     configs: Sequence[Sequence[Intervention]],
-    rows_per_config: int,
-    last_index: torch.Tensor,
+    rows_per_config: int | Sequence[int],
+    last_index: torch.Tensor | None,
     keys: torch.Tensor | None = None,
 ) -> None:
     """Inside a trace over configs stacked along the batch, edit each config's rows with its own
-    list (``keys [rows_per_config, s]``: the token keys of the batch every config repeats)."""
+    list. ``rows_per_config``: every config's number of rows (one int: the same for all; a
+    list: one count per config, as when decoding drops finished rows). ``keys``: the token
+    keys, either ``[rows_per_config, s]`` (the batch every config repeats) or one row per
+    stacked row (each config's rows their own, as when decoding, where configs' generated
+    tokens differ)."""
+    counts = [rows_per_config] * len(configs) if isinstance(rows_per_config, int) else list(rows_per_config)
+    bounds = [0, *itertools.accumulate(counts)]
     sites = sorted(
         {(iv.layer, iv.component) for ivs in configs for iv in ivs},
         key=forward_order,
@@ -138,10 +362,12 @@ def _apply_per_config(
         h = output_tensor(out)
         parts = []
         for g, ivs in enumerate(configs):
-            part = h[g * rows_per_config : (g + 1) * rows_per_config]
+            rows = slice(bounds[g], bounds[g + 1])
+            part = h[rows]
+            part_keys = keys if keys is None or keys.shape[0] != bounds[-1] else keys[rows]
             for iv in ivs:
                 if (iv.layer, iv.component) == site:
-                    part = perturb(part, iv, last_index, keys)
+                    part = perturb(part, iv, last_index, part_keys)
             parts.append(part)
         envoy.output = replace_output(out, torch.cat(parts, dim=0))
 

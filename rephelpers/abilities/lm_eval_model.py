@@ -22,7 +22,7 @@ from ..errors import require
 from ..perturbations.intervene import Intervention, apply_in_trace, needs_keys, validate
 from ..perturbations.tokenkeys import token_keys
 from ..representations.models import Model
-from .forward import greedy_generate, right_padded_last_index, sweep_loglikelihood
+from .forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood
 from .lm_tasks import _quiet_lm_eval
 
 
@@ -108,18 +108,10 @@ class PerturbedLM(HFLM):
         stop: list[str],
         **generation_kwargs: Any,
     ) -> torch.Tensor:
-        mask = generation_kwargs.pop("attention_mask", None)
-        sampling = bool(generation_kwargs.get("do_sample")) or float(generation_kwargs.get("temperature") or 0.0) > 0
-        require(
-            not sampling,
-            "PerturbedLM decodes greedily; this task asks for sampling "
-            f"({ {k: generation_kwargs[k] for k in ('do_sample', 'temperature') if k in generation_kwargs} }). "
-            "Set do_sample: false in the task's generation_kwargs.",
-        )
         return greedy_generate(
             self.rh_model,
             context,
-            torch.ones_like(context) if mask is None else mask,
+            _greedy_mask(context, generation_kwargs),
             self._interventions,
             max_new_tokens=max_length - context.shape[1],
             stop=stop,
@@ -128,12 +120,29 @@ class PerturbedLM(HFLM):
         )
 
 
-class SweepLM(PerturbedLM):
-    """A :class:`PerturbedLM` that answers log-likelihood requests for all configs at once.
+def _greedy_mask(context: torch.Tensor, generation_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The attention mask lm-eval passes with a generation batch (all ones if none), after
+    refusing sampling: perturbed models decode greedily, so configs' answers pair."""
+    mask = generation_kwargs.pop("attention_mask", None)
+    sampling = bool(generation_kwargs.get("do_sample")) or float(generation_kwargs.get("temperature") or 0.0) > 0
+    require(
+        not sampling,
+        "PerturbedLM decodes greedily; this task asks for sampling "
+        f"({ {k: generation_kwargs[k] for k in ('do_sample', 'temperature') if k in generation_kwargs} }). "
+        "Set do_sample: false in the task's generation_kwargs.",
+    )
+    return torch.ones_like(context) if mask is None else mask
 
-    The first config's call computes every config's answers (:func:`sweep_loglikelihood`)
-    and keeps them, keyed by the exact token requests, for the other configs' calls;
-    :meth:`select` switches the config. Generation requests run per config.
+
+class SweepLM(PerturbedLM):
+    """A :class:`PerturbedLM` that answers every config's requests at once.
+
+    Log-likelihood requests: the first config's call computes every config's answers
+    (:func:`sweep_loglikelihood`) and keeps them, keyed by the exact token requests, for the
+    other configs' calls. Generation: lm-eval hands the same batches to every config, so
+    the first config's call of a batch decodes it under every config together
+    (:func:`sweep_generate`) and keeps each config's tokens, keyed by the batch's tokens and
+    decoding settings. :meth:`select` switches the config.
     """
 
     def __init__(
@@ -151,6 +160,7 @@ class SweepLM(PerturbedLM):
         self.pack_choices = pack_choices
         self.active: str | None = None
         self._answers: dict[tuple, dict[str, list[tuple[float, bool]]]] = {}
+        self._generated: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def select(self, config_id: str) -> "SweepLM":
         require(config_id in self.configs, f"unknown config {config_id!r}")
@@ -173,3 +183,28 @@ class SweepLM(PerturbedLM):
                 pack_choices=self.pack_choices,
             )
         return list(self._answers[key][self.active])
+
+    def _model_generate(
+        self,
+        context: torch.Tensor,
+        max_length: int,
+        stop: list[str],
+        **generation_kwargs: Any,
+    ) -> torch.Tensor:
+        require(self.active is not None, "SweepLM: select(config_id) before evaluating")
+        mask = _greedy_mask(context, generation_kwargs)
+        key = (tuple(context.shape), context.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes(),
+               int(max_length), tuple(stop))
+        if key not in self._generated:
+            self._generated[key] = sweep_generate(
+                self.rh_model,
+                context,
+                mask,
+                self.configs,
+                max_new_tokens=max_length - context.shape[1],
+                stop=stop,
+                eos_token_id=self.eot_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                max_batch_tokens=self.max_batch_tokens,
+            )
+        return self._generated[key][self.active]
