@@ -1,7 +1,7 @@
 """A tiny masked LM built offline inside the tests: nothing is downloaded, no weights are committed.
 
 :func:`build_tiny_masked_lm` trains a WordPiece vocabulary (the ``tokenizers`` library) on the
-builtin corpus, builds a BERT (or RoBERTa / DistilBERT) masked LM from its config with
+builtin corpus, builds a BERT (or RoBERTa / DistilBERT / ModernBERT) masked LM from its config with
 random weights of a fixed seed, and saves both into a folder that ``load_model`` (and so
 ``model_name`` in the notebooks) takes like any HF masked-LM folder. Random weights suffice:
 these tests check the mechanics (extraction, pseudo-log-likelihood, perturbations), not
@@ -10,6 +10,7 @@ what the model knows.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ LAYERS = 4
 HIDDEN = 64
 
 
+@functools.lru_cache(maxsize=1)
 def _tokenizer(vocab_size: int = 1000):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizerFast
@@ -35,7 +37,8 @@ def _tokenizer(vocab_size: int = 1000):
 def build_tiny_masked_lm(folder: Path, architecture: str = "bert", seed: int = 0) -> Path:
     """Save a ``LAYERS``-layer, ``HIDDEN``-wide masked LM and its tokenizer into ``folder``."""
     from transformers import (
-        BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, RobertaConfig, RobertaForMaskedLM,
+        BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM,
+        RobertaConfig, RobertaForMaskedLM,
     )
 
     tokenizer = _tokenizer()
@@ -50,6 +53,13 @@ def build_tiny_masked_lm(folder: Path, architecture: str = "bert", seed: int = 0
     elif architecture == "distilbert":
         model = DistilBertForMaskedLM(DistilBertConfig(dim=HIDDEN, n_layers=LAYERS, n_heads=4, hidden_dim=2 * HIDDEN,
                                                        max_position_embeddings=512, **common))
+    elif architecture == "modernbert":
+        # Pre-LN, rotary positions, and local attention (16 tokens) in every other layer.
+        special = dict(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        model = ModernBertForMaskedLM(ModernBertConfig(
+            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=2 * HIDDEN,
+            max_position_embeddings=512, global_attn_every_n_layers=2, local_attention=16, **special, **common))
     else:
         raise ValueError(f"unknown architecture {architecture!r}")
     folder = Path(folder)

@@ -106,10 +106,14 @@ def test_last_pooling_reads_the_last_real_token_for_either_padding():
 
 
 # -- stage 02 -------------------------------------------------------------------------------
-@pytest.mark.parametrize("architecture", ["bert", "roberta", "distilbert"])
+ARCHITECTURES = ["bert", "roberta", "distilbert", "modernbert"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_activations_equal_hf_hidden_states(models_root, isolated_cache, architecture):
     model = load_model(_folder(models_root, architecture), device="cpu")
-    layers = [0, 2, 3]
+    # Not the last layer: ModernBERT's last hidden_states entry is after its final norm.
+    layers = [0, 2]
     for pooling in ("mean", "last"):
         acts = extract_activations(model, TEXTS, layers, pooling=pooling, batch_size=3, max_length=64,
                                    progress=False, skip_first=1)
@@ -125,9 +129,11 @@ def test_activations_equal_hf_hidden_states(models_root, isolated_cache, archite
 
 
 # -- stages 03 and 04: pseudo-log-likelihood --------------------------------------------------
-def test_pseudo_nll_equals_a_plain_masking_loop(bert):
-    nll, count = sequence_nll(bert, TEXTS, batch_size=3, max_length=64, progress=False)
-    want = [reference_text_pll(bert, t, max_length=64) for t in TEXTS]
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_pseudo_nll_equals_a_plain_masking_loop(models_root, architecture):
+    model = load_model(_folder(models_root, architecture), device="cpu")
+    nll, count = sequence_nll(model, TEXTS, batch_size=3, max_length=64, progress=False)
+    want = [reference_text_pll(model, t, max_length=64) for t in TEXTS]
     np.testing.assert_allclose(nll, [-w for w, _ in want], rtol=1e-5)
     assert count.tolist() == [n for _, n in want] and count[2] == 1  # "x": one real token
     assert perplexity(nll, count) == pytest.approx(np.exp(-sum(w for w, _ in want) / sum(n for _, n in want)))
