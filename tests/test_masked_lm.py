@@ -234,6 +234,13 @@ def test_evaluate_abilities_scores_choices_by_pseudo_log_likelihood(bert, tmp_pa
     pd.testing.assert_frame_equal(fast, scores)
 
 
+def test_the_testbed_refuses_a_masked_lm(bert):
+    from rephelpers.testbed.finetune import first_trained_layer
+
+    with pytest.raises(RephelpersError, match="masked LM: the testbed continues pre-training with the next-token loss"):
+        first_trained_layer(bert, 2)
+
+
 def test_generation_tasks_are_refused_before_any_evaluation(bert, tmp_path, monkeypatch):
     tasks = build_tasks(["arithmetic", "reasoning", "instruction"], tmp_path / "tasks", items_per_task=2, seed=0)
 
