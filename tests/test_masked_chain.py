@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def test_a_config_built_masked_lm_runs_the_ci_size_chain(tmp_path, monkeypatch):
     folder = build_tiny_masked_lm(tmp_path / "tiny-bert")
     monkeypatch.setenv("REPHELPERS_CACHE", str(tmp_path / "cache"))  # nothing of this model in the user's cache
     monkeypatch.setenv("REPHELPERS_PROJECT_ROOT", str(ROOT))
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernels import this checkout's package
+    # the kernels import this checkout's package
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     # A model this small runs fastest on one thread; the runner keeps a value already set.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.setenv(name, "1")
