@@ -19,5 +19,7 @@ def model():
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``after_notebooks`` run last, after the notebooks nbmake runs in scripts/test.sh
-    (they open what those notebooks wrote into runs/ci_nbmake)."""
-    items.sort(key=lambda item: item.get_closest_marker("after_notebooks") is not None)
+    (they open what those notebooks wrote into runs/ci_nbmake); tests marked ``slow`` (whole chains)
+    just before them, so that the quick tests report first."""
+    items.sort(key=lambda item: (item.get_closest_marker("after_notebooks") is not None,
+                                 item.get_closest_marker("slow") is not None))

@@ -13,6 +13,11 @@ serve the unperturbed answers to a perturbed run).
 :func:`rephelpers.abilities.forward.sweep_generate` (every config of a batch decoded together,
 the prompt's lower layers and their KV cache computed once).
 
+A masked LM (``model.masked``) is evaluated through
+:class:`~rephelpers.abilities.masked_lm.MaskedPerturbedLM`: multiple-choice and log-likelihood
+tasks scored by pseudo-log-likelihood, per config (``fast`` does not apply to it), and a
+generation task is refused before any evaluation starts.
+
 :func:`cluster_configs` makes the configs of a run (every cluster's perturbation, its
 control draws, the baseline; :class:`~rephelpers.setting.Setting` ids), and the rest of
 the module summarises and charts the scores.
@@ -35,6 +40,7 @@ from ..progress import progress_bar
 from ..representations.models import Model
 from ..setting import Setting
 from .lm_eval_model import PerturbedLM, SweepLM
+from .masked_lm import MaskedPerturbedLM, check_masked_tasks
 from .lm_tasks import PreparedTasks, _quiet_lm_eval, prepare_tasks
 from .suite import TaskInfo
 
@@ -190,18 +196,31 @@ def evaluate_abilities(
     ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
     its choices (:func:`sweep_loglikelihood`). ``task_paths``: folders of your own lm-eval
     task YAMLs, whose tasks ``tasks`` names (:func:`~rephelpers.abilities.lm_tasks.prepare_tasks`).
+
+    A masked LM is scored by pseudo-log-likelihood (:class:`MaskedPerturbedLM`:
+    ``log p(cont | ctx) = Σ_j log p(c_j | ctx, c_{\\j})``, each continuation token masked in
+    turn), always per config: ``fast=True`` falls back to that path, since the shared-prefix
+    sweep is built for causal attention. Its rows get ``likelihood = "pseudo-log-likelihood"``
+    (``margin``, ``p_correct`` and ``confidence`` are then in pseudo-log-likelihood units).
+    Generation tasks (``reasoning``, ``instruction``, any ``generate_until`` task) raise a
+    :class:`RephelpersError` naming them before any evaluation starts.
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
     prepared = prepare_tasks(tasks, task_dir, allow_download, task_paths)
-    lm = (SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if fast
+    if model.masked:
+        check_masked_tasks(model, {name: task.OUTPUT_TYPE for task_dict, _ in prepared.dicts()
+                                   for name, task in task_dict["tasks"].items()})
+    sweep = fast and not model.masked
+    lm = (MaskedPerturbedLM(model, batch_size=batch_size) if model.masked
+          else SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if sweep
           else PerturbedLM(model, batch_size=batch_size))
 
     from lm_eval.evaluator import evaluate
 
     rows: list[dict[str, Any]] = []
     for cid in progress_bar(list(checked), desc="configs", disable=not progress):
-        if fast:
+        if sweep:
             lm.select(cid)
         else:
             lm.use(checked[cid])
@@ -224,6 +243,8 @@ def evaluate_abilities(
         "Report this bug with the task names.",
     )
     df["interventions"] = df["config_id"].map({cid: interventions_to_json(ivs) for cid, ivs in checked.items()})
+    if model.masked:
+        df["likelihood"] = "pseudo-log-likelihood"
     if config_meta:
         meta = pd.DataFrame.from_dict({cid: dict(m) for cid, m in config_meta.items()}, orient="index")
         df = df.join(meta, on="config_id")

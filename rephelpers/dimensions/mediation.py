@@ -7,7 +7,8 @@ a ``(layer, component)`` site, the indirect effect is
     IE_i = NLL(x | do(h_i = μ_i^other)) − NLL(x),
 
 where ``NLL`` is the next-token negative log-likelihood per predicted token over the
-texts (``Σ NLL / Σ tokens``) and ``do(h_i = μ_i^other)`` sets dimension ``i`` at that site,
+texts (``Σ NLL / Σ tokens``; for a masked LM the pseudo-NLL ``−Σ PLL / Σ tokens``, each
+token masked in turn, and the effects table gets ``nll_kind = "pseudo-NLL"``) and ``do(h_i = μ_i^other)`` sets dimension ``i`` at that site,
 at every token, to its mean on other-cluster inputs, leaving everything upstream
 untouched: the mediator takes the value of the control condition while the input
 stays cluster k. ``IE_i > 0`` means the cluster-specific value of ``h_i`` helps the model
@@ -26,7 +27,7 @@ import torch
 
 from .components import ClusterComponents, as_components
 from ..errors import require
-from ..perturbations.intervene import Intervention, sequence_nll
+from ..perturbations.intervene import Intervention, likelihood_names, sequence_nll
 from ..perturbations.kinds import Ablate
 from ..progress import progress_bar
 from ..representations.models import Model, output_tensor
@@ -85,7 +86,8 @@ def mediation_effects(
     forward passes over ``texts_k``: keep both short.
 
     Returns one row per dimension, largest effect first: ``dim, value (μ_i^other),
-    nll_original, nll_intervened`` (per token) ``, indirect_effect, rank``.
+    nll_original, nll_intervened`` (per token) ``, indirect_effect, rank`` (and, for a
+    masked LM, ``nll_kind``: the NLLs are pseudo-NLLs).
     """
     require(len(texts_k) > 0, "mediation_effects: no cluster texts given (is the cluster empty?).")
     dims = [int(i) for i in dims]
@@ -113,7 +115,8 @@ def mediation_effects(
         rows.append({"dim": dim, "value": value, "nll_original": original,
                      "nll_intervened": intervened, "indirect_effect": intervened - original})
     effects = pd.DataFrame(rows).sort_values("indirect_effect", ascending=False, kind="stable")
-    return effects.assign(rank=np.arange(1, len(effects) + 1)).reset_index(drop=True)
+    effects = effects.assign(rank=np.arange(1, len(effects) + 1)).reset_index(drop=True)
+    return effects.assign(nll_kind=likelihood_names(model).nll) if model.masked else effects
 
 
 def mediation_by_cluster(

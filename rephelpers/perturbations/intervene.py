@@ -10,6 +10,13 @@ logits of a perturbed forward pass, and per-text negative log-likelihood (perple
 ``forward_readout`` adds what the specificity checks compare between an original and a
 perturbed pass of one batch: per-text NLL, pooled hidden states at chosen layers and
 attention patterns.
+
+For a masked LM (``model.masked``) the same functions return the *pseudo*-negative
+log-likelihood instead (Salazar et al., 2020): ``PLL(x) = Σ_t log p(x_t | x_{\\t})`` over the
+real tokens (not [CLS], [SEP] or padding), each masked in turn in its own copy of the text
+with the perturbation applied in every copy (:func:`pseudo_nll`), and the
+pseudo-perplexity of a set is ``exp(−Σ PLL / Σ tokens)`` (:func:`perplexity`). Stages 03 and
+04 call one function whatever the model is.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 
 from ..errors import require
 from ..progress import progress_bar
-from ..representations.activations import pool
+from ..representations.activations import last_real_index, pool
 from ..representations.models import Model, output_tensor, replace_output
 from .kinds import Perturbation, perturbation_from_dict
 from .tokenkeys import token_keys
@@ -98,6 +105,11 @@ def validate(model: Model, interventions: Sequence[Intervention]) -> list[Interv
     """
     resolved = []
     for iv in interventions:
+        require(
+            not (model.masked and iv.positions == "last"),
+            f"positions='last' edits the token whose next-token prediction is read; {model.name} is a masked LM, "
+            "which predicts no next token (it is scored by masking every token in turn): use positions='all'.",
+        )
         layer = model.check_layer(iv.layer)
         model.check_component(iv.component)
         iv.perturbation.check(model.d_model)
@@ -209,12 +221,16 @@ def sequence_nll(
     batch_size: int = 8,
     max_length: int = 256,
     progress: bool = True,
-    desc: str = "perplexity",
+    desc: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-text summed next-token negative log-likelihood and token count.
 
     ``NLL(x) = −Σ_{t=1}^{T−1} log p(x_{t+1} | x_{≤t})`` over the real (non-pad) tokens of
     the first ``max_length`` tokens. Perplexity of a set is ``exp(Σ NLL / Σ count)``.
+
+    A masked LM gives the pseudo-NLL ``−PLL(x) = −Σ_t log p(x_t | x_{\\t})`` over its real
+    non-special tokens and their number (:func:`pseudo_nll`; ``batch_size`` masked copies
+    per forward pass), so the same formula gives the pseudo-perplexity.
     """
     require(len(texts) > 0, "sequence_nll: no texts given (is the cluster empty?)")
     ivs = validate(model, interventions)
@@ -223,22 +239,26 @@ def sequence_nll(
     # Sorting by length keeps padding (wasted compute) small; results go back in order.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     starts = range(0, len(texts), batch_size)
-    for start in progress_bar(starts, desc=desc, disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=desc or likelihood_names(model).perplexity, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = model.encode([texts[j] for j in idx], max_length=max_length)
         keys = batch_keys(ivs, batch)
-        with torch.inference_mode():
-            with model.nn.trace(dict(batch)):
-                apply_in_trace(model, ivs, keys=keys)
-                logits = model.nn.output.logits.save()
-        batch_nll, batch_count = token_nll(logits, batch)
+        if model.masked:
+            batch_nll, batch_count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=batch_size)
+        else:
+            with torch.inference_mode():
+                with model.nn.trace(dict(batch)):
+                    apply_in_trace(model, ivs, keys=keys)
+                    logits = model.nn.output.logits.save()
+            batch_nll, batch_count = token_nll(logits, batch)
         nll[idx] = batch_nll.cpu().numpy()
         count[idx] = batch_count.cpu().numpy()
     return nll, count
 
 
 def token_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed next-token NLL and the number of predicted real tokens.
+    """Per-row summed next-token NLL and the number of predicted real tokens (a causal LM's;
+    a masked LM's counterpart is :func:`pseudo_nll`).
 
     ``NLL = −Σ_t m_t m_{t+1} log p(x_{t+1} | x_{≤t})`` with ``m`` the attention mask.
     """
@@ -249,13 +269,104 @@ def token_nll(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[tor
     return nll.sum(-1), mask.sum(-1)
 
 
+def pll_targets(model: Model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[b, s]`` bool: the tokens pseudo-log-likelihood scores, the real tokens other than the
+    tokenizer's special ones ([CLS], [SEP], padding, [MASK]; an [UNK] is a real token)."""
+    tokenizer = model.tokenizer
+    special = sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+    ids = batch["input_ids"]
+    return batch["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(special, dtype=ids.dtype, device=ids.device))
+
+
+def masked_log_probs(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    targets: torch.Tensor,
+    interventions: Sequence[Intervention] = (),
+    keys: torch.Tensor | None = None,
+    copies_per_pass: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p(x_t | x_{\\t})`` of a masked LM at every ``targets [b, s]`` position, and whether
+    ``x_t`` is the most likely token there.
+
+    For each target (row i, position t) a copy of row i with ``x_t`` replaced by the mask
+    token runs through the model, ``interventions`` applied to every token of the copy (the
+    mask included), and the log-softmax of the logits at t is read at ``x_t``. Copies run
+    ``copies_per_pass`` at a time, cut to the longest real row among them. ``keys [b, s]``
+    are the unmasked rows' token keys (:func:`batch_keys`), so a keyed perturbation (noise)
+    draws the same values at a position in every copy of its text.
+
+    Returns ``(logp [b, s], greedy [b, s])``: 0 and True outside ``targets``.
+    """
+    require(model.masked, f"masked_log_probs: {model.name} is a causal LM; score it with token_nll.")
+    require(copies_per_pass >= 1, f"copies_per_pass must be ≥ 1, got {copies_per_pass}")
+    ivs = validate(model, interventions)
+    rows, cols = targets.nonzero(as_tuple=True)
+    logp = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
+    greedy = torch.ones(targets.shape, dtype=torch.bool, device=input_ids.device)
+    for start in range(0, len(rows), copies_per_pass):
+        r, c = rows[start : start + copies_per_pass], cols[start : start + copies_per_pass]
+        # Beyond the last real token of these rows there is padding only: leave it out.
+        width = int(last_real_index(attention_mask[r]).max()) + 1
+        ids = input_ids[r, :width].clone()
+        picks = torch.arange(len(r), device=ids.device)
+        ids[picks, c] = model.tokenizer.mask_token_id
+        copy = {"input_ids": ids, "attention_mask": attention_mask[r, :width]}
+        with torch.inference_mode(), model.nn.trace(copy):
+            apply_in_trace(model, ivs, None, None if keys is None else keys[r, :width])
+            picked = model.nn.output.logits[picks, c].save()
+        scores = torch.log_softmax(picked.float(), dim=-1)
+        target = input_ids[r, c]
+        logp[r, c] = scores.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        greedy[r, c] = scores.argmax(-1) == target
+    return logp, greedy
+
+
+def pseudo_nll(
+    model: Model,
+    batch: Mapping[str, torch.Tensor],
+    interventions: Sequence[Intervention] = (),
+    keys: torch.Tensor | None = None,
+    copies_per_pass: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row pseudo-NLL ``−PLL(x) = −Σ_{t∈T(x)} log p(x_t | x_{\\t})`` of a masked LM and ``|T(x)|``.
+
+    ``T(x)``: the row's real tokens other than special ones (:func:`pll_targets`), each masked
+    in turn (:func:`masked_log_probs`, Salazar et al. 2020). ``exp(Σ −PLL / Σ |T|)`` over a set
+    of texts is its pseudo-perplexity (:func:`perplexity`).
+    """
+    targets = pll_targets(model, batch)
+    logp, _ = masked_log_probs(model, batch["input_ids"], batch["attention_mask"], targets, interventions, keys,
+                               copies_per_pass)
+    return -logp.sum(-1), targets.sum(-1)
+
+
+@dataclass(frozen=True)
+class LikelihoodNames:
+    """What a model's likelihood numbers are called: a causal LM's next-token ones, or a
+    masked LM's pseudo-likelihoods."""
+
+    perplexity: str
+    nll: str
+    loglik: str
+
+
+def likelihood_names(model: Model) -> LikelihoodNames:
+    """``perplexity``/``NLL``/``log-likelihood``, or their ``pseudo-`` forms for a masked LM."""
+    if model.masked:
+        return LikelihoodNames("pseudo-perplexity", "pseudo-NLL", "pseudo-log-likelihood")
+    return LikelihoodNames("perplexity", "NLL", "log-likelihood")
+
+
 @dataclass
 class Readout:
     """What one (possibly perturbed) forward pass of a batch leaves behind.
 
     ``nll``/``count``: per-row summed next-token NLL and predicted-token count (see
-    :func:`token_nll`); ``pooled[l]``: the residual stream after decoder layer ``l``
-    (perturbed, if an intervention sits there), mean-pooled over real tokens, ``[b, d]``;
+    :func:`token_nll`; a masked LM's pseudo-NLL and scored-token count, :func:`pseudo_nll`);
+    ``pooled[l]``: the residual stream after layer ``l`` (perturbed, if an intervention sits
+    there), mean-pooled over real tokens, ``[b, d]``;
     ``attention[l]``: layer ``l``'s attention probabilities ``[b, heads, query, key]``.
     """
 
@@ -297,7 +408,10 @@ def forward_readout(
 ) -> Readout:
     """One forward pass of ``batch`` with ``interventions``, read out at the given layers.
 
-    Attention probabilities are read under :func:`eager_attention`.
+    Attention probabilities are read under :func:`eager_attention`. For a masked LM the
+    pass over the unmasked batch gives the pooled states and attention (it stops after the
+    last site it reads), and the NLL is the pseudo-NLL of :func:`pseudo_nll` (as many masked
+    copies per pass as the batch has rows).
     """
     ivs = validate(model, interventions)
     read = {model.check_layer(int(l)) for l in read_layers}
@@ -308,8 +422,11 @@ def forward_readout(
     keys = batch_keys(ivs, batch)
     pooled: dict[int, torch.Tensor] = {}
     attention: dict[int, torch.Tensor] = {}
+    if model.masked and not read and not attend:
+        nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
+        return Readout(nll=nll, count=count)
     with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
-        with model.nn.trace(dict(batch)):
+        with model.nn.trace(dict(batch)) as tracer:
             for site in sorted(sites, key=forward_order):
                 layer, component = site
                 envoy = model.envoy(layer, component)
@@ -322,13 +439,19 @@ def forward_readout(
                     pooled[layer] = pool(h.float(), mask, "mean").save()
                 if component == "attn" and layer in attend:
                     attention[layer] = out[1].save()
+            if model.masked:
+                tracer.stop()  # the unmasked pass gives no NLL: nothing after the last read is needed
             logits = model.nn.output.logits.save()
-    nll, count = token_nll(logits, batch)
+    if model.masked:
+        nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
+    else:
+        nll, count = token_nll(logits, batch)
     return Readout(nll=nll, count=count, pooled=pooled, attention=attention)
 
 
 def perplexity(nll: Iterable[float], count: Iterable[int]) -> float:
-    """``exp(Σ NLL / Σ tokens)``: corpus-level perplexity from :func:`sequence_nll` output."""
+    """``exp(Σ NLL / Σ tokens)``: corpus-level perplexity from :func:`sequence_nll` output (a masked
+    LM's pseudo-perplexity ``exp(−Σ PLL / Σ tokens)`` from its pseudo-NLL)."""
     total = float(np.sum(count))
     require(total > 0, "perplexity: no predicted tokens (texts too short?)")
     return math.exp(float(np.sum(nll)) / total)

@@ -6,7 +6,10 @@ k's held-out texts (the *target* set) and on held-out texts of the other cluster
 *rest* set). Per arm the report holds:
 
 - perplexity before/after on both sets and ``Δ = log ppl_after − log ppl_before`` (the
-  change in mean next-token NLL, nats per token);
+  change in mean next-token NLL, nats per token). For a masked LM these are
+  pseudo-perplexities (``exp(−Σ PLL / Σ tokens)``, :func:`rephelpers.perturbations.intervene.pseudo_nll`)
+  and the report has a column ``ppl_kind = "pseudo-perplexity"`` (a causal LM's report has
+  none, so its rows are as before);
 - ``specificity_gap = Δ_target − Δ_rest`` and ``specificity_ratio = Δ_target / Δ_rest``
   (NaN when ``|Δ_rest| < 1e-9``): a specific perturbation has a large gap and a ratio
   above 1, its control neither;
@@ -48,7 +51,8 @@ from ..representations.models import Model, model_fingerprint, output_tensor
 from ..progress import progress_bar
 from ..setting import Setting
 from .intervene import (
-    Intervention, Readout, batch_keys, first_identical, forward_readout, perplexity, perturb, validate,
+    Intervention, Readout, batch_keys, first_identical, forward_readout, likelihood_names, perplexity, perturb,
+    validate,
 )
 from .kinds import (
     KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
@@ -278,6 +282,8 @@ def specificity_report(
     ratio = report["edit_ratio"]
     report["edit_tolerance"] = float(edit_tolerance)
     report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
+    if model.masked:
+        report["ppl_kind"] = likelihood_names(model).perplexity
     return report
 
 
@@ -564,13 +570,20 @@ METRICS = {
 }
 
 
+def metric_labels(report: pd.DataFrame) -> dict[str, str]:
+    """:data:`METRICS`, with "perplexity" read as the report's ``ppl_kind`` (a masked LM's pseudo-perplexity)."""
+    kind = str(report["ppl_kind"].iloc[0]) if "ppl_kind" in report.columns and len(report) else "perplexity"
+    return {key: label.replace("perplexity", kind) for key, label in METRICS.items()}
+
+
 def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
     """``report`` in long form: one row per (cluster, arm, draw, metric, set ∈ {target, rest}).
 
-    Metrics without values (attention JS when not measured) are dropped.
+    Metrics without values (attention JS when not measured) are dropped; ``metric`` holds
+    :func:`metric_labels`.
     """
     frames = []
-    for key, label in METRICS.items():
+    for key, label in metric_labels(report).items():
         for name in SETS:
             column = f"{key}_{name}"
             frames.append(report[["cluster", "arm", "draw", "kind", "magnitude", "layer"]].assign(
@@ -592,4 +605,5 @@ __all__ = [
     "control_spectrum",
     "EDIT_TOLERANCE",
     "specificity_long",
+    "metric_labels",
 ]

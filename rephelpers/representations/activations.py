@@ -44,19 +44,25 @@ ACTIVATIONS_DIR = "activations"
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str, skip_first: int = 1) -> torch.Tensor:
-    """Pool ``hidden [b, s, d]`` over real tokens given a (left-padded) ``attention_mask [b, s]``.
+    """Pool ``hidden [b, s, d]`` over real tokens given an ``attention_mask [b, s]`` (left or right padding).
 
-    ``mean`` leaves out each row's first ``skip_first`` real tokens (the attention sink;
-    a row with ``≤ skip_first`` real tokens is averaged over all of them); ``last`` ignores
+    ``mean`` leaves out each row's first ``skip_first`` real tokens (the attention sink, or
+    a masked LM's [CLS]; a row with ``≤ skip_first`` real tokens is averaged over all of
+    them); ``last`` takes each row's last real token (a masked LM's [SEP]) and ignores
     ``skip_first``.
     """
     if pooling == "mean":
         mask = kept_mask(attention_mask, skip_first).to(hidden.dtype).unsqueeze(-1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
     if pooling == "last":
-        # Left padding puts every row's last real token at the final position.
-        return hidden[:, -1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_index(attention_mask).to(hidden.device)]
     raise RephelpersError(f"unknown pooling {pooling!r}: use one of {POOLINGS}")
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[b]``: each row's last position with ``attention_mask = 1`` (the final position under left padding)."""
+    from_end = torch.flip(attention_mask.bool(), dims=[1]).int().argmax(dim=1)
+    return attention_mask.shape[1] - 1 - from_end
 
 
 def _extract_batches(

