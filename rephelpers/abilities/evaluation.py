@@ -204,14 +204,24 @@ def evaluate_abilities(
     (``margin``, ``p_correct`` and ``confidence`` are then in pseudo-log-likelihood units).
     Generation tasks (``reasoning``, ``instruction``, any ``generate_until`` task) raise a
     :class:`RephelpersError` naming them before any evaluation starts.
+
+    A model run remotely (``model.remote``: NDIF, or nnsight's local simulation of it) is
+    evaluated per config, one remote request per lm-eval batch; its generation tasks are
+    refused before any evaluation, like a masked LM's.
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
     prepared = prepare_tasks(tasks, task_dir, allow_download, task_paths)
+    task_types = {name: task.OUTPUT_TYPE for task_dict, _ in prepared.dicts() for name, task in task_dict["tasks"].items()}
     if model.masked:
-        check_masked_tasks(model, {name: task.OUTPUT_TYPE for task_dict, _ in prepared.dicts()
-                                   for name, task in task_dict["tasks"].items()})
-    sweep = fast and not model.masked
+        check_masked_tasks(model, task_types)
+    if model.remote:
+        generation = sorted(name for name, kind in task_types.items() if kind == "generate_until")
+        require(not generation,
+                f"{model.name} runs remotely, where greedy decoding with a KV cache is not supported: "
+                f"{', '.join(generation)} cannot be evaluated on it. Drop them, or run the model locally (remote=False).")
+    # The shared-prefix sweep keeps states between forward passes; a remote request holds none.
+    sweep = fast and not model.masked and not model.remote
     lm = (MaskedPerturbedLM(model, batch_size=batch_size) if model.masked
           else SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if sweep
           else PerturbedLM(model, batch_size=batch_size))

@@ -125,6 +125,7 @@ def greedy_generate(
     (each is the last one when it is processed). Token keys for noise are carried across
     steps, so each generated token gets the noise a full forward pass would give it.
     """
+    model.require_local("greedy decoding")
     from transformers import DynamicCache
 
     ivs = validate(model, interventions)
@@ -179,6 +180,7 @@ def sweep_generate(
     ``greedy_generate(model, input_ids, attention_mask, configs[c], …)`` up to the float
     rounding of other batch shapes. Identical configs decode once.
     """
+    model.require_local("the stacked decoding sweep")
     valid = {cid: validate(model, ivs) for cid, ivs in configs.items()}
     require(len(valid) > 0, "sweep_generate: no configs given")
     same_as = first_identical(valid)
@@ -510,6 +512,7 @@ def sweep_loglikelihood(
     are not packed, since a packed row has several last tokens, nor are models whose
     attention kernel ignores a 4-D mask (flash attention).
     """
+    model.require_local("the shared-prefix sweep")
     valid = {cid: validate(model, ivs) for cid, ivs in configs.items()}
     require(len(valid) > 0, "sweep_loglikelihood: no configs given")
     limit = max_length or model.max_length

@@ -19,7 +19,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import require
-from ..perturbations.intervene import Intervention, apply_in_trace, needs_keys, validate
+from ..perturbations.intervene import Intervention, apply_placed, needs_keys, place, validate
 from ..perturbations.tokenkeys import token_keys
 from ..representations.models import Model
 from .forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood
@@ -53,6 +53,9 @@ class PerturbedLM(HFLM):
                 max_length=max_length or model.max_length,
             )
         self.rh_model = model
+        if model.remote is True:
+            # A hosted model's local copy has no weights (device "meta"): inputs are sent from the CPU.
+            self._device = model.device
         self.show_request_progress = show_request_progress
         self._interventions: list[Intervention] = []
         self._pair_tokens: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
@@ -96,9 +99,10 @@ class PerturbedLM(HFLM):
         )
         # Right padding follows every real token, so keys need no mask here.
         keys = token_keys(inps).keys if needs_keys(self._interventions) else None
-        with torch.inference_mode(), self.rh_model.nn.trace({"input_ids": inps}):
-            apply_in_trace(self.rh_model, self._interventions, last_index, keys)
-            logits = nnsight.save(self.rh_model.nn.output.logits)
+        placed, nn = place(self.rh_model, self._interventions), self.rh_model.nn
+        with torch.inference_mode(), self.rh_model.trace({"input_ids": inps}):
+            apply_placed(placed, last_index, keys)
+            logits = nnsight.save(nn.output.logits)
         return logits
 
     def _model_generate(

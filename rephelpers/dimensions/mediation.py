@@ -47,11 +47,13 @@ def reference_means(
     model.check_component(component)
     total = torch.zeros(model.d_model, dtype=torch.float64)
     tokens = 0.0
+    site = model.envoy(layer, component)
     for start in range(0, len(texts), batch_size):
         batch = model.encode(list(texts[start : start + batch_size]), max_length=max_length)
         with torch.inference_mode():
-            with model.nn.trace(dict(batch)):
-                hidden = output_tensor(model.envoy(layer, component).output).save()
+            with model.trace(dict(batch)) as tracer:
+                hidden = output_tensor(site.output).save()
+                tracer.stop()
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
         total += (hidden.to(torch.float64) * mask).sum((0, 1)).cpu()
         tokens += float(mask.sum())

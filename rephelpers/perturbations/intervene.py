@@ -27,6 +27,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
+import nnsight
 import numpy as np
 import torch
 
@@ -181,21 +182,39 @@ def _edit_site(
     return out, h
 
 
-def apply_in_trace(
-    model: Model,
-    interventions: Sequence[Intervention],
-    last_index: torch.Tensor | None = None,
-    keys: torch.Tensor | None = None,
-) -> None:
-    """Apply ``interventions`` (already :func:`validate`-d) inside an open ``model.nn.trace``.
+Placed = list[tuple[Any, list[Intervention]]]
+
+
+def place(model: Model, interventions: Sequence[Intervention]) -> Placed:
+    """``interventions`` (already :func:`validate`-d) grouped by site in forward order, each
+    group with its site's envoy: what :func:`apply_placed` edits inside a trace. Resolved
+    before the trace, so the traced block names envoys only (a remote run ships the block
+    with everything it references)."""
+    return [(model.envoy(*site), group)
+            for site, group in sorted(_sites(interventions).items(), key=lambda item: forward_order(item[0]))]
+
+
+def apply_placed(placed: Placed, last_index: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> None:
+    """Apply :func:`place`'s groups inside an open trace.
 
     ``last_index`` gives each row's last real token for right-padded batches; with the
     package's left padding it is the final position and may be omitted. ``keys [b, s]``
     (:func:`batch_keys`) are the tokens' keys for noise; without them noise is keyed by
     row order and so depends on the batch.
     """
-    for site, group in sorted(_sites(interventions).items(), key=lambda item: forward_order(item[0])):
-        _edit_site(model.envoy(*site), group, last_index, keys)
+    for envoy, group in placed:
+        _edit_site(envoy, group, last_index, keys)
+
+
+def apply_in_trace(
+    model: Model,
+    interventions: Sequence[Intervention],
+    last_index: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+) -> None:
+    """:func:`apply_placed` of :func:`place` inside an open trace of a model loaded here (the
+    block then names ``model``, which a remote run would have to ship)."""
+    apply_placed(place(model, interventions), last_index, keys)
 
 
 def run_logits(
@@ -207,10 +226,11 @@ def run_logits(
     """Logits ``[batch, seq, vocab]`` of one forward pass with ``interventions`` applied."""
     ivs = validate(model, interventions)
     keys = batch_keys(ivs, batch)
+    placed, nn = place(model, ivs), model.nn
     with torch.inference_mode():
-        with model.nn.trace(dict(batch)):
-            apply_in_trace(model, ivs, last_index, keys)
-            logits = model.nn.output.logits.save()
+        with model.trace(dict(batch)):
+            apply_placed(placed, last_index, keys)
+            logits = nn.output.logits.save()
     return logits
 
 
@@ -234,6 +254,7 @@ def sequence_nll(
     """
     require(len(texts) > 0, "sequence_nll: no texts given (is the cluster empty?)")
     ivs = validate(model, interventions)
+    placed, nn = place(model, ivs), model.nn
     nll = np.zeros(len(texts))
     count = np.zeros(len(texts), dtype=np.int64)
     # Sorting by length keeps padding (wasted compute) small; results go back in order.
@@ -247,9 +268,9 @@ def sequence_nll(
             batch_nll, batch_count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=batch_size)
         else:
             with torch.inference_mode():
-                with model.nn.trace(dict(batch)):
-                    apply_in_trace(model, ivs, keys=keys)
-                    logits = model.nn.output.logits.save()
+                with model.trace(dict(batch)):
+                    apply_placed(placed, keys=keys)
+                    logits = nn.output.logits.save()
             batch_nll, batch_count = token_nll(logits, batch)
         nll[idx] = batch_nll.cpu().numpy()
         count[idx] = batch_count.cpu().numpy()
@@ -302,6 +323,7 @@ def masked_log_probs(
     require(model.masked, f"masked_log_probs: {model.name} is a causal LM; score it with token_nll.")
     require(copies_per_pass >= 1, f"copies_per_pass must be ≥ 1, got {copies_per_pass}")
     ivs = validate(model, interventions)
+    placed, nn = place(model, ivs), model.nn
     rows, cols = targets.nonzero(as_tuple=True)
     logp = torch.zeros(targets.shape, dtype=torch.float32, device=input_ids.device)
     greedy = torch.ones(targets.shape, dtype=torch.bool, device=input_ids.device)
@@ -313,9 +335,10 @@ def masked_log_probs(
         picks = torch.arange(len(r), device=ids.device)
         ids[picks, c] = model.tokenizer.mask_token_id
         copy = {"input_ids": ids, "attention_mask": attention_mask[r, :width]}
-        with torch.inference_mode(), model.nn.trace(copy):
-            apply_in_trace(model, ivs, None, None if keys is None else keys[r, :width])
-            picked = model.nn.output.logits[picks, c].save()
+        copy_keys = None if keys is None else keys[r, :width]
+        with torch.inference_mode(), model.trace(copy):
+            apply_placed(placed, None, copy_keys)
+            picked = nn.output.logits[picks, c].save()
         scores = torch.log_softmax(picked.float(), dim=-1)
         target = input_ids[r, c]
         logp[r, c] = scores.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -416,32 +439,38 @@ def forward_readout(
     ivs = validate(model, interventions)
     read = {model.check_layer(int(l)) for l in read_layers}
     attend = {model.check_layer(int(l)) for l in attention_layers}
+    require(not (attend and model.remote),
+            f"{model.name} runs remotely, where attention patterns cannot be read (they need eager attention "
+            "on the server's model): measure without them (with_attention=False).")
     edits = _sites(ivs)
     sites = set(edits) | {(l, "resid") for l in read} | {(l, "attn") for l in attend}
+    # Each visited site: its envoy, its edits, and what is read there (the block names no model).
+    visits = [(site, model.envoy(*site), edits.get(site, []), site[1] == "resid" and site[0] in read,
+               site[1] == "attn" and site[0] in attend) for site in sorted(sites, key=forward_order)]
     mask = batch["attention_mask"]
     keys = batch_keys(ivs, batch)
-    pooled: dict[int, torch.Tensor] = {}
-    attention: dict[int, torch.Tensor] = {}
-    if model.masked and not read and not attend:
+    masked, nn = model.masked, model.nn
+    if masked and not read and not attend:
         nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
         return Readout(nll=nll, count=count)
     with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
-        with model.nn.trace(dict(batch)) as tracer:
-            for site in sorted(sites, key=forward_order):
-                layer, component = site
-                envoy = model.envoy(layer, component)
-                if site in edits:
-                    out, h = _edit_site(envoy, edits[site], None, keys)
+        with model.trace(dict(batch)) as tracer:
+            # Saved as whole dicts made here: a remote run sends back only what the block saves.
+            pooled = nnsight.save({})
+            attention = nnsight.save({})
+            for (layer, _), envoy, group, pooled_here, attention_here in visits:
+                if group:
+                    out, h = _edit_site(envoy, group, None, keys)
                 else:
                     out = envoy.output
                     h = output_tensor(out)
-                if component == "resid" and layer in read:
-                    pooled[layer] = pool(h.float(), mask, "mean").save()
-                if component == "attn" and layer in attend:
-                    attention[layer] = out[1].save()
-            if model.masked:
+                if pooled_here:
+                    pooled[layer] = pool(h.float(), mask, "mean")
+                if attention_here:
+                    attention[layer] = out[1]
+            if masked:
                 tracer.stop()  # the unmasked pass gives no NLL: nothing after the last read is needed
-            logits = model.nn.output.logits.save()
+            logits = nn.output.logits.save()
     if model.masked:
         nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
     else:

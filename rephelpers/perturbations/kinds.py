@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
-from functools import cached_property
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -30,8 +29,32 @@ import torch
 
 from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
+from .tokenkeys import row_keys, standard_normal
 
 _REGISTRY: dict[str, type["Perturbation"]] = {}
+
+
+class _derived:
+    """A value computed from a perturbation's fields on first use and kept on the instance.
+
+    ``functools.cached_property`` does the same but holds a lock (Python 3.11), so a class
+    using it cannot be pickled by value, as nnsight's remote execution ships these classes
+    to a server that does not have this package.
+    """
+
+    def __init__(self, compute: Callable[[Any], Any]) -> None:
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = self.compute(instance)
+        instance.__dict__[self.name] = value  # frozen dataclasses still have a __dict__
+        return value
 
 
 @dataclass(frozen=True)
@@ -41,7 +64,9 @@ class Perturbation:
     kind: ClassVar[str] = "base"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        # Named super: a class rebuilt from its pickled source (nnsight's remote execution ships
+        # these classes by value) runs this before the zero-argument form's __class__ cell exists.
+        super(Perturbation, cls).__init_subclass__(**kwargs)
         if cls.kind != "base":
             _REGISTRY[cls.kind] = cls
 
@@ -159,7 +184,7 @@ class Ablate(Perturbation):
     def check(self, d_model: int) -> None:
         _check_dims(self.kind, self.dims, d_model)
 
-    @cached_property
+    @_derived
     def _index(self) -> torch.Tensor:
         return torch.tensor(self.dims, dtype=torch.long)
 
@@ -205,8 +230,6 @@ class Noise(Perturbation):
     def apply(self, h: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         """``ĥ`` for ``h [..., d]``; ``keys [...]`` (one per row of ``h``) from
         :func:`rephelpers.perturbations.tokenkeys.token_keys`."""
-        from .tokenkeys import row_keys, standard_normal
-
         if keys is None:
             keys = row_keys(h.shape[:-1], h.device)
         require(
@@ -272,7 +295,7 @@ class Project(Perturbation):
     def rank(self) -> int:
         return int(self._orthonormal.shape[0])
 
-    @cached_property
+    @_derived
     def _orthonormal(self) -> torch.Tensor:
         v = torch.tensor(self.basis, dtype=torch.float64)
         q, r = torch.linalg.qr(v.T)
@@ -385,7 +408,7 @@ class Leace(Perturbation):
     def rank(self) -> int:
         return len(self.left)
 
-    @cached_property
+    @_derived
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(torch.tensor(x, dtype=torch.float64) for x in (self.mean, self.left, self.right))
 

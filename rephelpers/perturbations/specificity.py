@@ -319,10 +319,11 @@ def control_spectrum(
     key = (model_fingerprint(model), stable_hash(texts), layer, component, int(max_length))
     if key not in _SPECTRA:
         states = []
+        site = model.envoy(layer, component)
         for start in range(0, len(texts), batch_size):
             batch = model.encode(texts[start : start + batch_size], max_length=max_length)
-            with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
-                saved = output_tensor(model.envoy(layer, component).output).save()
+            with torch.inference_mode(), model.trace(dict(batch)) as tracer:
+                saved = output_tensor(site.output).save()
                 tracer.stop()
             states.append(saved.float()[batch["attention_mask"].bool()].double().cpu())
         if len(_SPECTRA) >= 8:
@@ -351,10 +352,11 @@ def edit_norms(
     """
     total = {arm: 0.0 for arm in arms}
     count = 0
+    site = model.envoy(layer, component)
     for start in range(0, len(texts), batch_size):
         batch = model.encode(texts[start : start + batch_size], max_length=max_length)
-        with torch.inference_mode(), model.nn.trace(dict(batch)) as tracer:
-            saved = output_tensor(model.envoy(layer, component).output).save()
+        with torch.inference_mode(), model.trace(dict(batch)) as tracer:
+            saved = output_tensor(site.output).save()
             tracer.stop()
         h = saved.float()
         mask = batch["attention_mask"].bool()

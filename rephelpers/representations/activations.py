@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import nnsight
 import numpy as np
 import torch
 
@@ -83,16 +84,18 @@ def _extract_batches(
     # Longest first: padding waste is smallest and a too-long batch fails early.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     bar = progress_bar(total=len(texts), desc=f"activations ({len(layers)} layers)", disable=not progress, unit="doc")
+    sites = {l: model.envoy(l, component) for l in layers}
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         batch = model.encode([texts[j] for j in idx], max_length=max_length)
-        saved: dict[int, torch.Tensor] = {}
         with torch.inference_mode():
-            with model.nn.trace(dict(batch)) as tracer:
-                # A plain loop, not a comprehension: nnsight runs the block's own code, and
+            with model.trace(dict(batch)) as tracer:
+                # One dict made and saved in the block (a remote run sends back only what the
+                # block saves), filled by a plain loop: nnsight runs the block's own code, and
                 # names bound inside a comprehension's scope are not handed back.
-                for l in layers:
-                    saved[l] = output_tensor(model.envoy(l, component).output).save()
+                saved = nnsight.save({})
+                for l, site in sites.items():
+                    saved[l] = output_tensor(site.output)
                 # Nothing past the deepest requested layer is needed: not the layers after
                 # it, and not the output head (a 576 x 49,152 product per token for SmolLM2,
                 # about a fifth of the whole forward pass).

@@ -76,12 +76,32 @@ class Model:
     d_model: int
     max_length: int = 2048
     masked: bool = False
+    remote: bool | str = False
     _attn_name: str | None = field(default=None, repr=False)
     _mlp_name: str | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        """Where inputs go: the weights' device, or the CPU for a model hosted on NDIF
+        (its local copy has no weights; inputs are sent from here)."""
+        return torch.device("cpu") if self.remote is True else next(self.hf.parameters()).device
+
+    def require_local(self, what: str) -> None:
+        """Refuse ``what`` for a model run remotely: it carries state from one forward pass to
+        the next (a KV cache, a shared prefix), which a remote request cannot hold."""
+        require(not self.remote,
+                f"{what} needs a model loaded here; {self.name} runs remotely (remote={self.remote!r}). "
+                "Load it with remote=False, or use the per-request path (e.g. fast=False in stage 05).")
+
+    def trace(self, inputs: Any) -> Any:
+        """``self.nn.trace(inputs)``, run remotely when the model is hosted (``remote``).
+
+        Every stage opens its traces through here. A traced block that runs remotely is
+        serialised with what it references, so it names envoys and tensors, never ``self``.
+        """
+        if self.remote:
+            return self.nn.trace(inputs, remote=self.remote)
+        return self.nn.trace(inputs)
 
     @property
     def kind(self) -> str:
@@ -230,6 +250,7 @@ def load_model(
     attn_implementation: str | None = None,
     max_length: int = 2048,
     device_map: str | dict | None = None,
+    remote: bool | str = False,
 ) -> Model:
     """Load ``spec`` (embedded name, HF id or local folder) and wrap it with nnsight.
 
@@ -247,21 +268,42 @@ def load_model(
     ``device_map="auto"`` spreads a model too big for one device over every GPU (and the
     CPU) through accelerate, instead of ``device``. ``attn_implementation="eager"`` is
     needed to read attention patterns. Every choice is checked before weights are read.
+
+    ``remote=True`` runs the model on NDIF (nnsight's remote execution) instead of here:
+    ``spec`` is the HF id of a model NDIF serves, only its configuration and tokenizer are
+    fetched, and :func:`rephelpers.representations.remote.check_ndif` refuses a missing API
+    key, an unreachable service or a model it does not serve before anything else happens.
+    ``remote="local"`` loads the weights here and runs every trace through nnsight's
+    simulation of a remote request (serialised and deserialised as for NDIF).
     """
+    from .remote import check_ndif, check_remote_mode, ship_package
+
     dtype = check_dtype(dtype)
+    remote = check_remote_mode(remote)
     require(device is None or device_map is None,
             f"pass device ({device!r}) or device_map ({device_map!r}), not both: device_map places the layers itself.")
+    if remote is True:
+        require(device is None and device_map is None,
+                f"remote=True runs {spec!r} on NDIF's own GPUs: leave device ({device!r}) and device_map "
+                f"({device_map!r}) unset.")
+        check_ndif(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_map is None:
+    if device_map is None and remote is not True:
         check_device(device)
     key = (spec, device if device_map is None else f"map:{device_map}", dtype, allow_download, attn_implementation,
-           max_length)
+           max_length, remote)
     if key in _LOADED:
         return _LOADED[key]
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
     import nnsight
 
+    if remote:
+        ship_package()
+    if remote is True:
+        model = _hosted_model(spec, max_length)
+        _LOADED[key] = model
+        return model
     path, local_only = resolve_model_path(spec, allow_download)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
     if device_map is not None:
@@ -289,6 +331,39 @@ def load_model(
     if device_map is None:
         hf.to(device)
     hf.eval()
+    with warnings.catch_warnings():
+        # BERT's layers have a child module named `output`; nnsight renames it and says so per layer.
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        wrapped = nnsight.TransformersModel(hf, tokenizer=tokenizer)
+    model = _describe(spec, hf, tokenizer, wrapped, masked, max_length, remote)
+    _LOADED[key] = model
+    return model
+
+
+def _hosted_model(spec: str, max_length: int) -> Model:
+    """A model NDIF serves: its configuration and tokenizer from the Hub, no weights here."""
+    from transformers import AutoConfig, AutoTokenizer
+    import nnsight
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        raise RephelpersError(
+            f"remote=True needs {spec!r}'s configuration and tokenizer from the Hugging Face Hub, and they could "
+            f"not be read ({err.__class__.__name__}: {err}). Check the id and the network (HF_HUB_OFFLINE must be unset)."
+        ) from err
+    masked = is_masked_lm(config)
+    require(not masked, f"{spec!r} is a masked LM: NDIF serves causal LMs; run it locally (remote=False).")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        wrapped = nnsight.TransformersModel(spec, tokenizer=tokenizer, task="text-generation")
+    return _describe(spec, wrapped._module, tokenizer, wrapped, masked, max_length, True)
+
+
+def _describe(spec: str, hf: Any, tokenizer: Any, wrapped: Any, masked: bool, max_length: int,
+              remote: bool | str) -> Model:
+    """The :class:`Model` of a loaded (or weightless, hosted) HF module: padding, layers, limits."""
     # A causal LM reads each row's last token at position -1; a masked LM's absolute
     # positions must start at 0 on every row.
     tokenizer.padding_side = "right" if masked else "left"
@@ -308,11 +383,7 @@ def load_model(
         # RoBERTa's 514 positions hold 512 tokens (its positions start after the padding index).
         model_max = min(model_max, int(tokenizer.model_max_length))
     tokenizer.model_max_length = model_max
-    with warnings.catch_warnings():
-        # BERT's layers have a child module named `output`; nnsight renames it and says so per layer.
-        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
-        wrapped = nnsight.TransformersModel(hf, tokenizer=tokenizer)
-    model = Model(
+    return Model(
         name=spec,
         hf=hf,
         tokenizer=tokenizer,
@@ -322,11 +393,10 @@ def load_model(
         d_model=int(hf.config.hidden_size),
         max_length=model_max,
         masked=masked,
+        remote=remote,
         _attn_name=attn,
         _mlp_name=mlp,
     )
-    _LOADED[key] = model
-    return model
 
 
 def model_fingerprint(model: Model) -> str:
@@ -338,7 +408,10 @@ def model_fingerprint(model: Model) -> str:
     precision = "" if dtype == torch.float32 else f"|{str(dtype).removeprefix('torch.')}"
     # likewise a causal LM's key is as before; a masked LM's says so (its numbers mean PLL)
     kind = "|masked" if model.masked else ""
-    return f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}{precision}{kind}"
+    # NDIF's copy of a model is not the one a local key names (its precision and kernels are its own)
+    where = "|ndif" if model.remote is True else ""
+    return (f"{model.name}|{os.path.basename(str(path))}|{cfg.model_type}|{model.n_layers}x{model.d_model}"
+            f"{precision}{kind}{where}")
 
 
 def is_masked_lm(config: Any) -> bool:
