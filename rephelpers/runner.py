@@ -418,7 +418,7 @@ def _child_main(job_path: str) -> int:
             on_cell_execute=on_execute,
             on_cell_executed=on_executed,
         )
-        result = {"ok": True}
+        result = {"ok": True, "kernel_peak_rss_mb": _children_peak_rss_mb()}
     except BaseException as err:  # the parent needs to hear about every way this ends
         message = _plain(str(err))
         if hasattr(err, "ename"):  # papermill's PapermillExecutionError: the cell raised
@@ -428,6 +428,14 @@ def _child_main(job_path: str) -> int:
     Path(job["result"] + ".tmp").write_text(json.dumps(result))
     os.replace(job["result"] + ".tmp", job["result"])
     return 0 if result["ok"] else 1
+
+
+def _children_peak_rss_mb() -> int:
+    """The largest resident memory any finished child of this process reached (the kernel's,
+    once papermill has shut it down), in MiB."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)  # Linux reports KiB
 
 
 # The child imports nbformat, whose jsonschema pulls in rfc3987_syntax when installed;
@@ -611,8 +619,9 @@ def _watch_notebook(
     limits: ExecutionLimits,
     log_output: bool,
     attempt: int,
-) -> None:
-    """Execute one notebook in a child process and watch it until it ends; raise on failure.
+) -> dict[str, Any]:
+    """Execute one notebook in a child process and watch it until it ends; raise on failure,
+    else return the child's report (``kernel_peak_rss_mb``).
 
     The watcher knows the kernel's state from the probe (``ready``, ``pre``/``post``
     around each cell, its pid) and the client's from the child (``start``, ``sent``,
@@ -784,7 +793,7 @@ def _watch_notebook(
 
     result = _read_json(files["result.json"])
     if result.get("ok"):
-        return
+        return result
     if not result:
         raise fail(
             "process-died",
@@ -830,11 +839,15 @@ def execute_chain(
     limits: ExecutionLimits | None = None,
     label: str | None = None,
     on_notebook: Any = None,
+    on_done: Any = None,
 ) -> list[dict[str, Any]]:
     """Execute ``notebooks`` in order into ``run_dir`` (executed copies under ``notebooks/``).
 
     Each notebook runs watched (:func:`_watch_notebook`); a stall is retried once. Returns
     the retries that happened (one record each) so the caller can keep them in its status.
+    ``on_notebook(name)`` is called as a notebook starts, ``on_done(name, record)`` as it
+    ends, with its wall time and its kernel's peak resident memory
+    (``{"seconds": …, "peak_rss_mb": …}``, retries included).
     """
     limits = limits or ExecutionLimits()
     label = label or run_dir.name
@@ -849,7 +862,7 @@ def execute_chain(
             on_notebook(name)
         for attempt in (1, 2):
             try:
-                _watch_notebook(
+                result = _watch_notebook(
                     label, name, run_dir, {k: v for k, v in params.items() if k in declared},
                     limits, log_output, attempt,
                 )
@@ -860,7 +873,11 @@ def execute_chain(
                     raise
                 retries.append({**err.record(), "error": str(err), "at": time.time()})
                 print(f"[rephelpers] {label}: {name} stalled, retrying once: {err}", flush=True)
-        print(f"[rephelpers] {label}: {name} done in {time.time() - started:.0f}s", flush=True)
+        record = {"seconds": round(time.time() - started, 1), "peak_rss_mb": result.get("kernel_peak_rss_mb")}
+        if on_done:
+            on_done(name, record)
+        peak = f", kernel peak {record['peak_rss_mb'] / 1024:.1f} GB" if record["peak_rss_mb"] else ""
+        print(f"[rephelpers] {label}: {name} done in {record['seconds']:.0f}s{peak}", flush=True)
     return retries
 
 
@@ -1135,17 +1152,23 @@ def _run_point(
     if explain:
         _explain_redo(run_dir, label, notebooks, fingerprint, force)
     started = time.time()
-    common = {"fingerprint": fingerprint, "point": point, "started": started, "pid": os.getpid()}
+    # Each finished notebook's wall time and kernel peak memory, kept in every status written after it.
+    stages: dict[str, dict[str, Any]] = {}
+    common = {"fingerprint": fingerprint, "point": point, "started": started, "pid": os.getpid(), "stages": stages}
     now_in: dict[str, str] = {}
 
     def entering(name: str) -> None:
         now_in["notebook"] = name
         _write_status(run_dir, state="running", notebook=name, **common)
 
+    def finished(name: str, record: dict[str, Any]) -> None:
+        stages[name] = record
+        _write_status(run_dir, state="running", notebook=name, **common)
+
     _write_status(run_dir, state="running", **common)
     try:
         retries = execute_chain(run_dir, parameters, notebooks, log_output=log_output, limits=limits,
-                                label=label, on_notebook=entering)
+                                label=label, on_notebook=entering, on_done=finished)
     except RunInterrupted as err:
         _write_status(
             run_dir, state="interrupted", signal=signal.Signals(err.signum).name, notebook=now_in.get("notebook"),

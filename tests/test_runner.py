@@ -219,6 +219,20 @@ def _dies_within(pid: int, seconds: float) -> bool:
     return True
 
 
+def test_each_notebooks_time_and_kernel_memory_are_recorded_and_printed(project, capsys):
+    _add_notebook(project, "01_big", "import time\nblock = b'x' * (300 * 2**20)  # 300 MiB, written\ntime.sleep(1)")
+    _add_notebook(project, "02_small", "y = 1")
+    path = project / "two.yaml"
+    path.write_text(json.dumps({"name": "two", "parameters": {}, "notebooks": ["01_big", "02_small"]}))
+    top = run_spec(RunSpec.from_yaml(path), runs_root=project / "runs")
+    stages = _status(top)["stages"]
+    assert list(stages) == ["01_big", "02_small"]
+    assert stages["01_big"]["seconds"] >= 1 and stages["02_small"]["seconds"] > 0
+    assert stages["01_big"]["peak_rss_mb"] >= 300 > stages["02_small"]["peak_rss_mb"]
+    out = capsys.readouterr().out
+    assert "01_big done in" in out and "kernel peak 0." in out
+
+
 def test_execution_limits_from_yaml_and_overrides(project):
     spec = _single(project, "lim", "01_base", execution={"cell_timeout": 30, "stall_timeout": 5})
     assert (spec.execution.cell_timeout, spec.execution.start_timeout, spec.execution.stall_timeout) == (30, 120, 5)
