@@ -7,7 +7,7 @@ import torch
 from rephelpers.representations.activations import pool
 from rephelpers.errors import RephelpersError
 from rephelpers.perturbations.intervene import (
-    Intervention, eager_attention, forward_readout, run_logits, sequence_nll,
+    Intervention, eager_attention, forward_readout, forward_readouts, run_logits, sequence_nll,
 )
 from rephelpers.perturbations.kinds import Ablate, Gradient, Leace, Noise, Project, Shift
 from rephelpers.perturbations.tokenkeys import token_keys
@@ -190,3 +190,25 @@ def test_readout_matches_plain_forward(model, batch):
 def test_bad_perturbations_fail_before_compute(model, perturbation, message):
     with pytest.raises(RephelpersError, match=message):
         sequence_nll(model, TEXTS, [Intervention(perturbation, LAYER)], progress=False)
+
+
+def test_arms_sharing_the_layers_below_them_read_out_exactly_as_full_passes(model):
+    batch = model.encode(TEXTS + ["Licensed under the Apache License, Version 2.0."], max_length=24)
+    arms = {
+        "ablate9": [Intervention(Ablate(tuple(range(0, 576, 4))), 9)],
+        "noise12": [Intervention(Noise(tuple(range(60)), sigma=3.0, seed=2), 12)],
+        "shift9+ablate20": [Intervention(Shift(tuple([0.3] * 576)), 9), Intervention(Ablate((1, 2, 3)), 20)],
+    }
+    read = [3, 10, 29]  # layer 3 lies below every arm: its readout is the unperturbed one
+    original, shared = forward_readouts(model, batch, arms, read)
+    expected_original = forward_readout(model, batch, (), read)
+    assert original.state is None  # the kept state is dropped once every arm has used it
+    torch.testing.assert_close(original.nll, expected_original.nll, rtol=0, atol=0)
+    for arm, ivs in arms.items():
+        full = forward_readout(model, batch, ivs, read)
+        torch.testing.assert_close(shared[arm].nll, full.nll, rtol=0, atol=0)
+        for layer in read:
+            torch.testing.assert_close(shared[arm].pooled[layer], full.pooled[layer], rtol=0, atol=0)
+        assert (shared[arm].nll - original.nll).abs().max() > 0.01
+    with pytest.raises(RephelpersError, match="resumes at layer 9"):
+        forward_readout(model, batch, arms["ablate9"], [3], resume=(9, None))

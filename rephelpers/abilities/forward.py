@@ -24,7 +24,7 @@ import torch
 
 from ..errors import require
 from ..perturbations.intervene import (
-    Intervention, apply_in_trace, first_identical, forward_order, needs_keys, perturb, validate,
+    Intervention, apply_in_trace, first_identical, forward_order, needs_keys, perturb, split_layer, validate,
 )
 from ..perturbations.tokenkeys import TokenKeys, token_keys
 from ..progress import progress_bar
@@ -332,11 +332,6 @@ def _cache_rows(model: Model, cache: Any, index: torch.Tensor, layers: int) -> A
     for layer in range(layers):
         out.update(cache.layers[layer].keys[index], cache.layers[layer].values[index], layer)
     return out
-
-
-def split_layer(configs: Mapping[str, Sequence[Intervention]], n_layers: int) -> int:
-    """The lowest layer any config intervenes at (``n_layers`` when none does)."""
-    return min((iv.layer for ivs in configs.values() for iv in ivs), default=n_layers)
 
 
 def _apply_per_config(

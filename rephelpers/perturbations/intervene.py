@@ -397,6 +397,8 @@ class Readout:
     count: torch.Tensor
     pooled: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    state: Any = None
+    """The output of the layer ``forward_readout(keep_state=...)`` names, as the pass left it."""
 
 
 @contextmanager
@@ -428,6 +430,8 @@ def forward_readout(
     interventions: Sequence[Intervention] = (),
     read_layers: Sequence[int] = (),
     attention_layers: Sequence[int] = (),
+    keep_state: int | None = None,
+    resume: tuple[int, Any] | None = None,
 ) -> Readout:
     """One forward pass of ``batch`` with ``interventions``, read out at the given layers.
 
@@ -435,6 +439,11 @@ def forward_readout(
     pass over the unmasked batch gives the pooled states and attention (it stops after the
     last site it reads), and the NLL is the pseudo-NLL of :func:`pseudo_nll` (as many masked
     copies per pass as the batch has rows).
+
+    ``keep_state=l`` also returns layer ``l``'s output (``Readout.state``); ``resume=(L, state)``
+    starts the pass at layer ``L`` from ``state``, the output of layer ``L − 1`` that an
+    earlier pass of the same batch kept, skipping the layers below ``L`` (so nothing below
+    ``L`` may be read or edited): :func:`forward_readouts` shares them that way.
     """
     ivs = validate(model, interventions)
     read = {model.check_layer(int(l)) for l in read_layers}
@@ -443,27 +452,41 @@ def forward_readout(
             f"{model.name} runs remotely, where attention patterns cannot be read (they need eager attention "
             "on the server's model): measure without them (with_attention=False).")
     edits = _sites(ivs)
+    keep = None if keep_state is None else model.check_layer(keep_state)
     sites = set(edits) | {(l, "resid") for l in read} | {(l, "attn") for l in attend}
-    # Each visited site: its envoy, its edits, and what is read there (the block names no model).
+    sites |= set() if keep is None else {(keep, "resid")}
+    start = 0 if resume is None else resume[0]
+    require(all(layer >= start for layer, _ in sites),
+            f"forward_readout resumes at layer {start}, below which it can neither read nor edit ({sorted(sites)}).")
+    skipped = [model.envoy(layer) for layer in range(start)]
+    replay = None if resume is None else resume[1]
+    # Each visited site, in forward order: its envoy, its edits, and what is read or kept there
+    # (the block names no model).
     visits = [(site, model.envoy(*site), edits.get(site, []), site[1] == "resid" and site[0] in read,
-               site[1] == "attn" and site[0] in attend) for site in sorted(sites, key=forward_order)]
+               site[1] == "attn" and site[0] in attend, site == (keep, "resid"))
+              for site in sorted(sites, key=forward_order)]
     mask = batch["attention_mask"]
     keys = batch_keys(ivs, batch)
     masked, nn = model.masked, model.nn
     if masked and not read and not attend:
         nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
         return Readout(nll=nll, count=count)
+    state = None
     with eager_attention(model) if attend else nullcontext(), torch.inference_mode():
         with model.trace(dict(batch)) as tracer:
+            for envoy in skipped:
+                envoy.skip(replay)
             # Saved as whole dicts made here: a remote run sends back only what the block saves.
             pooled = nnsight.save({})
             attention = nnsight.save({})
-            for (layer, _), envoy, group, pooled_here, attention_here in visits:
+            for (layer, _), envoy, group, pooled_here, attention_here, keep_here in visits:
                 if group:
                     out, h = _edit_site(envoy, group, None, keys)
                 else:
                     out = envoy.output
                     h = output_tensor(out)
+                if keep_here:
+                    state = nnsight.save(replace_output(out, h))
                 if pooled_here:
                     pooled[layer] = pool(h.float(), mask, "mean")
                 if attention_here:
@@ -475,7 +498,44 @@ def forward_readout(
         nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
     else:
         nll, count = token_nll(logits, batch)
-    return Readout(nll=nll, count=count, pooled=pooled, attention=attention)
+    return Readout(nll=nll, count=count, pooled=pooled, attention=attention, state=state)
+
+
+def forward_readouts(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    arms: Mapping[K, Sequence[Intervention]],
+    read_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
+) -> tuple[Readout, dict[K, Readout]]:
+    """:func:`forward_readout` of ``batch`` unperturbed, and under each arm's interventions.
+
+    No arm edits the layers below the lowest intervened layer ``L`` (:func:`split_layer`), so
+    they run once: the unperturbed pass keeps the state entering ``L`` and each arm resumes
+    from it, running only layers ``L…`` (the same computation on the same batch, so the
+    same numbers as a full pass per arm; an arm's readouts below ``L`` are the unperturbed
+    ones). Attention patterns (eager attention), masked LMs (pseudo-likelihood passes) and
+    remote models (a request keeps no state) take a full pass per arm.
+    """
+    valid = {arm: validate(model, ivs) for arm, ivs in arms.items()}
+    split = split_layer(valid, model.n_layers)
+    shared = not attention_layers and not model.masked and not model.remote and 0 < split < model.n_layers
+    read = sorted({model.check_layer(int(l)) for l in read_layers})
+    original = forward_readout(model, batch, (), read, attention_layers, keep_state=split - 1 if shared else None)
+    if not shared:
+        return original, {arm: forward_readout(model, batch, ivs, read, attention_layers) for arm, ivs in valid.items()}
+    out = {}
+    for arm, ivs in valid.items():
+        readout = forward_readout(model, batch, ivs, [l for l in read if l >= split], resume=(split, original.state))
+        readout.pooled = {l: readout.pooled[l] if l >= split else original.pooled[l] for l in read}
+        out[arm] = readout
+    original.state = None  # not needed past here; it is a whole layer's states
+    return original, out
+
+
+def split_layer(configs: Mapping[Any, Sequence[Intervention]], n_layers: int) -> int:
+    """The lowest layer any config intervenes at (``n_layers`` when none does)."""
+    return min((iv.layer for ivs in configs.values() for iv in ivs), default=n_layers)
 
 
 def perplexity(nll: Iterable[float], count: Iterable[int]) -> float:

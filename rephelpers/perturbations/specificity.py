@@ -51,7 +51,7 @@ from ..representations.models import Model, model_fingerprint, output_tensor
 from ..progress import progress_bar
 from ..setting import Setting
 from .intervene import (
-    Intervention, Readout, batch_keys, first_identical, forward_readout, likelihood_names, perplexity, perturb,
+    Intervention, Readout, batch_keys, first_identical, forward_readouts, likelihood_names, perplexity, perturb,
     validate,
 )
 from .kinds import (
@@ -492,10 +492,9 @@ def _compare_passes(
     for start in range(0, len(texts), batch_size):
         idx = np.arange(start, min(start + batch_size, len(texts)))
         batch = model.encode([texts[i] for i in idx], max_length=max_length)
-        original = forward_readout(model, batch, (), read, attend)
+        original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend)
         _store(out["original"], idx, original)
-        for arm, ivs in arms.items():
-            perturbed = forward_readout(model, batch, ivs, read, attend)
+        for arm, perturbed in perturbed_by_arm.items():
             _store(out[arm], idx, perturbed)
             if attend:
                 js = [attention_js(original.attention[l], perturbed.attention[l], batch["attention_mask"]) for l in attend]
