@@ -14,7 +14,8 @@ untouched: the mediator takes the value of the control condition while the input
 stays cluster k. ``IE_i > 0`` means the cluster-specific value of ``h_i`` helps the model
 predict cluster-k text. The intervention is
 ``Ablate(dims=(i,), values=(μ_i^other,))`` applied through nnsight by
-:func:`rephelpers.perturbations.intervene.sequence_nll`, the same code path stages 04 and 05 use.
+:func:`rephelpers.perturbations.intervene.forward_readouts`, the forward pass stage 04 uses (the layers
+below ``layer`` run once for all candidate dimensions).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from .components import ClusterComponents, as_components
 from ..errors import require
-from ..perturbations.intervene import Intervention, likelihood_names, sequence_nll
+from ..perturbations.intervene import Intervention, forward_readouts, likelihood_names
 from ..perturbations.kinds import Ablate
 from ..progress import progress_bar
 from ..representations.models import Model, output_tensor
@@ -61,11 +62,24 @@ def reference_means(
 
 
 def _nll_per_token(
-    model: Model, texts: Sequence[str], interventions: Sequence[Intervention], batch_size: int, max_length: int
-) -> float:
-    """``Σ NLL / Σ predicted tokens`` over ``texts`` with ``interventions`` applied."""
-    nll, count = sequence_nll(model, texts, interventions, batch_size, max_length, progress=False)
-    return float(nll.sum() / count.sum())
+    model: Model, texts: Sequence[str], arms: Mapping[int, Sequence[Intervention]], batch_size: int, max_length: int,
+    progress: bool, desc: str,
+) -> dict[int | None, float]:
+    """``Σ NLL / Σ predicted tokens`` over ``texts``, unperturbed (key None) and under each arm.
+
+    Batched as :func:`rephelpers.perturbations.intervene.sequence_nll` batches (longest texts
+    first); per batch the layers below the arms' layer run once
+    (:func:`rephelpers.perturbations.intervene.forward_readouts`)."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    nll = dict.fromkeys([None, *arms], 0.0)
+    count = 0.0
+    for start in progress_bar(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = model.encode([texts[j] for j in order[start : start + batch_size]], max_length=max_length)
+        original, perturbed = forward_readouts(model, batch, arms)
+        for key, readout in ((None, original), *perturbed.items()):
+            nll[key] += float(readout.nll.double().sum())
+        count += float(original.count.sum())
+    return {key: value / count for key, value in nll.items()}
 
 
 def mediation_effects(
@@ -109,13 +123,11 @@ def mediation_effects(
     require(len(values) == len(dims), f"{len(values)} reference values for {len(dims)} dimensions.")
     require(bool(np.isfinite(values).all()), "mediation_effects: the reference values hold NaN or inf.")
 
-    original = _nll_per_token(model, texts_k, (), batch_size, max_length)
-    rows = []
-    for dim, value in progress_bar(list(zip(dims, values)), desc=f"mediation L{layer}", disable=not progress, leave=False):
-        site = Intervention(Ablate(dims=(dim,), values=(value,)), layer, component)
-        intervened = _nll_per_token(model, texts_k, [site], batch_size, max_length)
-        rows.append({"dim": dim, "value": value, "nll_original": original,
-                     "nll_intervened": intervened, "indirect_effect": intervened - original})
+    arms = {dim: [Intervention(Ablate(dims=(dim,), values=(value,)), layer, component)] for dim, value in zip(dims, values)}
+    per_token = _nll_per_token(model, texts_k, arms, batch_size, max_length, progress, f"mediation L{layer}")
+    original = per_token.pop(None)
+    rows = [{"dim": dim, "value": value, "nll_original": original, "nll_intervened": per_token[dim],
+             "indirect_effect": per_token[dim] - original} for dim, value in zip(dims, values)]
     effects = pd.DataFrame(rows).sort_values("indirect_effect", ascending=False, kind="stable")
     effects = effects.assign(rank=np.arange(1, len(effects) + 1)).reset_index(drop=True)
     return effects.assign(nll_kind=likelihood_names(model).nll) if model.masked else effects
