@@ -12,7 +12,7 @@ config's log-likelihood requests at once through
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Self, Sequence
 
 import nnsight
 import torch
@@ -26,7 +26,24 @@ from .forward import greedy_generate, right_padded_last_index, sweep_generate, s
 from .lm_tasks import _quiet_lm_eval
 
 
-class PerturbedLM(HFLM):
+class UsesInterventions:
+    """What an lm-eval model class of this package shares: the interventions it applies to
+    ``rh_model``'s forward passes, swapped between evaluations so one instance serves every config."""
+
+    rh_model: Model
+    _interventions: list[Intervention]
+
+    @property
+    def interventions(self) -> list[Intervention]:
+        return list(self._interventions)
+
+    def use(self, interventions: Sequence[Intervention]) -> Self:
+        """Apply ``interventions`` (validated against the model) from the next request on."""
+        self._interventions = validate(self.rh_model, interventions)
+        return self
+
+
+class PerturbedLM(UsesInterventions, HFLM):
     """lm-eval's ``HFLM`` whose forward passes apply ``interventions`` through nnsight.
 
     The model is passed in loaded (never reloaded). ``interventions`` can be swapped
@@ -60,15 +77,6 @@ class PerturbedLM(HFLM):
         self._interventions: list[Intervention] = []
         self._pair_tokens: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
         self.use(interventions)
-
-    @property
-    def interventions(self) -> list[Intervention]:
-        return list(self._interventions)
-
-    def use(self, interventions: Sequence[Intervention]) -> "PerturbedLM":
-        """Apply ``interventions`` (validated against the model) from the next request on."""
-        self._interventions = validate(self.rh_model, interventions)
-        return self
 
     # Request strings are tokenised once per instance: configs share their requests.
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -27,9 +27,10 @@ import torch
 from lm_eval.api.model import LM
 
 from ..errors import RephelpersError, require
-from ..perturbations.intervene import Intervention, batch_keys, masked_log_probs, validate
+from ..perturbations.intervene import Intervention, batch_keys, masked_log_probs
 from ..progress import progress_bar
 from ..representations.models import Model
+from .lm_eval_model import UsesInterventions
 
 SCORABLE_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
 """The lm-eval output types a masked LM can answer (by pseudo-log-likelihood)."""
@@ -61,7 +62,7 @@ def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
     return full[:start], full[start + len(plain):]
 
 
-class MaskedPerturbedLM(LM):
+class MaskedPerturbedLM(UsesInterventions, LM):
     """lm-eval model of a loaded masked LM whose every forward pass applies ``interventions``.
 
     The counterpart of :class:`~rephelpers.abilities.lm_eval_model.PerturbedLM` for masked
@@ -93,15 +94,6 @@ class MaskedPerturbedLM(LM):
         self.show_request_progress = show_request_progress
         self._interventions: list[Intervention] = []
         self.use(interventions)
-
-    @property
-    def interventions(self) -> list[Intervention]:
-        return list(self._interventions)
-
-    def use(self, interventions: Sequence[Intervention]) -> "MaskedPerturbedLM":
-        """Apply ``interventions`` (validated against the model) from the next request on."""
-        self._interventions = validate(self.rh_model, interventions)
-        return self
 
     # -- tokenisation ---------------------------------------------------------------------
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

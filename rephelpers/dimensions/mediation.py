@@ -20,7 +20,7 @@ below ``layer`` run once for all candidate dimensions).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
