@@ -37,6 +37,7 @@ OUTLIER_MODES = ("reassign", "keep")
 BERTOPIC_CLUSTERERS = ("hdbscan", "kmeans")
 CLUSTER_SELECTIONS = ("leaf", "eom")
 REDUCERS = ("umap", "pca")
+HDBSCAN_MAX_MIN_SAMPLES = 100
 UMAP_LIMIT = 20_000
 """``reducer="auto"`` uses UMAP up to this many documents and PCA above: UMAP's
 nearest-neighbour graph costs minutes and gigabytes at 100,000 documents on 2 cores,
@@ -310,11 +311,12 @@ def lda_labels(
     like k-means it is fitted ``n_init`` times from seeded starts and the fit with the
     highest approximate log-likelihood (the ELBO, ``lda.score``) is kept.
 
-    ``learning="batch"`` runs 50 passes, each updating the topics from all documents (a
-    pass over 100,000 short documents takes over half a minute on one core, so five
-    restarts take hours). ``"online"`` (Hoffman et al. 2010) updates them after every
-    mini-batch of :data:`LDA_BATCH_SIZE` documents with step ``(10 + t)^-0.7``, for
-    :data:`LDA_ONLINE_PASSES` passes: on many documents it converges in a few passes.
+    ``learning="batch"`` runs 50 passes, each updating the topics from all documents.
+    ``"online"`` (Hoffman et al. 2010) updates them after every mini-batch of
+    :data:`LDA_BATCH_SIZE` documents with step ``(10 + t)^-0.7``, for :data:`LDA_ONLINE_PASSES`
+    passes: on many documents it converges in a few. On 20,000 short documents (2 shared
+    cores, five restarts) batch took 340 s for ARI 0.45 against their domains, online 81 s
+    for 0.43; on 100,000 online took 341 s, where batch would take about half an hour.
 
     Terms occurring in fewer than two documents (when the corpus has at least 20) or in
     more than 95% of them are dropped before fitting. ``extras["lda_top_terms"]`` holds the
@@ -371,6 +373,11 @@ def bertopic_labels(
     UMAP (5-d, cosine, ``min_dist=0``, seeded) or PCA (5-d) then HDBSCAN
     (``min_cluster_size``, ``cluster_selection``) or k-means; manual supervision skips both and takes ``guided``
     as the topics.
+
+    HDBSCAN's density uses each document's ``min_samples``-th nearest neighbour, with
+    ``min_samples = min(min_cluster_size, HDBSCAN_MAX_MIN_SAMPLES)`` (HDBSCAN's default is
+    ``min_cluster_size`` itself): at 100,000 documents and ``min_cluster_size=500`` the
+    neighbour lists alone took 1.6 GB and 53 s, with the cap 0.4 GB and 20 s.
     """
     from bertopic import BERTopic
 
@@ -389,7 +396,8 @@ def bertopic_labels(
         else:
             from hdbscan import HDBSCAN
 
-            grouper = HDBSCAN(min_cluster_size=min(min_cluster_size, max(2, n // 2)), prediction_data=True,
+            size = min(min_cluster_size, max(2, n // 2))
+            grouper = HDBSCAN(min_cluster_size=size, min_samples=min(size, HDBSCAN_MAX_MIN_SAMPLES), prediction_data=True,
                               cluster_selection_method=cluster_selection)
     model = BERTopic(
         embedding_model=load_embedder(embedder), umap_model=reducer_model, hdbscan_model=grouper,

@@ -232,11 +232,15 @@ def static_embed(
     gram = (features @ features.T).toarray()
     dual = np.linalg.solve(gram + ridge * np.eye(sample_size), targets - scale * guess)
     table = scale * prior + features.T @ dual  # rows outside the sample stay at the scaled prior
-    vectors = _tfidf_rows(counts, idf) @ table
+    table = table.astype(np.float32)
+    vectors = np.empty((len(texts), table.shape[1]), dtype=np.float32)
+    block = 10_000  # one block of float64 products at a time
+    for start in range(0, len(texts), block):
+        vectors[start : start + block] = _tfidf_rows(counts[start : start + block], idf) @ table
     if normalize:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors /= np.where(norms > 0, norms, 1.0)
-    return vectors.astype(np.float32)
+    return vectors
 
 
 def static_sample(texts: Sequence[str], sample_size: int | None = None, seed: int = 0) -> list[str]:
@@ -257,15 +261,22 @@ def static_sample(texts: Sequence[str], sample_size: int | None = None, seed: in
     return [distinct[i] for i in np.sort(chosen)]
 
 
-def word_piece_counts(texts: Sequence[str], tokenizer: Any) -> sparse.csr_matrix:
-    """``C[i, t]``: how often word piece ``t`` occurs in ``texts[i]`` (no special tokens, no truncation)."""
-    ids = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-    columns = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
-    rows = np.repeat(np.arange(len(ids)), lengths)
-    matrix = sparse.csr_matrix((np.ones(len(columns)), (rows, columns)), shape=(len(ids), len(tokenizer)))
-    matrix.sum_duplicates()
-    return matrix
+def word_piece_counts(texts: Sequence[str], tokenizer: Any, block: int = 10_000) -> sparse.csr_matrix:
+    """``C[i, t]``: how often word piece ``t`` occurs in ``texts[i]`` (no special tokens, no truncation).
+
+    Tokenised ``block`` texts at a time: the tokenizer's Python lists of ids cost far more
+    memory than the sparse counts they become.
+    """
+    blocks = []
+    for start in range(0, len(texts), block):
+        ids = tokenizer(list(texts[start : start + block]), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        columns = np.fromiter((t for row in ids for t in row), dtype=np.int32, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(len(ids), dtype=np.int32), lengths)
+        counts = sparse.csr_matrix((np.ones(len(columns), dtype=np.float32), (rows, columns)), shape=(len(ids), len(tokenizer)))
+        counts.sum_duplicates()
+        blocks.append(counts)
+    return sparse.vstack(blocks, format="csr")
 
 
 def _tfidf_rows(counts: sparse.csr_matrix, idf: np.ndarray) -> sparse.csr_matrix:
