@@ -220,7 +220,7 @@ def static_embed(
         sample, model, batch_size=batch_size, max_seq_length=max_seq_length, normalize=normalize,
         cache=cache, show_progress=show_progress, method="transformer",
     ).astype(np.float64)
-    counts = word_piece_counts(texts, encoder.tokenizer)  # all texts: ~50 bytes per word piece
+    counts = word_piece_counts(texts, encoder.tokenizer)  # every text, as sparse counts
     sample_counts = word_piece_counts(sample, encoder.tokenizer)
     idf = np.log((1 + sample_size) / (1 + np.bincount(sample_counts.indices, minlength=counts.shape[1]))) + 1
     features = _tfidf_rows(sample_counts, idf)
