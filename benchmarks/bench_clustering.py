@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if args.demo:
-            rows.append(run_step("demo", work, args, Path(os.environ.get("REPHELPERS_CACHE", "")) if os.environ.get("REPHELPERS_CACHE") else _user_cache()))
+            rows.append(run_step("demo", work, args, _user_cache()))  # MiniLM's demo vectors may be cached there
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
     if args.json:
@@ -275,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_cache() -> Path:
+    """The user cache (``$REPHELPERS_CACHE`` where set)."""
     from rephelpers.paths import cache_dir
 
     return cache_dir()
