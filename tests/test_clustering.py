@@ -70,6 +70,57 @@ def test_methods_recover_planted_domains(planted, method, options, bound):
     assert len(result.names) == len(result.top_terms) == result.n_clusters
 
 
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPHELPERS_CACHE", str(tmp_path))
+    return tmp_path
+
+
+# Static embeddings (a word-piece table distilled from MiniLM on a quarter of the documents)
+# and online LDA at the planted corpus's size; bounds below what was measured at corpus seeds
+# 0-2 (the fixture uses seed 0), and at least `margin` above random labels.
+@pytest.mark.parametrize(
+    "method, options, bound, margin",
+    [
+        ("kmeans", {"n_clusters": 4, "embedding_method": "static"}, 0.75, 0.35),  # 0.83-0.96 (0.91); MiniLM 0.72-0.87
+        ("bertopic", {"reducer": "pca", "clusterer": "kmeans", "n_clusters": 4, "embedding_method": "static"}, 0.75, 0.35),  # 0.83-0.96 (0.87)
+        # Online LDA is meant for large corpora: here its one mini-batch per pass gives
+        # 0.36-0.48 (0.46) where batch gives 0.46-0.67.
+        ("lda", {"n_clusters": 4, "lda_learning": "online"}, 0.33, 0.25),
+    ],
+)
+def test_fast_options_recover_planted_domains(planted, private_cache, method, options, bound, margin):
+    docs, _ = planted
+    result = cluster_corpus(docs, method=method, seed=0, show_progress=False, **options)
+    assert ari(docs["domain"], result.labels) > bound > random_baseline(docs["domain"], result.n_clusters) + margin
+    for name in ("embedding_method", "lda_learning"):
+        if name in options:
+            assert result.params[name] == options[name]
+
+
+def test_auto_choices_switch_at_their_thresholds(planted, private_cache, monkeypatch):
+    """Above a (here lowered) corpus size, 'auto' picks static embeddings, PCA and online LDA,
+    exactly as if they had been asked for."""
+    from rephelpers.corpus import clustering, embeddings
+    from rephelpers.corpus.clustering import resolve_lda_learning, resolve_reducer
+
+    docs, _ = planted
+    assert resolve_reducer("auto", clustering.UMAP_LIMIT) == "umap" and resolve_reducer("auto", clustering.UMAP_LIMIT + 1) == "pca"
+    assert resolve_lda_learning("auto", clustering.LDA_ONLINE_THRESHOLD) == "batch"
+    assert resolve_lda_learning("auto", clustering.LDA_ONLINE_THRESHOLD + 1) == "online"
+    monkeypatch.setattr(embeddings, "STATIC_THRESHOLD", 59)
+    monkeypatch.setattr(clustering, "UMAP_LIMIT", 59)
+    monkeypatch.setattr(clustering, "LDA_ONLINE_THRESHOLD", 59)
+    common = dict(n_clusters=4, show_progress=False)
+    auto = cluster_corpus(docs, "bertopic", clusterer="kmeans", **common)
+    chosen = cluster_corpus(docs, "bertopic", clusterer="kmeans", embedding_method="static", reducer="pca", **common)
+    assert auto.params["embedding_method"] == "static" and auto.params["reducer"] == "pca"
+    assert np.array_equal(auto.labels, chosen.labels)
+    lda = cluster_corpus(docs, "lda", **common)
+    assert lda.params["lda_learning"] == "online"
+    assert np.array_equal(lda.labels, cluster_corpus(docs, "lda", lda_learning="online", **common).labels)
+
+
 def test_domain_method_uses_metadata_sorted_by_name(planted):
     docs, _ = planted
     result = cluster_corpus(docs, method="domain", show_progress=False)
@@ -142,6 +193,9 @@ def test_stability_is_the_mean_pairwise_ari_over_seeds(planted):
         ({"method": "bertopic", "seed_topics": ["def"]}, "seed_topics must be a list"),
         ({"method": "bertopic", "guided_labels": "topic"}, "not a column"),
         ({"method": "kmeans", "outliers": "drop"}, "outliers must be one of"),
+        ({"method": "kmeans", "embedding_method": "fast"}, "embedding method must be one of"),
+        ({"method": "bertopic", "reducer": "tsne"}, "reducer must be 'auto' or one of"),
+        ({"method": "lda", "lda_learning": "stream"}, "lda_learning must be one of"),
     ],
 )
 def test_bad_options_fail_before_any_compute(planted, options, match):

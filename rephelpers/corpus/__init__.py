@@ -3,6 +3,7 @@
 - :mod:`.loaders`: the generic readers (text/JSONL/parquet files, local Hugging Face
   datasets) and chunking;
 - :mod:`.demo`: the built-in demo corpus, built from material installed on every machine;
-- :mod:`.embeddings`: document embeddings (the embedded MiniLM, TF-IDF);
+- :mod:`.embeddings`: document embeddings (the embedded MiniLM, exact or as a static
+  word-piece table distilled from it for large corpora);
 - :mod:`.clustering`: k-means, BERTopic, LDA and metadata domains, with validation.
 """

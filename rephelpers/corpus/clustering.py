@@ -30,13 +30,24 @@ from scipy import sparse
 
 from ..artifacts import RunDir
 from ..errors import RephelpersError, require
-from .embeddings import DEFAULT_EMBEDDER, embed_texts, load_embedder
+from .embeddings import DEFAULT_EMBEDDER, embed_texts, load_embedder, resolve_embedding_method
 
 METHODS = ("kmeans", "domain", "bertopic", "lda")
 OUTLIER_MODES = ("reassign", "keep")
 BERTOPIC_CLUSTERERS = ("hdbscan", "kmeans")
 CLUSTER_SELECTIONS = ("leaf", "eom")
 REDUCERS = ("umap", "pca")
+HDBSCAN_MAX_MIN_SAMPLES = 100
+UMAP_LIMIT = 20_000
+"""``reducer="auto"`` uses UMAP up to this many documents and PCA above: BERTopic with UMAP
+took about a minute at 20,000 short documents on 2 cores and UMAP's neighbour search grows
+faster than the corpus; PCA takes seconds and one copy of the embeddings."""
+LDA_LEARNING = ("auto", "batch", "online")
+LDA_BATCH_SIZE = 4096
+LDA_ONLINE_PASSES = 5
+LDA_ONLINE_THRESHOLD = 20_000
+"""``lda_learning="auto"`` switches from batch to online variational Bayes above this many
+documents (see :func:`lda_labels`)."""
 SUPERVISION_MODES = ("semi", "manual")
 DOCUMENT_COLUMNS = ("id", "doc_id", "text", "source", "domain", "split", "cluster")
 OUTLIER_NAME = "outliers"
@@ -118,10 +129,12 @@ def cluster_corpus(
     guided_labels: str | Sequence[Any] | None = None,
     supervision: str = "semi",
     clusterer: str = "hdbscan",
-    reducer: str = "umap",
+    reducer: str = "auto",
     min_cluster_size: int = 10,
     cluster_selection: str = "leaf",
     embedder: str = DEFAULT_EMBEDDER,
+    embedding_method: str = "auto",
+    lda_learning: str = "auto",
     n_terms: int = 10,
     show_progress: bool = True,
 ) -> ClusterResult:
@@ -131,11 +144,17 @@ def cluster_corpus(
       ``clusterer="kmeans"``; HDBSCAN finds its own number (``min_cluster_size``).
     - ``embeddings``: precomputed ``[n, d]`` sentence embeddings from ``embedder`` (else
       computed through the on-disk cache) for ``"kmeans"`` and ``"bertopic"``.
+    - ``embedding_method``: how ``embedder`` embeds the texts, ``"transformer"`` (exact),
+      ``"static"`` (a word-piece table distilled from it, thousands of texts a second) or
+      ``"auto"`` (static above ``embeddings.STATIC_THRESHOLD`` distinct texts); see
+      :func:`~rephelpers.corpus.embeddings.embed_texts`. With precomputed ``embeddings`` it
+      is only recorded, so pass the method that made them.
     - ``outliers``: BERTopic's unassigned documents are ``"reassign"``-ed to the most
       similar topic (``reduce_outliers``, embedding strategy) or ``"keep"``-t as their own
       cluster, named ``"outliers"``, with the last id.
     - ``reducer``: BERTopic's dimensionality reduction before clustering, ``"umap"``
-      (BERTopic's default) or ``"pca"`` (linear, deterministic, no JIT compilation).
+      (BERTopic's default), ``"pca"`` (linear, deterministic, no JIT compilation, little
+      memory) or ``"auto"``: UMAP up to :data:`UMAP_LIMIT` documents, PCA above.
     - ``cluster_selection``: how HDBSCAN picks clusters from its tree, ``"leaf"`` (the
       finest clusters of at least ``min_cluster_size`` documents, the default) or ``"eom"``
       (excess of mass, BERTopic's default: the most persistent clusters, often a few large
@@ -149,6 +168,9 @@ def cluster_corpus(
     - ``guided_labels``: per-document labels (or a column name such as ``"domain"``;
       missing values mean unlabelled) for BERTopic: ``supervision="semi"`` steers UMAP
       with them, ``"manual"`` uses them as the topics and only describes them.
+    - ``lda_learning``: LDA's variational Bayes, ``"batch"`` (every pass over all
+      documents), ``"online"`` (mini-batches) or ``"auto"``: batch up to
+      :data:`LDA_ONLINE_THRESHOLD` documents, online above (:func:`lda_labels`).
     """
     require(method in METHODS, f"unknown cluster method {method!r}: use one of {', '.join(METHODS)}")
     require(
@@ -168,9 +190,11 @@ def cluster_corpus(
         )
     if method == "domain":
         require("domain" in df.columns, "method='domain' needs a 'domain' column in the corpus")
+    embedding_method = resolve_embedding_method(embedding_method, len(set(texts)))
+    lda_learning = resolve_lda_learning(lda_learning, n)
     if method == "bertopic":
         require(clusterer in BERTOPIC_CLUSTERERS, f"clusterer must be one of {BERTOPIC_CLUSTERERS}, got {clusterer!r}")
-        require(reducer in REDUCERS, f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        reducer = resolve_reducer(reducer, n)
         require(supervision in SUPERVISION_MODES, f"supervision must be one of {SUPERVISION_MODES}, got {supervision!r}")
         require(isinstance(min_cluster_size, int) and min_cluster_size >= 2, f"min_cluster_size must be an int >= 2, got {min_cluster_size!r}")
         require(cluster_selection in CLUSTER_SELECTIONS, f"cluster_selection must be one of {CLUSTER_SELECTIONS}, got {cluster_selection!r}")
@@ -191,7 +215,7 @@ def cluster_corpus(
         )
     if method in ("kmeans", "bertopic"):
         if embeddings is None:
-            embeddings = embed_texts(texts, model=embedder, show_progress=show_progress)
+            embeddings = embed_texts(texts, model=embedder, method=embedding_method, show_progress=show_progress)
         embeddings = np.asarray(embeddings, dtype=np.float32)
         require(
             embeddings.ndim == 2 and embeddings.shape[0] == n,
@@ -204,6 +228,9 @@ def cluster_corpus(
         params["n_clusters"] = n_clusters
     if method in ("kmeans", "bertopic"):
         params["embedder"] = embedder
+        params["embedding_method"] = embedding_method
+    if method == "lda":
+        params["lda_learning"] = lda_learning
     if method == "bertopic":
         params.update(reducer=reducer, clusterer=clusterer, outliers=outliers, nr_topics=nr_topics, seed_topics=seed_topics)
         if not uses_k:
@@ -218,7 +245,7 @@ def cluster_corpus(
     elif method == "domain":
         raw = df["domain"].astype(str).to_numpy()
     elif method == "lda":
-        raw, extras = lda_labels(texts, n_clusters, seed, n_terms)
+        raw, extras = lda_labels(texts, n_clusters, seed, n_terms, learning=lda_learning)
     else:
         raw, extras = bertopic_labels(
             texts, embeddings, seed=seed, outliers=outliers, nr_topics=nr_topics,
@@ -265,15 +292,31 @@ def term_vectorizer(min_df: int = 1, max_df: float = 1.0, vocabulary: Sequence[s
     )
 
 
+def resolve_lda_learning(learning: str, n_documents: int) -> str:
+    """``"batch"`` or ``"online"``: ``learning`` itself, or for ``"auto"`` online above
+    :data:`LDA_ONLINE_THRESHOLD` documents."""
+    require(learning in LDA_LEARNING, f"lda_learning must be one of {LDA_LEARNING}, got {learning!r}")
+    if learning != "auto":
+        return learning
+    return "online" if n_documents > LDA_ONLINE_THRESHOLD else "batch"
+
+
 def lda_labels(
-    texts: Sequence[str], n_topics: int, seed: int = 0, n_terms: int = 10, n_init: int = 5
+    texts: Sequence[str], n_topics: int, seed: int = 0, n_terms: int = 10, n_init: int = 5, learning: str = "batch"
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Each document's most probable topic ``argmax_k theta_{d,k}`` under batch variational LDA.
+    """Each document's most probable topic ``argmax_k theta_{d,k}`` under variational LDA.
 
     Variational LDA converges to a local optimum that depends on its initialisation (on a
     few dozen documents, ARI against planted domains ranged 0.41–0.77 over single seeds), so
     like k-means it is fitted ``n_init`` times from seeded starts and the fit with the
     highest approximate log-likelihood (the ELBO, ``lda.score``) is kept.
+
+    ``learning="batch"`` runs 50 passes, each updating the topics from all documents.
+    ``"online"`` (Hoffman et al. 2010) updates them after every mini-batch of
+    :data:`LDA_BATCH_SIZE` documents with step ``(10 + t)^-0.7``, for :data:`LDA_ONLINE_PASSES`
+    passes: on many documents it converges in a few. On 20,000 short documents (2 shared
+    cores, five restarts) batch took 340 s for ARI 0.45 against their domains, online 81 s
+    for 0.43; on 100,000 online took 341 s, where batch would take about half an hour.
 
     Terms occurring in fewer than two documents (when the corpus has at least 20) or in
     more than 95% of them are dropped before fitting. ``extras["lda_top_terms"]`` holds the
@@ -281,17 +324,20 @@ def lda_labels(
     """
     from sklearn.decomposition import LatentDirichletAllocation
 
+    require(learning in ("batch", "online"), f"learning must be 'batch' or 'online', got {learning!r}")
+    require(n_init >= 1, f"n_init must be ≥ 1, got {n_init}")
     vectorizer = term_vectorizer(min_df=2 if len(texts) >= 20 else 1, max_df=0.95)
     try:
         counts = vectorizer.fit_transform(texts)
     except ValueError as err:  # scikit-learn: "empty vocabulary"
         raise RephelpersError(f"LDA found no usable words in the corpus ({err}); the texts may be too short or all stop words.") from err
-    require(n_init >= 1, f"n_init must be ≥ 1, got {n_init}")
+    if learning == "online":
+        schedule = dict(learning_method="online", batch_size=LDA_BATCH_SIZE, max_iter=LDA_ONLINE_PASSES, total_samples=counts.shape[0])
+    else:
+        schedule = dict(learning_method="batch", max_iter=50)
     best = None
     for restart in range(n_init):
-        candidate = LatentDirichletAllocation(
-            n_components=n_topics, learning_method="batch", max_iter=50, random_state=seed * 1000 + restart
-        )
+        candidate = LatentDirichletAllocation(n_components=n_topics, random_state=seed * 1000 + restart, **schedule)
         candidate_theta = candidate.fit_transform(counts)
         likelihood = candidate.score(counts)
         if best is None or likelihood > best[0]:
@@ -327,6 +373,12 @@ def bertopic_labels(
     UMAP (5-d, cosine, ``min_dist=0``, seeded) or PCA (5-d) then HDBSCAN
     (``min_cluster_size``, ``cluster_selection``) or k-means; manual supervision skips both and takes ``guided``
     as the topics.
+
+    HDBSCAN's density uses each document's ``min_samples``-th nearest neighbour, with
+    ``min_samples = min_cluster_size`` (HDBSCAN's default) up to :data:`UMAP_LIMIT` documents
+    and ``min(min_cluster_size, HDBSCAN_MAX_MIN_SAMPLES)`` above: at 100,000 documents and
+    ``min_cluster_size=500`` the neighbour lists alone took 1.6 GB and 53 s, with the cap 0.4 GB
+    and 20 s (ARI against the domains 0.44 → 0.38). Smaller corpora cluster as they always did.
     """
     from bertopic import BERTopic
 
@@ -345,7 +397,9 @@ def bertopic_labels(
         else:
             from hdbscan import HDBSCAN
 
-            grouper = HDBSCAN(min_cluster_size=min(min_cluster_size, max(2, n // 2)), prediction_data=True,
+            size = min(min_cluster_size, max(2, n // 2))
+            samples = min(size, HDBSCAN_MAX_MIN_SAMPLES) if n > UMAP_LIMIT else size
+            grouper = HDBSCAN(min_cluster_size=size, min_samples=samples, prediction_data=True,
                               cluster_selection_method=cluster_selection)
     model = BERTopic(
         embedding_model=load_embedder(embedder), umap_model=reducer_model, hdbscan_model=grouper,
@@ -373,6 +427,14 @@ def bertopic_labels(
         )
     bertopic_terms = {int(t): [w for w, _ in (model.get_topic(t) or [])] for t in found}
     return topics, {"n_outliers": n_outliers, "bertopic_terms": bertopic_terms}
+
+
+def resolve_reducer(reducer: str, n_documents: int) -> str:
+    """``"umap"`` or ``"pca"``: ``reducer`` itself, or for ``"auto"`` UMAP up to :data:`UMAP_LIMIT` documents."""
+    require(reducer == "auto" or reducer in REDUCERS, f"reducer must be 'auto' or one of {REDUCERS}, got {reducer!r}")
+    if reducer != "auto":
+        return reducer
+    return "pca" if n_documents > UMAP_LIMIT else "umap"
 
 
 def reduce_dimensions_model(reducer: str, n_components: int, n_documents: int, seed: int = 0, n_neighbors: int = 15) -> Any:
