@@ -18,6 +18,9 @@ from typing import Any
 from tqdm.auto import tqdm as _tqdm
 
 PROGRESS_ENV = "REPHELPERS_PROGRESS"
+# Set by the runner for its kernels: a batch run, where no one interacts with widgets
+# (rephelpers.views.explorers draws each explorer's first view instead).
+HEADLESS_ENV = "REPHELPERS_HEADLESS"
 REPORT_EVERY = 1.0
 """Seconds between two reports of one bar (its first and last state are always reported)."""
 

@@ -52,7 +52,7 @@ import yaml
 
 from .artifacts import MANIFEST, project_root, stable_hash
 from .errors import RephelpersError, require
-from .progress import PROGRESS_ENV
+from .progress import HEADLESS_ENV, PROGRESS_ENV
 from .progress import describe as describe_progress
 
 STATUS = "status.json"
@@ -658,7 +658,9 @@ def _watch_notebook(
         "log": str(log),
     }
     files["job.json"].write_text(json.dumps(job, default=str))
-    env = {**os.environ, **_THREADS, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"]), PROGRESS_ENV: str(files["progress.jsonl"])}
+    # HEADLESS_ENV: no one interacts with this kernel's widgets; the explorers draw their first view instead.
+    env = {**os.environ, **_THREADS, _KERNEL_EVENTS_ENV: str(files["kernel.jsonl"]), PROGRESS_ENV: str(files["progress.jsonl"]),
+           HEADLESS_ENV: "1"}
     with open(log, "ab" if attempt > 1 else "wb") as f:
         if attempt > 1:
             f.write(f"[rephelpers] --- attempt {attempt}\n".encode())

@@ -351,6 +351,23 @@ def test_charts_and_explorer_build_from_a_clustering(planted):
     assert table.loc[1, "representative_ids"][0] in view.value
 
 
+def test_in_a_batch_run_the_cluster_explorer_is_its_first_card(planted, monkeypatch):
+    """The runner's kernels (HEADLESS_ENV set) get the first cluster's card as HTML, no widgets."""
+    from IPython.display import HTML
+
+    from rephelpers.progress import HEADLESS_ENV
+
+    docs, embeddings = planted
+    result = cluster_corpus(docs, "kmeans", 4, embeddings=embeddings)
+    documents = docs.assign(cluster=result.labels)
+    table = characterize_clusters(docs, result.labels, embeddings, names=result.names)
+    first = cluster_explorer(documents, table).children[1].value
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    card = cluster_explorer(documents, table)
+    assert isinstance(card, HTML) and card.data == first
+    assert table.loc[0, "representative_ids"][0] in card.data
+
+
 def test_stage_artifacts_round_trip(planted, tmp_path):
     docs, embeddings = planted
     result = cluster_corpus(docs, "kmeans", 4, embeddings=embeddings)

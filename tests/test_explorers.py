@@ -100,3 +100,22 @@ def test_critical_set_chart_marks_massive_dimensions_and_other_clusters():
     assert sorted((r["cluster"], r["dim"]) for r in ticks) == [(1, 0), (1, 1), (1, 2)]
     with pytest.raises(RephelpersError, match="cluster 1 has no selected dimension at layer 5"):
         critical_set_chart(pd.DataFrame(rows), 5, 1)
+
+
+def test_in_a_batch_run_each_explorer_is_its_first_view(planted, monkeypatch):
+    """The runner's kernels (HEADLESS_ENV set) get plain charts, the same as the widgets' first
+    view, and no widget that displays into its output area (the nbclient hang)."""
+    import altair as alt
+
+    from rephelpers.progress import HEADLESS_ENV
+
+    docs, acts = planted
+    dimensions, components = find_cluster_components(
+        acts, docs.cluster.to_numpy(), docs.split.to_numpy(), top_k=4, progress=False
+    )
+    interactive = (representation_explorer(docs, acts).result.to_dict(),
+                   dimension_explorer(dimensions, components).result.to_dict())
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    batch = (representation_explorer(docs, acts), dimension_explorer(dimensions, components))
+    assert all(isinstance(chart, alt.TopLevelMixin) for chart in batch)
+    assert tuple(chart.to_dict() for chart in batch) == interactive

@@ -83,6 +83,28 @@ def test_answer_explorer_pairs_each_answer_with_the_baseline(scores, capsys):
     ability_menu.value = ability_menu.options[-1]  # switching redraws without error
 
 
+def test_in_a_batch_run_the_table_explorers_are_their_first_view(scores, table, capsys, monkeypatch):
+    from rephelpers.progress import HEADLESS_ENV
+
+    monkeypatch.setenv(HEADLESS_ENV, "1")
+    answers = explorers.answer_explorer(scores, max_rows=500)
+    header = capsys.readouterr().out
+    assert isinstance(answers, pd.DataFrame)
+    ability, rest = header.split(" under ", 1)  # the first menu entries, as the widgets show them
+    first = rest.split(": ", 1)[0]
+    assert ability == sorted(scores.ability.unique())[0] and first in set(scores.config_id) - {"baseline"}
+    base = scores[(scores.config_id == "baseline") & (scores.ability == ability)].set_index(["task", "item"])["score"]
+    mine = scores[(scores.config_id == first) & (scores.ability == ability)].set_index(["task", "item"])["score"]
+    change = (mine - base.loc[mine.index]).to_numpy()
+    assert f"{int((change < 0).sum())} lost, {int((change > 0).sum())} gained" in header
+    assert len(answers) == len(mine) and (answers["score_pert"] - answers["score_base"]).abs().sum() == np.abs(change).sum()
+    items = explorers.item_explorer(scores, table)
+    header = capsys.readouterr().out
+    strongest = table.loc[table.phi.abs().idxmax()]
+    assert isinstance(items, pd.DataFrame) and f"× {strongest.ability}:" in header
+    assert f"{int((items['direction'] == 'lost').sum())} items lost" in header
+
+
 def test_phi_across_a_sweep_axis_is_drawn_and_saved_per_axis(tmp_path):
     from rephelpers.views.render import save_sweep_charts
 

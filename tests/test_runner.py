@@ -221,7 +221,7 @@ def _dies_within(pid: int, seconds: float) -> bool:
 
 def test_each_notebooks_time_and_kernel_memory_are_recorded_and_printed(project, capsys):
     _add_notebook(project, "01_big", "import time\nblock = b'x' * (300 * 2**20)  # 300 MiB, written\ntime.sleep(1)")
-    _add_notebook(project, "02_small", "y = 1")
+    _add_notebook(project, "02_small", "import os\nassert os.environ['REPHELPERS_HEADLESS'] == '1'  # a batch kernel")
     path = project / "two.yaml"
     path.write_text(json.dumps({"name": "two", "parameters": {}, "notebooks": ["01_big", "02_small"]}))
     top = run_spec(RunSpec.from_yaml(path), runs_root=project / "runs")

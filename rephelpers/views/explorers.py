@@ -10,15 +10,20 @@
 - 05: :func:`answer_explorer` (an ability and a config: its answers beside the unperturbed model's);
 - 06: :func:`item_explorer` (a cell of Φ and a config: the items that flipped).
 
-Building an explorer runs nothing heavy, so a headless (papermill) run renders its first
-view and moves on. The charts they draw are :mod:`rephelpers.views.charts`'. An explorer
-that draws one chart returns it from its function (``widgets.interactive``), never
-``display()``-ing it: the latter can leave nbclient waiting forever under papermill
-(nbclient #312, nbconvert #2029).
+Building an explorer runs nothing heavy. The charts they draw are
+:mod:`rephelpers.views.charts`'. An explorer that draws one chart returns it from its
+function (``widgets.interactive``) rather than ``display()``-ing it.
+
+In a batch run (the runner's kernels, where :data:`HEADLESS_ENV` is set) an explorer
+returns its first view as a plain chart or table instead of widgets: no one can interact
+with it there, an executed notebook keeps no widget state, and a widget that displays into
+its output area can leave nbclient waiting forever for the cell's reply (nbclient #312,
+nbconvert #2029; seen here on notebook 02 at demo size, twice in one run).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import altair as alt
@@ -30,11 +35,27 @@ from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 from ..influence.impact import baseline_config, configs, flipped_items
 from ..perturbations.kinds import KINDS
+from ..progress import HEADLESS_ENV
 from ..perturbations.specificity import probe_activations, specificity_report
 from ..representations.models import Model
 from ..representations.activations import between_cluster_r2
 from .charts import critical_set_chart, pca_chart, score_heatmap_chart, specificity_chart
 from .render import cluster_label
+
+
+def headless() -> bool:
+    """Whether this kernel runs in a batch (no one to interact with widgets): :data:`HEADLESS_ENV` is set."""
+    return bool(os.environ.get(HEADLESS_ENV))
+
+
+def _explorer(draw: Any, **controls: Any) -> Any:
+    """``widgets.interactive`` over ``draw`` showing its returned chart, or in a batch run
+    (:func:`headless`) the chart of the controls' starting values."""
+    import ipywidgets as widgets
+
+    if headless():
+        return draw(**{name: control.value for name, control in controls.items()})
+    return widgets.interactive(draw, {"auto_display": True}, **controls)
 
 
 def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_samples: int = 3, seed: int = 0) -> Any:
@@ -66,8 +87,12 @@ def cluster_explorer(documents: pd.DataFrame, characterization: pd.DataFrame, n_
             f"<h4>Random members</h4>{''.join(card(i) for i in samples)}"
         )
 
-    picker.observe(lambda change: show(change["new"]), names="value")
     show(picker.value)
+    if headless():
+        from IPython.display import HTML
+
+        return HTML(view.value)
+    picker.observe(lambda change: show(change["new"]), names="value")
     return widgets.VBox([picker, view])
 
 
@@ -98,9 +123,8 @@ def representation_explorer(
         title = f"Layer {layer} ({component}, {pooling}-pooled): PCA; between-cluster R² = {r2[layer]:.3f}"
         return pca_chart(docs, activations[layer], title, color=colour)
 
-    return widgets.interactive(
+    return _explorer(
         draw,
-        {"auto_display": True},
         layer=widgets.Dropdown(options=layers, value=layers[len(layers) // 2], description="layer"),
         colour=widgets.ToggleButtons(options=["cluster", "domain"], value="cluster", description="colour by"),
     )
@@ -134,9 +158,8 @@ def dimension_explorer(dimensions: pd.DataFrame, components: Sequence[ClusterCom
         below = critical_set_chart(dimensions, layer, cluster, massive_dims=part.massive_dims or (), title=title)
         return alt.vconcat(score_heatmap_chart(dimensions, layer, top), below).resolve_scale(color="independent")
 
-    return widgets.interactive(
+    return _explorer(
         draw,
-        {"auto_display": True},
         layer=widgets.Dropdown(options=layers, value=layers[len(layers) // 2], description="layer"),
         cluster=widgets.Dropdown(options=clusters, value=clusters[0], description="cluster"),
         top=widgets.IntSlider(value=per_cluster, min=2, max=24, description="top dims", continuous_update=False),
@@ -190,9 +213,8 @@ def specificity_explorer(
             cache["report"] = pd.concat([known, rows], ignore_index=True)
         return specificity_chart(rows, title=f"{kind} × {magnitude:g} at layer {layer}, cluster {cluster}")
 
-    return widgets.interactive(
+    return _explorer(
         draw,
-        {"auto_display": True},  # show the returned chart, as `interact` does
         kind=widgets.Dropdown(options=list(kinds or KINDS), value=first["kind"], description="perturbation"),
         cluster=widgets.Dropdown(options=clusters, value=int(first["cluster"]), description="cluster"),
         layer=widgets.SelectionSlider(options=layers, value=int(first["layer"]), description="layer",
@@ -239,14 +261,23 @@ def answer_explorer(scores: pd.DataFrame, max_rows: int = 30, prompt_chars: int 
             both = both.drop(columns=["response_base", "response_pert"])
         return both.assign(changed=both["change"] != 0).sort_values(["changed", "task", "item"], ascending=[False, True, True])
 
-    def show(*_: object) -> None:
+    def view() -> tuple[str, pd.DataFrame]:
         both = rows(ability_menu.value, config_menu.value)
+        lost, gained = int((both["change"] < 0).sum()), int((both["change"] > 0).sum())
+        return (f"{ability_menu.value} under {config_menu.value}: {len(both)} items, {lost} lost, {gained} gained "
+                f"against the unperturbed model"), both.drop(columns="changed").head(max_rows)
+
+    if headless():
+        summary, table = view()
+        print(summary)
+        return table
+
+    def show(*_: object) -> None:
+        summary, table = view()
         output.clear_output()
         with output:
-            lost, gained = int((both["change"] < 0).sum()), int((both["change"] > 0).sum())
-            print(f"{ability_menu.value} under {config_menu.value}: {len(both)} items, {lost} lost, {gained} gained "
-                  f"against the unperturbed model")
-            display(both.drop(columns="changed").head(max_rows))
+            print(summary)
+            display(table)
 
     show()
     ability_menu.observe(show, names="value")
@@ -288,15 +319,19 @@ def item_explorer(
             options.append((label, (row.config_id, bool(row.control))))
         return options
 
-    def show(*_: object) -> None:
+    def view() -> tuple[str, pd.DataFrame]:
         cluster, ability = cell_menu.value
         theta, control = (None, False) if config_menu.value == every_config else config_menu.value
         items = flipped_items(scores, cluster, ability, theta=theta, control=control, only_changed=only_changed)
+        lost = int((items["direction"] == "lost").sum())
+        gained = int((items["direction"] == "gained").sum())
+        return f"{cluster_label(cluster, cluster_labels)} × {ability}: {lost} items lost, {gained} gained", items
+
+    def show(*_: object) -> None:
+        summary, items = view()
         output.clear_output()
         with output:
-            lost = int((items["direction"] == "lost").sum())
-            gained = int((items["direction"] == "gained").sum())
-            print(f"{cluster_label(cluster, cluster_labels)} × {ability}: {lost} items lost, {gained} gained")
+            print(summary)
             display(items)
 
     def on_cell(change: dict) -> None:
@@ -309,6 +344,10 @@ def item_explorer(
     if cells:
         config_menu.options = config_options(cells[0][1][0])
         config_menu.value = every_config
+        if headless():
+            summary, items = view()
+            print(summary)
+            return items
         show()
     cell_menu.observe(on_cell, names="value")
     config_menu.observe(show, names="value")
