@@ -24,7 +24,8 @@ nbconvert #2029; seen here on notebook 02 at demo size, twice in one run).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -35,11 +36,16 @@ from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 from ..influence.impact import baseline_config, configs, flipped_items
 from ..perturbations.kinds import KINDS
-from ..progress import HEADLESS_ENV
 from ..perturbations.specificity import probe_activations, specificity_report
-from ..representations.models import Model
+from ..progress import HEADLESS_ENV
 from ..representations.activations import between_cluster_r2
-from .charts import critical_set_chart, pca_chart, score_heatmap_chart, specificity_chart
+from ..representations.models import Model
+from .charts import (
+    critical_set_chart,
+    pca_chart,
+    score_heatmap_chart,
+    specificity_chart,
+)
 from .render import cluster_label
 
 
