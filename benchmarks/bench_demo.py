@@ -113,14 +113,14 @@ def main() -> None:
     names = list(results)
     stages = sorted({s for r in results.values() for s in r["stages"]})
     print(f"\n{args.spec}, cold cache, {os.cpu_count()} cores" + (f"; baseline {args.baseline}" if args.baseline else ""))
-    header = "stage".ljust(24) + "".join(f"{n + ' s':>12}{n + ' peak GB':>16}" for n in names)
+    header = "stage".ljust(24) + "".join(f"{n + ' s':>14}{n + ' peak GB':>18}" for n in names)
     print(header + ("   ratio now/baseline" if args.baseline else ""))
     for stage in stages:
         line = stage.ljust(24)
         for n in names:
             rec = results[n]["stages"].get(stage, {})
             peak = rec.get("peak_rss_mb")
-            line += f"{rec.get('seconds', float('nan')):12.0f}{(peak / 1024 if peak else float('nan')):16.2f}"
+            line += f"{rec.get('seconds', float('nan')):14.0f}{(peak / 1024 if peak else float('nan')):18.2f}"
         if args.baseline:
             b = results["baseline"]["stages"].get(stage, {}).get("seconds")
             line += f"   {results['now']['stages'][stage]['seconds'] / b:.2f}" if b else ""
@@ -128,7 +128,7 @@ def main() -> None:
     line = "whole chain (wall)".ljust(24)
     for n in names:
         peak = results[n]["peak_mb"]
-        line += f"{results[n]['wall']:12.0f}{(peak / 1024 if peak else float('nan')):16.2f}"
+        line += f"{results[n]['wall']:14.0f}{(peak / 1024 if peak else float('nan')):18.2f}"
     if args.baseline:
         line += f"   {results['now']['wall'] / results['baseline']['wall']:.2f}"
     print(line)

@@ -148,6 +148,30 @@ def test_fast_path_equals_per_config_path(model, tasks):
 
 
 @pytest.mark.model
+def test_the_sweeps_progress_shows_the_first_configs_turn(model, tasks, tmp_path, monkeypatch):
+    """fast=True does nearly all its work in the first config's turn; the runner's progress
+    line follows it through the sweep's own bars, not a config bar that stands still."""
+    import json
+
+    from rephelpers.progress import PROGRESS_ENV
+
+    log = tmp_path / "progress.jsonl"
+    monkeypatch.setenv(PROGRESS_ENV, str(log))
+    configs = {"base": [], "a": [Intervention(Ablate(tuple(range(0, 576, 3))), 12)],
+               "b": [Intervention(Ablate(tuple(range(1, 576, 3))), 12)]}
+    evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=True, fast=True)
+    reports = [json.loads(line) for line in log.read_text().splitlines()]
+    first_done = min(r["t"] for r in reports if r["desc"] == "configs" and r["n"] >= 1)
+    sweep = [r for r in reports if r["desc"].startswith("3 configs together")]
+    batches = [r for r in sweep if r["desc"].endswith("batches")]
+    decoded = [r for r in sweep if r["desc"].endswith("decoded")]
+    assert batches and decoded and all(r["t"] <= first_done for r in sweep)
+    # every bar ends full: the log-likelihood batches, and the generation task's 2 requests
+    assert all(r["n"] == r["total"] > 0 for r in sweep if r["closed"])
+    assert sum(r["n"] for r in decoded if r["closed"]) == 2 and all(r["unit"] == "requests" for r in decoded)
+
+
+@pytest.mark.model
 def test_packed_choices_equal_one_plain_forward_per_request(model):
     """A multiple-choice item's context runs once with its choices as branches; each answer
     must equal a plain HF forward over ``context ⊕ continuation`` edited by a torch hook,

@@ -223,7 +223,8 @@ def evaluate_abilities(
     # The shared-prefix sweep keeps states between forward passes; a remote request holds none.
     sweep = fast and not model.masked and not model.remote
     lm = (MaskedPerturbedLM(model, batch_size=batch_size) if model.masked
-          else SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices) if sweep
+          else SweepLM(model, checked, batch_size=batch_size, pack_choices=pack_choices,
+                       sweep_progress=progress) if sweep
           else PerturbedLM(model, batch_size=batch_size))
 
     from lm_eval.evaluator import evaluate

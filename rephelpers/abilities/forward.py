@@ -528,7 +528,8 @@ def sweep_loglikelihood(
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r].tokens))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     device = model.device
-    for batch in progress_bar(batches, desc="shared-prefix batches", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc=f"{len(config_ids)} configs together: batches", disable=not progress,
+                              leave=False):
         inputs, keys = _packed_inputs([rows[r] for r in batch], model.hf.dtype, device, keyed)
         width = inputs["input_ids"].shape[1]
         lengths = torch.tensor([len(rows[r].tokens) for r in batch], device=device)

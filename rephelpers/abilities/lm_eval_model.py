@@ -21,6 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from ..errors import require
 from ..perturbations.intervene import Intervention, apply_placed, needs_keys, place, validate
 from ..perturbations.tokenkeys import token_keys
+from ..progress import progress_bar
 from ..representations.models import Model
 from .forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood
 from .lm_tasks import _quiet_lm_eval
@@ -155,6 +156,10 @@ class SweepLM(PerturbedLM):
     the first config's call of a batch decodes it under every config together
     (:func:`sweep_generate`) and keeps each config's tokens, keyed by the batch's tokens and
     decoding settings. :meth:`select` switches the config.
+
+    So the first config's turn does nearly all the work: ``sweep_progress`` shows it (the
+    log-likelihood batches, the generation requests decoded), since a bar over configs would
+    stand still until it ends.
     """
 
     def __init__(
@@ -165,14 +170,18 @@ class SweepLM(PerturbedLM):
         max_batch_tokens: int = 16384,
         show_request_progress: bool = False,
         pack_choices: bool = True,
+        sweep_progress: bool = False,
     ) -> None:
         super().__init__(model, (), batch_size=batch_size, show_request_progress=show_request_progress)
+        self.sweep_progress = sweep_progress
+        self._decoding: progress_bar | None = None
         self.configs = {cid: validate(model, ivs) for cid, ivs in configs.items()}
         self.max_batch_tokens = max_batch_tokens
         self.pack_choices = pack_choices
         self.active: str | None = None
         self._answers: dict[tuple, dict[str, list[tuple[float, bool]]]] = {}
         self._generated: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._decoded: set[str] = set()
 
     def select(self, config_id: str) -> "SweepLM":
         require(config_id in self.configs, f"unknown config {config_id!r}")
@@ -191,10 +200,28 @@ class SweepLM(PerturbedLM):
                 batch_size=self.batch_size_per_gpu,
                 max_length=self.max_length,
                 max_batch_tokens=self.max_batch_tokens,
-                progress=self.show_request_progress,
+                progress=self.show_request_progress or self.sweep_progress,
                 pack_choices=self.pack_choices,
             )
         return list(self._answers[key][self.active])
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        fresh = self.sweep_progress and any(self._generation_key(r) not in self._decoded for r in requests)
+        if not fresh:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        self._decoding = progress_bar(total=len(requests), desc=f"{len(self.configs)} configs together: decoded",
+                                      unit="requests", leave=False)
+        try:
+            answers = super().generate_until(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._decoding.close()
+            self._decoding = None
+        self._decoded.update(self._generation_key(r) for r in requests)
+        return answers
+
+    @staticmethod
+    def _generation_key(request: Any) -> str:
+        return repr(request.args)
 
     def _model_generate(
         self,
@@ -219,4 +246,6 @@ class SweepLM(PerturbedLM):
                 pad_token_id=self.tokenizer.pad_token_id,
                 max_batch_tokens=self.max_batch_tokens,
             )
+            if self._decoding is not None:
+                self._decoding.update(int(context.shape[0]))
         return self._generated[key][self.active]
