@@ -33,7 +33,7 @@ import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -154,29 +154,18 @@ def embed_texts(
         rows_of.setdefault(key, []).append(row)
 
     store = _Store(_cache_file(model, encoder.max_seq_length, normalize), dim) if cache else None
-    if store is not None:
-        for key, vector in store.read(list(rows_of)):
-            result[rows_of.pop(key)] = vector
-    missing = sorted(rows_of, key=lambda k: -len(texts[rows_of[k][0]]))
-    if missing:
-        from ..progress import progress_bar
 
-        block = batch_size * 16
-        with progress_bar(total=len(missing), desc="embedding", unit="text", disable=not show_progress) as bar:
-            for start in range(0, len(missing), block):
-                chunk = missing[start : start + block]
-                vectors = encoder.encode(
-                    [texts[rows_of[k][0]] for k in chunk],
-                    batch_size=batch_size,
-                    normalize_embeddings=normalize,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                ).astype(np.float32, copy=False)
-                for key, vector in zip(chunk, vectors):
-                    result[rows_of[key]] = vector
-                if store is not None:
-                    store.write(zip(chunk, vectors))
-                bar.update(len(chunk))
+    def encode(chunk: list[str]) -> np.ndarray:
+        return encoder.encode(
+            [texts[rows_of[k][0]] for k in chunk],
+            batch_size=batch_size,
+            normalize_embeddings=normalize,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).astype(np.float32, copy=False)
+
+    _fill_rows(result, rows_of, store, encode, block=batch_size * 16, desc="embedding", unit="text",
+               show_progress=show_progress, order=lambda k: -len(texts[rows_of[k][0]]))
     return result
 
 
@@ -305,32 +294,54 @@ def word_piece_prior(
     keys = [f"word-piece:{int(t)}" for t in ids]
     row_of = {key: row for row, key in enumerate(keys)}
     store = _Store(_cache_file(model, 0, True, kind="word-piece-prior"), dim) if cache else None
-    if store is not None:
-        for key, vector in store.read(list(row_of)):
-            result[row_of.pop(key)] = vector
-    missing = list(row_of)
-    if missing:
+    before, after = _special_tokens_around(tokenizer)
+
+    def encode(chunk: list[str]) -> np.ndarray:
         import torch
 
-        from ..progress import progress_bar
+        input_ids = torch.tensor([before + [int(ids[row_of[k]])] + after for k in chunk])
+        features = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if "token_type_ids" in tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        with torch.inference_mode():
+            return encoder(features)["sentence_embedding"].float().numpy()
 
-        before, after = _special_tokens_around(tokenizer)
-        block = 1024
-        with progress_bar(total=len(missing), desc="word pieces", unit="piece", disable=not show_progress) as bar:
-            for start in range(0, len(missing), block):
-                chunk = missing[start : start + block]
-                input_ids = torch.tensor([before + [int(ids[row_of[k]])] + after for k in chunk])
-                features = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-                if "token_type_ids" in tokenizer.model_input_names:
-                    features["token_type_ids"] = torch.zeros_like(input_ids)
-                with torch.inference_mode():
-                    vectors = encoder(features)["sentence_embedding"].float().numpy()
-                for key, vector in zip(chunk, vectors):
-                    result[row_of[key]] = vector
-                if store is not None:
-                    store.write(zip(chunk, vectors))
-                bar.update(len(chunk))
+    _fill_rows(result, row_of, store, encode, block=1024, desc="word pieces", unit="piece", show_progress=show_progress)
     return result
+
+
+def _fill_rows(
+    result: np.ndarray,
+    rows_of: dict[str, Any],
+    store: "_Store | None",
+    encode: Callable[[list[str]], np.ndarray],
+    block: int,
+    desc: str,
+    unit: str,
+    show_progress: bool,
+    order: Callable[[str], Any] | None = None,
+) -> None:
+    """Fill ``result[rows_of[key]]`` for every key: from ``store`` where it has the key, the rest
+    through ``encode`` in blocks of ``block`` keys (sorted by ``order``), each block written to
+    ``store`` as it is done (an interrupted run keeps its progress) and counted on a bar.
+    Keys read from ``store`` leave ``rows_of``."""
+    if store is not None:
+        for key, vector in store.read(list(rows_of)):
+            result[rows_of.pop(key)] = vector
+    missing = sorted(rows_of, key=order) if order is not None else list(rows_of)
+    if not missing:
+        return
+    from ..progress import progress_bar
+
+    with progress_bar(total=len(missing), desc=desc, unit=unit, disable=not show_progress) as bar:
+        for start in range(0, len(missing), block):
+            chunk = missing[start : start + block]
+            vectors = encode(chunk)
+            for key, vector in zip(chunk, vectors):
+                result[rows_of[key]] = vector
+            if store is not None:
+                store.write(zip(chunk, vectors))
+            bar.update(len(chunk))
 
 
 def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
