@@ -30,6 +30,7 @@ from ..errors import RephelpersError, require
 from ..perturbations.intervene import Intervention, batch_keys, masked_log_probs
 from ..progress import progress_bar
 from ..representations.models import Model
+from ..special_tokens import special_wrapping
 from .lm_eval_model import UsesInterventions
 
 SCORABLE_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
@@ -51,15 +52,6 @@ def check_masked_tasks(model: Model, task_types: dict[str, str]) -> None:
         + " cannot be evaluated on it. Drop them from the abilities (or lm_eval_tasks): a masked LM answers "
         f"{' and '.join(SCORABLE_OUTPUT_TYPES)} tasks, scored by pseudo-log-likelihood.",
     )
-
-
-def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens a tokenizer puts before and after one text (BERT: ``[CLS]``, ``[SEP]``)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    start = next((o for o in range(len(full) - len(plain) + 1) if full[o : o + len(plain)] == plain), None)
-    require(start is not None, "the tokenizer's special tokens could not be located around a text.")
-    return full[:start], full[start + len(plain):]
 
 
 class MaskedPerturbedLM(UsesInterventions, LM):

@@ -40,6 +40,7 @@ from scipy import sparse
 
 from ..errors import require
 from ..paths import cache_subdir
+from ..special_tokens import special_wrapping
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 EMBEDDED_EMBEDDERS: dict[str, tuple[str, str]] = {
@@ -294,7 +295,7 @@ def word_piece_prior(
     keys = [f"word-piece:{int(t)}" for t in ids]
     row_of = {key: row for row, key in enumerate(keys)}
     store = _Store(_cache_file(model, 0, True, kind="word-piece-prior"), dim) if cache else None
-    before, after = _special_tokens_around(tokenizer)
+    before, after = special_wrapping(tokenizer)
 
     def encode(chunk: list[str]) -> np.ndarray:
         import torch
@@ -342,15 +343,6 @@ def _fill_rows(
             if store is not None:
                 store.write(zip(chunk, vectors))
             bar.update(len(chunk))
-
-
-def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text (BERT: ``[CLS]``, ``[SEP]``),
-    read off its encoding of an empty and a one-word text."""
-    empty = list(tokenizer("")["input_ids"])
-    word = list(tokenizer("a")["input_ids"])
-    split = next((i for i, (x, y) in enumerate(zip(empty, word)) if x != y), len(empty))
-    return empty[:split], empty[split:]
 
 
 def _cache_file(model: str, max_seq_length: int, normalize: bool, kind: str = "sentence") -> Path:
