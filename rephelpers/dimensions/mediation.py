@@ -28,10 +28,10 @@ import torch
 
 from .components import ClusterComponents, as_components
 from ..errors import require
-from ..perturbations.intervene import Intervention, forward_readouts, likelihood_names
+from ..perturbations.intervene import Intervention, forward_readouts, likelihood_names, site_states
 from ..perturbations.kinds import Ablate
 from ..progress import progress_bar
-from ..representations.models import Model, output_tensor
+from ..representations.models import Model
 
 
 def reference_means(
@@ -48,13 +48,7 @@ def reference_means(
     model.check_component(component)
     total = torch.zeros(model.d_model, dtype=torch.float64)
     tokens = 0.0
-    site = model.envoy(layer, component)
-    for start in range(0, len(texts), batch_size):
-        batch = model.encode(list(texts[start : start + batch_size]), max_length=max_length)
-        with torch.inference_mode():
-            with model.trace(dict(batch)) as tracer:
-                hidden = output_tensor(site.output).save()
-                tracer.stop()
+    for batch, hidden in site_states(model, texts, layer, component, batch_size, max_length):
         mask = batch["attention_mask"].unsqueeze(-1).to(torch.float64)
         total += (hidden.to(torch.float64) * mask).sum((0, 1)).cpu()
         tokens += float(mask.sum())

@@ -533,6 +533,21 @@ def forward_readouts(
     return original, out
 
 
+def site_states(
+    model: Model, texts: Sequence[str], layer: int, component: str = "resid", batch_size: int = 8, max_length: int = 128,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Each batch of ``texts`` (in order, ``batch_size`` at a time, as :meth:`Model.encode`
+    gives it) and the unperturbed output ``h [b, s, d]`` of ``(layer, component)`` on it, read
+    with one trace per batch that stops at the site."""
+    site = model.envoy(layer, component)
+    for start in range(0, len(texts), batch_size):
+        batch = model.encode(list(texts[start : start + batch_size]), max_length=max_length)
+        with torch.inference_mode(), model.trace(dict(batch)) as tracer:
+            saved = output_tensor(site.output).save()
+            tracer.stop()
+        yield batch, saved
+
+
 def split_layer(configs: Mapping[Any, Sequence[Intervention]], n_layers: int) -> int:
     """The lowest layer any config intervenes at (``n_layers`` when none does)."""
     return min((iv.layer for ivs in configs.values() for iv in ivs), default=n_layers)

@@ -47,12 +47,12 @@ from ..artifacts import RunDir, stable_hash
 from ..dimensions.components import ClusterComponents, as_components
 from ..errors import require
 from ..representations.activations import load_activations
-from ..representations.models import Model, model_fingerprint, output_tensor
+from ..representations.models import Model, model_fingerprint
 from ..progress import progress_bar
 from ..setting import Setting
 from .intervene import (
     Intervention, Readout, batch_keys, first_identical, forward_readouts, likelihood_names, perplexity, perturb,
-    validate,
+    site_states, validate,
 )
 from .kinds import (
     KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
@@ -319,12 +319,7 @@ def control_spectrum(
     key = (model_fingerprint(model), stable_hash(texts), layer, component, int(max_length))
     if key not in _SPECTRA:
         states = []
-        site = model.envoy(layer, component)
-        for start in range(0, len(texts), batch_size):
-            batch = model.encode(texts[start : start + batch_size], max_length=max_length)
-            with torch.inference_mode(), model.trace(dict(batch)) as tracer:
-                saved = output_tensor(site.output).save()
-                tracer.stop()
+        for batch, saved in site_states(model, texts, layer, component, batch_size, max_length):
             states.append(saved.float()[batch["attention_mask"].bool()].double().cpu())
         if len(_SPECTRA) >= 8:
             _SPECTRA.clear()
@@ -352,12 +347,7 @@ def edit_norms(
     """
     total = {arm: 0.0 for arm in arms}
     count = 0
-    site = model.envoy(layer, component)
-    for start in range(0, len(texts), batch_size):
-        batch = model.encode(texts[start : start + batch_size], max_length=max_length)
-        with torch.inference_mode(), model.trace(dict(batch)) as tracer:
-            saved = output_tensor(site.output).save()
-            tracer.stop()
+    for batch, saved in site_states(model, texts, layer, component, batch_size, max_length):
         h = saved.float()
         mask = batch["attention_mask"].bool()
         keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch)
