@@ -296,7 +296,6 @@ def load_model(
         return _LOADED[key]
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-    import nnsight
 
     if remote:
         ship_package()
@@ -331,10 +330,7 @@ def load_model(
     if device_map is None:
         hf.to(device)
     hf.eval()
-    with warnings.catch_warnings():
-        # BERT's layers have a child module named `output`; nnsight renames it and says so per layer.
-        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
-        wrapped = nnsight.TransformersModel(hf, tokenizer=tokenizer)
+    wrapped = _wrap(hf, tokenizer)
     model = _describe(spec, hf, tokenizer, wrapped, masked, max_length, remote)
     _LOADED[key] = model
     return model
@@ -343,7 +339,6 @@ def load_model(
 def _hosted_model(spec: str, max_length: int) -> Model:
     """A model NDIF serves: its configuration and tokenizer from the Hub, no weights here."""
     from transformers import AutoConfig, AutoTokenizer
-    import nnsight
 
     try:
         config = AutoConfig.from_pretrained(spec)
@@ -355,10 +350,18 @@ def _hosted_model(spec: str, max_length: int) -> Model:
         ) from err
     masked = is_masked_lm(config)
     require(not masked, f"{spec!r} is a masked LM: NDIF serves causal LMs; run it locally (remote=False).")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
-        wrapped = nnsight.TransformersModel(spec, tokenizer=tokenizer, task="text-generation")
+    wrapped = _wrap(spec, tokenizer, task="text-generation")
     return _describe(spec, wrapped._module, tokenizer, wrapped, masked, max_length, True)
+
+
+def _wrap(module: Any, tokenizer: Any, **kwargs: Any) -> Any:
+    """``nnsight.TransformersModel`` of an HF module (or, for a hosted model, its id)."""
+    import nnsight
+
+    with warnings.catch_warnings():
+        # BERT's layers have a child module named `output`; nnsight renames it and says so per layer.
+        warnings.filterwarnings("ignore", message=".*has a submodule named 'output'")
+        return nnsight.TransformersModel(module, tokenizer=tokenizer, **kwargs)
 
 
 def _describe(spec: str, hf: Any, tokenizer: Any, wrapped: Any, masked: bool, max_length: int,
