@@ -211,7 +211,8 @@ def static_embed(
         cache=cache, show_progress=show_progress, method="transformer",
     ).astype(np.float64)
     counts = word_piece_counts(texts, encoder.tokenizer)  # every text, as sparse counts
-    sample_counts = word_piece_counts(sample, encoder.tokenizer)
+    row_of = {text: row for row, text in enumerate(texts)}
+    sample_counts = counts[[row_of[text] for text in sample]]  # the sample's texts are among them
     idf = np.log((1 + sample_size) / (1 + np.bincount(sample_counts.indices, minlength=counts.shape[1]))) + 1
     features = _tfidf_rows(sample_counts, idf)
     used = np.unique(counts.indices)  # the prior matters only where a word piece occurs
