@@ -11,9 +11,10 @@ budget. Everything here serves that comparison:
   so the hidden state entering the first trained layer is the same for every fine-tune.
   :func:`prefix_states` computes it once per block and caches it; a training step then
   runs only the trained layers, the final norm and the (frozen, tied) LM head.
-- :func:`finetune` minimises the next-token loss (matrix products in bfloat16 autocast by
-  default, ``precision="bf16"``: twice as fast on CPUs with AMX/AVX-512 BF16; weights,
-  optimiser state and the loss stay float32)
+- :func:`finetune` minimises the next-token loss (matrix products in bfloat16 autocast where
+  the device does bfloat16 natively and a measured probe finds it faster, fp32 otherwise:
+  ``precision="auto"``, resolved by :func:`resolve_precision`; weights, optimiser state and
+  the loss stay float32)
   ``L(θ) = −(1/|B|(T−1)) Σ_{b∈B} Σ_{t<T} log p_θ(x_{b,t+1} | x_{b,≤t})`` with AdamW, a linear
   warm-up and linear decay, over ``steps`` batches of ``batch_size`` blocks drawn uniformly
   with replacement from the allowed blocks by a generator seeded with ``seed``. Every
@@ -28,20 +29,126 @@ hash of everything that produced them, so a finished fine-tune is never redone.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import platform
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..artifacts import stable_hash
 from ..errors import RephelpersError, require
-from ..representations.models import Model
+from ..representations.models import Model, model_fingerprint
 
 _COMPLETE = ".complete"
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+# The probe's matrix product has the shape of one SmolLM2 MLP projection on a batch of blocks
+# (512 tokens × 576 → 1536): the product that dominates a fine-tune step.
+_PROBE_SHAPE = (512, 576, 1536)
+# bf16 must beat fp32 by this factor: a tie is not worth the rounding.
+_PROBE_MARGIN = 1.1
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: the probe then decides alone)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products in hardware, as torch dispatches for it.
+
+    x86: AVX-512 BF16 or AMX-BF16 in the CPU flags *and* torch's kernels at AVX-512 level
+    (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` turns them down);
+    aarch64: the ``bf16`` feature. Without native support bfloat16 autocast is emulated and
+    several times slower than fp32 (measured 8.7× for a Linear of the model's shape on an
+    AVX2-only CPU, issue 30).
+    """
+    flags = _cpu_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability.startswith("AVX512") and bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def _seconds(fn: Any, repeats: int = 3) -> float:
+    fn()  # warm-up: kernel selection, allocation
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def probe_bf16_speedup(device_type: str = "cpu", threads: int | None = None) -> float:
+    """fp32 time / bf16-autocast time of one forward+backward of a Linear of the model's shape.
+
+    Measured once per process, device and thread count (about 0.1-1 s on a CPU). > 1: bf16 is faster.
+    """
+    del threads  # part of the cache key only: the ratio depends on how many threads share the work
+    n, d_in, d_out = _PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_in, generator=gen).to(device_type)
+    layer = torch.nn.Linear(d_in, d_out).to(device_type)
+
+    def step(bf16: bool) -> None:
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = layer(x)
+        out.float().square().mean().backward()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    return _seconds(lambda: step(False)) / _seconds(lambda: step(True))
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``"bf16"`` or ``"fp32"`` for a fine-tune on ``device``.
+
+    An explicit ``"bf16"``/``"fp32"`` is kept. ``"auto"``: on a GPU, bf16 where the device
+    supports it; on a CPU, bf16 only where the CPU does bfloat16 natively
+    (:func:`native_cpu_bf16`) *and* :func:`probe_bf16_speedup` measures it at least
+    ``1.1×`` faster than fp32 here; fp32 everywhere else (other devices included). The
+    result is part of every fine-tune's cache key, so a fine-tune made at one precision is
+    never reused as if it were the other.
+    """
+    require(precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if kind == "cpu" and native_cpu_bf16():
+        return "bf16" if probe_bf16_speedup("cpu", torch.get_num_threads()) >= _PROBE_MARGIN else "fp32"
+    return "fp32"
+
+
+def precision_record(config: "FineTuneConfig", device: torch.device | str) -> dict[str, Any]:
+    """What a run records about its fine-tunes' precision: asked, resolved, and why."""
+    resolved = resolve_precision(config.precision, device)
+    record: dict[str, Any] = {"asked": config.precision, "resolved": resolved, "device": str(device)}
+    if torch.device(device).type == "cpu":
+        record["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        record["native_bf16"] = native_cpu_bf16()
+        if config.precision == "auto" and record["native_bf16"]:
+            record["bf16_speedup"] = round(probe_bf16_speedup("cpu", torch.get_num_threads()), 2)
+    return record
 
 
 @dataclass(frozen=True)
@@ -56,7 +163,7 @@ class FineTuneConfig:
     warmup: int = 10
     train_layers: int = 8
     seed: int = 0
-    precision: str = "bf16"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_tokens", "train_layers"):
@@ -64,12 +171,17 @@ class FineTuneConfig:
             require(isinstance(value, int) and value >= 1, f"FineTuneConfig.{name} must be a positive int, got {value!r}")
         require(self.block_tokens >= 8, f"block_tokens={self.block_tokens} is too short: use at least 8")
         require(self.lr > 0, f"lr must be positive, got {self.lr!r}")
-        require(self.precision in ("bf16", "fp32"), f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        require(self.precision in PRECISIONS,
+                f"precision must be one of {PRECISIONS} ('auto': what the device does fastest), got {self.precision!r}")
 
     @property
     def tokens(self) -> int:
         """The token budget ``steps · batch_size · block_tokens``."""
         return self.steps * self.batch_size * self.block_tokens
+
+    def resolved(self, device: torch.device | str) -> "FineTuneConfig":
+        """This config with ``precision`` resolved for ``device`` (``"auto"`` → ``"bf16"``/``"fp32"``)."""
+        return replace(self, precision=resolve_precision(self.precision, device))
 
 
 @dataclass
@@ -274,6 +386,7 @@ def finetune(
     trained parameters (CPU tensors) and the loss of every step; the model's own weights
     are left as they were.
     """
+    config = config.resolved(model.device)
     start = first_trained_layer(model, config.train_layers)
     require(states.shape[:2] == blocks.ids.shape, "states do not belong to these blocks: recompute prefix_states")
     unknown = sorted(set(exclude) - set(blocks.group.tolist()))
@@ -339,10 +452,10 @@ def block_loss(model: Model, blocks: Blocks, batch_size: int = 16) -> dict[str, 
 
 # -- cached fine-tunes ---------------------------------------------------------------------------
 def finetune_key(model: Model, blocks: Blocks, config: FineTuneConfig, exclude: Sequence[str]) -> str:
-    """Hash of everything a fine-tune depends on: base model, blocks, budget, optimiser, left-out groups."""
-    from ..representations.models import model_fingerprint
-
+    """Hash of everything a fine-tune depends on: base model, blocks, budget, optimiser (precision
+    resolved for the model's device, never ``"auto"``), left-out groups."""
     ids = blocks.ids.numpy()
+    config = config.resolved(model.device)
     return stable_hash("finetune-v1", model_fingerprint(model), ids, blocks.group.astype(str), asdict(config), sorted(exclude))
 
 
@@ -359,8 +472,7 @@ def cached_finetune(
 
     A directory without its ``.complete`` marker (an interrupted run) is redone.
     """
-    from safetensors.torch import load_file, save_file
-
+    config = config.resolved(model.device)
     key = finetune_key(model, blocks, config, exclude)
     folder = Path(cache) / key
     if (folder / _COMPLETE).exists():
@@ -369,6 +481,7 @@ def cached_finetune(
     trained, losses = finetune(model, blocks, states, config, exclude, progress=progress)
     meta = {
         "key": key, "exclude": sorted(exclude), "config": asdict(config), "tokens": config.tokens,
+        "precision": config.precision,
         "seconds": round(time.time() - started, 1), "losses": losses,
         "first_loss": float(np.mean(losses[: max(1, len(losses) // 10)])),
         "last_loss": float(np.mean(losses[-max(1, len(losses) // 10):])),
@@ -379,8 +492,6 @@ def cached_finetune(
     (tmp / "meta.json").write_text(json.dumps(meta))
     (tmp / _COMPLETE).write_text(key)
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.rename(folder)
     return trained, meta
@@ -393,16 +504,12 @@ def save_model_folder(model: Model, state: Mapping[str, torch.Tensor], folder: P
         return folder
     tmp = folder.with_name(folder.name + ".partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     with using_weights(model, state):
         model.hf.save_pretrained(tmp)
     model.tokenizer.save_pretrained(tmp)
     (tmp / _COMPLETE).write_text("complete\n")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
