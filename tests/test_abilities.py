@@ -23,7 +23,7 @@ from rephelpers.abilities.suite import (
     stereotype_preference,
 )
 from rephelpers.errors import RephelpersError
-from rephelpers.abilities.holdout import ABILITY_HOLDOUT_MODULES
+from rephelpers.corpus.holdout import ABILITY_HOLDOUT_MODULES
 from rephelpers.abilities.tasks import tables
 
 N = 12

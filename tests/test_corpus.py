@@ -27,7 +27,7 @@ from rephelpers.corpus.loaders import (
 )
 from rephelpers.corpus.demo import BUILTIN_DOMAINS, build_builtin_corpus, pack_paragraphs, python_definitions
 from rephelpers.corpus.embeddings import embedder_path
-from rephelpers.abilities.holdout import ABILITY_HOLDOUT_MODULES
+from rephelpers.corpus.holdout import ABILITY_HOLDOUT_MODULES
 
 
 @pytest.fixture(scope="module")

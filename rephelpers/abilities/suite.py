@@ -43,7 +43,7 @@ import pandas as pd
 import yaml
 
 from ..errors import RephelpersError, require
-from .holdout import ABILITY_HOLDOUT_MODULES
+from ..corpus.holdout import ABILITY_HOLDOUT_MODULES
 from .tasks import tables
 
 TASK_PREFIX = "rh_"

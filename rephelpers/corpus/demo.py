@@ -26,9 +26,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..abilities.holdout import ABILITY_HOLDOUT_MODULES
 from ..errors import require
-from .loaders import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
+from .holdout import ABILITY_HOLDOUT_MODULES
+from .schema import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
 
 
 BUILTIN_DOMAINS = ("code", "docs", "legal", "markdown", "math")

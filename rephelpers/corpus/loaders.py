@@ -26,10 +26,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import RephelpersError, require
+from .demo import build_builtin_corpus
+from .schema import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
 
-CORPUS_COLUMNS = ("id", "doc_id", "text", "source", "domain")
-MIN_CHARS = 200
-MAX_CHARS = 1500
 
 
 # -- loading any corpus ----------------------------------------------------------------
@@ -70,8 +69,6 @@ def load_corpus(
     )
     spec_text = str(spec)
     if spec_text == "builtin":
-        from .demo import build_builtin_corpus  # the demo's sources read from corpus' constants
-
         frame = build_builtin_corpus(docs_per_domain=docs_per_domain, seed=seed, **builtin_options)
         if max_documents is not None and max_documents < len(frame):
             keep = np.sort(np.random.default_rng(seed).choice(len(frame), max_documents, replace=False))
