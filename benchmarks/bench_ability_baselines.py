@@ -27,9 +27,9 @@ import numpy as np
 
 from rephelpers.abilities.suite import ABILITIES, build_tasks
 from rephelpers.abilities.evaluation import evaluate_abilities
-from rephelpers.perturbations.intervene import Intervention
+from rephelpers.interventions.intervene import Intervention
 from rephelpers.representations.models import load_model
-from rephelpers.perturbations.kinds import Ablate
+from rephelpers.interventions.edits import Ablate
 from rephelpers.influence.stats import minimum_detectable_ais
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.abilities.evaluation import evaluate_abilities
-from rephelpers.perturbations.intervene import Intervention
+from rephelpers.interventions.intervene import Intervention
 from rephelpers.representations.models import load_model
-from rephelpers.perturbations.kinds import Ablate
+from rephelpers.interventions.edits import Ablate
 
 
 def main() -> None:

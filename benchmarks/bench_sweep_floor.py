@@ -24,8 +24,8 @@ import torch
 from rephelpers.abilities import forward
 from rephelpers.abilities.evaluation import evaluate_abilities
 from rephelpers.abilities.suite import build_tasks
-from rephelpers.perturbations.intervene import Intervention
-from rephelpers.perturbations.kinds import Ablate
+from rephelpers.interventions.intervene import Intervention
+from rephelpers.interventions.edits import Ablate
 from rephelpers.representations.models import load_model
 
 

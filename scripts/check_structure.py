@@ -7,7 +7,7 @@ stands (top level, inside a function, under ``if TYPE_CHECKING``), and reports
 - each strongly connected component of more than one module (an import cycle), with one
   edge that closes it and the line it is on;
 - stage-order inversions: a stage's subpackage importing a later stage's
-  (``corpus`` 01 → ``representations`` 02 → ``dimensions`` 03 → ``perturbations`` 04 →
+  (``corpus`` 01 → ``representations`` 02 → ``interventions`` (shared by 03-05) → ``dimensions`` 03 → ``perturbations`` 04 →
   ``abilities`` 05 → ``estimators`` → ``influence`` 06 → ``testbed`` 07 → ``views``);
 - functions longer than ``--max-function`` lines and modules longer than ``--max-module``.
 
@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 PACKAGE = "rephelpers"
-STAGES = ("corpus", "representations", "dimensions", "perturbations", "abilities", "estimators", "influence",
+STAGES = ("corpus", "representations", "interventions", "dimensions", "perturbations", "abilities", "estimators", "influence",
           "testbed", "views")
 
 

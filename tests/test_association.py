@@ -17,7 +17,7 @@ from rephelpers.dimensions.association import (
 from rephelpers.views.charts import explained_variance_chart, nmf_chart, overlap_chart, score_heatmap_chart
 from rephelpers.errors import RephelpersError
 from rephelpers.dimensions.components import ClusterComponents
-from rephelpers.perturbations.kinds import Leace, perturbation_from_dict
+from rephelpers.interventions.edits import Leace, perturbation_from_dict
 
 N_PER_CLUSTER, D, K = 40, 48, 4
 PLANTED = {k: [3 * k + 7, 3 * k + 8] for k in range(K)}

@@ -8,18 +8,9 @@ import pytest
 import torch
 
 from rephelpers.dimensions.association import cluster_subspace, mean_difference_scores, select_dimensions
-from rephelpers.perturbations.kinds import (
-    MATCH_CARRY,
-    MATCH_WINDOW,
-    Ablate,
-    Project,
-    build,
-    control_profile,
-    matched_control,
-    matched_controls,
-    perturbation_from_dict,
-    second_moment_spectrum,
-)
+from rephelpers.interventions.edits import perturbation_from_dict
+from rephelpers.perturbations.controls import MATCH_CARRY, MATCH_WINDOW, control_profile, second_moment_spectrum
+from rephelpers.perturbations.kinds import build, matched_control, matched_controls
 
 D = 64
 TOLERANCE = 1.25  # stage 04's default EDIT_TOLERANCE
@@ -125,7 +116,7 @@ def test_project_control_captures_the_same_second_moment():
     M = states.T @ states / len(states)
     rng = np.random.default_rng(4)
     # a V_k that leans on high-variance directions (as a cluster's principal subspace does)
-    top = spectrum["eigenvectors"][2:12]
+    top = spectrum.eigenvectors[2:12]
     V = np.linalg.qr((rng.normal(size=(3, 10)) @ top + 0.1 * rng.normal(size=(3, D))).T)[0].T
     V[:, [5, 9]] *= 0.3  # a little weight on the massive dimensions
     V = np.linalg.qr(V.T)[0].T

@@ -20,13 +20,13 @@ from rephelpers.abilities.evaluation import (
 )
 from rephelpers.views.charts import ability_chart
 from rephelpers.abilities.forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood
-from rephelpers.perturbations.intervene import Intervention
+from rephelpers.interventions.intervene import Intervention
 from rephelpers.abilities.lm_eval_model import PerturbedLM
 from rephelpers.abilities.lm_tasks import prepare_tasks
 from rephelpers.representations.models import output_tensor, replace_output
-from rephelpers.perturbations.kinds import Ablate, Noise, Shift
+from rephelpers.interventions.edits import Ablate, Noise, Shift
 from rephelpers.setting import BASELINE_ID
-from rephelpers.perturbations.tokenkeys import standard_normal, token_keys
+from rephelpers.interventions.tokenkeys import standard_normal, token_keys
 
 STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer
 

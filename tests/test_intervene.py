@@ -6,11 +6,11 @@ import torch
 
 from rephelpers.representations.activations import pool
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import (
+from rephelpers.interventions.intervene import (
     Intervention, eager_attention, forward_readout, forward_readouts, run_logits, sequence_nll,
 )
-from rephelpers.perturbations.kinds import Ablate, Gradient, Leace, Noise, Project, Shift
-from rephelpers.perturbations.tokenkeys import token_keys
+from rephelpers.interventions.edits import Ablate, Gradient, Leace, Noise, Project, Shift
+from rephelpers.interventions.tokenkeys import token_keys
 
 pytestmark = pytest.mark.model
 

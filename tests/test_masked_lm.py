@@ -24,12 +24,12 @@ from rephelpers.abilities.masked_lm import MaskedPerturbedLM
 from rephelpers.abilities.suite import build_tasks, read_items
 from rephelpers.dimensions.mediation import mediation_effects
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import (
+from rephelpers.interventions.intervene import (
     Intervention, forward_readout, likelihood_names, perplexity, sequence_nll, validate,
 )
-from rephelpers.perturbations.kinds import Ablate, Noise, Shift
+from rephelpers.interventions.edits import Ablate, Noise, Shift
 from rephelpers.perturbations.specificity import metric_labels, specificity_long
-from rephelpers.perturbations.tokenkeys import token_keys
+from rephelpers.interventions.tokenkeys import token_keys
 from rephelpers.representations.activations import extract_activations, pool
 from rephelpers.representations.models import is_masked_lm, load_model, model_fingerprint
 

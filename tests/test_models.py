@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import Intervention, run_logits
+from rephelpers.interventions.intervene import Intervention, run_logits
 from rephelpers.representations.models import load_model
-from rephelpers.perturbations.kinds import Ablate
+from rephelpers.interventions.edits import Ablate
 
 
 def test_unknown_model_offline_is_a_clear_error():
@@ -105,9 +105,15 @@ def test_a_bfloat16_model_hands_on_float32_activations_close_to_float32s(model):
         error = float(((low[layer] - full[layer]) ** 2).sum() ** 0.5 / (full[layer] ** 2).sum() ** 0.5)
         assert error < 0.05, f"layer {layer}: bfloat16 activations {error:.3f} away (relative) from float32's"
     # A perturbation acts on bfloat16 hidden states as a plain hook does. bfloat16 keeps ~3 digits, so two
-    # op orders (the nnsight trace, the bare module) already differ by ~0.06 in mean |logit| unperturbed
-    # (the same text alone vs in a batch differs as much): the bound is that floor, the effect 20x above it.
+    # op orders (the nnsight trace, the bare module) already differ unperturbed, by an amount that depends
+    # on the CPU's bfloat16 kernels (0.046 in mean |logit| on an AVX-512 BF16 CPU, ~0.06 on another): that
+    # floor is measured here, the same way, and the perturbed gap must stay within twice it, with the
+    # perturbation's own effect at least 10x the gap.
     batch = half.encode(texts)
+    with torch.inference_mode():
+        plain = half.hf(**batch).logits
+    real = batch["attention_mask"].bool()
+    floor = (run_logits(half, batch, []).float() - plain.float()).abs()[real].mean().item()
     dims = list(range(1, half.d_model, 8))
     logits = run_logits(half, batch, [Intervention(layer=9, perturbation=Ablate(dims=dims))])
 
@@ -122,13 +128,10 @@ def test_a_bfloat16_model_hands_on_float32_activations_close_to_float32s(model):
             expected = half.hf(**batch).logits
     finally:
         handle.remove()
-    with torch.inference_mode():
-        plain = half.hf(**batch).logits
-    real = batch["attention_mask"].bool()
     assert logits.dtype == torch.bfloat16
     gap = (logits.float() - expected.float()).abs()[real].mean().item()
     effect = (plain.float() - expected.float()).abs()[real].mean().item()
-    assert gap < 0.08 and effect > 20 * gap, (gap, effect)
+    assert floor < 0.1 and gap < 2 * floor + 0.01 and effect > 10 * gap, (floor, gap, effect)
     assert torch.equal(logits.argmax(-1)[real], expected.argmax(-1)[real])
 
 

@@ -11,25 +11,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.kinds import (
-    KINDS,
-    Kind,
-    Perturbation,
-    MAGNITUDE_FIELD,
-    Ablate,
-    Gradient,
-    Leace,
-    Noise,
-    Project,
-    Shift,
-    build,
-    fit_leace,
-    kinds,
-    matched_control,
-    perturbation_from_dict,
-    registered_kinds,
-)
-from rephelpers.perturbations.tokenkeys import standard_normal, token_keys
+from rephelpers.interventions.edits import Perturbation, Ablate, Gradient, Leace, Noise, Project, Shift, perturbation_from_dict, registered_kinds
+from rephelpers.perturbations.kinds import KINDS, Kind, MAGNITUDE_FIELD, build, fit_leace, kinds, matched_control
+from rephelpers.interventions.tokenkeys import standard_normal, token_keys
 
 D = 24
 
@@ -439,7 +423,8 @@ def test_controls_differ_between_clusters(subspace):
 
 
 def test_mean_ablate_sets_dims_to_the_rest_mean_and_control_uses_same_reference():
-    from rephelpers.perturbations.kinds import Ablate, build, matched_control
+    from rephelpers.interventions.edits import Ablate
+    from rephelpers.perturbations.kinds import build, matched_control
 
     rng = np.random.default_rng(3)
     d = 12

@@ -15,8 +15,8 @@ from rephelpers.abilities.evaluation import evaluate_abilities
 from rephelpers.abilities.forward import greedy_generate
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import Intervention, forward_readout, sequence_nll
-from rephelpers.perturbations.kinds import Ablate, Noise, Project
+from rephelpers.interventions.intervene import Intervention, forward_readout, sequence_nll
+from rephelpers.interventions.edits import Ablate, Noise, Project
 from rephelpers.representations.activations import extract_activations
 from rephelpers.representations.models import load_model, model_fingerprint
 from rephelpers.representations.remote import check_ndif

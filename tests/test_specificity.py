@@ -8,7 +8,7 @@ import pytest
 
 from rephelpers.representations.activations import extract_activations
 from rephelpers.errors import RephelpersError
-from rephelpers.perturbations.intervene import perplexity, sequence_nll
+from rephelpers.interventions.intervene import perplexity, sequence_nll
 from rephelpers.abilities.evaluation import cluster_configs
 from rephelpers.views.explorers import specificity_explorer
 from rephelpers.perturbations.kinds import kinds, matched_control

@@ -34,7 +34,8 @@ import pandas as pd
 
 from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
-from ..perturbations.intervene import Intervention, interventions_to_json, validate
+from ..interventions.intervene import Intervention, interventions_to_json, validate
+from ..perturbations.controls import Spectrum
 from ..perturbations.kinds import build, matched_controls
 from ..progress import progress_bar
 from ..representations.models import Model
@@ -275,7 +276,7 @@ def cluster_configs(
     positions: str = "all",
     seed: int = 0,
     n_controls: int = 1,
-    spectrum: dict[str, Any] | None = None,
+    spectrum: Spectrum | None = None,
 ) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
     """The configs stage 05 evaluates, and their descriptors for the score rows.
 

@@ -2,7 +2,7 @@
 with the KV cache, and the shared-prefix sweep.
 
 :func:`greedy_generate` decodes a batch greedily inside one nnsight trace per step that
-applies a list of :class:`~rephelpers.perturbations.intervene.Intervention` (prompt and every new token
+applies a list of :class:`~rephelpers.interventions.intervene.Intervention` (prompt and every new token
 alike). :func:`sweep_loglikelihood` scores many configs at once: per batch, the hidden
 state entering the lowest intervention layer ``L`` (:func:`split_layer`) is computed once
 and every config runs only layers ``L…`` on it, several configs stacked in one batch; a
@@ -23,10 +23,10 @@ import nnsight
 import torch
 
 from ..errors import require
-from ..perturbations.intervene import (
+from ..interventions.intervene import (
     Intervention, apply_in_trace, first_identical, forward_order, needs_keys, perturb, split_layer, validate,
 )
-from ..perturbations.tokenkeys import TokenKeys, token_keys
+from ..interventions.tokenkeys import TokenKeys, token_keys
 from ..progress import progress_bar
 from ..representations.models import Model, output_tensor, replace_output
 

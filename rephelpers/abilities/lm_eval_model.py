@@ -3,7 +3,7 @@
 :class:`PerturbedLM` is the one lm-eval model class of the package: an ``HFLM`` around
 an already loaded :class:`~rephelpers.representations.models.Model` whose forward passes (log-likelihood
 batches and every greedy decoding step) run inside an nnsight trace that applies a list
-of :class:`~rephelpers.perturbations.intervene.Intervention`. With no interventions it scores exactly
+of :class:`~rephelpers.interventions.intervene.Intervention`. With no interventions it scores exactly
 like lm-eval's stock ``HFLM``. :class:`SweepLM` is its sweep mode: it answers every
 config's log-likelihood requests at once through
 :func:`rephelpers.abilities.forward.sweep_loglikelihood`, then serves them config by config.
@@ -19,8 +19,8 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from ..errors import require
-from ..perturbations.intervene import Intervention, apply_placed, needs_keys, place, validate
-from ..perturbations.tokenkeys import token_keys
+from ..interventions.intervene import Intervention, apply_placed, needs_keys, place, validate
+from ..interventions.tokenkeys import token_keys
 from ..progress import progress_bar
 from ..representations.models import Model
 from .forward import greedy_generate, right_padded_last_index, sweep_generate, sweep_loglikelihood

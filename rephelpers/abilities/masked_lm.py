@@ -12,8 +12,8 @@ does with a causal LM's log-likelihoods. ``is_greedy`` is whether every ``c_j`` 
 likely token at its masked position.
 
 :class:`MaskedPerturbedLM` answers lm-eval's ``loglikelihood`` requests this way, with a list
-of :class:`~rephelpers.perturbations.intervene.Intervention` applied in every masked copy
-(:func:`rephelpers.perturbations.intervene.masked_log_probs`, the function stages 03 and 04
+of :class:`~rephelpers.interventions.intervene.Intervention` applied in every masked copy
+(:func:`rephelpers.interventions.intervene.masked_log_probs`, the function stages 03 and 04
 score text with). A masked LM does not generate: ``generate_until`` and
 ``loglikelihood_rolling`` requests raise, and :func:`check_masked_tasks` refuses such tasks
 before an evaluation starts.
@@ -27,7 +27,7 @@ import torch
 from lm_eval.api.model import LM
 
 from ..errors import RephelpersError, require
-from ..perturbations.intervene import Intervention, batch_keys, masked_log_probs
+from ..interventions.intervene import Intervention, batch_keys, masked_log_probs
 from ..progress import progress_bar
 from ..representations.models import Model
 from ..special_tokens import special_wrapping

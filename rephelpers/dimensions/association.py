@@ -37,7 +37,7 @@ from sklearn.decomposition import NMF
 
 from ..artifacts import RunDir
 from ..errors import RephelpersError, require
-from ..perturbations.kinds import Leace
+from ..interventions.edits import Leace
 from ..progress import progress_bar
 from ..representations.models import COMPONENTS
 from ..representations.tokenstats import (

@@ -10,14 +10,12 @@ with :meth:`ClusterComponents.to_dict` and read back with :meth:`ClusterComponen
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import require
-
-if TYPE_CHECKING:
-    from ..perturbations.kinds import Leace
+from ..interventions.edits import Leace, perturbation_from_dict
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,8 +180,6 @@ def as_components(value: ClusterComponents | Mapping[str, Any]) -> ClusterCompon
 
 
 def _as_leace(fitted: Any) -> Leace:
-    from ..perturbations.kinds import Leace, perturbation_from_dict
-
     if isinstance(fitted, Leace):
         return fitted
     require(isinstance(fitted, Mapping), f"leace: the eraser must be Leace.to_dict(), got {type(fitted).__name__}")

@@ -14,7 +14,7 @@ untouched: the mediator takes the value of the control condition while the input
 stays cluster k. ``IE_i > 0`` means the cluster-specific value of ``h_i`` helps the model
 predict cluster-k text. The intervention is
 ``Ablate(dims=(i,), values=(μ_i^other,))`` applied through nnsight by
-:func:`rephelpers.perturbations.intervene.forward_readouts`, the forward pass stage 04 uses (the layers
+:func:`rephelpers.interventions.intervene.forward_readouts`, the forward pass stage 04 uses (the layers
 below ``layer`` run once for all candidate dimensions).
 """
 
@@ -28,8 +28,8 @@ import torch
 
 from .components import ClusterComponents, as_components
 from ..errors import require
-from ..perturbations.intervene import Intervention, forward_readouts, likelihood_names, site_states
-from ..perturbations.kinds import Ablate
+from ..interventions.intervene import Intervention, forward_readouts, likelihood_names, site_states
+from ..interventions.edits import Ablate
 from ..progress import progress_bar
 from ..representations.models import Model
 
@@ -61,9 +61,9 @@ def _nll_per_token(
 ) -> dict[int | None, float]:
     """``Σ NLL / Σ predicted tokens`` over ``texts``, unperturbed (key None) and under each arm.
 
-    Batched as :func:`rephelpers.perturbations.intervene.sequence_nll` batches (longest texts
+    Batched as :func:`rephelpers.interventions.intervene.sequence_nll` batches (longest texts
     first); per batch the layers below the arms' layer run once
-    (:func:`rephelpers.perturbations.intervene.forward_readouts`)."""
+    (:func:`rephelpers.interventions.intervene.forward_readouts`)."""
     order = np.argsort([-len(t) for t in texts], kind="stable")
     nll = dict.fromkeys([None, *arms], 0.0)
     count = 0.0

@@ -7,7 +7,7 @@ k's held-out texts (the *target* set) and on held-out texts of the other cluster
 
 - perplexity before/after on both sets and ``Δ = log ppl_after − log ppl_before`` (the
   change in mean next-token NLL, nats per token). For a masked LM these are
-  pseudo-perplexities (``exp(−Σ PLL / Σ tokens)``, :func:`rephelpers.perturbations.intervene.pseudo_nll`)
+  pseudo-perplexities (``exp(−Σ PLL / Σ tokens)``, :func:`rephelpers.interventions.intervene.pseudo_nll`)
   and the report has a column ``ppl_kind = "pseudo-perplexity"`` (a causal LM's report has
   none, so its rows are as before);
 - ``specificity_gap = Δ_target − Δ_rest`` and ``specificity_ratio = Δ_target / Δ_rest``
@@ -50,13 +50,13 @@ from ..representations.activations import load_activations
 from ..representations.models import Model, model_fingerprint
 from ..progress import progress_bar
 from ..setting import Setting
-from .intervene import (
+from ..interventions.intervene import (
     Intervention, Readout, batch_keys, first_identical, forward_readouts, likelihood_names, perplexity, perturb,
     site_states, validate,
 )
-from .kinds import (
-    KINDS, Perturbation, build, fit_leace, matched_controls, second_moment_spectrum,
-)
+from ..interventions.edits import Perturbation
+from .controls import Spectrum, second_moment_spectrum
+from .kinds import KINDS, build, fit_leace, matched_controls
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -216,7 +216,7 @@ def specificity_report(
     read = readout_layers(model, layer, n_readout_layers)
     attend = list(range(layer + 1, model.n_layers)) if with_attention else []
     if isinstance(spectrum, str):
-        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s dict, got {spectrum!r}")
+        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s Spectrum, got {spectrum!r}")
         spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
 
     plans = []
@@ -287,7 +287,7 @@ def specificity_report(
     return report
 
 
-_SPECTRA: dict[tuple, dict[str, Any]] = {}
+_SPECTRA: dict[tuple, Spectrum] = {}
 
 
 def control_spectrum(
@@ -298,10 +298,10 @@ def control_spectrum(
     n_texts: int = SPECTRUM_TEXTS,
     max_length: int = 128,
     batch_size: int = 8,
-) -> dict[str, Any]:
+) -> Spectrum:
     """The token spectrum of ``(layer, component)`` that matched controls use.
 
-    :func:`rephelpers.perturbations.kinds.second_moment_spectrum` of the states of every real
+    :func:`rephelpers.perturbations.controls.second_moment_spectrum` of the states of every real
     token (the first, attention-sink token included: the perturbations act on it too) of
     up to ``n_texts`` training documents (``split == "train"``; a fixed random sample,
     seed 0, when there are more), read with one trace per batch that stops at the site.
@@ -343,7 +343,7 @@ def edit_norms(
 
     ``h`` is the unperturbed state at the site (read with one trace per batch that stops
     there), ``ĥ`` each arm's perturbation of it, applied exactly as the forward pass does
-    (:func:`rephelpers.perturbations.intervene.perturb`).
+    (:func:`rephelpers.interventions.intervene.perturb`).
     """
     total = {arm: 0.0 for arm in arms}
     count = 0

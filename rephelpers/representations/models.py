@@ -11,7 +11,7 @@ and encoder-only masked LMs such as BERT, RoBERTa, DistilBERT or ModernBERT
 (``AutoModelForMaskedLM``, right padding, so that absolute position embeddings start at
 0 on every row; :func:`is_masked_lm` tells them apart from the config). ``Model.masked``
 says which one is loaded; stages 03-05 then score text by pseudo-log-likelihood instead of
-next-token log-likelihood (:mod:`rephelpers.perturbations.intervene`).
+next-token log-likelihood (:mod:`rephelpers.interventions.intervene`).
 
 The rest of the package addresses the model by ``(layer, component)``:
 

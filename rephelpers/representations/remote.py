@@ -4,7 +4,7 @@
 whose weights stay on the NDIF servers (https://ndif.us): locally there is only a
 weightless ("meta") copy of the architecture, for names and shapes, and every trace the
 stages open is serialised and run remotely, with the same
-:class:`~rephelpers.perturbations.intervene.Intervention` objects a local model gets. Their
+:class:`~rephelpers.interventions.intervene.Intervention` objects a local model gets. Their
 classes are shipped by value (:func:`ship_package`), since the servers do not have this
 package.
 

@@ -1,6 +1,6 @@
 """Apply perturbations inside the forward pass, through nnsight.
 
-An :class:`Intervention` places a :class:`~rephelpers.perturbations.kinds.Perturbation` at a
+An :class:`Intervention` places a :class:`~rephelpers.interventions.edits.Perturbation` at a
 ``(layer, component)`` site and a token scope. A list of interventions applies in
 order; sites are visited in the order the forward pass reaches them (nnsight requires
 it), and several perturbations at one site compose left to right.
@@ -35,7 +35,7 @@ from ..errors import require
 from ..progress import progress_bar
 from ..representations.activations import last_real_index, pool
 from ..representations.models import Model, output_tensor, replace_output
-from .kinds import Perturbation, perturbation_from_dict
+from .edits import Perturbation, perturbation_from_dict
 from .tokenkeys import token_keys
 
 K = TypeVar("K", bound=Hashable)
@@ -125,7 +125,7 @@ def needs_keys(interventions: Sequence[Intervention]) -> bool:
 
 
 def batch_keys(interventions: Sequence[Intervention], batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Token keys ``[b, s]`` of ``batch`` (:func:`rephelpers.perturbations.tokenkeys.token_keys`; its
+    """Token keys ``[b, s]`` of ``batch`` (:func:`rephelpers.interventions.tokenkeys.token_keys`; its
     attention mask marks real tokens), or ``None`` when no perturbation needs them."""
     if not needs_keys(interventions):
         return None
