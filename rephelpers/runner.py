@@ -58,7 +58,7 @@ from .artifacts import MANIFEST, project_root, stable_hash
 from .errors import RephelpersError, require
 from .progress import HEADLESS_ENV, PROGRESS_ENV
 from .progress import describe as describe_progress
-from .validation import check_run, received_parameters
+from .validation import check_run, received_parameters, suggest
 
 STATUS = "status.json"
 SHARED = "_shared"
@@ -162,8 +162,10 @@ class RunSpec:
         except yaml.YAMLError as err:
             raise RephelpersError(f"{path} is not valid YAML: {err}") from err
         require(isinstance(data, dict), f"{path} must hold a mapping with `parameters`")
-        unknown = set(data) - {"name", "parameters", "notebooks", "grid", "description", "execution"}
-        require(not unknown, f"{path}: unknown top-level keys {sorted(unknown)}")
+        top_level = ("name", "parameters", "notebooks", "grid", "description", "execution")
+        unknown = set(data) - set(top_level)
+        require(not unknown, f"{path}: unknown top-level keys {sorted(unknown)}: "
+                + "; ".join(f"{k!r}: {suggest(str(k), top_level)}" for k in sorted(unknown, key=str)))
         notebooks = data.get("notebooks") or available_notebooks()
         known = available_notebooks()
         bad = [n for n in notebooks if n not in known]

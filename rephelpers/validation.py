@@ -109,10 +109,15 @@ class _Where:
         return f"{self.source} ({dotted})" if self.source else dotted
 
 
-def _unknown(name: str, what: str, known: set[str], chain: Sequence[str]) -> str:
+def suggest(name: str, known: Iterable[str]) -> str:
+    """``did you mean 'x'?`` with the nearest of ``known`` (``difflib``, ratio ≥ 0.6), or a list of all."""
     close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-    hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
-            else f"none is close; they read: {', '.join(sorted(known))}")
+    return (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
+            else f"none is close; known: {', '.join(sorted(known))}")
+
+
+def _unknown(name: str, what: str, known: set[str], chain: Sequence[str]) -> str:
+    hint = suggest(name, known)
     return f"{what} {name!r} is read by no notebook of the chain ({', '.join(chain)}), so it would be dropped; {hint}"
 
 

@@ -135,6 +135,9 @@ def test_bad_parameter_files(project):
     bad.write_text(json.dumps({"name": "b", "notebooks": ["09_nope"]}))
     with pytest.raises(RephelpersError, match="unknown notebooks"):
         RunSpec.from_yaml(bad)
+    bad.write_text(json.dumps({"name": "b", "parameter": {"x": 1}}))
+    with pytest.raises(RephelpersError, match="unknown top-level keys \\['parameter'\\]: 'parameter': did you mean 'parameters'"):
+        RunSpec.from_yaml(bad)
     bad.write_text(json.dumps({"name": "b", "grid": {"x": []}}))
     with pytest.raises(RephelpersError, match="non-empty list"):
         RunSpec.from_yaml(bad)
