@@ -100,7 +100,8 @@ class ExecutionLimits:
       the kernel is busy with it. It only has to catch a kernel that is busy for good (a
       deadlock inside the kernel), since a kernel that finished is caught by
       ``stall_timeout``; so it is generous: the demo's slowest stage (05) took 809 s for all
-      its cells on 2 quiet cores (measured in the README's "What the demo does and finds"), and contention made a stage 9x slower (issue 15).
+      its cells on 2 quiet cores (the README's "What the demo does and finds"), and
+      contention made a stage 9x slower (issue 15).
     - ``start_timeout`` (default 120): kernel start-up. A kernel started in 2-9 s on this
       project's busy 2-core machine; twice papermill's 60 s default leaves room for a
       machine busier than that.
