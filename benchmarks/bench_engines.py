@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rephelpers.runner import SHARED, STATUS, RunSpec, run_spec  # noqa: E402
+from rephelpers.runner import SHARED, STATUS, RunSpec, notebook_parameters, run_spec  # noqa: E402
 
 CHAIN = ["01_corpus_clusters", "02_representations", "03_cluster_dimensions", "04_perturbations",
          "05_capability_impact", "06_influence_matrix"]
@@ -46,7 +46,10 @@ def main() -> None:
     out.mkdir(parents=True)
     ci = yaml.safe_load((ROOT / "papermill_params" / "ci.yaml").read_text())
     path = out / "bench_engines.yaml"
-    path.write_text(yaml.safe_dump({"name": "bench_engines", "parameters": ci["parameters"], "notebooks": CHAIN,
+    # ci.yaml also holds notebook 07's parameters; the runner rejects a name no notebook of the chain reads.
+    chain_names = set().union(*(notebook_parameters(n) for n in CHAIN))
+    parameters = {k: v for k, v in ci["parameters"].items() if k in chain_names}
+    path.write_text(yaml.safe_dump({"name": "bench_engines", "parameters": parameters, "notebooks": CHAIN,
                                     "grid": {"intervention_layer": args.grid}}))
     spec = RunSpec.from_yaml(path)
     variants = {"local1": ("local", 1), "local2": ("local", 2), "dask2": ("dask", 2)}

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (the README's commands are checked against it)."""
     parser = argparse.ArgumentParser(prog="rephelpers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the notebook chain or a sweep")
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     par.add_argument("params")
     par.add_argument("--out", required=True, help="folder for the parameterised notebooks (emptied first)")
     par.add_argument("--run-dir", required=True, help="run_dir the copies will write into (emptied first)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from .errors import RephelpersError
 

@@ -3,11 +3,15 @@
 A parameter file (``papermill_params/*.yaml``) looks like::
 
     name: demo                 # run directory: runs/<name>/
-    parameters: {...}          # passed to every notebook (each uses the names it declares)
+    parameters: {...}          # passed to every notebook (each gets the names it declares)
     notebooks: [01_corpus_clusters, ...]   # optional; default: every notebook in order
     grid:                      # optional: makes it a sweep
       intervention_layer: [9, 15, 21]
       perturbation: [ablate, noise]
+
+Before any notebook starts, every parameter and grid key must be declared by some notebook
+of the chain and every path the run names must exist (:mod:`rephelpers.validation`); each
+point's ``status.json`` records what each notebook received (``received``).
 
 A sweep expands the grid into points and runs each into ``runs/<name>/<point>/``.
 Stages whose parameters do not vary across the grid (and whose upstream stages do not
@@ -54,6 +58,7 @@ from .artifacts import MANIFEST, project_root, stable_hash
 from .errors import RephelpersError, require
 from .progress import HEADLESS_ENV, PROGRESS_ENV
 from .progress import describe as describe_progress
+from .validation import check_run, received_parameters, suggest
 
 STATUS = "status.json"
 SHARED = "_shared"
@@ -94,8 +99,9 @@ class ExecutionLimits:
     - ``cell_timeout`` (default 7200 = 2 h; 0 or null disables): one cell's budget while
       the kernel is busy with it. It only has to catch a kernel that is busy for good (a
       deadlock inside the kernel), since a kernel that finished is caught by
-      ``stall_timeout``; so it is generous: the demo's slowest stage took 714 s for all
-      its cells on 2 quiet cores, and contention made a stage 9x slower (issue 15).
+      ``stall_timeout``; so it is generous: the demo's slowest stage (05) took 809 s for all
+      its cells on 2 quiet cores (the README's "What the demo does and finds"), and
+      contention made a stage 9x slower (issue 15).
     - ``start_timeout`` (default 120): kernel start-up. A kernel started in 2-9 s on this
       project's busy 2-core machine; twice papermill's 60 s default leaves room for a
       machine busier than that.
@@ -141,6 +147,12 @@ class RunSpec:
     notebooks: list[str]
     grid: dict[str, list[Any]] = field(default_factory=dict)
     execution: ExecutionLimits = field(default_factory=ExecutionLimits)
+    source: str | None = None  # the run file, for file:line in the messages of check()
+
+    def check(self) -> None:
+        """Raise before any notebook starts if a parameter, grid key or path is wrong
+        (:func:`rephelpers.validation.check_run`)."""
+        check_run(self.parameters, self.grid, self.notebooks, notebook_parameters, available_notebooks(), self.source)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "RunSpec":
@@ -151,8 +163,10 @@ class RunSpec:
         except yaml.YAMLError as err:
             raise RephelpersError(f"{path} is not valid YAML: {err}") from err
         require(isinstance(data, dict), f"{path} must hold a mapping with `parameters`")
-        unknown = set(data) - {"name", "parameters", "notebooks", "grid", "description", "execution"}
-        require(not unknown, f"{path}: unknown top-level keys {sorted(unknown)}")
+        top_level = ("name", "parameters", "notebooks", "grid", "description", "execution")
+        unknown = set(data) - set(top_level)
+        require(not unknown, f"{path}: unknown top-level keys {sorted(unknown)}: "
+                + "; ".join(f"{k!r}: {suggest(str(k), top_level)}" for k in sorted(unknown, key=str)))
         notebooks = data.get("notebooks") or available_notebooks()
         known = available_notebooks()
         bad = [n for n in notebooks if n not in known]
@@ -169,6 +183,7 @@ class RunSpec:
             notebooks=list(notebooks),
             grid=grid,
             execution=ExecutionLimits.from_mapping(data.get("execution"), f"{path}: execution"),
+            source=str(path),
         )
 
     def points(self) -> list[dict[str, Any]]:
@@ -1011,6 +1026,7 @@ def run_spec(
     """
     from .engines import check_engine, dask_client, run_tasks
 
+    spec.check()
     check_engine(engine, scheduler if client is None else None)
     require(client is None or engine == "dask", "a dask client was given: pass engine='dask' to run on it.")
     threads = str(threads_per_job(jobs))
@@ -1156,7 +1172,8 @@ def _run_point(
     started = time.time()
     # Each finished notebook's wall time and kernel peak memory, kept in every status written after it.
     stages: dict[str, dict[str, Any]] = {}
-    common = {"fingerprint": fingerprint, "point": point, "started": started, "pid": os.getpid(), "stages": stages}
+    common = {"fingerprint": fingerprint, "point": point, "started": started, "pid": os.getpid(), "stages": stages,
+              "received": received_parameters({**parameters, "run_dir": str(run_dir)}, notebooks, notebook_parameters)}
     now_in: dict[str, str] = {}
 
     def entering(name: str) -> None:
@@ -1254,6 +1271,7 @@ def parameterize_chain(spec: RunSpec, out: str | os.PathLike, run_dir: str | os.
     from papermill.parameterize import parameterize_notebook
 
     require(not spec.grid, "parameterize takes a single run, not a sweep")
+    spec.check()
     out = Path(out) if Path(out).is_absolute() else project_root() / out
     target_run = Path(run_dir) if Path(run_dir).is_absolute() else project_root() / run_dir
     for folder in (out, target_run):

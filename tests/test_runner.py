@@ -90,6 +90,11 @@ def test_sweep_shares_unvarying_stages_resumes_and_records_failures(project):
     assert (failed["notebook"], failed["cell"], failed["kind"]) == ("02_point", 1, "error")
     assert "s/x=2" in failed["error"] and "AssertionError: planted failure" in failed["error"]
     assert "point x=2" in failed["last_output"]
+    # Each notebook's received parameters are on record; stage 01 ran in _shared/, without x.
+    done = json.loads((top / "x=1" / "status.json").read_text())
+    assert done["received"] == {"02_point": {"x": 1, "run_dir": str(top / "x=1")}}
+    shared = json.loads((top / "_shared" / "status.json").read_text())
+    assert shared["received"] == {"01_base": {"base": 3, "run_dir": str(top / "_shared")}}
 
     # Resume: finished points are skipped (their outputs untouched), only the failed one re-runs.
     done = (top / "x=1" / "influence.parquet").stat().st_mtime_ns
@@ -130,18 +135,69 @@ def test_bad_parameter_files(project):
     bad.write_text(json.dumps({"name": "b", "notebooks": ["09_nope"]}))
     with pytest.raises(RephelpersError, match="unknown notebooks"):
         RunSpec.from_yaml(bad)
+    bad.write_text(json.dumps({"name": "b", "parameter": {"x": 1}}))
+    with pytest.raises(RephelpersError, match="unknown top-level keys \\['parameter'\\]: 'parameter': did you mean 'parameters'"):
+        RunSpec.from_yaml(bad)
     bad.write_text(json.dumps({"name": "b", "grid": {"x": []}}))
     with pytest.raises(RephelpersError, match="non-empty list"):
         RunSpec.from_yaml(bad)
 
 
-def test_parameterize_injects_only_declared_parameters(project):
+def test_parameterize_injects_into_each_notebook_only_the_names_it_declares(project):
     path = project / "p.yaml"
-    path.write_text(json.dumps({"name": "p", "parameters": {"base": 7, "unused": 1}}))
+    path.write_text(json.dumps({"name": "p", "parameters": {"base": 7, "x": 1}}))
     written = parameterize_chain(RunSpec.from_yaml(path), "out", "runs/p")
-    nb = nbformat.read(written[0], as_version=4)
-    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert len(injected) == 1 and "base = 7" in injected[0].source and "unused" not in injected[0].source
+    injected = {}
+    for notebook in written:
+        nb = nbformat.read(notebook, as_version=4)
+        injected[notebook.stem] = "".join(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "base = 7" in injected["01_base"] and "x = " not in injected["01_base"]
+    assert "x = 1" in injected["02_point"] and "base = " not in injected["02_point"]
+
+
+def _yaml(project: Path, name: str, text: str) -> Path:
+    path = project / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_misspelt_parameter_or_grid_key_fails_before_any_notebook_runs(project):
+    # Line 3 holds the misspelt parameter, line 5 the grid key no notebook declares.
+    path = _yaml(project, "typo", "name: typo\nparameters:\n  bse: 3\ngrid:\n  xx: [1, 2]\n")
+    started = time.time()
+    with pytest.raises(RephelpersError) as err:
+        run_spec(RunSpec.from_yaml(path), runs_root=project / "runs")
+    message = str(err.value)
+    assert f"{path}:3: parameter 'bse'" in message and "did you mean 'base'?" in message
+    assert f"{path}:5: grid key 'xx'" in message and "did you mean 'x'?" in message
+    assert time.time() - started < 10
+    assert not (project / "runs").exists()  # no run directory, no kernel: nothing ran
+
+    # A name that only some notebooks of the chain read is fine; run_dir is the runner's.
+    path = _yaml(project, "reserved", "name: r\nparameters:\n  run_dir: elsewhere\n")
+    with pytest.raises(RephelpersError, match=r"reserved.yaml:3: run_dir is set by the runner"):
+        run_spec(RunSpec.from_yaml(path), runs_root=project / "runs")
+    with pytest.raises(RephelpersError, match="parameter 'bse'"):
+        parameterize_chain(RunSpec.from_yaml(_yaml(project, "p", "name: p\nparameters: {bse: 1}\n")), "out", "runs/p")
+    assert not (project / "runs").exists()
+
+
+def test_a_missing_corpus_or_task_folder_fails_before_any_notebook_runs(project):
+    _add_notebook(project, "03_data", "print(corpus)",
+                  params='run_dir = "runs/x"\ncorpus = "builtin"\nlm_eval_task_paths = []\nmodel_name = "m"')
+    (project / "tasks_ok").mkdir()
+    (project / "corpus.jsonl").write_text('{"text": "a"}\n')
+    path = _yaml(project, "paths", "name: paths\nparameters:\n  corpus: data/missing.jsonl\n"
+                                   "  lm_eval_task_paths: [tasks_ok, tasks_missing]\n  model_name: ./models/none\n"
+                                   "grid:\n  corpus: [corpus.jsonl, nope.parquet]\n")
+    with pytest.raises(RephelpersError) as err:
+        run_spec(RunSpec.from_yaml(path), runs_root=project / "runs")
+    message = str(err.value)
+    assert f"{path}:3: corpus 'data/missing.jsonl': {project / 'data' / 'missing.jsonl'} does not exist" in message
+    assert f"{path}:4: lm_eval_task_paths entry 'tasks_missing'" in message and "tasks_ok" not in message
+    assert f"{path}:5: model_name './models/none' names a local model folder" in message
+    assert f"{path}:7: corpus 'nope.parquet'" in message and "'corpus.jsonl'" not in message
+    assert "4 problem(s)" in message and not (project / "runs").exists()
 
 
 def test_a_point_killed_mid_run_is_redone_and_finished_points_are_not(project):

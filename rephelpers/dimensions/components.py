@@ -60,7 +60,7 @@ class ClusterComponents:
     With ``X`` the pooled training activations at ℓ, ``D_k`` cluster k's training documents
     and ``μ_k``, ``μ_rest`` the mean of ``X`` over ``D_k`` and over the others:
 
-    - ``dims`` = R_k, the selected dimensions: ``{i : S(i,k) ≥ τ}`` with
+    - ``dims`` = R_k, the selected dimensions: ``{i : S(i,k) > τ}`` (strictly, as ``association.select_dimensions`` selects) with
       ``S(i,k) = μ_k,i − μ_rest,i`` (or Cohen's d, token-level S, or probe weights; ``method``
       says which), or the ``top_k`` largest; massive dimensions left out unless ``keep_massive``;
     - ``direction`` = v_k = (μ_k − μ_rest) / ‖μ_k − μ_rest‖, the class-mean direction;

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import altair as alt
 import pandas as pd
 
-from ..artifacts import RunDir
+from ..artifacts import RunDir, stable_hash
 from ..errors import RephelpersError
 
 alt.data_transformers.disable_max_rows()
@@ -37,18 +37,27 @@ def save_chart(chart: alt.TopLevelMixin, run_dir: str | Path | RunDir, name: str
     """Save ``chart`` as ``charts/<name>.html`` and ``charts/<name>.png``; return the paths.
 
     The HTML file embeds vega, vega-lite and vega-embed (about 0.9 MB, from vl-convert), so it
-    opens offline and stays readable in an archived run directory. The chart object is
-    remembered with its files, so :func:`html_report` can link a section to them.
+    opens offline and stays readable in an archived run directory. Both files are artifacts of
+    the run directory keyed by :func:`chart_key` (the chart's spec, its data included): the same
+    chart again leaves them as they are, another one moves the old files to ``.history/``. The
+    chart object is remembered with its files, so :func:`html_report` can link a section to them.
     """
-    root = _run_root(run_dir) / "charts"
-    root.mkdir(parents=True, exist_ok=True)
-    html = root / f"{name}.html"
-    png = root / f"{name}.png"
-    write_offline_chart_html(chart, html)
-    chart.save(str(png), scale_factor=scale)
-    files = {"html": html, "png": png}
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    key = chart_key(chart)
+    html, png = f"charts/{name}.html", f"charts/{name}.png"
+    if not (run.is_fresh(html, key) and run.is_fresh(png, key)):
+        run.save(html, key, lambda tmp: write_offline_chart_html(chart, tmp))
+        run.save(png, key, lambda tmp: chart.save(str(tmp), format="png", scale_factor=scale), scale=scale)
+    files = {"html": run.path(html), "png": run.path(png)}
     _SAVED_CHARTS[id(chart)] = (chart, files)
     return files
+
+
+def chart_key(chart: alt.TopLevelMixin) -> str:
+    """``stable_hash`` of the chart's Vega-Lite spec (``to_dict()``: marks, encodings and the data
+    inline). altair 6 names unnamed selections and views by a hash of their content
+    (``param_54dd…``), not by a per-session counter, so the same chart has the same key in any session."""
+    return stable_hash("chart", json.dumps(chart.to_dict(), sort_keys=True, default=str))
 
 
 _OFFLINE_PAGE_HEAD = (
