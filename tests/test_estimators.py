@@ -246,3 +246,22 @@ def test_repsim_equals_direct_cosine_of_hf_hidden_states(model, tmp_path, monkey
             assert got == pytest.approx(expected, abs=1e-4)
     with pytest.raises(RephelpersError, match=r"layers \[7\]"):
         repsim_scores(model, DOCS, items, load_activations(run), layers=[7])
+
+
+# -- calibration -------------------------------------------------------------------------------
+def test_permutation_test_holds_alpha_on_nulls_and_finds_a_planted_cluster():
+    from rephelpers.estimators import calibration
+    from rephelpers.estimators.calibration import permutation_calibration
+
+    frame = permutation_calibration(n_sims=6, n_permutations=999, effects=(1.0,), docs_per_cluster=30, n_items=5)
+    nulls = frame[frame.effect == 0]
+    assert set(nulls.null) == {"normal", "skewed", "unequal"} and (nulls.n_cells == 6 * 15).all()
+    # 90 cells per null: allow α + 0.05 for simulation noise (the bench runs the full-size version).
+    assert (nulls.fpr <= 0.10).all(), nulls.to_string()
+    power = frame[frame.effect > 0].set_index("null").power
+    # A one-SD shift of a 30-document cluster is found; under "unequal" the planted cluster is the smallest (10 docs).
+    assert power["normal"] >= 0.8 and power["skewed"] >= 0.8 and power["unequal"] >= 0.5, frame.to_string()
+    # Too few permutations for the correction: said before anyone reads an empty result.
+    scores, labels = calibration.simulate_doc_scores(docs_per_cluster=5, n_items=2)
+    with pytest.warns(UserWarning, match="raise n_permutations"):
+        permutation_pvalues(scores, labels, n_permutations=99)

@@ -10,6 +10,7 @@ merged clusters.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -151,6 +152,12 @@ def permutation_pvalues(
         rows += [{"cluster": c, "ability": ability, "statistic": float(observed[i]), "p_value": float(p[i])}
                  for i, c in enumerate(clusters)]
     out = pd.DataFrame(rows)
+    floor = len(out) / (n_permutations + 1) if correction != "none" else 1 / (n_permutations + 1)
+    if floor >= 0.05:
+        # The design's defect the calibration warns about: no cell could pass the correction at α = 0.05.
+        warnings.warn(f"permutation test: with {n_permutations} permutations and {len(out)} cells the smallest "
+                      f"corrected p is {floor:.3f}, so no cell can pass α = 0.05; raise n_permutations to at least "
+                      f"{int(np.ceil(len(out) / 0.05))}.", stacklevel=2)
     method = CORRECTIONS[correction]
     out["p_adjusted"] = out["p_value"] if method is None else multipletests(out["p_value"], method=method)[1]
     out["n_permutations"] = int(n_permutations)

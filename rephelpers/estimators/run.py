@@ -32,6 +32,7 @@ from ..representations.models import Model
 from . import ESTIMATORS
 from .aggregate import PHI_COLUMNS, cluster_phi, permutation_pvalues, validate_doc_scores
 from .bm25 import bm25_scores
+from .items import ITEM_COLUMNS, ability_items, run_tasks
 from .repsim import repsim_scores
 
 ESTIMATOR_VERSION = "1"
@@ -196,7 +197,8 @@ def estimator_phi(
         for name in names:
             if name == "perturbation":
                 part = perturbation_phi(influence)
-                part = part[part["ability"].isin(set(inputs.items["ability"]))]
+                if len(inputs.items):
+                    part = part[part["ability"].isin(set(inputs.items["ability"]))]
             else:
                 part = cluster_phi(frames[name], labels, name)
                 tests = permutation_pvalues(frames[name], labels, n_permutations=n_permutations, seed=inputs.seed,
@@ -216,3 +218,35 @@ def estimator_phi(
                     version=ESTIMATOR_VERSION),
         upstream=upstream,
     )
+
+
+def stage_inputs(
+    run: RunDir,
+    names: Sequence[str],
+    abilities: Sequence[str],
+    model_loader: Callable[[], Any],
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    item_ids: Mapping[str, Sequence[str]] | None = None,
+) -> EstimatorInputs:
+    """Notebook 06's :class:`EstimatorInputs`: stage 01's documents and clusters, stage 05's items.
+
+    ``abilities`` are the ones stage 05 scored (``item_ids`` their scored items); abilities
+    that are not suite tasks have no item text here and are left out, with a note. The
+    model is loaded only for a chat ability's template or by a scorer that needs it.
+    """
+    names = check_estimators(names)
+    documents = run.load_parquet("documents.parquet", stage="notebook 01_corpus_clusters")
+    tasks, skipped = run_tasks(run, abilities)
+    if skipped:
+        print(f"estimators: {skipped} are not suite tasks; only perturbation measures them")
+    scored = [n for n in names if n != "perturbation"]
+    require(tasks or not scored, f"{scored} score the ability items, and stage 05 evaluated no suite task "
+                                 f"({list(abilities)}); keep estimators = ['perturbation'].")
+    labels = documents.set_index(documents["id"].astype(str))["cluster"]
+    inputs = EstimatorInputs(run, documents, pd.DataFrame(columns=list(ITEM_COLUMNS)), labels, model_loader,
+                             params=dict(params or {}), seed=seed)
+    if tasks:
+        tokenizer = inputs.model().tokenizer if any(t.chat for t in tasks.values()) else None
+        inputs.items = ability_items(tasks, tokenizer=tokenizer, item_ids=item_ids)
+    return inputs
