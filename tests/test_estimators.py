@@ -265,3 +265,18 @@ def test_permutation_test_holds_alpha_on_nulls_and_finds_a_planted_cluster():
     scores, labels = calibration.simulate_doc_scores(docs_per_cluster=5, n_items=2)
     with pytest.warns(UserWarning, match="raise n_permutations"):
         permutation_pvalues(scores, labels, n_permutations=99)
+
+
+def test_estimator_chart_has_one_panel_per_estimator_scaled_to_its_own_range():
+    from rephelpers.views import charts
+
+    phi = pd.DataFrame({"cluster": [0, 1, 0, 1], "ability": "x", "phi": [0.2, -0.1, 30.0, 60.0],
+                        "estimator": ["perturbation", "perturbation", "bm25", "bm25"],
+                        "p_adjusted": [np.nan, np.nan, 0.01, 0.5]})
+    frame = charts.estimator_phi_frame(phi, {0: "prose"})
+    assert frame.scaled.tolist() == pytest.approx([1.0, -0.5, 0.5, 1.0])
+    assert frame.label.tolist() == ["+0.2", "-0.1", "+30*", "+60"] and frame.cluster_label[0] == "0: prose"
+    spec = charts.estimator_phi_chart(phi).to_dict()
+    assert [p["title"] for p in spec["hconcat"]] == ["perturbation", "bm25"]
+    agreement = rank_agreement(pd.concat([phi, phi.assign(cluster=phi.cluster + 2)]))
+    assert "layer" in charts.rank_agreement_chart(agreement).to_dict()
