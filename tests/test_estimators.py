@@ -197,7 +197,7 @@ def test_estimator_phi_writes_keyed_artifacts_and_reuses_them(tmp_path):
 
     inputs = EstimatorInputs(run, docs, ITEMS, docs.set_index("id").cluster, loader,
                              params={"bm25": {"stopwords": None, "progress": False}})
-    phi = estimator_phi(["perturbation", "bm25"], inputs, influence, n_permutations=99)
+    phi = estimator_phi(["perturbation", "bm25"], inputs, influence, n_permutations=199)
     assert not calls and run.exists(documents_artifact("bm25")) and run.exists(PHI_ARTIFACT)
     meta = run.meta_of(documents_artifact("bm25"))
     assert meta["seconds"] >= 0 and meta["peak_rss_mb"] > 0
@@ -210,10 +210,10 @@ def test_estimator_phi_writes_keyed_artifacts_and_reuses_them(tmp_path):
     assert phi[phi.estimator == "bm25"].p_value.between(0.01, 1).all()
     assert (phi[phi.estimator == "bm25"].peak_rss_mb == meta["peak_rss_mb"]).all()
     key = run.key_of(PHI_ARTIFACT)
-    estimator_phi(["perturbation", "bm25"], inputs, influence, n_permutations=99)  # fresh: read back
+    estimator_phi(["perturbation", "bm25"], inputs, influence, n_permutations=199)  # fresh: read back
     assert run.key_of(PHI_ARTIFACT) == key
     # Another partition or permutation count: recomputed, the old table moved to .history/.
-    estimator_phi(["bm25"], inputs, n_permutations=49)
+    estimator_phi(["bm25"], inputs, n_permutations=149)
     assert run.key_of(PHI_ARTIFACT) != key and any((run.root / ".history").glob("estimators__phi.parquet.*"))
     with pytest.raises(RephelpersError, match="needs the influence table"):
         estimator_phi(["perturbation"], inputs)
@@ -264,7 +264,7 @@ def test_permutation_test_holds_alpha_on_nulls_and_finds_a_planted_cluster():
     # Too few permutations for the correction: said before anyone reads an empty result.
     scores, labels = calibration.simulate_doc_scores(docs_per_cluster=5, n_items=2)
     with pytest.warns(UserWarning, match="raise n_permutations"):
-        permutation_pvalues(scores, labels, n_permutations=99)
+        permutation_pvalues(scores, labels, n_permutations=199)
 
 
 def test_estimator_chart_has_one_panel_per_estimator_scaled_to_its_own_range():
