@@ -93,6 +93,12 @@ def test_rank_agreement_equals_pearson_of_ranks_and_summary_names_disagreement()
     assert rho["perturbation", "repsim"] == pytest.approx(np.corrcoef(ranks["a"], ranks["b"])[0, 1])
     text = agreement_summary(phi, table, {0: "prose", 4: "code"})
     assert "disagree" in text and "perturbation: prose" in text and "bm25: code" in text
+    tied = pd.concat([phi[phi.estimator != "perturbation"],
+                      pd.DataFrame({"cluster": clusters, "ability": "x", "phi": [0, 0, -1, -1, -1.0],
+                                    "estimator": "perturbation"})])
+    assert "perturbation: tie of prose and 1" in agreement_summary(tied, rank_agreement(tied), {0: "prose"})
+    same = phi.assign(phi=lambda f: np.where(f.cluster == 2, 9.0, 0.0))
+    assert agreement_summary(same, rank_agreement(same), {2: "math"}).startswith("x: every estimator ranks cluster math first")
 
 
 # -- bm25 --------------------------------------------------------------------------------------

@@ -194,9 +194,13 @@ def agreement_summary(phi: pd.DataFrame, agreement: pd.DataFrame,
     names = dict(cluster_names or {})
     lines = []
     for ability, part in phi.groupby("ability", sort=True):
-        tops = {est: g.sort_values("phi", ascending=False).iloc[0].cluster for est, g in part.groupby("estimator")}
+        tops: dict[str, object] = {}
+        for est, g in part.dropna(subset=["phi"]).groupby("estimator", sort=False):
+            best = g[g["phi"] == g["phi"].max()]["cluster"].tolist()
+            # A tie has no top cluster: it can agree with nothing.
+            tops[est] = best[0] if len(best) == 1 else "tie of " + " and ".join(str(names.get(c, c)) for c in best)
         label = {est: f"{names.get(c, c)}" for est, c in tops.items()}
-        agree = len(set(tops.values())) == 1
+        agree = len(set(tops.values())) == 1 and not any(str(c).startswith("tie of ") for c in tops.values())
         head = (f"{ability}: every estimator ranks cluster {next(iter(label.values()))} first"
                 if agree else f"{ability}: the estimators disagree on the top cluster ("
                 + ", ".join(f"{est}: {c}" for est, c in label.items()) + ")")
