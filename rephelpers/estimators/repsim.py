@@ -48,13 +48,15 @@ def repsim_scores(
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> pd.DataFrame:
     """Document-level scores (``id, ability, item_id, score``) by :func:`cosine_scores`.
 
     ``activations`` is :func:`rephelpers.representations.activations.load_activations`'s
     ``(ids, {layer: array}, meta)`` of the run; ``layers`` a subset of its layers (``None``:
     all of them). The items are run through ``model`` (which must be the model stage 02
-    read) with the pooling recorded in ``meta``.
+    read) with the pooling recorded in ``meta``; ``use_cache`` reads and writes their pooled
+    states in the user cache like stage 02's.
     """
     ids, acts, meta = activations
     available = sorted(int(l) for l in acts)
@@ -77,7 +79,8 @@ def repsim_scores(
     texts = (items["context"] + items["answer"]).astype(str).tolist()
     item_acts = extract_activations(model, texts, chosen, component=meta["component"], pooling=meta["pooling"],
                                     batch_size=batch_size, max_length=int(max_length),
-                                    skip_first=int(meta.get("skip_first", 1)), progress=progress)
+                                    skip_first=int(meta.get("skip_first", 1)), progress=progress,
+                                    use_cache=use_cache)
     scores = cosine_scores({l: np.asarray(acts[l])[rows] for l in chosen}, item_acts)
     return pd.DataFrame({
         "id": np.repeat(np.array(doc_ids, dtype=object), len(items)),
