@@ -223,6 +223,8 @@ def test_estimator_phi_writes_keyed_artifacts_and_reuses_them(tmp_path):
     assert run.key_of(PHI_ARTIFACT) != key and any((run.root / ".history").glob("estimators__phi.parquet.*"))
     with pytest.raises(RephelpersError, match="needs the influence table"):
         estimator_phi(["perturbation"], inputs)
+    alone = estimator_phi(["perturbation"], inputs, influence)
+    assert list(alone.columns) == list(phi.columns) and alone.p_value.isna().all() and len(alone) == 3
 
 
 # -- repsim ------------------------------------------------------------------------------------

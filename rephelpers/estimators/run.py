@@ -38,6 +38,8 @@ from .repsim import repsim_scores
 ESTIMATOR_VERSION = "1"
 """Part of every estimator artifact's key: bump when a scorer's computation changes."""
 PHI_ARTIFACT = "estimators/phi.parquet"
+PHI_TABLE_COLUMNS = (*PHI_COLUMNS, "p_value", "p_adjusted", "n_permutations", "seconds", "peak_rss_mb")
+"""The columns of :data:`PHI_ARTIFACT`, whichever estimators ran (NaN where one does not apply)."""
 
 
 @dataclass
@@ -210,7 +212,7 @@ def estimator_phi(
                 cost = run.meta_of(documents_artifact(name))
                 part = part.assign(seconds=cost.get("seconds"), peak_rss_mb=cost.get("peak_rss_mb"))
             parts.append(part)
-        return pd.concat(parts, ignore_index=True)
+        return pd.concat(parts, ignore_index=True).reindex(columns=list(PHI_TABLE_COLUMNS))
 
     upstream = [documents_artifact(n) for n in scored] + (["influence.parquet"] if "perturbation" in names else [])
     return run.cached(
