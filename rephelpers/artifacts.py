@@ -136,6 +136,10 @@ class RunDir:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def meta_of(self, name: str) -> dict[str, Any]:
+        """The manifest entry of ``name`` (its key, when it was written, and what its writer recorded)."""
+        return dict(self._manifest().get(name, {}))
+
     def exists(self, name: str) -> bool:
         return self.path(name).exists() and name in self._manifest()
 

@@ -604,3 +604,69 @@ def loss_chart(runs: pd.DataFrame, cache: Path) -> Any:
     return alt.Chart(data).mark_line().encode(
         x="step:Q", y=alt.Y("loss:Q", title="next-token loss (nats)"), color="model:N", detail="seed:N",
     ).properties(width=420, height=200, title="Fine-tuning loss (10-step moving average)")
+
+
+# -- Stage 06: Φ by estimator (issue 26) ----------------------------------------------------
+
+
+def estimator_phi_frame(phi: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """``estimators/phi.parquet`` for :func:`estimator_phi_chart`: Φ scaled per estimator, ``scaled = Φ / max|Φ|``.
+
+    The estimators' Φ have no common unit (relative loss, summed cosine, BM25), so each
+    panel's colour is its own Φ over its largest |Φ|; the cell text is the raw Φ.
+    """
+    require({"cluster", "ability", "phi", "estimator"} <= set(phi.columns),
+            "estimator_phi_chart needs estimators/phi.parquet's columns cluster, ability, phi, estimator")
+    long = phi.copy()
+    scale = long.groupby("estimator")["phi"].transform(lambda s: np.nanmax(np.abs(s)) if s.notna().any() else np.nan)
+    long["scaled"] = long["phi"] / scale.replace(0, np.nan)
+    long["cluster_label"] = [cluster_label(k, cluster_labels) for k in long["cluster"]]
+    significant = long["p_adjusted"] < 0.05 if "p_adjusted" in long else pd.Series(False, index=long.index)
+    long["label"] = ["n/a" if not np.isfinite(v) else f"{v:+.3g}" + ("*" if s else "")
+                     for v, s in zip(long["phi"], significant.fillna(False))]
+    return long
+
+
+def estimator_phi_chart(phi: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None,
+                        cell_size: int = 52) -> alt.HConcatChart:
+    """Φ (clusters × abilities) side by side, one panel per estimator (red = the cluster helps the ability).
+
+    Colour: Φ over the panel's largest |Φ| (:func:`estimator_phi_frame`); ``*``: the
+    permutation test's adjusted p < 0.05 (document-scored estimators only).
+    """
+    long = estimator_phi_frame(phi, cluster_labels)
+    order = long.drop_duplicates("cluster_label").sort_values("cluster")["cluster_label"].tolist()
+    colour = alt.Color("scaled:Q", title="Φ / max|Φ|",
+                       scale=alt.Scale(scheme="redblue", reverse=True, domain=[-1, 1], domainMid=0))
+    tooltip = [alt.Tooltip("estimator:N"), alt.Tooltip("cluster_label:N", title="cluster"), alt.Tooltip("ability:N"),
+               alt.Tooltip("phi:Q", title="Φ", format="+.4g")]
+    if "p_adjusted" in long:
+        tooltip.append(alt.Tooltip("p_adjusted:Q", title="permutation p (adjusted)", format=".3g"))
+    panels = []
+    for estimator in dict.fromkeys(long["estimator"]):
+        base = alt.Chart(long[long["estimator"] == estimator]).encode(
+            x=alt.X("ability:N", title="ability", axis=alt.Axis(labelAngle=-30)),
+            y=alt.Y("cluster_label:N", title="cluster", sort=order),
+        )
+        cells = base.mark_rect(stroke="white").encode(color=colour, tooltip=tooltip)
+        text = base.mark_text(fontSize=11).encode(
+            text="label:N", tooltip=tooltip,
+            color=alt.condition("abs(datum.scaled) > 0.6", alt.value("white"), alt.value("black")))
+        panels.append((cells + text).properties(title=estimator, width=cell_size * long["ability"].nunique(),
+                                                height=cell_size * len(order)))
+    return alt.hconcat(*panels).resolve_scale(color="shared").properties(
+        title=alt.TitleParams("Φ by estimator", subtitle=["each panel scaled by its own largest |Φ|; "
+                                                          "* permutation p (adjusted) < 0.05"]))
+
+
+def rank_agreement_chart(agreement: pd.DataFrame) -> alt.Chart:
+    """Spearman ρ between two estimators' Φ over the clusters, per ability (:func:`rephelpers.estimators.aggregate.rank_agreement`)."""
+    frame = agreement.assign(pair=agreement["estimator_a"] + " ~ " + agreement["estimator_b"])
+    base = alt.Chart(frame).encode(
+        x=alt.X("ability:N", axis=alt.Axis(labelAngle=-30)), y=alt.Y("pair:N", title="estimators"))
+    cells = base.mark_rect(stroke="white").encode(
+        color=alt.Color("rho:Q", title="Spearman ρ", scale=alt.Scale(scheme="purpleorange", domain=[-1, 1])),
+        tooltip=[alt.Tooltip("pair:N"), alt.Tooltip("ability:N"), alt.Tooltip("rho:Q", format="+.2f"),
+                 alt.Tooltip("p_value:Q", format=".3g"), alt.Tooltip("n_clusters:Q")])
+    text = base.mark_text(fontSize=11).encode(text=alt.Text("rho:Q", format="+.2f"))
+    return (cells + text).properties(title="Rank agreement of Φ over the clusters, per ability")
