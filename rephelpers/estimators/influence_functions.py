@@ -283,28 +283,127 @@ def sample_documents(documents: pd.DataFrame, labels: Mapping[str, int], docs_pe
     return documents.loc[keep]
 
 
-def _check_inputs(model: Model, documents: pd.DataFrame, items: pd.DataFrame, strategy: str,
+def _check_inputs(model: Model, documents: pd.DataFrame, items: pd.DataFrame | None, strategy: str,
                   batch_size: int, labels: Mapping[str, int] | None, docs_per_cluster: int | None) -> None:
     require(strategy in STRATEGIES, f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} "
                                     "(ekfac is the most accurate, identity the cheapest).")
     require(not model.masked, f"{model.name} is a masked LM: influence functions here score next-token NLL; "
                               "use a causal LM.")
     model.require_local("influence functions (gradients through the weights)")
-    for name, frame, columns in (("documents", documents, ("id", "text")),
-                                 ("items", items, ("ability", "item_id", "context", "answer"))):
+    frames = [("documents", documents, ("id", "text"))]
+    if items is not None:
+        frames.append(("items", items, ("ability", "item_id", "context", "answer")))
+    for name, frame, columns in frames:
         require(isinstance(frame, pd.DataFrame), f"{name} must be a pandas DataFrame, got {type(frame).__name__}.")
         lacking = [c for c in columns if c not in frame.columns]
         require(not lacking, f"{name} lacks column(s) {lacking}; it needs {list(columns)}.")
         require(len(frame) > 0, f"{name} is empty: influence scores need at least one document and one item.")
     require(documents["id"].astype(str).is_unique, "documents has duplicate ids: each document id must be unique.")
-    require(not items.duplicated(["ability", "item_id"]).any(),
-            "items has duplicate (ability, item_id) pairs: each item must be named once.")
-    empty = items["answer"].astype(str).str.len() == 0
-    require(not empty.any(), f"{int(empty.sum())} item(s) have an empty answer: the measurement is the gold "
-                             "answer's NLL, so every item needs one.")
+    if items is not None:
+        require(not items.duplicated(["ability", "item_id"]).any(),
+                "items has duplicate (ability, item_id) pairs: each item must be named once.")
+        empty = items["answer"].astype(str).str.len() == 0
+        require(not empty.any(), f"{int(empty.sum())} item(s) have an empty answer: the measurement is the gold "
+                                 "answer's NLL, so every item needs one.")
     require(isinstance(batch_size, int) and batch_size > 0, f"batch_size must be a positive int, got {batch_size!r}.")
     require(docs_per_cluster is None or labels is not None,
             "docs_per_cluster needs labels (document id → cluster) to know each document's cluster.")
+
+
+def _kronfluence() -> Any:
+    """kronfluence's analyzer module, or a clear error: it is installed by scripts/setup.sh without its
+    declared torchvision (never imported; PyPI's wheel does not load against the CPU torch), so a bare
+    ``pip install -e .`` lacks it and only this estimator needs it."""
+    try:
+        import kronfluence.analyzer as analyzer
+    except ImportError as err:
+        raise RephelpersError("influence functions need kronfluence: pip install --no-deps kronfluence==1.0.1 "
+                              "einops opt-einsum einconv (scripts/setup.sh installs it).") from err
+    return analyzer
+
+
+@dataclass
+class _Fit:
+    """What fitting and scoring share: the documents as token rows, the tracked modules, the cache key."""
+
+    model: Model
+    documents: pd.DataFrame
+    train: _Rows
+    modules: list[str]
+    strategy: str
+    settings: KronfluenceSettings
+    key: str
+    root: Path
+    batch_size: int
+
+
+def _plan(model: Model, documents: pd.DataFrame, strategy: str, layers: Sequence[int] | None,
+          cache_dir: Path | None, seed: int, batch_size: int, settings: KronfluenceSettings) -> _Fit:
+    modules = tracked_modules(model, layers)
+    require(settings.max_tokens > 1, f"max_tokens must be at least 2, got {settings.max_tokens}.")
+    _kronfluence()
+    documents = documents.reset_index(drop=True)
+    train = _document_rows(model, documents["text"].astype(str).tolist(), settings.max_tokens)
+    short = [str(documents["id"][i]) for i, r in enumerate(train.rows) if len(r["input_ids"]) < 2]
+    require(not short, f"{len(short)} document(s) have fewer than 2 tokens (e.g. {short[:3]}): they carry no "
+                       "next-token loss; drop them.")
+    # the seed draws the true Fisher's pseudo-targets, so it is part of what the factors are
+    key = stable_hash("influence_functions/factors/v1", model_fingerprint(model), modules, strategy,
+                      settings.empirical_fisher, settings.max_tokens, None if settings.empirical_fisher else seed,
+                      documents[["id", "text"]].astype(str))
+    root = Path(cache_dir) if cache_dir is not None else cache_subdir(_CACHE_SUBDIR)
+    root.mkdir(parents=True, exist_ok=True)
+    return _Fit(model, documents, train, modules, strategy, settings, key, root, batch_size)
+
+
+@contextmanager
+def _analyzer(fit: _Fit, seed: int) -> Iterator[Any]:
+    """A kronfluence ``Analyzer`` on the prepared model, its factors fitted (or found in the cache)."""
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    task = _task(fit.modules)
+    pad = fit.model.tokenizer.pad_token_id if fit.model.tokenizer.pad_token_id is not None else 0
+    with _prepared(fit.model.hf, task) as hf, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        analyzer = _kronfluence().Analyzer(
+            analysis_name=fit.key, model=hf, task=task, cpu=fit.model.device.type == "cpu", output_dir=str(fit.root),
+            disable_tqdm=False, disable_model_save=True)
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_collate(pad)))
+        factors = analyzer.factors_output_dir(fit.strategy)
+        if not _valid_factors(factors, fit.key):
+            shutil.rmtree(factors, ignore_errors=True)
+            analyzer.fit_all_factors(
+                factors_name=fit.strategy, dataset=fit.train, per_device_batch_size=fit.batch_size,
+                factor_args=FactorArguments(strategy=fit.strategy, use_empirical_fisher=fit.settings.empirical_fisher),
+                overwrite_output_dir=True)
+            factors.mkdir(parents=True, exist_ok=True)
+            (factors / _MANIFEST).write_text(json.dumps({
+                "key": fit.key, "model": model_fingerprint(fit.model), "modules": fit.modules,
+                "strategy": fit.strategy, "settings": asdict(fit.settings), "documents": len(fit.documents),
+                "files": _factor_files(factors)}, indent=1))
+        yield analyzer
+
+
+def fit_factors(
+    model: Model,
+    documents: pd.DataFrame,
+    *,
+    strategy: str = "ekfac",
+    layers: Sequence[int] | None = None,
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    settings: KronfluenceSettings | None = None,
+) -> Path:
+    """Fit the curvature factors of ``strategy`` on ``documents`` (or find them in the cache);
+    returns their folder. :func:`influence_scores` does this itself: call it alone to fit
+    ahead of time, or to time the two phases apart."""
+    settings = settings or KronfluenceSettings()
+    _check_inputs(model, documents, None, strategy, batch_size, None, None)
+    fit = _plan(model, documents, strategy, layers, cache_dir, seed, batch_size, settings)
+    with _analyzer(fit, seed) as analyzer:
+        return analyzer.factors_output_dir(strategy)
 
 
 def influence_scores(
@@ -330,68 +429,31 @@ def influence_scores(
     (document id → cluster): score only a seeded sample per cluster; the factors are fitted on
     the same documents that are scored. ``cache_dir``: where the factors are kept (default the
     user cache's ``influence_functions/``), keyed by the model's fingerprint, the tracked
-    modules, the strategy, the settings and the documents' content. ``batch_size``: documents
-    (and items) per forward pass, always explicit.
+    modules, the strategy, the settings, the seed (true Fisher) and the documents' content.
+    ``batch_size``: documents (and items) per forward pass, always explicit. ``settings``: the
+    knobs below these (:class:`KronfluenceSettings`), defaults to use.
 
     Returns one row per (scored document, item): ``id``, ``ability``, ``item_id``, ``score``;
     ``score > 0`` means training on the document lowers the item's gold-answer loss (it helps).
     """
     settings = settings or KronfluenceSettings()
     _check_inputs(model, documents, items, strategy, batch_size, labels, docs_per_cluster)
-    modules = tracked_modules(model, layers)
-    require(settings.max_tokens > 1, f"max_tokens must be at least 2, got {settings.max_tokens}.")
-    try:
-        from kronfluence.analyzer import Analyzer
-        from kronfluence.arguments import FactorArguments, ScoreArguments
-        from kronfluence.utils.dataset import DataLoaderKwargs
-    except ImportError as err:
-        raise RephelpersError("influence functions need kronfluence: pip install --no-deps kronfluence==1.0.1 "
-                              "einops opt-einsum einconv (scripts/setup.sh installs it).") from err
-
     if docs_per_cluster is not None:
         documents = sample_documents(documents, labels, docs_per_cluster, seed)
-    documents = documents.reset_index(drop=True)
-    items = items.reset_index(drop=True)
-    train = _document_rows(model, documents["text"].astype(str).tolist(), settings.max_tokens)
-    short = [str(documents["id"][i]) for i, r in enumerate(train.rows) if len(r["input_ids"]) < 2]
-    require(not short, f"{len(short)} document(s) have fewer than 2 tokens (e.g. {short[:3]}): they carry no "
-                       "next-token loss; drop them.")
+    fit = _plan(model, documents, strategy, layers, cache_dir, seed, batch_size, settings)
+    from kronfluence.arguments import ScoreArguments  # optional dependency: _plan said how to install it
+    documents, items = fit.documents, items.reset_index(drop=True)
     query = _item_rows(model, items["context"].astype(str).tolist(), items["answer"].astype(str).tolist(),
                        settings.max_tokens)
-
-    key = stable_hash("influence_functions/factors/v1", model_fingerprint(model), modules, strategy,
-                      settings.empirical_fisher, settings.max_tokens,
-                      documents[["id", "text"]].astype(str))
-    root = Path(cache_dir) if cache_dir is not None else cache_subdir(_CACHE_SUBDIR)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)  # the true Fisher's sampled targets
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    loader = DataLoaderKwargs(collate_fn=_collate(pad))
-    factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=settings.empirical_fisher)
     score_args = ScoreArguments(damping_factor=settings.damping, query_gradient_low_rank=settings.query_rank,
                                 query_gradient_accumulation_steps=math.ceil(len(query) / batch_size))
-    scores_name = stable_hash(key, items[["ability", "item_id", "context", "answer"]].astype(str),
+    scores_name = stable_hash(fit.key, items[["ability", "item_id", "context", "answer"]].astype(str),
                               asdict(settings), batch_size)
-    cpu = model.device.type == "cpu"
-    task = _task(modules)
-    with _prepared(model.hf, task) as hf, progress_bar(total=2, desc="influence functions", unit="stage") as bar:
-        analyzer = Analyzer(analysis_name=key, model=hf, task=task, cpu=cpu, output_dir=str(root),
-                            disable_tqdm=False, disable_model_save=True)
-        analyzer.set_dataloader_kwargs(loader)
-        factors = analyzer.factors_output_dir(strategy)
-        if not _valid_factors(factors, key):
-            shutil.rmtree(factors, ignore_errors=True)
-            analyzer.fit_all_factors(factors_name=strategy, dataset=train, per_device_batch_size=batch_size,
-                                     factor_args=factor_args, overwrite_output_dir=True)
-            factors.mkdir(parents=True, exist_ok=True)
-            (factors / _MANIFEST).write_text(json.dumps({
-                "key": key, "model": model_fingerprint(model), "modules": modules, "strategy": strategy,
-                "settings": asdict(settings), "documents": len(documents), "files": _factor_files(factors)},
-                indent=1))
+    with progress_bar(total=2, desc="influence functions", unit="stage") as bar, _analyzer(fit, seed) as analyzer:
         bar.update(1)
         try:
             analyzer.compute_pairwise_scores(
-                scores_name=scores_name, factors_name=strategy, query_dataset=query, train_dataset=train,
+                scores_name=scores_name, factors_name=strategy, query_dataset=query, train_dataset=fit.train,
                 per_device_query_batch_size=batch_size, per_device_train_batch_size=batch_size,
                 score_args=score_args, overwrite_output_dir=True)
             matrix = analyzer.load_pairwise_scores(scores_name)["all_modules"].to(torch.float64).cpu().numpy()
@@ -404,7 +466,7 @@ def influence_scores(
     bad = ~np.isfinite(matrix)
     if bad.any():
         raise RephelpersError(
-            f"{int(bad.sum())} of {bad.size} influence scores are NaN or infinite ({strategy}, modules {modules[:2]}…): "
+            f"{int(bad.sum())} of {bad.size} influence scores are NaN or infinite ({strategy}, modules {fit.modules[:2]}…): "
             "the curvature is singular or the model overflows. Use a damping (KronfluenceSettings(damping=...)), "
             "strategy='identity', or float32 weights.")
     n_docs, n_items = len(documents), len(items)
