@@ -97,7 +97,8 @@ def tracked_modules(model: Model, layers: Sequence[int] | None = None) -> list[s
     Only modules inside the decoder blocks are named, so the (tied) ``lm_head`` and the
     embeddings never are.
     """
-    chosen = default_layers(model) if layers is None else [model.check_layer(int(layer)) for layer in layers]
+    chosen = default_layers(model) if layers is None else [
+        model.check_layer(int(layer) if isinstance(layer, np.integer) else layer) for layer in layers]
     require(len(chosen) > 0, "layers is empty: name at least one decoder layer, or pass None for the default.")
     names: list[str] = []
     for layer in sorted(set(chosen)):
