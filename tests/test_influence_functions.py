@@ -62,7 +62,7 @@ def _tiny_llama(folder: Path) -> Path:
 def _no_full_collections(monkeypatch):
     """kronfluence runs ``gc.collect()`` several times per call to free GPU memory; in a test process
     full of objects that is most of a tiny model's time, and these tests measure nothing about it."""
-    import kronfluence.utils.state as state
+    from kronfluence.utils import state
 
     monkeypatch.setattr(state.gc, "collect", lambda *args: 0)
 

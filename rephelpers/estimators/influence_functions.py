@@ -316,7 +316,7 @@ def _kronfluence() -> Any:
     declared torchvision (never imported; PyPI's wheel does not load against the CPU torch), so a bare
     ``pip install -e .`` lacks it and only this estimator needs it."""
     try:
-        import kronfluence.analyzer as analyzer
+        from kronfluence import analyzer
     except ImportError as err:
         raise RephelpersError("influence functions need kronfluence: pip install --no-deps kronfluence==1.0.1 "
                               "einops opt-einsum einconv (scripts/setup.sh installs it).") from err
