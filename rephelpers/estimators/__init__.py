@@ -20,12 +20,12 @@ What each estimator's numbers support:
   (a text-only floor): rank evidence only. Their Φ has no causal scale; read it through
   its rank agreement with the other estimators and the permutation test over documents
   (:func:`rephelpers.estimators.aggregate.permutation_pvalues`).
-- ``influence_functions`` (kronfluence, EK-FAC; another module): first-order estimates of
+- ``influence_functions`` (kronfluence, EK-FAC; :mod:`.influence_functions`): first-order estimates of
   the change in the gold answer's loss, additive over documents; rank agreement and the
   permutation test as well.
 
 Modules: :mod:`.items` (the ability items as the model saw them), :mod:`.aggregate`
-(cluster Φ, permutation test, rank agreement), :mod:`.bm25`, :mod:`.repsim`, :mod:`.run`
+(cluster Φ, permutation test, rank agreement), :mod:`.bm25`, :mod:`.repsim`, :mod:`.influence_functions`, :mod:`.run`
 (the registry and the stage-06 driver), :mod:`.calibration` (the permutation test on
 simulated nulls and planted effects).
 """

@@ -32,6 +32,7 @@ from ..representations.models import Model
 from . import ESTIMATORS
 from .aggregate import PHI_COLUMNS, cluster_phi, permutation_pvalues, validate_doc_scores
 from .bm25 import bm25_scores
+from .influence_functions import influence_scores
 from .items import ITEM_COLUMNS, ability_items, run_tasks
 from .repsim import repsim_scores
 
@@ -85,9 +86,15 @@ def _bm25(inputs: EstimatorInputs) -> pd.DataFrame:
     return bm25_scores(inputs.documents, inputs.items, **inputs.options("bm25"))
 
 
+def _influence_functions(inputs: EstimatorInputs) -> pd.DataFrame:
+    return influence_scores(inputs.model(), inputs.documents, inputs.items, labels=inputs.labels.to_dict(),
+                            seed=inputs.seed, **inputs.options("influence_functions"))
+
+
 DOCUMENT_SCORERS: dict[str, Callable[[EstimatorInputs], pd.DataFrame]] = {
     "repsim": _repsim,
     "bm25": _bm25,
+    "influence_functions": _influence_functions,
 }
 """Estimator name → the function computing its document-level scores (perturbation has none)."""
 
