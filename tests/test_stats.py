@@ -309,3 +309,40 @@ def test_controls_smaller_than_their_perturbation_are_named_next_to_the_numbers(
     summary = stats.influence_summary(table)
     assert "cluster 0: its controls change the state 0.66× as much" in summary and "cluster 1: its controls" not in summary
     assert stats.influence_table(scores, n_boot=50)["controls_matched_share"].isna().all()
+
+
+def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_from():
+    """Cluster 0: stage 04 finds its magnitude-1 setting specific and its magnitude-2 setting
+    non-specific; its Φ is split into one row per setting, each gated by its own verdict.
+    Cluster 1's two settings are both specific: one row, Φ over all of Θ_1."""
+    scores = impact.simulate_scores({(0, "math"): 0.8, (1, "math"): 0.8}, {"math": 0.8}, items_per_task=60,
+                                    magnitudes=(1.0, 2.0), n_controls=59, control_effect=0.05, draw_sd=0.02, seed=4)
+    rows = []
+    for cluster, verdicts in {0: {1.0: "specific", 2.0: "non-specific damage"}, 1: {1.0: "specific", 2.0: "specific"}}.items():
+        for magnitude, verdict in verdicts.items():
+            rows.append({"cluster": cluster, "kind": "ablate", "magnitude": magnitude, "layer": 15, "component": "resid",
+                         "arm": "perturbation", "specific": verdict == "specific", "specificity_verdict": verdict})
+    table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
+    assert len(table) == 3
+    k0 = table[table.cluster == 0].set_index("setting")
+    assert list(k0.index) == ["ablate:m1@L15", "ablate:m2@L15"]
+    assert k0.loc["ablate:m1@L15", "specificity_verdict"] == "specific (ablate:m1@L15)"
+    assert k0.loc["ablate:m2@L15", "specificity_verdict"] == "non-specific damage (ablate:m2@L15)"
+    assert k0.loc["ablate:m1@L15", "verdict"] == "cluster-specific finding"
+    assert k0.loc["ablate:m2@L15", "verdict"] == "non-specific damage"
+    # Each split row's Φ and control draws are those of its own setting only (a plain mean of AIS).
+    a = impact.ais(scores)
+    for magnitude, setting in ((1.0, "ablate:m1@L15"), (2.0, "ablate:m2@L15")):
+        mine = a[(a.cluster == 0) & (a.magnitude == magnitude)]
+        assert k0.loc[setting, "phi"] == pytest.approx(mine.loc[~mine.control, "ais"].mean())
+        assert k0.loc[setting, "phi_control"] == pytest.approx(mine.loc[mine.control, "ais"].mean())
+        assert k0.loc[setting, "n_draws"] == 59 and k0.loc[setting, "n_configs"] == 1
+    k1 = table[table.cluster == 1].iloc[0]
+    assert k1["setting"] == "ablate:m1@L15; ablate:m2@L15" and k1["verdict"] == "cluster-specific finding"
+    assert k1["specificity_verdict"] == "specific (ablate:m1@L15; ablate:m2@L15)"
+    assert k1["phi"] == pytest.approx(impact.influence_matrix(a).set_index("cluster").loc[1, "phi"])
+    # A setting stage 04 did not check is named as such, and its cluster split from the checked one.
+    partial = stats.influence_table(scores, n_boot=20, specificity=pd.DataFrame(rows[:1] + rows[2:]))
+    unchecked = partial[(partial.cluster == 0) & (partial.setting == "ablate:m2@L15")].iloc[0]
+    assert unchecked["specificity_verdict"] == "not checked (ablate:m2@L15)" and unchecked["specific"] is None
+    assert unchecked["verdict"] == "finding (specificity not checked)"

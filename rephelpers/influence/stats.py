@@ -552,9 +552,120 @@ def cell_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
     return out.reset_index()
 
 
+SETTING_KEYS = ("kind", "magnitude", "layer")
+"""What names a perturbation setting in both stage 04's table and stage 05's scores (with the cluster)."""
+
+
+def setting_label(kind: str, magnitude: float, layer: int, component: str | None = None) -> str:
+    """``kind:m<magnitude>@L<layer>`` (``/component`` when stage 04 names one): a setting in a verdict."""
+    text = f"{kind}:m{float(magnitude):g}@L{int(layer)}"
+    return f"{text}/{component}" if isinstance(component, str) and component else text
+
+
+def setting_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Stage 04's verdict per perturbation setting: one row per (cluster, kind, magnitude, layer).
+
+    ``specific`` is True only if every row of the setting (e.g. several components) was
+    specific; ``specificity_verdict`` joins their verdicts; ``setting`` is its
+    :func:`setting_label`. With the controls' rows, ``control_edit_ratio`` is their median
+    edit ‖ĥ − h‖ relative to the perturbation's and ``controls_matched_share`` the share
+    within stage 04's tolerance. None without stage 04; a table without the setting columns
+    (hand-made, or older) gives None too, and :func:`cell_specificity` gates per cluster.
+    """
+    if specificity is None or len(specificity) == 0 or not set(SETTING_KEYS) <= set(specificity.columns):
+        return None
+    require("specific" in specificity.columns,
+            "the specificity table has no `specific` column: re-run notebook 04 (specificity.specificity_verdicts).")
+    keys = ["cluster", *SETTING_KEYS]
+    frame = specificity.assign(magnitude=specificity["magnitude"].astype(float).round(9),
+                               layer=specificity["layer"].astype(int), cluster=specificity["cluster"].astype(int))
+    rows = frame[frame["arm"] == "perturbation"] if "arm" in frame.columns else frame
+    # The component is named only where stage 04 checked several: scores do not record it.
+    several = "component" in rows.columns and rows["component"].nunique() > 1
+    component = rows["component"] if several else pd.Series(None, index=rows.index)
+    rows = rows.assign(setting=[setting_label(k, m, l, c) for k, m, l, c in
+                                zip(rows["kind"], rows["magnitude"], rows["layer"], component)])
+    out = rows.groupby(keys).agg(specific=("specific", lambda v: bool(v.astype(bool).all())),
+                                 specificity_verdict=("specificity_verdict", lambda v: "; ".join(sorted(set(v)))),
+                                 setting=("setting", lambda v: "; ".join(sorted(set(v)))))
+    if {"arm", "edit_ratio"} <= set(frame.columns):
+        controls = frame[frame["arm"] == "control"]
+        out = out.join(controls.groupby(keys)["edit_ratio"].median().rename("control_edit_ratio"))
+        if "edit_matched" in controls.columns:
+            out = out.join(controls.groupby(keys)["edit_matched"].mean().rename("controls_matched_share"))
+    return out.reset_index()
+
+
+@dataclass(frozen=True)
+class SettingUnits:
+    """How stage 06 groups a cluster's settings into rows of the influence table.
+
+    A cluster whose perturbation settings stage 04 judged alike (or did not judge) is one
+    unit: its Φ averages AIS over all of Θ_k. A cluster whose settings got different
+    verdicts is split, one unit per setting, so that each row's Φ comes only from
+    settings with the one verdict that gates it. ``unit`` maps (cluster, kind, magnitude,
+    layer) to the unit id the computation carries in the ``cluster`` column (a split
+    cluster's settings get ids above every cluster id); ``rows`` describes each unit:
+    ``unit``, ``cluster``, ``setting`` (the settings its Φ comes from), ``specific``,
+    ``specificity_verdict`` (naming the settings) and the control-edit columns.
+    """
+
+    unit: dict[tuple[int, str, float, int], int]
+    rows: pd.DataFrame
+
+
+def setting_units(scores: pd.DataFrame, specificity: pd.DataFrame | None) -> SettingUnits:
+    """The units of :class:`SettingUnits` for the perturbation settings in ``scores`` (validated)."""
+    pert = scores[(scores["cluster"] != BASELINE_CLUSTER)].drop_duplicates(["cluster", *SETTING_KEYS])
+    settings = pd.DataFrame({"cluster": pert["cluster"].astype(int), "kind": pert["kind"].astype(str),
+                             "magnitude": pert["magnitude"].astype(float).round(9), "layer": pert["layer"].astype(int)})
+    settings["label"] = [setting_label(k, m, l) for k, m, l in zip(settings.kind, settings.magnitude, settings.layer)]
+    gate = setting_specificity(specificity)
+    if gate is not None:
+        settings = settings.merge(gate, on=["cluster", *SETTING_KEYS], how="left")
+        unchecked = settings["specificity_verdict"].isna()
+        settings.loc[unchecked, "specificity_verdict"] = "not checked"
+        settings.loc[unchecked, "setting"] = settings.loc[unchecked, "label"]
+        settings["specific"] = [None if u else bool(v) for u, v in zip(unchecked, settings["specific"])]
+    else:
+        per_cluster = cell_specificity(specificity)
+        if per_cluster is not None:
+            settings = settings.merge(per_cluster, on="cluster", how="left")
+            settings["specificity_verdict"] = settings["specificity_verdict"].fillna("")
+            settings["specific"] = [None if isinstance(v, float) and np.isnan(v) else bool(v) for v in settings["specific"]]
+        else:
+            settings["specific"], settings["specificity_verdict"] = None, ""
+        settings["setting"] = settings["label"]
+    for column in ("control_edit_ratio", "controls_matched_share"):
+        if column not in settings.columns:
+            settings[column] = np.nan
+    settings = settings.sort_values(["cluster", "kind", "layer", "magnitude"]).reset_index(drop=True)
+    next_id = int(settings["cluster"].max()) + 1 if len(settings) else 0
+    unit: dict[tuple[int, str, float, int], int] = {}
+    rows = []
+    for cluster, group in settings.groupby("cluster", sort=True):
+        split = group["specificity_verdict"].nunique() > 1
+        parts = [group.iloc[[i]] for i in range(len(group))] if split else [group]
+        for part in parts:
+            uid = next_id if split else int(cluster)
+            next_id += int(split)
+            unit.update({(int(cluster), r.kind, float(r.magnitude), int(r.layer)): uid for r in part.itertuples(index=False)})
+            specific = list(part["specific"])
+            verdicts = sorted(set(part["specificity_verdict"]))
+            named = "; ".join(part["setting"])
+            rows.append({
+                "unit": uid, "cluster": int(cluster), "setting": "; ".join(part["label"]),
+                "specific": None if any(v is None for v in specific) else all(specific),
+                "specificity_verdict": f"{'; '.join(verdicts)} ({named})" if verdicts != [""] else "",
+                "control_edit_ratio": float(part["control_edit_ratio"].median()),
+                "controls_matched_share": float(part["controls_matched_share"].mean()),
+            })
+    return SettingUnits(unit=unit, rows=pd.DataFrame(rows))
+
+
 # -- the influence table ---------------------------------------------------------------------
 # Part of stage 06's cache key: a change here must not be served from an older influence.parquet.
-INFLUENCE_VERSION = "distinct-draws-2"
+INFLUENCE_VERSION = "setting-gate-3"
 
 
 def _recorded_perturbations(text: Any) -> bool:
@@ -618,7 +729,11 @@ def influence_table(
     ``p_control``/``control_significant`` (Φ_control ≠ 0); ``baseline_score`` (M(f, a)),
     ``floor``, ``readable``, ``higher_is_better``, ``mde_ais`` (:func:`minimum_detectable_ais`
     at ``power`` for this ability's items and baseline, Holm over the table's cells);
-    ``specific`` and ``specificity_verdict`` from stage 04 (None/"" without it), with the
+    ``setting`` (the perturbation settings, kind:m<magnitude>@L<layer>, whose AIS the row's Φ
+    averages: all of Θ_k, unless stage 04 judged the cluster's settings differently, in which
+    case the cluster has one row per setting, :func:`setting_units`);
+    ``specific`` and ``specificity_verdict`` from stage 04 for exactly those settings, the
+    verdict naming them (None/"" without stage 04), with the
     controls' median edit relative to the perturbation's (``control_edit_ratio``) and the share
     within stage 04's tolerance (``controls_matched_share``; NaN without stage 04), and the
     ``verdict`` (:func:`cell_verdict`); the cluster's ``selectivity``/``top_ability``.
@@ -635,6 +750,8 @@ def influence_table(
     require(0 < alpha < 1, f"alpha must lie in (0, 1), got {alpha!r}")
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
+    units = setting_units(df, specificity)
+    df = _by_unit(df, units)
     ais_df = ais(df, floor_margin)
     phi = influence_matrix(ais_df)
     base = ais_df.groupby("ability").agg(
@@ -659,7 +776,6 @@ def influence_table(
     table["control_significant"] = table["p_control_adjusted"] < alpha
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
     table["min_p_vs_controls"] = 1.0 / (table["n_draws"].fillna(0) + 1)
-    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
 
     n_tests = max(1, int(table["readable"].sum()))
     mde = {row.ability: (minimum_detectable_ais(int(row.n_items), float(row.baseline_score), alpha, power, n_tests)
@@ -667,25 +783,21 @@ def influence_table(
            for row in table.drop_duplicates("ability").itertuples(index=False)}
     table["mde_ais"] = table["ability"].map(mde)
 
-    gate = cell_specificity(specificity)
-    if gate is None:
-        table["specific"], table["specificity_verdict"] = None, ""
-    else:
-        table = table.merge(gate, on="cluster", how="left")
-        table["specificity_verdict"] = table["specificity_verdict"].fillna("")
-    for column in ("control_edit_ratio", "controls_matched_share"):
-        if column not in table.columns:
-            table[column] = np.nan
+    table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
+    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
     table["verdict"] = [
         cell_verdict(bool(r.readable), bool(r.significant), bool(r.exceeds_controls),
                      None if r.specific is None or (isinstance(r.specific, float) and np.isnan(r.specific)) else bool(r.specific))
         for r in table.itertuples(index=False)
     ]
-    table = table.merge(selectivity(phi), on="cluster", how="left").drop(columns="n_abilities")
+    table = table.merge(selectivity(phi).rename(columns={"cluster": "unit"}).assign(
+        cluster=lambda f: f["unit"].map(units.rows.set_index("unit")["cluster"]),
+        setting=lambda f: f["unit"].map(units.rows.set_index("unit")["setting"])).drop(columns="unit"),
+        on=["cluster", "setting"], how="left").drop(columns="n_abilities")
     table["alpha"], table["correction"], table["control_correction"], table["n_boot"] = (
         float(alpha), correction, control_correction, int(n_boot))
     columns = [
-        "cluster", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
+        "cluster", "setting", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
         "n_configs", "n_control_configs", "phi", "phi_low", "phi_high", "delta", "delta_control",
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
@@ -695,7 +807,20 @@ def influence_table(
         "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
     ]
-    return table[columns].sort_values(["cluster", "ability"]).reset_index(drop=True)
+    return table[columns].sort_values(["cluster", "setting", "ability"]).reset_index(drop=True)
+
+
+def _by_unit(scores: pd.DataFrame, units: SettingUnits) -> pd.DataFrame:
+    """``scores`` with each config's cluster replaced by its unit (:class:`SettingUnits`), so that
+    every per-cluster computation of Φ, its controls, tests and bootstrap runs per unit."""
+    if all(uid == key[0] for key, uid in units.unit.items()):
+        return scores
+    out = scores.copy()
+    keys = zip(out["cluster"].astype(int), out["kind"].astype(str), out["magnitude"].astype(float).round(9),
+               out["layer"].astype(int))
+    out["cluster"] = [c if c == BASELINE_CLUSTER else units.unit[(c, k, m, l)] for c, k, m, l in
+                      ((int(a), b, float(c_), int(d)) for a, b, c_, d in keys)]
+    return out
 
 
 def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
