@@ -67,3 +67,51 @@ def test_minimum_detectable_ais_matches_a_simulation():
     assert power(mde) >= 0.75
     assert power(max(mde - 0.06, 0.005)) < 0.8
     assert stats.minimum_detectable_ais(40, 0.8, n_tests=15) > mde
+
+
+def test_sequential_p_matches_a_brute_force_walk():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        target, controls, h = rng.normal(), rng.normal(size=int(rng.integers(1, 60))), int(rng.integers(1, 6))
+        hits, p, used = 0, None, 0
+        for j, c in enumerate(controls, start=1):  # the procedure, one draw at a time
+            hits += c >= target
+            if hits == h:
+                p, used = h / j, j
+                break
+        if p is None:
+            p, used = (hits + 1) / (len(controls) + 1), len(controls)
+        assert stats.sequential_p(target, controls, h) == (pytest.approx(p), used)
+    assert stats.sequential_p(0.0, np.array([-1.0, -2.0]), h=3) == (pytest.approx(1 / 3), 2)
+    with pytest.raises(Exception, match="h"):
+        stats.sequential_p(0.0, np.zeros(3), h=0)
+
+
+def test_sequential_p_is_valid_and_cheap_on_exchangeable_draws():
+    rng = np.random.default_rng(0)
+    out = np.array([stats.sequential_p(x[0], x[1:], h=5) for x in rng.normal(size=(4000, 301))])
+    p, used = out[:, 0], out[:, 1]
+    for level in (0.01, 0.05, 0.2):
+        assert np.mean(p <= level) <= level + 0.01
+    assert used.mean() < 40  # under the null most cells stop after about h / P(c ≥ t) draws, not the 300 cap
+    assert p.min() == pytest.approx(1 / 301)
+
+
+def test_rank_test_power_and_its_mde_match_a_simulation():
+    rng = np.random.default_rng(5)
+    sd, n, m = 0.05, 99, 3
+    mde = stats.minimum_detectable_difference(sd, n, alpha=0.05, power=0.8, n_tests=m)
+    assert np.isfinite(mde)
+
+    def simulated(delta):
+        z = rng.normal(size=(3000, n + 1)) * sd
+        p = np.array([stats.empirical_p(row[0] + delta, row[1:]) for row in z])
+        return np.mean(p < 0.05 / m)
+
+    for delta in (mde, 0.5 * mde):
+        assert simulated(delta) == pytest.approx(stats.rank_test_power(delta, sd, n, 0.05, m), abs=0.03)
+    assert simulated(mde) >= 0.77
+    # the demo's design: 20 draws, 15 cells, no rank p can pass the correction on its own
+    assert np.isnan(stats.minimum_detectable_difference(sd, 20, 0.05, 0.8, 15))
+    assert stats.rank_test_power(1.0, sd, 20, 0.05, 15) == 0.0
+    assert np.isfinite(stats.minimum_detectable_difference(sd, 300, 0.05, 0.8, 15))

@@ -346,3 +346,30 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
     unchecked = partial[(partial.cluster == 0) & (partial.setting == "ablate:m2@L15")].iloc[0]
     assert unchecked["specificity_verdict"] == "not checked (ablate:m2@L15)" and unchecked["specific"] is None
     assert unchecked["verdict"] == "finding (specificity not checked)"
+
+
+def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reported():
+    scores = impact.simulate_scores({(k, a): 0.0 for k in range(3) for a in ("arith", "code", "icl")},
+                                    {"arith": 0.7, "code": 0.8, "icl": 0.75}, items_per_task=20, magnitudes=(1.0,),
+                                    n_controls=79, control_effect=0.1, draw_sd=0.05, seed=6)
+    plain = stats.influence_table(scores, n_boot=10)
+    assert (plain["family"] == "all").all()
+    np.testing.assert_allclose(plain["p_vs_controls_adjusted"],
+                               multipletests(plain["p_vs_controls"], method="fdr_bh")[1])
+    table = stats.influence_table(scores, n_boot=10, primary="diagonal")
+    diagonal = {(0, "arith"), (1, "code"), (2, "icl")}
+    is_primary = [(r.cluster, r.ability) in diagonal for r in table.itertuples(index=False)]
+    assert list(table["family"]) == ["primary" if p else "exploratory" for p in is_primary]
+    for family, rows in table.groupby("family"):
+        np.testing.assert_allclose(rows["p_vs_controls_adjusted"], multipletests(rows["p_vs_controls"], method="fdr_bh")[1])
+    assert stats.primary_cells({0: "arith", 1: "code", 2: ["icl"]}, [0, 1, 2], ["arith", "code", "icl"]) == diagonal
+    # 79 draws: no p passes among 9 cells (needs 180), but it can among the 3 primary ones (needs 60).
+    assert plain["mde_vs_controls"].isna().all() and "at least 180 draws" in stats.influence_summary(plain)
+    primary = table[table.family == "primary"]
+    expected = [stats.minimum_detectable_difference(r.control_sd, 79, 0.05, 0.8, 3) for r in primary.itertuples()]
+    np.testing.assert_allclose(primary["mde_vs_controls"], expected)
+    assert primary["mde_vs_controls"].notna().all()
+    with pytest.raises(RephelpersError, match="not in the table"):
+        stats.influence_table(scores, n_boot=10, primary=[(7, "arith")])
+    with pytest.raises(RephelpersError, match="diagonal"):
+        stats.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -399,7 +399,96 @@ def control_distribution_test(ais_df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sequential_p(target: float, controls: np.ndarray, h: int = 10) -> tuple[float, int]:
+    """Besag–Clifford sequential Monte Carlo p-value of ``t`` against control draws taken in order.
+
+    Walk the draws ``c_1, c_2, …`` (at most ``n = len(controls)``, the cap) and stop at the
+    first ``L`` where ``h`` of them satisfy ``c_j ≥ t``: then ``p = h / L``. If the cap is
+    reached with ``g < h`` such draws, ``p = (g + 1) / (n + 1)``, the plain rank p-value.
+    Exact (``P(p ≤ α) ≤ α``) when ``t`` is exchangeable with the draws (Besag & Clifford 1991,
+    Biometrika 78:301); a cell far from the tail stops after about ``h / P(c ≥ t)`` draws,
+    so only cells near the tail pay for the cap, while the smallest p stays ``1/(n + 1)``.
+    Draws evaluated in rounds change nothing: the p is read at the ``h``-th exceedance
+    whatever round it fell in. Returns ``(p, draws used)``; NaN p and 0 draws without draws.
+    """
+    require(int(h) >= 1, f"h (exceedances that stop a cell) must be ≥ 1, got {h!r}")
+    controls = np.asarray(controls, dtype=float)
+    controls = controls[~np.isnan(controls)]
+    if len(controls) == 0 or not np.isfinite(target):
+        return float("nan"), 0
+    hits = np.cumsum(controls >= target)
+    stop = np.flatnonzero(hits >= int(h))
+    if len(stop):
+        used = int(stop[0]) + 1
+        return float(int(h) / used), used
+    return float((hits[-1] + 1) / (len(controls) + 1)), int(len(controls))
+
+
+def primary_cells(primary: str | Sequence | Mapping | None, clusters: Sequence[int], abilities: Sequence[str]) -> set:
+    """The (cluster, ability) cells of a user-stated ``primary`` family, tested with their own correction.
+
+    ``"diagonal"``: the i-th cluster with the i-th ability, both sorted (a known design, e.g.
+    stage 07's planted skills; needs as many clusters as abilities); a mapping
+    ``{cluster: ability or [abilities]}`` (each cluster's pre-registered abilities); or a
+    list of ``(cluster, ability)`` pairs. None: no primary family (every cell in one).
+    """
+    clusters, abilities = sorted(set(int(c) for c in clusters)), sorted(set(abilities))
+    if primary is None:
+        return set()
+    if isinstance(primary, str):
+        require(primary == "diagonal", f"primary must be 'diagonal', a {{cluster: ability}} mapping or a list of "
+                                       f"(cluster, ability) pairs, got {primary!r}")
+        require(len(clusters) == len(abilities),
+                f"primary='diagonal' pairs the i-th cluster with the i-th ability, but there are {len(clusters)} "
+                f"clusters and {len(abilities)} abilities; list the (cluster, ability) pairs instead.")
+        return set(zip(clusters, abilities))
+    pairs = ([(k, a) for k, v in primary.items() for a in ([v] if isinstance(v, str) else v)]
+             if isinstance(primary, Mapping) else [tuple(p) for p in primary])
+    cells = {(int(k), str(a)) for k, a in pairs}
+    unknown = sorted(c for c in cells if c[0] not in clusters or c[1] not in abilities)
+    require(not unknown, f"primary cells {unknown} are not in the table (clusters {clusters}, abilities {abilities}).")
+    require(bool(cells), "primary is empty: give at least one (cluster, ability) cell, or None.")
+    return cells
+
+
 # -- power -----------------------------------------------------------------------------------
+def rank_test_power(effect: float, control_sd: float, n_draws: int, alpha: float = 0.05, n_tests: int = 1) -> float:
+    """Power of the rank p-value against ``n`` control draws at level ``α' = α / n_tests``.
+
+    Model: the draws' Φ^{(j)} ~ N(μ, s²) and the cluster's Φ ~ N(μ + δ, s²), ``s`` the
+    between-draw standard deviation (``control_sd``, item noise included). The rank p
+    ``(1 + E)/(n + 1)``, ``E = #{j : Φ^{(j)} ≥ Φ}``, is below α' iff ``E ≤ e = ⌈α'(n + 1)⌉ − 2``
+    (strictly below); given Φ = μ + δ + s·z, ``E ~ Binomial(n, q)``, ``q = 1 − Φ_N(δ/s + z)``, so
+    ``power = E_z[P(Binomial(n, q(z)) ≤ e)]`` (Gauss–Hermite, 80 nodes). 0 when ``e < 0``.
+    """
+    e = int(np.ceil(alpha / max(1, int(n_tests)) * (int(n_draws) + 1))) - 2
+    if e < 0 or not (control_sd > 0):
+        return 0.0 if e < 0 else float(effect > 0)
+    q = sps.norm.sf(effect / control_sd + _GH_NODES)
+    return float(np.sum(_GH_WEIGHTS * sps.binom.cdf(e, int(n_draws), q)) / np.sqrt(2 * np.pi))
+
+
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
+
+
+def minimum_detectable_difference(
+    control_sd: float, n_draws: int, alpha: float = 0.05, power: float = 0.8, n_tests: int = 1
+) -> float:
+    """The smallest Φ − Φ_control the rank test against ``n_draws`` detects with ``power``
+    (:func:`rank_test_power`, ``n_tests`` > 1 the Bonferroni level a lone effect needs
+    under Holm or BH), in Φ units, to 0.001·s (bisection: power grows with δ). NaN when no p
+    can pass (``(n_draws + 1)·α / n_tests ≤ 1``), the spread is unknown, or δ = 20·s falls short."""
+    if not (np.isfinite(control_sd) and control_sd > 0) or int(np.ceil(alpha / max(1, n_tests) * (n_draws + 1))) < 2:
+        return float("nan")
+    low, high = 0.0, 20.0
+    if rank_test_power(high * control_sd, control_sd, n_draws, alpha, n_tests) < power:
+        return float("nan")
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (low, mid) if rank_test_power(mid * control_sd, control_sd, n_draws, alpha, n_tests) >= power else (mid, high)
+    return float(high * control_sd)
+
+
 def minimum_detectable_ais(
     n_items: int, baseline: float, alpha: float = 0.05, power: float = 0.8, n_tests: int = 1
 ) -> float:
@@ -715,6 +804,7 @@ def influence_table(
     specificity: pd.DataFrame | None = None,
     floor_margin: float = FLOOR_MARGIN,
     power: float = 0.8,
+    primary: str | Sequence | Mapping | None = None,
 ) -> pd.DataFrame:
     """The artifact ``influence.parquet``: one row per cluster × ability.
 
@@ -744,12 +834,21 @@ def influence_table(
     make a finding impossible after the correction. Draws that repeat an earlier draw's
     interventions count once (:func:`distinct_control_draws`): ``n_draws`` is the number of
     distinct draws, ``n_draws_requested`` the number drawn.
+
+    ``primary`` (:func:`primary_cells`: ``"diagonal"``, ``{cluster: ability}`` or a list of
+    cells) states the hypotheses of interest before the data: their rank p-values are
+    adjusted among themselves, the rest among the rest (``family``: primary/exploratory;
+    "all" without it). ``mde_vs_controls`` is the smallest Φ − Φ_control the rank test
+    detects at ``power`` with the cell's draws, between-draw spread and family size
+    (:func:`minimum_detectable_difference`; NaN when too few draws let no p pass).
     """
     require(correction in CORRECTIONS, f"correction must be one of {CORRECTIONS}, got {correction!r}")
     require(control_correction in CORRECTIONS, f"control_correction must be one of {CORRECTIONS}, got {control_correction!r}")
     require(0 < alpha < 1, f"alpha must lie in (0, 1), got {alpha!r}")
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
+    # A bad primary family is refused before the bootstrap, not after it.
+    chosen = primary_cells(primary, df.loc[df["cluster"] != BASELINE_CLUSTER, "cluster"].unique(), df["ability"].unique())
     units = setting_units(df, specificity)
     df = _by_unit(df, units)
     ais_df = ais(df, floor_margin)
@@ -771,7 +870,15 @@ def influence_table(
         table.loc[unread, column] = np.nan  # not read, not counted in the family
     table["p_adjusted"] = adjust_pvalues(table["p_value"].to_numpy(), correction)
     table["p_control_adjusted"] = adjust_pvalues(table["p_control"].to_numpy(), correction)
-    table["p_vs_controls_adjusted"] = adjust_pvalues(table["p_vs_controls"].to_numpy(), control_correction)
+    in_primary = np.array([(int(c), a) in chosen for c, a in zip(
+        table["cluster"].map(units.rows.set_index("unit")["cluster"]), table["ability"])], dtype=bool)
+    table["family"] = np.where(in_primary, "primary", "exploratory") if chosen else "all"
+    table["p_vs_controls_adjusted"] = np.nan
+    for family in table["family"].unique():
+        # A stated primary family is corrected on its own: its cells do not pay for the exploratory rest.
+        rows = (table["family"] == family).to_numpy()
+        table.loc[rows, "p_vs_controls_adjusted"] = adjust_pvalues(table.loc[rows, "p_vs_controls"].to_numpy(),
+                                                                   control_correction)
     table["significant"] = table["p_adjusted"] < alpha
     table["control_significant"] = table["p_control_adjusted"] < alpha
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
@@ -782,6 +889,11 @@ def influence_table(
                          if row.readable else np.nan)
            for row in table.drop_duplicates("ability").itertuples(index=False)}
     table["mde_ais"] = table["ability"].map(mde)
+    family_size = table.groupby("family")["p_vs_controls"].transform(lambda v: max(1, int(v.notna().sum())))
+    table["mde_vs_controls"] = [
+        minimum_detectable_difference(sd, int(n), alpha, power, int(m)) if np.isfinite(sd) and n > 0 else np.nan
+        for sd, n, m in zip(table["control_sd"].astype(float), table["n_draws"].fillna(0), family_size)
+    ]
 
     table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
     table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
@@ -802,7 +914,7 @@ def influence_table(
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
         "n_draws", "n_draws_requested", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
-        "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls",
+        "family", "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls", "mde_vs_controls",
         "p_value", "p_adjusted", "significant", "p_control", "p_control_adjusted", "control_significant",
         "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
@@ -859,6 +971,7 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
     if len(mde):
         lines.append("Smallest AIS detectable with 80% power (pure loss, Holm over the cells): " + ", ".join(
             f"{r.ability} {r.mde_ais:.2f}" for r in mde.itertuples(index=False)) + ".")
+    lines.extend(_control_power_lines(table))
     strongest = table[table["significant"]].sort_values("phi", ascending=False).head(top)
     for row in strongest.itertuples(index=False):
         lines.append(
@@ -867,3 +980,28 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
             f"adjusted p = {row.p_adjusted:.3g}: {row.verdict}."
         )
     return "\n".join(lines)
+
+
+def _control_power_lines(table: pd.DataFrame) -> list[str]:
+    """What the control comparison can detect: ``mde_vs_controls``, or the draws a lone finding needs."""
+    if "mde_vs_controls" not in table.columns:
+        return []
+    cells = table[table["readable"] & table["p_vs_controls"].notna()]
+    if cells.empty:
+        return []
+    alpha = float(table["alpha"].iloc[0])
+    lines = []
+    for family, group in cells.groupby("family"):
+        m = len(group)
+        where = "" if family == "all" else f" ({family} family)"
+        if group["mde_vs_controls"].notna().any():
+            lines.append(f"Smallest Φ − Φ_control detectable with 80% power against the control draws{where}, "
+                         f"a lone effect under {table['control_correction'].iloc[0]} over {m} cells: "
+                         f"{group['mde_vs_controls'].min():.3g} to {group['mde_vs_controls'].max():.3g}.")
+        else:
+            needed = int(np.floor(m / alpha + 1e-9))  # (n + 1)·α/m > 1
+            lines.append(f"No Φ − Φ_control can be detected on its own{where}: with {int(group['n_draws'].max())} "
+                         f"draws the smallest rank p is {1 / (group['n_draws'].max() + 1):.3g}, and a lone cell among "
+                         f"{m} needs p below {alpha / m:.3g}, i.e. at least {needed} draws (or fewer cells: a "
+                         "`primary` family).")
+    return lines
