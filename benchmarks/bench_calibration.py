@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rephelpers.influence.calibration import DEMO_SPREAD, calibrate, calibration_frame
+from rephelpers.influence.calibration import DEFAULT_GRID, DEMO_SPREAD, calibrate, calibration_frame
 
 QUICK = {"n_sims": 1, "grid": {"n_clusters": (3,), "items": (20,), "baseline": (0.7,)}, "ace_clusters": (8,),
          "design": {"n_sims": 3}}
@@ -56,17 +56,25 @@ def main() -> None:
     parser.add_argument("--n-sims", type=int, default=50, help="simulations per null (and planted effect) and grid point")
     parser.add_argument("--n-controls", type=int, default=19, help="random-control draws per perturbation")
     parser.add_argument("--design-sims", type=int, default=500, help="simulations per effect of the demo-design study")
+    parser.add_argument("--design-items", type=int, default=None, help="items per ability in the design study (demo: 60)")
     parser.add_argument("--from-run", default=None, help="take the controls' spread from this run's influence.parquet")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few simulations, seconds (schema checks)")
+    parser.add_argument("--clusters", type=int, nargs="+", default=None, help="grid: cluster counts (default 3 5 8)")
+    parser.add_argument("--items", type=int, nargs="+", default=None, help="grid: items per task (default 20 40)")
+    parser.add_argument("--baselines", type=float, nargs="+", default=None, help="grid: baseline accuracies (default 0.5 0.8)")
     args = parser.parse_args()
     spread = spread_from_run(args.from_run) if args.from_run else dict(DEMO_SPREAD)
     started = time.time()
     if args.quick:
         options = {**QUICK, "design": {**QUICK["design"], **spread}}
     else:
-        options = {"n_sims": args.n_sims, "design": {"n_sims": args.design_sims, **spread}}
+        grid = dict(DEFAULT_GRID)
+        for key, value in (("n_clusters", args.clusters), ("items", args.items), ("baseline", args.baselines)):
+            grid[key] = tuple(value) if value else grid[key]
+        design = {"n_sims": args.design_sims, **spread, **({"items": args.design_items} if args.design_items else {})}
+        options = {"n_sims": args.n_sims, "grid": grid, "design": design}
     result = calibrate(alpha=args.alpha, n_controls=args.n_controls, seed=args.seed, **options)
     result["seconds"] = round(time.time() - started, 1)
     result["spread_source"] = f"{args.from_run}/influence.parquet" if args.from_run else "DEMO_SPREAD (assumed)"
