@@ -324,7 +324,7 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
                          "arm": "perturbation", "specific": verdict == "specific", "specificity_verdict": verdict})
     table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
     assert len(table) == 3
-    k0 = table[table.cluster == 0].set_index("setting")
+    k0 = table[table.cluster == 0].set_index("phi_settings")
     assert list(k0.index) == ["ablate:m1@L15", "ablate:m2@L15"]
     assert k0.loc["ablate:m1@L15", "specificity_verdict"] == "specific (ablate:m1@L15)"
     assert k0.loc["ablate:m2@L15", "specificity_verdict"] == "non-specific damage (ablate:m2@L15)"
@@ -338,12 +338,12 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
         assert k0.loc[setting, "phi_control"] == pytest.approx(mine.loc[mine.control, "ais"].mean())
         assert k0.loc[setting, "n_draws"] == 59 and k0.loc[setting, "n_configs"] == 1
     k1 = table[table.cluster == 1].iloc[0]
-    assert k1["setting"] == "ablate:m1@L15; ablate:m2@L15" and k1["verdict"] == "cluster-specific finding"
+    assert k1["phi_settings"] == "ablate:m1@L15; ablate:m2@L15" and k1["verdict"] == "cluster-specific finding"
     assert k1["specificity_verdict"] == "specific (ablate:m1@L15; ablate:m2@L15)"
     assert k1["phi"] == pytest.approx(impact.influence_matrix(a).set_index("cluster").loc[1, "phi"])
     # A setting stage 04 did not check is named as such, and its cluster split from the checked one.
     partial = stats.influence_table(scores, n_boot=20, specificity=pd.DataFrame(rows[:1] + rows[2:]))
-    unchecked = partial[(partial.cluster == 0) & (partial.setting == "ablate:m2@L15")].iloc[0]
+    unchecked = partial[(partial.cluster == 0) & (partial.phi_settings == "ablate:m2@L15")].iloc[0]
     assert unchecked["specificity_verdict"] == "not checked (ablate:m2@L15)" and unchecked["specific"] is None
     assert unchecked["verdict"] == "finding (specificity not checked)"
 

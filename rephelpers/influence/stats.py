@@ -695,7 +695,7 @@ class SettingUnits:
     settings with the one verdict that gates it. ``unit`` maps (cluster, kind, magnitude,
     layer) to the unit id the computation carries in the ``cluster`` column (a split
     cluster's settings get ids above every cluster id); ``rows`` describes each unit:
-    ``unit``, ``cluster``, ``setting`` (the settings its Φ comes from), ``specific``,
+    ``unit``, ``cluster``, ``phi_settings`` (the settings its Φ comes from), ``specific``,
     ``specificity_verdict`` (naming the settings) and the control-edit columns.
     """
 
@@ -743,7 +743,7 @@ def setting_units(scores: pd.DataFrame, specificity: pd.DataFrame | None) -> Set
             verdicts = sorted(set(part["specificity_verdict"]))
             named = "; ".join(part["setting"])
             rows.append({
-                "unit": uid, "cluster": int(cluster), "setting": "; ".join(part["label"]),
+                "unit": uid, "cluster": int(cluster), "phi_settings": "; ".join(part["label"]),
                 "specific": None if any(v is None for v in specific) else all(specific),
                 "specificity_verdict": f"{'; '.join(verdicts)} ({named})" if verdicts != [""] else "",
                 "control_edit_ratio": float(part["control_edit_ratio"].median()),
@@ -819,7 +819,7 @@ def influence_table(
     ``p_control``/``control_significant`` (Φ_control ≠ 0); ``baseline_score`` (M(f, a)),
     ``floor``, ``readable``, ``higher_is_better``, ``mde_ais`` (:func:`minimum_detectable_ais`
     at ``power`` for this ability's items and baseline, Holm over the table's cells);
-    ``setting`` (the perturbation settings, kind:m<magnitude>@L<layer>, whose AIS the row's Φ
+    ``phi_settings`` (the perturbation settings, kind:m<magnitude>@L<layer>, whose AIS the row's Φ
     averages: all of Θ_k, unless stage 04 judged the cluster's settings differently, in which
     case the cluster has one row per setting, :func:`setting_units`);
     ``specific`` and ``specificity_verdict`` from stage 04 for exactly those settings, the
@@ -904,12 +904,12 @@ def influence_table(
     ]
     table = table.merge(selectivity(phi).rename(columns={"cluster": "unit"}).assign(
         cluster=lambda f: f["unit"].map(units.rows.set_index("unit")["cluster"]),
-        setting=lambda f: f["unit"].map(units.rows.set_index("unit")["setting"])).drop(columns="unit"),
-        on=["cluster", "setting"], how="left").drop(columns="n_abilities")
+        phi_settings=lambda f: f["unit"].map(units.rows.set_index("unit")["phi_settings"])).drop(columns="unit"),
+        on=["cluster", "phi_settings"], how="left").drop(columns="n_abilities")
     table["alpha"], table["correction"], table["control_correction"], table["n_boot"] = (
         float(alpha), correction, control_correction, int(n_boot))
     columns = [
-        "cluster", "setting", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
+        "cluster", "phi_settings", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
         "n_configs", "n_control_configs", "phi", "phi_low", "phi_high", "delta", "delta_control",
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
@@ -919,7 +919,7 @@ def influence_table(
         "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
     ]
-    return table[columns].sort_values(["cluster", "setting", "ability"]).reset_index(drop=True)
+    return table[columns].sort_values(["cluster", "phi_settings", "ability"]).reset_index(drop=True)
 
 
 def _by_unit(scores: pd.DataFrame, units: SettingUnits) -> pd.DataFrame:

@@ -415,7 +415,8 @@ def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | N
         part["verdict"] = table["verdict"] if "verdict" in table.columns else ""
         # A cluster split by setting (stage 04 judged its settings differently) has a row per setting.
         split = table.duplicated(["cluster", "ability"], keep=False)
-        part["setting"] = table["setting"].where(split, "").fillna("").astype(str) if "setting" in table.columns else ""
+        part["setting"] = (table["phi_settings"].where(split, "").fillna("").astype(str)
+                           if "phi_settings" in table.columns else "")
         # The cell's verdict is about the cluster's perturbation; the control panel shows no verdict.
         part["mark"] = "" if value == "phi_control" else [verdict_mark(v) for v in part["verdict"]]
         frames.append(part)
