@@ -330,6 +330,7 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
     assert k0.loc["ablate:m2@L15", "specificity_verdict"] == "non-specific damage (ablate:m2@L15)"
     assert k0.loc["ablate:m1@L15", "verdict"] == "cluster-specific finding"
     assert k0.loc["ablate:m2@L15", "verdict"] == "non-specific damage"
+    assert "cluster 0 (ablate:m2@L15) → math" in stats.influence_summary(table)
     # Each split row's Φ and control draws are those of its own setting only (a plain mean of AIS).
     a = impact.ais(scores)
     for magnitude, setting in ((1.0, "ablate:m1@L15"), (2.0, "ablate:m2@L15")):

@@ -973,9 +973,11 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
             f"{r.ability} {r.mde_ais:.2f}" for r in mde.itertuples(index=False)) + ".")
     lines.extend(_control_power_lines(table))
     strongest = table[table["significant"]].sort_values("phi", ascending=False).head(top)
+    split = set(table.loc[table.duplicated(["cluster", "ability"], keep=False), "cluster"]) if "phi_settings" in table else set()
     for row in strongest.itertuples(index=False):
+        where = f" ({row.phi_settings})" if row.cluster in split else ""
         lines.append(
-            f"cluster {row.cluster} → {row.ability}: Φ = {row.phi:+.3f} [{row.phi_low:+.3f}, {row.phi_high:+.3f}], "
+            f"cluster {row.cluster}{where} → {row.ability}: Φ = {row.phi:+.3f} [{row.phi_low:+.3f}, {row.phi_high:+.3f}], "
             f"random controls {row.phi_control:+.3f} ± {row.control_sd:.3f} (p = {row.p_vs_controls_adjusted:.3g}), "
             f"adjusted p = {row.p_adjusted:.3g}: {row.verdict}."
         )
@@ -1002,6 +1004,6 @@ def _control_power_lines(table: pd.DataFrame) -> list[str]:
             needed = int(np.floor(m / alpha + 1e-9))  # (n + 1)·α/m > 1
             lines.append(f"No Φ − Φ_control can be detected on its own{where}: with {int(group['n_draws'].max())} "
                          f"draws the smallest rank p is {1 / (group['n_draws'].max() + 1):.3g}, and a lone cell among "
-                         f"{m} needs p below {alpha / m:.3g}, i.e. at least {needed} draws (or fewer cells: a "
-                         "`primary` family).")
+                         f"{m} needs p below {alpha / m:.3g}, i.e. at least {needed} draws"
+                         + (" (or fewer cells: a `primary` family)." if family == "all" else "."))
     return lines
