@@ -374,3 +374,21 @@ def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reporte
         stats.influence_table(scores, n_boot=10, primary=[(7, "arith")])
     with pytest.raises(RephelpersError, match="diagonal"):
         stats.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")
+
+
+def test_sequential_control_p_reads_the_draws_in_draw_order():
+    scores = impact.simulate_scores({(0, "math"): 0.0, (1, "math"): 0.0}, {"math": 0.7}, items_per_task=30,
+                                    magnitudes=(1.0,), n_controls=40, control_effect=0.1, draw_sd=0.05,
+                                    target_like_control=True, seed=8)
+    rank = stats.influence_table(scores, n_boot=5).set_index("cluster")
+    table = stats.influence_table(scores, n_boot=5, stop_after_exceedances=2).set_index("cluster")
+    a = impact.ais(scores)
+    draws, phi = impact.control_draws(a), impact.influence_matrix(a).set_index("cluster")
+    for k in (0, 1):
+        ordered = draws[draws.cluster == k].sort_values("draw")["phi_draw"].to_numpy()
+        p, used = stats.sequential_p(phi.loc[k, "phi"], ordered, 2)
+        assert table.loc[k, "p_vs_controls"] == pytest.approx(p) and table.loc[k, "n_draws_used"] == used
+        assert rank.loc[k, "n_draws_used"] == rank.loc[k, "n_draws"] == 40
+    assert table["n_draws_used"].min() < 40  # a null cell stops at its second exceedance
+    with pytest.raises(RephelpersError, match="stop_after_exceedances"):
+        stats.influence_table(scores, stop_after_exceedances=0)

@@ -374,13 +374,17 @@ def prediction_t_p(target: float, controls: np.ndarray) -> float:
     return float(sps.t.sf(t, df=n - 1))
 
 
-def control_distribution_test(ais_df: pd.DataFrame) -> pd.DataFrame:
+def control_distribution_test(ais_df: pd.DataFrame, stop_after_exceedances: int | None = None) -> pd.DataFrame:
     """Per cell (k, a): Φ against the distribution of its control draws' Φ^{(j)}.
 
     Columns ``n_draws``, ``control_mean``, ``control_sd`` (between-draw standard deviation),
     ``control_q95``, ``z_vs_controls = (Φ − mean) / sd`` (descriptive) and ``p_vs_controls``
     (:func:`empirical_p`, one-sided: does the cluster's perturbation hurt more than random
-    edits of its size?).
+    edits of its size?). With ``stop_after_exceedances = h`` the p is Besag–Clifford's
+    (:func:`sequential_p`) over the draws in draw order, the draws present being the cap:
+    the p-value a design that draws controls in rounds and stops a cell at its h-th
+    exceedance needs (a rank p over draws stopped that way would not be valid), and
+    ``n_draws_used`` says how many draws it read.
     """
     phi = influence_matrix(ais_df)[["cluster", "ability", "phi"]]
     draws = control_draws(ais_df)
@@ -396,6 +400,9 @@ def control_distribution_test(ais_df: pd.DataFrame) -> pd.DataFrame:
             "z_vs_controls": (row.phi - np.mean(finite)) / sd if len(finite) > 1 and sd > 0 else np.nan,
             "p_vs_controls": empirical_p(row.phi, finite),
         })
+        if stop_after_exceedances is not None:
+            # control_draws sorts by draw: the order the rounds drew them in.
+            rows[-1]["p_vs_controls"], rows[-1]["n_draws_used"] = sequential_p(row.phi, finite, stop_after_exceedances)
     return pd.DataFrame(rows)
 
 
@@ -805,6 +812,7 @@ def influence_table(
     floor_margin: float = FLOOR_MARGIN,
     power: float = 0.8,
     primary: str | Sequence | Mapping | None = None,
+    stop_after_exceedances: int | None = None,
 ) -> pd.DataFrame:
     """The artifact ``influence.parquet``: one row per cluster × ability.
 
@@ -841,11 +849,17 @@ def influence_table(
     "all" without it). ``mde_vs_controls`` is the smallest Φ − Φ_control the rank test
     detects at ``power`` with the cell's draws, between-draw spread and family size
     (:func:`minimum_detectable_difference`; NaN when too few draws let no p pass).
+    ``stop_after_exceedances = h`` reads ``p_vs_controls`` as Besag–Clifford's sequential p
+    (:func:`sequential_p`, the draws present as the cap; ``n_draws_used`` the draws it read),
+    the p for controls drawn in rounds that stop a cell at its h-th exceedance; None (the
+    default) keeps the rank p over all draws (``n_draws_used = n_draws``).
     """
     require(correction in CORRECTIONS, f"correction must be one of {CORRECTIONS}, got {correction!r}")
     require(control_correction in CORRECTIONS, f"control_correction must be one of {CORRECTIONS}, got {control_correction!r}")
     require(0 < alpha < 1, f"alpha must lie in (0, 1), got {alpha!r}")
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
+    require(stop_after_exceedances is None or int(stop_after_exceedances) >= 1,
+            f"stop_after_exceedances must be None or a positive integer, got {stop_after_exceedances!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
     # A bad primary family is refused before the bootstrap, not after it.
     chosen = primary_cells(primary, df.loc[df["cluster"] != BASELINE_CLUSTER, "cluster"].unique(), df["ability"].unique())
@@ -860,7 +874,9 @@ def influence_table(
     table = phi.merge(base.reset_index(), on="ability")
     boot = bootstrap_ci(df, n_boot, alpha, seed, floor_margin).phi.drop(columns="dropped")
     table = table.merge(boot, on=["cluster", "ability"], how="left")
-    table = table.merge(control_distribution_test(ais_df), on=["cluster", "ability"], how="left")
+    table = table.merge(control_distribution_test(ais_df, stop_after_exceedances), on=["cluster", "ability"], how="left")
+    if "n_draws_used" not in table.columns:
+        table["n_draws_used"] = table["n_draws"]
 
     tests = cell_wilcoxon(df).pivot(index=["cluster", "ability"], columns="comparison", values="p_value")
     tests = tests.rename(columns={"perturbation": "p_value", "control": "p_control"})[["p_value", "p_control"]]
@@ -913,7 +929,7 @@ def influence_table(
         "n_configs", "n_control_configs", "phi", "phi_low", "phi_high", "delta", "delta_control",
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
-        "n_draws", "n_draws_requested", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
+        "n_draws", "n_draws_requested", "n_draws_used", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
         "family", "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls", "mde_vs_controls",
         "p_value", "p_adjusted", "significant", "p_control", "p_control_adjusted", "control_significant",
         "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
