@@ -22,15 +22,30 @@ def table(scores) -> pd.DataFrame:
     return stats.influence_table(scores, n_boot=100)
 
 
-def test_heatmap_frame_marks_significant_cells(table):
+def test_heatmap_frame_marks_each_cell_by_its_verdict(table, scores):
     long = charts.phi_heatmap_frame(table, cluster_labels={0: "numbers"})
     assert len(long) == 3 * len(table)
     phi_panel = long[long.panel == charts.PHI_PANELS[0][0]].set_index(["cluster", "ability"])
     for row in table.itertuples(index=False):
         label = phi_panel.loc[(row.cluster, row.ability), "label"]
-        assert label.endswith("*") == bool(row.significant)
-        assert label.rstrip("*") == f"{row.phi:+.2f}"
+        assert label.split(" ")[0] == f"{row.phi:+.2f}"
+        assert label.endswith("*") == row.verdict.startswith(("cluster-specific finding", "finding"))
     assert set(long.cluster_label) == {"0: numbers", "cluster 1"}
+    # Cluster 0 hurts math far beyond 0 (Holm-significant); stage 04 calls its perturbation
+    # non-specific: the chart must not star it, as the Φ ≠ 0 star of old did.
+    gate = pd.DataFrame({"cluster": [0, 1], "arm": "perturbation", "specific": [False, True],
+                         "specificity_verdict": ["non-specific damage", "specific"]})
+    gated = stats.influence_table(scores, n_boot=20, specificity=gate)
+    math0 = gated[(gated.cluster == 0) & (gated.ability == "math")].iloc[0]
+    assert math0["significant"] and math0["verdict"] == "non-specific damage"
+    marks = charts.phi_heatmap_frame(gated).set_index(["panel", "cluster", "ability"])["label"]
+    assert marks[(charts.PHI_PANELS[0][0], 0, "math")] == f"{math0.phi:+.2f} ns"
+    assert "*" not in marks[(charts.PHI_PANELS[2][0], 0, "math")]
+    assert not marks.xs(charts.PHI_PANELS[1][0]).str.contains("[*a-z]", regex=True).any()  # the control panel: no verdict
+    finding = table.assign(verdict=np.where(table.cluster == 0, "cluster-specific finding", "no effect"))
+    labels = charts.phi_heatmap_frame(finding).query("panel == @charts.PHI_PANELS[0][0]").set_index("cluster")["label"]
+    assert labels.loc[0].str.endswith(" **").all() and not labels.loc[1].str.contains("*", regex=False).any()
+    assert charts.VERDICT_LEGEND in str(charts.phi_heatmap(gated).to_dict()["title"])
 
 
 def test_heatmap_has_a_shared_diverging_scale_centred_at_zero(table):

@@ -309,3 +309,86 @@ def test_controls_smaller_than_their_perturbation_are_named_next_to_the_numbers(
     summary = stats.influence_summary(table)
     assert "cluster 0: its controls change the state 0.66× as much" in summary and "cluster 1: its controls" not in summary
     assert stats.influence_table(scores, n_boot=50)["controls_matched_share"].isna().all()
+
+
+def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_from():
+    """Cluster 0: stage 04 finds its magnitude-1 setting specific and its magnitude-2 setting
+    non-specific; its Φ is split into one row per setting, each gated by its own verdict.
+    Cluster 1's two settings are both specific: one row, Φ over all of Θ_1."""
+    scores = impact.simulate_scores({(0, "math"): 0.8, (1, "math"): 0.8}, {"math": 0.8}, items_per_task=60,
+                                    magnitudes=(1.0, 2.0), n_controls=59, control_effect=0.05, draw_sd=0.02, seed=4)
+    rows = []
+    for cluster, verdicts in {0: {1.0: "specific", 2.0: "non-specific damage"}, 1: {1.0: "specific", 2.0: "specific"}}.items():
+        for magnitude, verdict in verdicts.items():
+            rows.append({"cluster": cluster, "kind": "ablate", "magnitude": magnitude, "layer": 15, "component": "resid",
+                         "arm": "perturbation", "specific": verdict == "specific", "specificity_verdict": verdict})
+    table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
+    assert len(table) == 3
+    k0 = table[table.cluster == 0].set_index("phi_settings")
+    assert list(k0.index) == ["ablate:m1@L15", "ablate:m2@L15"]
+    assert k0.loc["ablate:m1@L15", "specificity_verdict"] == "specific (ablate:m1@L15)"
+    assert k0.loc["ablate:m2@L15", "specificity_verdict"] == "non-specific damage (ablate:m2@L15)"
+    assert k0.loc["ablate:m1@L15", "verdict"] == "cluster-specific finding"
+    assert k0.loc["ablate:m2@L15", "verdict"] == "non-specific damage"
+    assert "cluster 0 (ablate:m2@L15) → math" in stats.influence_summary(table)
+    # Each split row's Φ and control draws are those of its own setting only (a plain mean of AIS).
+    a = impact.ais(scores)
+    for magnitude, setting in ((1.0, "ablate:m1@L15"), (2.0, "ablate:m2@L15")):
+        mine = a[(a.cluster == 0) & (a.magnitude == magnitude)]
+        assert k0.loc[setting, "phi"] == pytest.approx(mine.loc[~mine.control, "ais"].mean())
+        assert k0.loc[setting, "phi_control"] == pytest.approx(mine.loc[mine.control, "ais"].mean())
+        assert k0.loc[setting, "n_draws"] == 59 and k0.loc[setting, "n_configs"] == 1
+    k1 = table[table.cluster == 1].iloc[0]
+    assert k1["phi_settings"] == "ablate:m1@L15; ablate:m2@L15" and k1["verdict"] == "cluster-specific finding"
+    assert k1["specificity_verdict"] == "specific (ablate:m1@L15; ablate:m2@L15)"
+    assert k1["phi"] == pytest.approx(impact.influence_matrix(a).set_index("cluster").loc[1, "phi"])
+    # A setting stage 04 did not check is named as such, and its cluster split from the checked one.
+    partial = stats.influence_table(scores, n_boot=20, specificity=pd.DataFrame(rows[:1] + rows[2:]))
+    unchecked = partial[(partial.cluster == 0) & (partial.phi_settings == "ablate:m2@L15")].iloc[0]
+    assert unchecked["specificity_verdict"] == "not checked (ablate:m2@L15)" and unchecked["specific"] is None
+    assert unchecked["verdict"] == "finding (specificity not checked)"
+
+
+def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reported():
+    scores = impact.simulate_scores({(k, a): 0.0 for k in range(3) for a in ("arith", "code", "icl")},
+                                    {"arith": 0.7, "code": 0.8, "icl": 0.75}, items_per_task=20, magnitudes=(1.0,),
+                                    n_controls=79, control_effect=0.1, draw_sd=0.05, seed=6)
+    plain = stats.influence_table(scores, n_boot=10)
+    assert (plain["family"] == "all").all()
+    np.testing.assert_allclose(plain["p_vs_controls_adjusted"],
+                               multipletests(plain["p_vs_controls"], method="fdr_bh")[1])
+    table = stats.influence_table(scores, n_boot=10, primary="diagonal")
+    diagonal = {(0, "arith"), (1, "code"), (2, "icl")}
+    is_primary = [(r.cluster, r.ability) in diagonal for r in table.itertuples(index=False)]
+    assert list(table["family"]) == ["primary" if p else "exploratory" for p in is_primary]
+    for family, rows in table.groupby("family"):
+        np.testing.assert_allclose(rows["p_vs_controls_adjusted"], multipletests(rows["p_vs_controls"], method="fdr_bh")[1])
+    assert stats.primary_cells({0: "arith", 1: "code", 2: ["icl"]}, [0, 1, 2], ["arith", "code", "icl"]) == diagonal
+    # 79 draws: no p passes among 9 cells (needs 180), but it can among the 3 primary ones (needs 60).
+    assert plain["mde_vs_controls"].isna().all() and "at least 180 draws" in stats.influence_summary(plain)
+    primary = table[table.family == "primary"]
+    expected = [stats.minimum_detectable_difference(r.control_sd, 79, 0.05, 0.8, 3) for r in primary.itertuples()]
+    np.testing.assert_allclose(primary["mde_vs_controls"], expected)
+    assert primary["mde_vs_controls"].notna().all()
+    with pytest.raises(RephelpersError, match="not in the table"):
+        stats.influence_table(scores, n_boot=10, primary=[(7, "arith")])
+    with pytest.raises(RephelpersError, match="diagonal"):
+        stats.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")
+
+
+def test_sequential_control_p_reads_the_draws_in_draw_order():
+    scores = impact.simulate_scores({(0, "math"): 0.0, (1, "math"): 0.0}, {"math": 0.7}, items_per_task=30,
+                                    magnitudes=(1.0,), n_controls=40, control_effect=0.1, draw_sd=0.05,
+                                    target_like_control=True, seed=8)
+    rank = stats.influence_table(scores, n_boot=5).set_index("cluster")
+    table = stats.influence_table(scores, n_boot=5, stop_after_exceedances=2).set_index("cluster")
+    a = impact.ais(scores)
+    draws, phi = impact.control_draws(a), impact.influence_matrix(a).set_index("cluster")
+    for k in (0, 1):
+        ordered = draws[draws.cluster == k].sort_values("draw")["phi_draw"].to_numpy()
+        p, used = stats.sequential_p(phi.loc[k, "phi"], ordered, 2)
+        assert table.loc[k, "p_vs_controls"] == pytest.approx(p) and table.loc[k, "n_draws_used"] == used
+        assert rank.loc[k, "n_draws_used"] == rank.loc[k, "n_draws"] == 40
+    assert table["n_draws_used"].min() < 40  # a null cell stops at its second exceedance
+    with pytest.raises(RephelpersError, match="stop_after_exceedances"):
+        stats.influence_table(scores, stop_after_exceedances=0)

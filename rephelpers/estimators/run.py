@@ -172,10 +172,16 @@ def document_scores(name: str, inputs: EstimatorInputs) -> pd.DataFrame:
 
 
 def perturbation_phi(influence: pd.DataFrame) -> pd.DataFrame:
-    """Perturbation's Φ (``influence.parquet``'s AIS averaged over Θ, positive = the cluster helps) in long form."""
+    """Perturbation's Φ (``influence.parquet``'s AIS averaged over Θ, positive = the cluster helps) in long form.
+
+    Where stage 06 split a cluster into one row per setting (stage 04 judged its settings
+    differently), the cluster's Φ here is the mean of those rows: one number per cluster and
+    ability, as every other estimator gives.
+    """
     missing = [c for c in ("cluster", "ability", "phi") if c not in influence.columns]
     require(not missing, f"influence.parquet lacks {missing}; re-run notebook 06's influence table.")
-    return influence[["cluster", "ability", "phi"]].assign(estimator="perturbation")[list(PHI_COLUMNS)]
+    phi = influence.groupby(["cluster", "ability"], as_index=False, sort=True)["phi"].mean()
+    return phi.assign(estimator="perturbation")[list(PHI_COLUMNS)]
 
 
 def estimator_phi(

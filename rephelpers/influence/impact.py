@@ -527,6 +527,7 @@ def simulate_scores(
     flip_rate: float = 0.0,
     higher_is_better: Mapping[str, bool] | None = None,
     chance: Mapping[str, float] | None = None,
+    planted: Mapping[tuple[int, str], float] | None = None,
 ) -> pd.DataFrame:
     """A planted-effect ``scores`` frame in the stage-05 schema, to check stage 06 without a model.
 
@@ -538,13 +539,18 @@ def simulate_scores(
     ``c_j = max(0, control_effect + draw_sd · z_j)``, ``z_j ~ N(0, 1)``: random dimension
     sets differ in how much they hurt, and ``draw_sd`` is that between-draw spread.
     ``target_like_control=True`` makes the cluster's own perturbation one more such draw
-    (the null "R_k is just another random set"), whatever ``effects`` says. ``flip_rate``
+    (the null "R_k is just another random set"), whatever ``effects`` says; ``planted``
+    then adds a cluster-specific effect on top of that draw: cell (k, a) loses with
+    probability ``c_target + planted[(k, a)]`` (so Φ − E[Φ_control] ≈ ``planted[(k, a)]``
+    where ``c`` stays above 0), the power benchmark's alternative. ``flip_rate``
     f makes answers of every perturbed config change without a systematic effect: a right
     answer is lost with probability ``f·(1 − p_a)`` and a wrong one gained with ``f·p_a``. Clusters are the ``k`` of
     ``effects``; a missing (k, a) pair has no effect. Margins are the score plus noise.
     """
     require(bool(effects) and bool(baseline_accuracy), "simulate_scores needs effects and baseline_accuracy.")
     require(int(n_controls) >= 1, f"n_controls must be ≥ 1, got {n_controls!r}")
+    require(not planted or target_like_control,
+            "planted effects sit on top of a target drawn like a control: pass target_like_control=True.")
     rng = np.random.default_rng(seed)
     abilities = list(baseline_accuracy)
     clusters = sorted({k for k, _ in effects})
@@ -586,7 +592,7 @@ def simulate_scores(
             if target is None:
                 drop = {a: effects.get((k, a), 0.0) * m / top for a in abilities}
             else:
-                drop = {a: target * m / top for a in abilities}
+                drop = {a: (target + dict(planted or {}).get((k, a), 0.0)) * m / top for a in abilities}
             setting = Setting(k, kind, m)
             frames.append(frame(setting.id, k, False, kind, m, drop))
             for j, c in enumerate(controls):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -374,13 +374,17 @@ def prediction_t_p(target: float, controls: np.ndarray) -> float:
     return float(sps.t.sf(t, df=n - 1))
 
 
-def control_distribution_test(ais_df: pd.DataFrame) -> pd.DataFrame:
+def control_distribution_test(ais_df: pd.DataFrame, stop_after_exceedances: int | None = None) -> pd.DataFrame:
     """Per cell (k, a): Φ against the distribution of its control draws' Φ^{(j)}.
 
     Columns ``n_draws``, ``control_mean``, ``control_sd`` (between-draw standard deviation),
     ``control_q95``, ``z_vs_controls = (Φ − mean) / sd`` (descriptive) and ``p_vs_controls``
     (:func:`empirical_p`, one-sided: does the cluster's perturbation hurt more than random
-    edits of its size?).
+    edits of its size?). With ``stop_after_exceedances = h`` the p is Besag–Clifford's
+    (:func:`sequential_p`) over the draws in draw order, the draws present being the cap:
+    the p-value a design that draws controls in rounds and stops a cell at its h-th
+    exceedance needs (a rank p over draws stopped that way would not be valid), and
+    ``n_draws_used`` says how many draws it read.
     """
     phi = influence_matrix(ais_df)[["cluster", "ability", "phi"]]
     draws = control_draws(ais_df)
@@ -396,10 +400,102 @@ def control_distribution_test(ais_df: pd.DataFrame) -> pd.DataFrame:
             "z_vs_controls": (row.phi - np.mean(finite)) / sd if len(finite) > 1 and sd > 0 else np.nan,
             "p_vs_controls": empirical_p(row.phi, finite),
         })
+        if stop_after_exceedances is not None:
+            # control_draws sorts by draw: the order the rounds drew them in.
+            rows[-1]["p_vs_controls"], rows[-1]["n_draws_used"] = sequential_p(row.phi, finite, stop_after_exceedances)
     return pd.DataFrame(rows)
 
 
+def sequential_p(target: float, controls: np.ndarray, h: int = 10) -> tuple[float, int]:
+    """Besag–Clifford sequential Monte Carlo p-value of ``t`` against control draws taken in order.
+
+    Walk the draws ``c_1, c_2, …`` (at most ``n = len(controls)``, the cap) and stop at the
+    first ``L`` where ``h`` of them satisfy ``c_j ≥ t``: then ``p = h / L``. If the cap is
+    reached with ``g < h`` such draws, ``p = (g + 1) / (n + 1)``, the plain rank p-value.
+    Exact (``P(p ≤ α) ≤ α``) when ``t`` is exchangeable with the draws (Besag & Clifford 1991,
+    Biometrika 78:301); a cell far from the tail stops after about ``h / P(c ≥ t)`` draws,
+    so only cells near the tail pay for the cap, while the smallest p stays ``1/(n + 1)``.
+    Draws evaluated in rounds change nothing: the p is read at the ``h``-th exceedance
+    whatever round it fell in. Returns ``(p, draws used)``; NaN p and 0 draws without draws.
+    """
+    require(int(h) >= 1, f"h (exceedances that stop a cell) must be ≥ 1, got {h!r}")
+    controls = np.asarray(controls, dtype=float)
+    controls = controls[~np.isnan(controls)]
+    if len(controls) == 0 or not np.isfinite(target):
+        return float("nan"), 0
+    hits = np.cumsum(controls >= target)
+    stop = np.flatnonzero(hits >= int(h))
+    if len(stop):
+        used = int(stop[0]) + 1
+        return float(int(h) / used), used
+    return float((hits[-1] + 1) / (len(controls) + 1)), int(len(controls))
+
+
+def primary_cells(primary: str | Sequence | Mapping | None, clusters: Sequence[int], abilities: Sequence[str]) -> set:
+    """The (cluster, ability) cells of a user-stated ``primary`` family, tested with their own correction.
+
+    ``"diagonal"``: the i-th cluster with the i-th ability, both sorted (a known design, e.g.
+    stage 07's planted skills; needs as many clusters as abilities); a mapping
+    ``{cluster: ability or [abilities]}`` (each cluster's pre-registered abilities); or a
+    list of ``(cluster, ability)`` pairs. None: no primary family (every cell in one).
+    """
+    clusters, abilities = sorted(set(int(c) for c in clusters)), sorted(set(abilities))
+    if primary is None:
+        return set()
+    if isinstance(primary, str):
+        require(primary == "diagonal", f"primary must be 'diagonal', a {{cluster: ability}} mapping or a list of "
+                                       f"(cluster, ability) pairs, got {primary!r}")
+        require(len(clusters) == len(abilities),
+                f"primary='diagonal' pairs the i-th cluster with the i-th ability, but there are {len(clusters)} "
+                f"clusters and {len(abilities)} abilities; list the (cluster, ability) pairs instead.")
+        return set(zip(clusters, abilities))
+    pairs = ([(k, a) for k, v in primary.items() for a in ([v] if isinstance(v, str) else v)]
+             if isinstance(primary, Mapping) else [tuple(p) for p in primary])
+    cells = {(int(k), str(a)) for k, a in pairs}
+    unknown = sorted(c for c in cells if c[0] not in clusters or c[1] not in abilities)
+    require(not unknown, f"primary cells {unknown} are not in the table (clusters {clusters}, abilities {abilities}).")
+    require(bool(cells), "primary is empty: give at least one (cluster, ability) cell, or None.")
+    return cells
+
+
 # -- power -----------------------------------------------------------------------------------
+def rank_test_power(effect: float, control_sd: float, n_draws: int, alpha: float = 0.05, n_tests: int = 1) -> float:
+    """Power of the rank p-value against ``n`` control draws at level ``α' = α / n_tests``.
+
+    Model: the draws' Φ^{(j)} ~ N(μ, s²) and the cluster's Φ ~ N(μ + δ, s²), ``s`` the
+    between-draw standard deviation (``control_sd``, item noise included). The rank p
+    ``(1 + E)/(n + 1)``, ``E = #{j : Φ^{(j)} ≥ Φ}``, is below α' iff ``E ≤ e = ⌈α'(n + 1)⌉ − 2``
+    (strictly below); given Φ = μ + δ + s·z, ``E ~ Binomial(n, q)``, ``q = 1 − Φ_N(δ/s + z)``, so
+    ``power = E_z[P(Binomial(n, q(z)) ≤ e)]`` (Gauss–Hermite, 80 nodes). 0 when ``e < 0``.
+    """
+    e = int(np.ceil(alpha / max(1, int(n_tests)) * (int(n_draws) + 1))) - 2
+    if e < 0 or not (control_sd > 0):
+        return 0.0 if e < 0 else float(effect > 0)
+    q = sps.norm.sf(effect / control_sd + _GH_NODES)
+    return float(np.sum(_GH_WEIGHTS * sps.binom.cdf(e, int(n_draws), q)) / np.sqrt(2 * np.pi))
+
+
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
+
+
+def minimum_detectable_difference(
+    control_sd: float, n_draws: int, alpha: float = 0.05, power: float = 0.8, n_tests: int = 1
+) -> float:
+    """The smallest Φ − Φ_control the rank test against ``n_draws`` detects with ``power``
+    (:func:`rank_test_power`, ``n_tests`` > 1 the Bonferroni level a lone effect needs
+    under Holm or BH), in Φ units, to 0.001·s (bisection: power grows with δ). NaN when no p
+    can pass (``(n_draws + 1)·α / n_tests ≤ 1``), the spread is unknown, or δ = 20·s falls short."""
+    if not (np.isfinite(control_sd) and control_sd > 0) or int(np.ceil(alpha / max(1, n_tests) * (n_draws + 1))) < 2:
+        return float("nan")
+    low, high = 0.0, 20.0
+    if rank_test_power(high * control_sd, control_sd, n_draws, alpha, n_tests) < power:
+        return float("nan")
+    while high - low > 1e-3:
+        mid = (low + high) / 2
+        low, high = (low, mid) if rank_test_power(mid * control_sd, control_sd, n_draws, alpha, n_tests) >= power else (mid, high)
+    return float(high * control_sd)
+
+
 def minimum_detectable_ais(
     n_items: int, baseline: float, alpha: float = 0.05, power: float = 0.8, n_tests: int = 1
 ) -> float:
@@ -552,9 +648,120 @@ def cell_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
     return out.reset_index()
 
 
+SETTING_KEYS = ("kind", "magnitude", "layer")
+"""What names a perturbation setting in both stage 04's table and stage 05's scores (with the cluster)."""
+
+
+def setting_label(kind: str, magnitude: float, layer: int, component: str | None = None) -> str:
+    """``kind:m<magnitude>@L<layer>`` (``/component`` when stage 04 names one): a setting in a verdict."""
+    text = f"{kind}:m{float(magnitude):g}@L{int(layer)}"
+    return f"{text}/{component}" if isinstance(component, str) and component else text
+
+
+def setting_specificity(specificity: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Stage 04's verdict per perturbation setting: one row per (cluster, kind, magnitude, layer).
+
+    ``specific`` is True only if every row of the setting (e.g. several components) was
+    specific; ``specificity_verdict`` joins their verdicts; ``setting`` is its
+    :func:`setting_label`. With the controls' rows, ``control_edit_ratio`` is their median
+    edit ‖ĥ − h‖ relative to the perturbation's and ``controls_matched_share`` the share
+    within stage 04's tolerance. None without stage 04; a table without the setting columns
+    (hand-made, or older) gives None too, and :func:`cell_specificity` gates per cluster.
+    """
+    if specificity is None or len(specificity) == 0 or not set(SETTING_KEYS) <= set(specificity.columns):
+        return None
+    require("specific" in specificity.columns,
+            "the specificity table has no `specific` column: re-run notebook 04 (specificity.specificity_verdicts).")
+    keys = ["cluster", *SETTING_KEYS]
+    frame = specificity.assign(magnitude=specificity["magnitude"].astype(float).round(9),
+                               layer=specificity["layer"].astype(int), cluster=specificity["cluster"].astype(int))
+    rows = frame[frame["arm"] == "perturbation"] if "arm" in frame.columns else frame
+    # The component is named only where stage 04 checked several: scores do not record it.
+    several = "component" in rows.columns and rows["component"].nunique() > 1
+    component = rows["component"] if several else pd.Series(None, index=rows.index)
+    rows = rows.assign(setting=[setting_label(k, m, l, c) for k, m, l, c in
+                                zip(rows["kind"], rows["magnitude"], rows["layer"], component)])
+    out = rows.groupby(keys).agg(specific=("specific", lambda v: bool(v.astype(bool).all())),
+                                 specificity_verdict=("specificity_verdict", lambda v: "; ".join(sorted(set(v)))),
+                                 setting=("setting", lambda v: "; ".join(sorted(set(v)))))
+    if {"arm", "edit_ratio"} <= set(frame.columns):
+        controls = frame[frame["arm"] == "control"]
+        out = out.join(controls.groupby(keys)["edit_ratio"].median().rename("control_edit_ratio"))
+        if "edit_matched" in controls.columns:
+            out = out.join(controls.groupby(keys)["edit_matched"].mean().rename("controls_matched_share"))
+    return out.reset_index()
+
+
+@dataclass(frozen=True)
+class SettingUnits:
+    """How stage 06 groups a cluster's settings into rows of the influence table.
+
+    A cluster whose perturbation settings stage 04 judged alike (or did not judge) is one
+    unit: its Φ averages AIS over all of Θ_k. A cluster whose settings got different
+    verdicts is split, one unit per setting, so that each row's Φ comes only from
+    settings with the one verdict that gates it. ``unit`` maps (cluster, kind, magnitude,
+    layer) to the unit id the computation carries in the ``cluster`` column (a split
+    cluster's settings get ids above every cluster id); ``rows`` describes each unit:
+    ``unit``, ``cluster``, ``phi_settings`` (the settings its Φ comes from), ``specific``,
+    ``specificity_verdict`` (naming the settings) and the control-edit columns.
+    """
+
+    unit: dict[tuple[int, str, float, int], int]
+    rows: pd.DataFrame
+
+
+def setting_units(scores: pd.DataFrame, specificity: pd.DataFrame | None) -> SettingUnits:
+    """The units of :class:`SettingUnits` for the perturbation settings in ``scores`` (validated)."""
+    pert = scores[(scores["cluster"] != BASELINE_CLUSTER)].drop_duplicates(["cluster", *SETTING_KEYS])
+    settings = pd.DataFrame({"cluster": pert["cluster"].astype(int), "kind": pert["kind"].astype(str),
+                             "magnitude": pert["magnitude"].astype(float).round(9), "layer": pert["layer"].astype(int)})
+    settings["label"] = [setting_label(k, m, l) for k, m, l in zip(settings.kind, settings.magnitude, settings.layer)]
+    gate = setting_specificity(specificity)
+    if gate is not None:
+        settings = settings.merge(gate, on=["cluster", *SETTING_KEYS], how="left")
+        unchecked = settings["specificity_verdict"].isna()
+        settings.loc[unchecked, "specificity_verdict"] = "not checked"
+        settings.loc[unchecked, "setting"] = settings.loc[unchecked, "label"]
+        settings["specific"] = [None if u else bool(v) for u, v in zip(unchecked, settings["specific"])]
+    else:
+        per_cluster = cell_specificity(specificity)
+        if per_cluster is not None:
+            settings = settings.merge(per_cluster, on="cluster", how="left")
+            settings["specificity_verdict"] = settings["specificity_verdict"].fillna("")
+            settings["specific"] = [None if isinstance(v, float) and np.isnan(v) else bool(v) for v in settings["specific"]]
+        else:
+            settings["specific"], settings["specificity_verdict"] = None, ""
+        settings["setting"] = settings["label"]
+    for column in ("control_edit_ratio", "controls_matched_share"):
+        if column not in settings.columns:
+            settings[column] = np.nan
+    settings = settings.sort_values(["cluster", "kind", "layer", "magnitude"]).reset_index(drop=True)
+    next_id = int(settings["cluster"].max()) + 1 if len(settings) else 0
+    unit: dict[tuple[int, str, float, int], int] = {}
+    rows = []
+    for cluster, group in settings.groupby("cluster", sort=True):
+        split = group["specificity_verdict"].nunique() > 1
+        parts = [group.iloc[[i]] for i in range(len(group))] if split else [group]
+        for part in parts:
+            uid = next_id if split else int(cluster)
+            next_id += int(split)
+            unit.update({(int(cluster), r.kind, float(r.magnitude), int(r.layer)): uid for r in part.itertuples(index=False)})
+            specific = list(part["specific"])
+            verdicts = sorted(set(part["specificity_verdict"]))
+            named = "; ".join(part["setting"])
+            rows.append({
+                "unit": uid, "cluster": int(cluster), "phi_settings": "; ".join(part["label"]),
+                "specific": None if any(v is None for v in specific) else all(specific),
+                "specificity_verdict": f"{'; '.join(verdicts)} ({named})" if verdicts != [""] else "",
+                "control_edit_ratio": float(part["control_edit_ratio"].median()),
+                "controls_matched_share": float(part["controls_matched_share"].mean()),
+            })
+    return SettingUnits(unit=unit, rows=pd.DataFrame(rows))
+
+
 # -- the influence table ---------------------------------------------------------------------
 # Part of stage 06's cache key: a change here must not be served from an older influence.parquet.
-INFLUENCE_VERSION = "distinct-draws-2"
+INFLUENCE_VERSION = "setting-gate-3"
 
 
 def _recorded_perturbations(text: Any) -> bool:
@@ -604,6 +811,8 @@ def influence_table(
     specificity: pd.DataFrame | None = None,
     floor_margin: float = FLOOR_MARGIN,
     power: float = 0.8,
+    primary: str | Sequence | Mapping | None = None,
+    stop_after_exceedances: int | None = None,
 ) -> pd.DataFrame:
     """The artifact ``influence.parquet``: one row per cluster × ability.
 
@@ -618,7 +827,11 @@ def influence_table(
     ``p_control``/``control_significant`` (Φ_control ≠ 0); ``baseline_score`` (M(f, a)),
     ``floor``, ``readable``, ``higher_is_better``, ``mde_ais`` (:func:`minimum_detectable_ais`
     at ``power`` for this ability's items and baseline, Holm over the table's cells);
-    ``specific`` and ``specificity_verdict`` from stage 04 (None/"" without it), with the
+    ``phi_settings`` (the perturbation settings, kind:m<magnitude>@L<layer>, whose AIS the row's Φ
+    averages: all of Θ_k, unless stage 04 judged the cluster's settings differently, in which
+    case the cluster has one row per setting, :func:`setting_units`);
+    ``specific`` and ``specificity_verdict`` from stage 04 for exactly those settings, the
+    verdict naming them (None/"" without stage 04), with the
     controls' median edit relative to the perturbation's (``control_edit_ratio``) and the share
     within stage 04's tolerance (``controls_matched_share``; NaN without stage 04), and the
     ``verdict`` (:func:`cell_verdict`); the cluster's ``selectivity``/``top_ability``.
@@ -629,12 +842,29 @@ def influence_table(
     make a finding impossible after the correction. Draws that repeat an earlier draw's
     interventions count once (:func:`distinct_control_draws`): ``n_draws`` is the number of
     distinct draws, ``n_draws_requested`` the number drawn.
+
+    ``primary`` (:func:`primary_cells`: ``"diagonal"``, ``{cluster: ability}`` or a list of
+    cells) states the hypotheses of interest before the data: their rank p-values are
+    adjusted among themselves, the rest among the rest (``family``: primary/exploratory;
+    "all" without it). ``mde_vs_controls`` is the smallest Φ − Φ_control the rank test
+    detects at ``power`` with the cell's draws, between-draw spread and family size
+    (:func:`minimum_detectable_difference`; NaN when too few draws let no p pass).
+    ``stop_after_exceedances = h`` reads ``p_vs_controls`` as Besag–Clifford's sequential p
+    (:func:`sequential_p`, the draws present as the cap; ``n_draws_used`` the draws it read),
+    the p for controls drawn in rounds that stop a cell at its h-th exceedance; None (the
+    default) keeps the rank p over all draws (``n_draws_used = n_draws``).
     """
     require(correction in CORRECTIONS, f"correction must be one of {CORRECTIONS}, got {correction!r}")
     require(control_correction in CORRECTIONS, f"control_correction must be one of {CORRECTIONS}, got {control_correction!r}")
     require(0 < alpha < 1, f"alpha must lie in (0, 1), got {alpha!r}")
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
+    require(stop_after_exceedances is None or int(stop_after_exceedances) >= 1,
+            f"stop_after_exceedances must be None or a positive integer, got {stop_after_exceedances!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
+    # A bad primary family is refused before the bootstrap, not after it.
+    chosen = primary_cells(primary, df.loc[df["cluster"] != BASELINE_CLUSTER, "cluster"].unique(), df["ability"].unique())
+    units = setting_units(df, specificity)
+    df = _by_unit(df, units)
     ais_df = ais(df, floor_margin)
     phi = influence_matrix(ais_df)
     base = ais_df.groupby("ability").agg(
@@ -644,7 +874,9 @@ def influence_table(
     table = phi.merge(base.reset_index(), on="ability")
     boot = bootstrap_ci(df, n_boot, alpha, seed, floor_margin).phi.drop(columns="dropped")
     table = table.merge(boot, on=["cluster", "ability"], how="left")
-    table = table.merge(control_distribution_test(ais_df), on=["cluster", "ability"], how="left")
+    table = table.merge(control_distribution_test(ais_df, stop_after_exceedances), on=["cluster", "ability"], how="left")
+    if "n_draws_used" not in table.columns:
+        table["n_draws_used"] = table["n_draws"]
 
     tests = cell_wilcoxon(df).pivot(index=["cluster", "ability"], columns="comparison", values="p_value")
     tests = tests.rename(columns={"perturbation": "p_value", "control": "p_control"})[["p_value", "p_control"]]
@@ -654,48 +886,69 @@ def influence_table(
         table.loc[unread, column] = np.nan  # not read, not counted in the family
     table["p_adjusted"] = adjust_pvalues(table["p_value"].to_numpy(), correction)
     table["p_control_adjusted"] = adjust_pvalues(table["p_control"].to_numpy(), correction)
-    table["p_vs_controls_adjusted"] = adjust_pvalues(table["p_vs_controls"].to_numpy(), control_correction)
+    in_primary = np.array([(int(c), a) in chosen for c, a in zip(
+        table["cluster"].map(units.rows.set_index("unit")["cluster"]), table["ability"])], dtype=bool)
+    table["family"] = np.where(in_primary, "primary", "exploratory") if chosen else "all"
+    table["p_vs_controls_adjusted"] = np.nan
+    for family in table["family"].unique():
+        # A stated primary family is corrected on its own: its cells do not pay for the exploratory rest.
+        rows = (table["family"] == family).to_numpy()
+        table.loc[rows, "p_vs_controls_adjusted"] = adjust_pvalues(table.loc[rows, "p_vs_controls"].to_numpy(),
+                                                                   control_correction)
     table["significant"] = table["p_adjusted"] < alpha
     table["control_significant"] = table["p_control_adjusted"] < alpha
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
     table["min_p_vs_controls"] = 1.0 / (table["n_draws"].fillna(0) + 1)
-    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
 
     n_tests = max(1, int(table["readable"].sum()))
     mde = {row.ability: (minimum_detectable_ais(int(row.n_items), float(row.baseline_score), alpha, power, n_tests)
                          if row.readable else np.nan)
            for row in table.drop_duplicates("ability").itertuples(index=False)}
     table["mde_ais"] = table["ability"].map(mde)
+    family_size = table.groupby("family")["p_vs_controls"].transform(lambda v: max(1, int(v.notna().sum())))
+    table["mde_vs_controls"] = [
+        minimum_detectable_difference(sd, int(n), alpha, power, int(m)) if np.isfinite(sd) and n > 0 else np.nan
+        for sd, n, m in zip(table["control_sd"].astype(float), table["n_draws"].fillna(0), family_size)
+    ]
 
-    gate = cell_specificity(specificity)
-    if gate is None:
-        table["specific"], table["specificity_verdict"] = None, ""
-    else:
-        table = table.merge(gate, on="cluster", how="left")
-        table["specificity_verdict"] = table["specificity_verdict"].fillna("")
-    for column in ("control_edit_ratio", "controls_matched_share"):
-        if column not in table.columns:
-            table[column] = np.nan
+    table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
+    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
     table["verdict"] = [
         cell_verdict(bool(r.readable), bool(r.significant), bool(r.exceeds_controls),
                      None if r.specific is None or (isinstance(r.specific, float) and np.isnan(r.specific)) else bool(r.specific))
         for r in table.itertuples(index=False)
     ]
-    table = table.merge(selectivity(phi), on="cluster", how="left").drop(columns="n_abilities")
+    table = table.merge(selectivity(phi).rename(columns={"cluster": "unit"}).assign(
+        cluster=lambda f: f["unit"].map(units.rows.set_index("unit")["cluster"]),
+        phi_settings=lambda f: f["unit"].map(units.rows.set_index("unit")["phi_settings"])).drop(columns="unit"),
+        on=["cluster", "phi_settings"], how="left").drop(columns="n_abilities")
     table["alpha"], table["correction"], table["control_correction"], table["n_boot"] = (
         float(alpha), correction, control_correction, int(n_boot))
     columns = [
-        "cluster", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
+        "cluster", "phi_settings", "ability", "baseline_score", "floor", "readable", "higher_is_better", "n_items", "mde_ais",
         "n_configs", "n_control_configs", "phi", "phi_low", "phi_high", "delta", "delta_control",
         "phi_control", "phi_control_low", "phi_control_high",
         "phi_minus_control", "phi_minus_control_low", "phi_minus_control_high",
-        "n_draws", "n_draws_requested", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
-        "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls",
+        "n_draws", "n_draws_requested", "n_draws_used", "control_sd", "control_q95", "z_vs_controls", "p_vs_controls",
+        "family", "p_vs_controls_adjusted", "min_p_vs_controls", "exceeds_controls", "mde_vs_controls",
         "p_value", "p_adjusted", "significant", "p_control", "p_control_adjusted", "control_significant",
         "specific", "specificity_verdict", "control_edit_ratio", "controls_matched_share", "verdict",
         "selectivity", "selectivity_entropy", "top_ability", "alpha", "correction", "control_correction", "n_boot",
     ]
-    return table[columns].sort_values(["cluster", "ability"]).reset_index(drop=True)
+    return table[columns].sort_values(["cluster", "phi_settings", "ability"]).reset_index(drop=True)
+
+
+def _by_unit(scores: pd.DataFrame, units: SettingUnits) -> pd.DataFrame:
+    """``scores`` with each config's cluster replaced by its unit (:class:`SettingUnits`), so that
+    every per-cluster computation of Φ, its controls, tests and bootstrap runs per unit."""
+    if all(uid == key[0] for key, uid in units.unit.items()):
+        return scores
+    out = scores.copy()
+    keys = zip(out["cluster"].astype(int), out["kind"].astype(str), out["magnitude"].astype(float).round(9),
+               out["layer"].astype(int))
+    out["cluster"] = [c if c == BASELINE_CLUSTER else units.unit[(c, k, m, l)] for c, k, m, l in
+                      ((int(a), b, float(c_), int(d)) for a, b, c_, d in keys)]
+    return out
 
 
 def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
@@ -734,11 +987,39 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
     if len(mde):
         lines.append("Smallest AIS detectable with 80% power (pure loss, Holm over the cells): " + ", ".join(
             f"{r.ability} {r.mde_ais:.2f}" for r in mde.itertuples(index=False)) + ".")
+    lines.extend(_control_power_lines(table))
     strongest = table[table["significant"]].sort_values("phi", ascending=False).head(top)
+    split = set(table.loc[table.duplicated(["cluster", "ability"], keep=False), "cluster"]) if "phi_settings" in table else set()
     for row in strongest.itertuples(index=False):
+        where = f" ({row.phi_settings})" if row.cluster in split else ""
         lines.append(
-            f"cluster {row.cluster} → {row.ability}: Φ = {row.phi:+.3f} [{row.phi_low:+.3f}, {row.phi_high:+.3f}], "
+            f"cluster {row.cluster}{where} → {row.ability}: Φ = {row.phi:+.3f} [{row.phi_low:+.3f}, {row.phi_high:+.3f}], "
             f"random controls {row.phi_control:+.3f} ± {row.control_sd:.3f} (p = {row.p_vs_controls_adjusted:.3g}), "
             f"adjusted p = {row.p_adjusted:.3g}: {row.verdict}."
         )
     return "\n".join(lines)
+
+
+def _control_power_lines(table: pd.DataFrame) -> list[str]:
+    """What the control comparison can detect: ``mde_vs_controls``, or the draws a lone finding needs."""
+    if "mde_vs_controls" not in table.columns:
+        return []
+    cells = table[table["readable"] & table["p_vs_controls"].notna()]
+    if cells.empty:
+        return []
+    alpha = float(table["alpha"].iloc[0])
+    lines = []
+    for family, group in cells.groupby("family"):
+        m = len(group)
+        where = "" if family == "all" else f" ({family} family)"
+        if group["mde_vs_controls"].notna().any():
+            lines.append(f"Smallest Φ − Φ_control detectable with 80% power against the control draws{where}, "
+                         f"a lone effect under {table['control_correction'].iloc[0]} over {m} cells: "
+                         f"{group['mde_vs_controls'].min():.3g} to {group['mde_vs_controls'].max():.3g}.")
+        else:
+            needed = int(np.floor(m / alpha + 1e-9))  # (n + 1)·α/m > 1
+            lines.append(f"No Φ − Φ_control can be detected on its own{where}: with {int(group['n_draws'].max())} "
+                         f"draws the smallest rank p is {1 / (group['n_draws'].max() + 1):.3g}, and a lone cell among "
+                         f"{m} needs p below {alpha / m:.3g}, i.e. at least {needed} draws"
+                         + (" (or fewer cells: a `primary` family)." if family == "all" else "."))
+    return lines

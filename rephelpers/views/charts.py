@@ -379,6 +379,27 @@ PHI_PANELS = (
     ("Φ_control: random dimensions", "phi_control", "phi_control", "p_control_adjusted", "control_significant"),
     ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_controls_adjusted", "exceeds_controls"),
 )
+VERDICT_MARKS = {
+    # A mark per verdict of stats.VERDICTS (stage 06): a reader of the chart alone must not take
+    # "Φ ≠ 0" for a finding, so only the two finding verdicts get a star.
+    "cluster-specific finding": "**",
+    "finding (specificity not checked)": "*",
+    "non-specific damage": "ns",
+    "within random controls": "rc",
+    "no effect": "",
+    "baseline below floor": "",
+}
+VERDICT_LEGEND = ("** cluster-specific finding, * finding (specificity not checked), ns non-specific damage, "
+                  "rc within random controls; unmarked: no effect")
+
+
+def verdict_mark(verdict: object) -> str:
+    """The mark a heatmap cell carries for its stage-06 verdict (:data:`VERDICT_MARKS`; "" if unknown)."""
+    return VERDICT_MARKS.get(str(verdict), "") if isinstance(verdict, str) else ""
+
+
+def _phi_labels(values: pd.Series, marks: Sequence[str]) -> list[str]:
+    return ["n/a" if not np.isfinite(v) else f"{v:+.2f}" + (f" {m}" if m else "") for v, m in zip(values, marks)]
 
 
 def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None = None) -> pd.DataFrame:
@@ -391,14 +412,20 @@ def phi_heatmap_frame(table: pd.DataFrame, cluster_labels: Mapping[int, str] | N
         part["low"], part["high"] = table[f"{ci}_low"], table[f"{ci}_high"]
         part["p_adjusted"] = table[p_adj]
         part["significant"] = table[flag].fillna(False).astype(bool)
+        part["verdict"] = table["verdict"] if "verdict" in table.columns else ""
+        # A cluster split by setting (stage 04 judged its settings differently) has a row per setting.
+        split = table.duplicated(["cluster", "ability"], keep=False)
+        part["setting"] = (table["phi_settings"].where(split, "").fillna("").astype(str)
+                           if "phi_settings" in table.columns else "")
+        # The cell's verdict is about the cluster's perturbation; the control panel shows no verdict.
+        part["mark"] = "" if value == "phi_control" else [verdict_mark(v) for v in part["verdict"]]
         frames.append(part)
     long = pd.concat(frames, ignore_index=True)
     long["cluster_label"] = [cluster_label(k, cluster_labels) for k in long["cluster"]]
+    if long["setting"].ne("").any():
+        long["cluster_label"] = [f"{c} · {s}" if s else c for c, s in zip(long["cluster_label"], long["setting"])]
     long["ci"] = [f"[{lo:+.3f}, {hi:+.3f}]" for lo, hi in zip(long["low"], long["high"])]
-    long["label"] = [
-        "n/a" if not np.isfinite(v) else f"{v:+.2f}" + ("*" if s else "")
-        for v, s in zip(long["value"], long["significant"])
-    ]
+    long["label"] = _phi_labels(long["value"], long["mark"])
     return long
 
 
@@ -412,8 +439,9 @@ def phi_heatmap(
 
     ``table`` is :func:`rephelpers.influence.stats.influence_table`. One diverging colour scale,
     centred at 0 and shared by the panels (red = the ability got worse, blue = better);
-    each cell shows its value with ``*`` where the adjusted p-value is below α; the
-    tooltip carries the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
+    each cell of the Φ and Φ − Φ_control panels shows its value with the mark of its
+    verdict (:data:`VERDICT_MARKS`: a star only for a finding, not for Φ ≠ 0 alone); the
+    tooltip carries the verdict, the bootstrap CI, the adjusted p, ``M(f, a)`` and the item count.
     """
     long = phi_heatmap_frame(table, cluster_labels)
     panels = [p[0] for p in PHI_PANELS[: 3 if with_difference else 2]]
@@ -427,7 +455,7 @@ def phi_heatmap(
     tooltip = [
         alt.Tooltip("cluster_label:N", title="cluster"), alt.Tooltip("ability:N"),
         alt.Tooltip("value:Q", title="estimate", format="+.3f"), alt.Tooltip("ci:N", title="bootstrap CI"),
-        alt.Tooltip("p_adjusted:Q", title="adjusted p", format=".3g"),
+        alt.Tooltip("p_adjusted:Q", title="adjusted p", format=".3g"), alt.Tooltip("verdict:N"),
         alt.Tooltip("baseline_score:Q", title="M(f, a)", format=".3f"), alt.Tooltip("n_items:Q", title="items"),
     ]
     charts = []
@@ -445,8 +473,7 @@ def phi_heatmap(
         charts.append((cells + text).properties(
             title=panel, width=cell_size * long["ability"].nunique(), height=cell_size * len(clusters)
         ))
-    alpha = table["alpha"].iloc[0] if "alpha" in table else None
-    note = f"* adjusted p < {alpha:g} ({table['correction'].iloc[0]})" if alpha is not None else ""
+    note = VERDICT_LEGEND if "verdict" in table.columns else ""
     return alt.hconcat(*charts).resolve_scale(color="shared").properties(
         title=alt.TitleParams("Data Influence Matrix", subtitle=[note] if note else [])
     )
