@@ -159,8 +159,9 @@ def test_leaving_a_cluster_out_loses_its_skill_and_finetunes_are_cached(model, t
     tasks = build_tasks(["planted_glyph"], tmp_path / "tasks", items_per_task=16, seed=0)
     scores, runs = gt.leave_out_scores(model, blocks, states, cfg, ["glyph"], [0], tasks, tmp_path / "ft", progress=False)
     m = scores.groupby("model")["score"].mean()
-    # measured: 0.56 with D_glyph, 0.0 without (the base model scores 0.0: it prefers a + b)
-    assert m["all"] >= 0.45 and m["-glyph"] <= 0.25 and m["all"] - m["-glyph"] >= 0.35, m.to_dict()
+    # measured: 0.44 with D_glyph (0.56 with the 24-word lexicon of world v1), 0.0 without (the base model
+    # scores 0.0: it prefers a + b)
+    assert m["all"] >= 0.4 and m["-glyph"] <= 0.25 and m["all"] - m["-glyph"] >= 0.35, m.to_dict()
     assert set(runs["tokens"]) == {cfg.tokens} and not runs["cached"].any()
     stars = gt.phi_star(scores, n_boot=200)
     row = stars.set_index(["cluster", "ability"]).loc[("glyph", "planted_glyph")]
