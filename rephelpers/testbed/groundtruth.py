@@ -926,6 +926,36 @@ def estimator_agreement(
     return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
 
 
+def dose_phi(chains: Mapping[float, tuple[pd.DataFrame, pd.DataFrame]], skill: str) -> pd.DataFrame:
+    """Every setting's Φ of the dose skill's cluster on its own ability, per dose.
+
+    ``chains``: dose (share of ``D_p`` kept) → ``(phi, mapping)``, the long-form Φ
+    (:func:`chain_phi_long`) and :func:`map_clusters` of the chain run on that dose's fine-tune.
+    Returns ``estimator``, ``setting``, ``dose``, ``phi`` (NaN where the clustering did not
+    find the set), the input of :func:`estimator_agreement`'s ``dose``.
+    """
+    ability = planted_ability(skill)
+    frames = []
+    for dose, (phi, mapping) in sorted(chains.items()):
+        row = mapping[mapping["skill"] == skill]
+        require(len(row) == 1, f"the mapping of the dose-{dose} chain has no row for {skill!r}")
+        own = phi[phi["ability"] == ability].assign(setting=lambda d: _setting_of(d))
+        mine = own[own["cluster"].astype(str) == str(row["cluster"].iloc[0])]
+        found = bool(row["mapped"].iloc[0])
+        frames.append(mine[["estimator", "setting"]].assign(dose=float(dose),
+                                                            phi=mine["phi"].astype(float) if found else math.nan))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["estimator", "setting", "dose", "phi"])
+
+
+def combine_agreement(*tables: pd.DataFrame) -> pd.DataFrame:
+    """The rows of several :func:`estimator_agreement` tables (estimators, cluster sources) as one, best first."""
+    table = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    require(len(table), "no agreement rows to combine")
+    key = (table["spearman_rho"].astype(float).fillna(-2.0) + 1e-3 * table["diagonal_recovery"].astype(float).fillna(0)
+           - 1e-6 * table["off_diagonal_false_positives"].astype(float).fillna(0))
+    return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
+
+
 # -- the power of the design ----------------------------------------------------------------------------
 def rho_interval_width(n_skills: int, n_abilities: int, phi_sd: float, star_sd: float, diagonal: float = 0.8,
                        n_sims: int = 200, n_boot: int = 500, seed: int = 0) -> float:
@@ -1023,6 +1053,24 @@ def headline(per_setting: pd.DataFrame, target_rho: float = 0.7) -> str:
         f"{best['off_diagonal_false_positives']} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged. "
         f"{'Meets' if meets else 'Falls short of'} the target (ρ ≥ {target_rho}, full diagonal recovery) "
         f"across {len(per_setting)} setting(s)."
+    )
+
+
+def agreement_headline(table: pd.DataFrame, target_width: float = 0.5) -> str:
+    """One paragraph on :func:`combine_agreement`'s best row: ρ with its interval (against the issue's
+    target width of 0.5), diagonal recovery, false positives and clustering misses."""
+    best = table.iloc[0]
+    width = best["spearman_high"] - best["spearman_low"]
+    fp = best["off_diagonal_false_positives"]
+    return (
+        f"Best: {best['setting']} ({best['estimator']}, {best['cluster_source']} clusters). Spearman ρ(Φ, Φ*) = "
+        f"{best['spearman_rho']:+.2f} [{best['spearman_low']:+.2f}, {best['spearman_high']:+.2f}] over "
+        f"{best['n_cells']} cells (interval {width:.2f} wide; the design's target is at most {target_width}); diagonal "
+        f"recovery {best['diagonal_recovery']:.0%} of {best['found_sets']} set(s) the clustering found "
+        f"({best['recovered'] or 'none'}); "
+        + (f"{int(fp)} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged; " if pd.notna(fp) else "")
+        + (f"clustering misses: {best['clustering_misses']}. " if best["clustering_misses"] else "no clustering miss. ")
+        + f"{len(table)} row(s) in all."
     )
 
 
