@@ -161,11 +161,13 @@ def leave_out_scores(
     batch_size: int = 8,
     dose_skill: str | None = None,
     dose_shares: Sequence[float] = (),
+    dose_seeds: Sequence[int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune ``f_all`` and every ``f_{−p}`` for each seed (cached), and score each on ``tasks``.
 
     ``dose_skill`` with ``dose_shares`` (shares of ``D_p`` in (0, 1) to leave out, e.g. 1/3
-    and 2/3) adds the fine-tunes of the data-dose axis (:func:`drop_share`), same budget.
+    and 2/3) adds the fine-tunes of the data-dose axis (:func:`drop_share`), same budget, for
+    the seeds in ``dose_seeds`` (default: all).
     Returns ``(scores, runs)``: one row per seed × model × item (``seed``, ``model``,
     ``left_out``, ``dropped``, ``ability``, ``item``, ``score``, ``p_correct``), and one row per
     fine-tune (``seed``, ``model``, ``left_out``, ``dropped``, ``key``, ``seconds``, ``tokens``,
@@ -186,7 +188,8 @@ def leave_out_scores(
     frames, runs = [], []
     for seed in seeds:
         cfg = replace(config, seed=int(seed))
-        variants = [(None, 1.0), *((s, 1.0) for s in skills), *((dose_skill, x) for x in shares)]
+        doses = shares if dose_seeds is None or int(seed) in {int(x) for x in dose_seeds} else []
+        variants = [(None, 1.0), *((s, 1.0) for s in skills), *((dose_skill, x) for x in doses)]
         for left_out, dropped in variants:
             use = blocks
             exclude = [left_out] if left_out else []
@@ -483,6 +486,16 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
         frames.append(_with_setting(pd.read_parquet(path), specs[0].parameters, "run"))
     require(frames, f"no chain point finished under {chain_dir}; see the status.json files there")
     return pd.concat(frames, ignore_index=True)
+
+
+def intervention_layers(grid: Any, parameters: Mapping[str, Any]) -> list[int]:
+    """Every layer a chain point of ``grid`` (see :func:`chain_grids`) intervenes at."""
+    layers = set()
+    for g in chain_grids(grid, parameters):
+        for layer in g.get("intervention_layer", [parameters.get("intervention_layer")]):
+            if layer is not None:
+                layers.add(int(layer))
+    return sorted(layers)
 
 
 def scoring_name(params: Mapping[str, Any]) -> str:
