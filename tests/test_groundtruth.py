@@ -513,3 +513,25 @@ def test_power_helpers_behave_like_their_formulas():
     narrow = gt.rho_interval_width(4, 4, 0.05, 0.05, n_sims=20, n_boot=200)
     wide = gt.rho_interval_width(3, 3, 0.3, 0.3, n_sims=20, n_boot=200)
     assert 0 < narrow < wide <= 2
+
+
+def test_dose_phi_takes_the_dose_sets_own_cell_of_every_chain_and_feeds_dose_rho():
+    def chain(phi_own):
+        long = pd.DataFrame([{"cluster": k, "ability": a, "phi": phi_own if (k == 1 and a == "planted_glyph") else 0.9,
+                              "estimator": "perturbation", "setting": s}
+                             for k in (0, 1) for a in ("planted_glyph", "planted_facts") for s in ("A", "B")])
+        mapping = pd.DataFrame({"skill": ["glyph"], "cluster": [1], "mapped": [True]})
+        return long, mapping
+
+    out = gt.dose_phi({0.0: chain(0.0), 0.5: chain(0.2), 1.0: chain(0.6)}, "glyph")
+    assert sorted(out["dose"].unique()) == [0.0, 0.5, 1.0]
+    assert out[out["setting"] == "A"].sort_values("dose")["phi"].tolist() == [0.0, 0.2, 0.6]
+    lost = gt.dose_phi({0.0: (chain(0.0)[0], pd.DataFrame({"skill": ["glyph"], "cluster": [1], "mapped": [False]}))}, "glyph")
+    assert lost["phi"].isna().all()  # a set the clustering lost gives no Φ, not 0
+
+
+def test_intervention_layers_of_a_grid_union():
+    params = {"intervention_layer": 15, "perturbation": "ablate"}
+    assert gt.intervention_layers({}, params) == [15]
+    grids = [{"intervention_layer": [15, 24], "perturbation": ["leace"]}, {"intervention_layer": [27], "perturbation": ["ablate"]}]
+    assert gt.intervention_layers(grids, params) == [15, 24, 27]
