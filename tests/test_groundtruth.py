@@ -325,6 +325,15 @@ def test_beyond_controls_uses_the_interval_of_phi_minus_control_and_scores_it_to
     assert (table["off_diagonal_false_positives"] == 2).all()  # both off-diagonal cells: significant, Φ* null
     for score in ("phi", "phi_minus_control"):
         assert table.loc[score, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(cells[score], cells.phi_star).statistic)
+    # the same chain through the long form and the one agreement table gives the same figures
+    long = gt.chain_phi_long(influence)
+    assert set(long["setting"]) == {"s, score=phi", "s, score=phi_minus_control"} and long["phi_low"].isna().any()
+    rows = gt.estimator_agreement(long, stars, mapping, "discovered", n_boot=100).set_index("setting")
+    for score in ("phi", "phi_minus_control"):
+        row = rows.loc[f"s, score={score}"]
+        assert row["spearman_rho"] == pytest.approx(table.loc[score, "spearman_rho"])
+        assert row["diagonal_recovery"] == table.loc[score, "diagonal_recovery"]
+        assert row["off_diagonal_false_positives"] == table.loc[score, "off_diagonal_false_positives"]
 
 
 def test_an_unfound_cluster_is_not_recovered():

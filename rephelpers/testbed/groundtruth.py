@@ -777,7 +777,8 @@ def chain_phi_long(influence: pd.DataFrame, scores: Sequence[str] = tuple(SCORES
 
     One row per chain point × score (``phi``, ``phi_minus_control``) × cluster × ability:
     ``cluster``, ``ability``, ``phi`` (the score's value), ``estimator``, ``setting`` (the
-    point's label plus ``score=<score>``), and the test columns :func:`estimator_agreement`
+    point's label plus ``score=<score>``), ``phi_low``/``phi_high`` (stage 06's bootstrap interval
+    over items and control draws), and the test columns :func:`estimator_agreement`
     reads when present: ``beyond`` (``phi_minus_control_low > 0``, else stage 06's
     ``exceeds_control(s)``) and ``flagged`` (``finding``, else ``significant``).
     """
@@ -795,6 +796,9 @@ def chain_phi_long(influence: pd.DataFrame, scores: Sequence[str] = tuple(SCORES
             "setting": table["setting"].astype(str) + f", score={score}",
             "beyond": beyond.astype(object).fillna(False).astype(bool).to_numpy(),
             "flagged": table[flagged].astype(object).fillna(False).astype(bool).to_numpy(),
+            # stage 06's interval over items and control draws, where it has one
+            "phi_low": table[f"{score}_low"].to_numpy(dtype=float) if f"{score}_low" in table.columns else np.nan,
+            "phi_high": table[f"{score}_high"].to_numpy(dtype=float) if f"{score}_high" in table.columns else np.nan,
         }))
     return pd.concat(frames, ignore_index=True)
 
