@@ -46,14 +46,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from ..abilities.suite import ABILITIES, TaskInfo
 from ..artifacts import stable_hash
 from ..corpus.loaders import load_corpus
 from ..errors import RephelpersError, require
 from ..influence.impact import relative_loss
-from ..influence.stats import bootstrap_weights, percentile_interval
+from ..influence.stats import bootstrap_weights, minimum_detectable_ais, percentile_interval
 from ..perturbations.kinds import KINDS
 from .planted import PLANTED, planted_ability, planted_corpus
 
@@ -998,19 +997,17 @@ def rho_interval_width(n_skills: int, n_abilities: int, phi_sd: float, star_sd: 
     return float(np.mean(widths)) if widths else math.nan
 
 
-def detectable_phi(m_all: float, n_items: int, n_seeds: int = 1, seed_sd: float = 0.0, alpha: float = 0.05,
-                   power: float = 0.8) -> float:
-    """Smallest diagonal Φ* = (M_all − M_−p)/M_all the design separates from 0 with ``power``.
+def detectable_phi(m_all: float, n_items: int, n_seeds: int = 1, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest diagonal Φ* = (M_all − M_−p)/M_all the design detects with ``power``.
 
-    A normal approximation for a paired difference of mean 0/1 item scores: the difference
-    of two models on ``n`` items has sd ≤ ``sqrt(2 · m(1 − m) / n)`` (independent, the worst
-    case for a paired design) and a seed-to-seed sd ``seed_sd`` averaged over ``n_seeds``, so
-    ``se = sqrt(2 m(1 − m) / (n · S) + 2 seed_sd² / S)`` and the detectable difference is
-    ``(z_{1−α/2} + z_power) · se``, divided by ``M_all``.
+    Φ* is the AIS formula with ``f_all`` as the unperturbed model, so this is
+    :func:`rephelpers.influence.stats.minimum_detectable_ais` (a pure loss, each item ``f_all``
+    gets right lost with probability Φ*, exact signed-rank test) on the ``n_items · n_seeds``
+    paired item scores of all seeds pooled. Pooling treats seeds as more items: it leaves out
+    the seed-to-seed spread, which the seed resampling of :func:`phi_star` does carry.
     """
     require(0 < m_all <= 1 and n_items >= 1 and n_seeds >= 1, "detectable_phi: 0 < m_all <= 1, n_items, n_seeds >= 1")
-    se = math.sqrt(2 * m_all * (1 - m_all) / (n_items * n_seeds) + 2 * seed_sd ** 2 / n_seeds)
-    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se / m_all)
+    return minimum_detectable_ais(int(n_items) * int(n_seeds), float(m_all), alpha=alpha, power=power)
 
 
 def best_by(per_setting: pd.DataFrame, column: str = "scoring") -> pd.DataFrame:
