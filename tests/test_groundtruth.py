@@ -543,3 +543,18 @@ def test_intervention_layers_of_a_grid_union():
     assert gt.intervention_layers({}, params) == [15]
     grids = [{"intervention_layer": [15, 24], "perturbation": ["leace"]}, {"intervention_layer": [27], "perturbation": ["ablate"]}]
     assert gt.intervention_layers(grids, params) == [15, 24, 27]
+
+
+def test_chain_cost_reads_the_runner_status_and_matches_the_long_form_labels(tmp_path):
+    from rephelpers.runner import RunSpec
+
+    spec = RunSpec(name="chain", parameters={"perturbation": "ablate", "intervention_layer": 27, "magnitude": 1.0},
+                   notebooks=["01_corpus_clusters"], grid={})
+    (tmp_path / "status.json").write_text(json.dumps({"state": "done", "stages": {
+        "01_corpus_clusters": {"seconds": 50.0, "peak_rss_mb": 1000}, "02_representations": {"seconds": 20.5, "peak_rss_mb": 1300}}}))
+    cost = gt.chain_cost(tmp_path, spec)
+    influence = gt._with_setting(pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.1],
+                                               "phi_control": [0.0], "significant": [False],
+                                               "exceeds_control": [False]}), spec.parameters, "run")
+    assert set(cost["setting"]) == set(gt.chain_phi_long(influence)["setting"])
+    assert (cost["seconds"] == 70.5).all() and (cost["peak_rss_mb"] == 1300).all()

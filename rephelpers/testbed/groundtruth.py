@@ -802,12 +802,12 @@ def chain_phi_long(influence: pd.DataFrame, scores: Sequence[str] = tuple(SCORES
     return pd.concat(frames, ignore_index=True)
 
 
-def chain_cost(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
+def chain_cost(chain_dir: str | Path, spec: Any, scores: Sequence[str] = tuple(SCORES)) -> pd.DataFrame:
     """Wall time and peak kernel memory of every chain point, from the runner's ``status.json`` files.
 
     ``seconds`` = the point's own notebooks plus the shared stages 01–02 (``_shared/``, which
     every point of the sweep needs); ``peak_rss_mb`` the largest kernel peak among them.
-    Columns: ``setting`` (as :func:`chain_influence` labels it), ``seconds``, ``peak_rss_mb``.
+    Columns: ``setting`` (as :func:`chain_phi_long` labels it, one row per score), ``seconds``, ``peak_rss_mb``.
     """
     chain_dir = Path(chain_dir)
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
@@ -831,9 +831,10 @@ def chain_cost(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     out = []
     for row in rows:
         rss = [r.get("peak_rss_mb") for r in row["records"] if r.get("peak_rss_mb")]
-        out.append({"setting": row["setting"],
-                    "seconds": float(sum(r.get("seconds") or 0.0 for r in row["records"])) if row["records"] else math.nan,
-                    "peak_rss_mb": float(max(rss)) if rss else math.nan})
+        for score in scores:  # one row per label chain_phi_long gives the point
+            out.append({"setting": f"{row['setting']}, score={score}",
+                        "seconds": float(sum(r.get("seconds") or 0.0 for r in row["records"])) if row["records"] else math.nan,
+                        "peak_rss_mb": float(max(rss)) if rss else math.nan})
     return pd.DataFrame(out).drop_duplicates("setting")
 
 
