@@ -20,6 +20,7 @@ from rephelpers.testbed import groundtruth as gt
 from rephelpers.testbed import planted as P
 from rephelpers.abilities.suite import ABILITIES, build_tasks, read_items
 from rephelpers.errors import RephelpersError
+from rephelpers.influence.stats import minimum_detectable_ais
 
 SKILLS = list(P.PLANTED)
 
@@ -159,8 +160,9 @@ def test_leaving_a_cluster_out_loses_its_skill_and_finetunes_are_cached(model, t
     tasks = build_tasks(["planted_glyph"], tmp_path / "tasks", items_per_task=16, seed=0)
     scores, runs = gt.leave_out_scores(model, blocks, states, cfg, ["glyph"], [0], tasks, tmp_path / "ft", progress=False)
     m = scores.groupby("model")["score"].mean()
-    # measured: 0.56 with D_glyph, 0.0 without (the base model scores 0.0: it prefers a + b)
-    assert m["all"] >= 0.45 and m["-glyph"] <= 0.25 and m["all"] - m["-glyph"] >= 0.35, m.to_dict()
+    # measured: 0.44 with D_glyph (0.56 with the 24-word lexicon of world v1), 0.0 without (the base model
+    # scores 0.0: it prefers a + b)
+    assert m["all"] >= 0.4 and m["-glyph"] <= 0.25 and m["all"] - m["-glyph"] >= 0.35, m.to_dict()
     assert set(runs["tokens"]) == {cfg.tokens} and not runs["cached"].any()
     stars = gt.phi_star(scores, n_boot=200)
     row = stars.set_index(["cluster", "ability"]).loc[("glyph", "planted_glyph")]
@@ -324,6 +326,15 @@ def test_beyond_controls_uses_the_interval_of_phi_minus_control_and_scores_it_to
     assert (table["off_diagonal_false_positives"] == 2).all()  # both off-diagonal cells: significant, Φ* null
     for score in ("phi", "phi_minus_control"):
         assert table.loc[score, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(cells[score], cells.phi_star).statistic)
+    # the same chain through the long form and the one agreement table gives the same figures
+    long = gt.chain_phi_long(influence)
+    assert set(long["setting"]) == {"s, score=phi", "s, score=phi_minus_control"} and long["phi_low"].isna().any()
+    rows = gt.estimator_agreement(long, stars, mapping, "discovered", n_boot=100).set_index("setting")
+    for score in ("phi", "phi_minus_control"):
+        row = rows.loc[f"s, score={score}"]
+        assert row["spearman_rho"] == pytest.approx(table.loc[score, "spearman_rho"])
+        assert row["diagonal_recovery"] == table.loc[score, "diagonal_recovery"]
+        assert row["off_diagonal_false_positives"] == table.loc[score, "off_diagonal_false_positives"]
 
 
 def test_an_unfound_cluster_is_not_recovered():
@@ -387,3 +398,163 @@ def test_a_setting_names_how_it_chose_what_to_perturb():
     assert best["scoring"].tolist() == ["LEACE", "raw S", "Cohen's d"] and best["setting"].tolist() == ["a", "b", "d"]
     with pytest.raises(RephelpersError, match="no 'layer' column"):
         gt.best_by(table, "layer")
+
+
+# -- issue 25: the agreement table for any estimator, oracle/discovered clusters, dose, power -------------
+def _truth(skills, diag=0.8):
+    abilities = [P.planted_ability(s) for s in skills]
+    return pd.DataFrame([
+        {"cluster": s, "dropped": 1.0, "ability": a, "phi_star": diag if a == P.planted_ability(s) else 0.01 * i,
+         "phi_star_low": 0.5 if a == P.planted_ability(s) else -0.1,
+         "phi_star_high": 0.9 if a == P.planted_ability(s) else 0.1, "null": a != P.planted_ability(s)}
+        for i, (s, a) in enumerate((s, a) for s in skills for a in abilities)
+    ])
+
+
+def test_estimator_agreement_rows_for_any_estimator_match_scipy():
+    skills = ["facts", "glyph", "lexicon", "ledger"]
+    stars = _truth(skills)
+    mapping = pd.DataFrame({"skill": skills, "cluster": [5, 6, 7, 8], "recall": 1.0, "purity": 1.0, "mapped": True,
+                            "dominated": ["5", "6", "7", "8"], "recall_dominated": 1.0, "status": "found"})
+    rng = np.random.default_rng(0)
+    rows = []
+    for s, k in zip(skills, (5, 6, 7, 8)):
+        for a in map(P.planted_ability, skills):
+            own = a == P.planted_ability(s)
+            rows.append({"cluster": k, "ability": a, "estimator": "bm25", "phi": (0.6 if own else 0.0) + rng.normal(0, 0.05)})
+            rows.append({"cluster": k, "ability": a, "estimator": "repsim", "phi": rng.normal(0, 0.05),
+                         "flagged": a == "planted_glyph" and s == "facts"})
+    phi = pd.DataFrame(rows)
+    dose = pd.DataFrame({"estimator": "bm25", "dose": [0, 1 / 3, 2 / 3, 1], "phi": [0.0, 0.2, 0.1, 0.6]})
+    cost = pd.DataFrame({"estimator": ["bm25"], "seconds": [3.0], "peak_rss_mb": [100.0]})
+    table = gt.estimator_agreement(phi, stars, mapping, "oracle", dose=dose, cost=cost, n_boot=200)
+    assert list(table.columns[:len(gt.AGREEMENT_COLUMNS)]) == list(gt.AGREEMENT_COLUMNS)
+    t = table.set_index("setting")
+    assert list(table["setting"]) == ["bm25", "repsim"]  # best first
+    for name in ("bm25", "repsim"):
+        sub = phi[phi["estimator"] == name].assign(planted=lambda d: d["cluster"].map(dict(zip((5, 6, 7, 8), skills))))
+        merged = sub.merge(stars, left_on=["planted", "ability"], right_on=["cluster", "ability"])
+        assert t.loc[name, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(merged["phi"], merged["phi_star"])[0])
+        assert t.loc[name, "spearman_low"] <= t.loc[name, "spearman_rho"] <= t.loc[name, "spearman_high"]
+    assert t.loc["bm25", "diagonal_recovery"] == 1.0 and t.loc["bm25", "n_cells"] == 16
+    assert t.loc["bm25", "dose_rho"] == pytest.approx(scipy_stats.spearmanr([0, 0.2, 0.1, 0.6], [0, 1, 2, 3])[0])
+    assert t.loc["bm25", "seconds"] == 3.0 and t.loc["bm25", "peak_rss_mb"] == 100.0
+    assert pd.isna(t.loc["bm25", "off_diagonal_false_positives"])  # makes no claims: no flagged column
+    assert t.loc["repsim", "off_diagonal_false_positives"] == 1 and t.loc["repsim", "null_off_diagonal_cells"] == 12
+    assert (table["cluster_source"] == "oracle").all() and table["clustering_misses"].eq("").all()
+    with pytest.raises(RephelpersError, match="cluster_source"):
+        gt.estimator_agreement(phi, stars, mapping, "guessed")
+    with pytest.raises(RephelpersError, match="lacks the columns"):
+        gt.estimator_agreement(phi.drop(columns="estimator"), stars, mapping, "oracle")
+
+
+def test_a_split_planted_set_is_a_clustering_miss_not_a_null():
+    # glyph's texts split over clusters 0 and 1 (each pure), facts in 2 with code texts (purity 2/3), ledger merged
+    docs = pd.DataFrame({
+        "cluster": [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3,
+        "domain": ["planted_glyph"] * 6 + ["planted_facts"] * 2 + ["code"] + ["planted_ledger"] + ["code"] * 2,
+    })
+    m = gt.map_clusters(docs, ["glyph", "facts", "ledger"]).set_index("skill")
+    assert m.loc["glyph", "status"] == "split" and m.loc["glyph", "dominated"] == "0,1"
+    assert m.loc["glyph", "recall"] == 0.5 and m.loc["glyph", "recall_dominated"] == 1.0 and m.loc["glyph", "purity"] == 1.0
+    assert m.loc["facts", "status"] == "found" and m.loc["facts", "purity"] == pytest.approx(2 / 3)
+    assert m.loc["ledger", "status"] == "merged" and not m.loc["ledger", "mapped"]
+    misses = gt.clustering_misses(m.reset_index())
+    assert "glyph: split over clusters 0,1 (best recall 0.50, purity 1.00)" in misses and "ledger: merged" in misses
+    stars = _truth(["glyph", "facts", "ledger"])
+    phi = pd.DataFrame([{"cluster": k, "ability": P.planted_ability(s), "phi": 0.5 if k == c else 0.0, "estimator": "x"}
+                        for k in range(4) for s, c in (("glyph", 0), ("facts", 2), ("ledger", 3))])
+    row = gt.estimator_agreement(phi, stars, m.reset_index(), "discovered", n_boot=50).iloc[0]
+    # facts is the only set found, and recovered; glyph's zero row counts as a clustering miss, not a failure
+    assert row["diagonal_recovery"] == 1.0 and row["found_sets"] == 1 and "glyph: split" in row["clustering_misses"]
+
+
+def test_phi_star_uses_the_dose_models_and_the_dose_curve_formula():
+    rows = []
+    means = {"all": [1, 1, 1, 0], "-glyph": [0, 0, 0, 0], "-glyph~0.33": [1, 1, 0, 0], "-glyph~0.67": [1, 0, 0, 0]}
+    for seed in (0, 1):
+        for model, sc in means.items():
+            dropped = {"all": 0.0, "-glyph": 1.0, "-glyph~0.33": 1 / 3, "-glyph~0.67": 2 / 3}[model]
+            for i, v in enumerate(sc):
+                rows.append({"seed": seed, "model": model, "left_out": "" if model == "all" else "glyph",
+                             "dropped": dropped, "ability": "planted_glyph", "item": i, "score": float(v)})
+    scores = pd.DataFrame(rows)
+    stars = gt.phi_star(scores, n_boot=200).set_index("dropped")
+    assert stars.loc[1.0, "phi_star"] == pytest.approx(1.0)
+    assert stars.loc[1 / 3, "phi_star"] == pytest.approx((0.75 - 0.5) / 0.75)
+    curve = gt.dose_curve(scores, "glyph", n_boot=200).set_index("dose")
+    assert list(curve.index) == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    # Φ*(d) = (M(f_d) − M(f_0)) / M(f_d): every kept share here is all the model knows of glyph
+    assert curve["phi_star"].tolist() == pytest.approx([0.0, 1.0, 1.0, 1.0])
+    # and the removed share's Φ* against f_all, the issue's curve: 0, 1/3, 2/3 and all of D_glyph left out
+    assert curve["phi_star_removed"].tolist()[::-1] == pytest.approx([0.0, (0.75 - 0.5) / 0.75, (0.75 - 0.25) / 0.75, 1.0])
+
+
+def test_drop_share_nests_the_doses_and_keeps_the_blocks():
+    blocks = ft.Blocks(ids=torch.arange(40).view(10, 4), group=np.array(["glyph"] * 6 + ["rest"] * 4))
+    third, label = gt.drop_share(blocks, "glyph", 1 / 3)
+    two, _ = gt.drop_share(blocks, "glyph", 2 / 3)
+    assert label == "glyph~drop" and (third.group == label).sum() == 2 and (two.group == label).sum() == 4
+    assert set(np.flatnonzero(third.group == label)) <= set(np.flatnonzero(two.group == label))
+    assert torch.equal(third.ids, blocks.ids) and (third.group[6:] == "rest").all()
+    with pytest.raises(RephelpersError, match="no blocks"):
+        gt.drop_share(blocks, "facts", 0.5)
+
+
+def test_weight_change_per_layer_against_a_plain_loop():
+    rng = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{l}.{p}": torch.randn(3, 4, generator=rng) for l in range(4) for p in ("a", "b")}
+    trained = {k: v + 0.1 * (i + 1) for i, (k, v) in enumerate(base.items()) if int(k.split(".")[2]) >= 2}
+    table = gt.weight_change(base, trained, "model.layers", 4)
+    for layer in range(4):
+        keys = [k for k in trained if int(k.split(".")[2]) == layer]
+        expect = (math.sqrt(sum(float(((trained[k] - base[k]) ** 2).sum()) for k in keys))
+                  / math.sqrt(sum(float((base[k] ** 2).sum()) for k in keys))) if keys else 0.0
+        assert table.loc[layer, "relative_change"] == pytest.approx(expect)
+    assert table["trained"].tolist() == [False, False, True, True]
+
+
+def test_power_helpers_behave_like_their_formulas():
+    # Φ* is an AIS of f_-p against f_all: the library's detectable AIS on the pooled items of all seeds
+    assert gt.detectable_phi(0.8, 96, 3) == minimum_detectable_ais(288, 0.8)
+    assert gt.detectable_phi(0.8, 96, 3) < gt.detectable_phi(0.8, 96, 1) < gt.detectable_phi(0.8, 24, 1) < 1
+    narrow = gt.rho_interval_width(4, 4, 0.05, 0.05, n_sims=20, n_boot=200)
+    wide = gt.rho_interval_width(3, 3, 0.3, 0.3, n_sims=20, n_boot=200)
+    assert 0 < narrow < wide <= 2
+
+
+def test_dose_phi_takes_the_dose_sets_own_cell_of_every_chain_and_feeds_dose_rho():
+    def chain(phi_own):
+        long = pd.DataFrame([{"cluster": k, "ability": a, "phi": phi_own if (k == 1 and a == "planted_glyph") else 0.9,
+                              "estimator": "perturbation", "setting": s}
+                             for k in (0, 1) for a in ("planted_glyph", "planted_facts") for s in ("A", "B")])
+        mapping = pd.DataFrame({"skill": ["glyph"], "cluster": [1], "mapped": [True]})
+        return long, mapping
+
+    out = gt.dose_phi({0.0: chain(0.0), 0.5: chain(0.2), 1.0: chain(0.6)}, "glyph")
+    assert sorted(out["dose"].unique()) == [0.0, 0.5, 1.0]
+    assert out[out["setting"] == "A"].sort_values("dose")["phi"].tolist() == [0.0, 0.2, 0.6]
+    lost = gt.dose_phi({0.0: (chain(0.0)[0], pd.DataFrame({"skill": ["glyph"], "cluster": [1], "mapped": [False]}))}, "glyph")
+    assert lost["phi"].isna().all()  # a set the clustering lost gives no Φ, not 0
+
+
+def test_intervention_layers_of_a_grid_union():
+    params = {"intervention_layer": 15, "perturbation": "ablate"}
+    assert gt.intervention_layers({}, params) == [15]
+    grids = [{"intervention_layer": [15, 24], "perturbation": ["leace"]}, {"intervention_layer": [27], "perturbation": ["ablate"]}]
+    assert gt.intervention_layers(grids, params) == [15, 24, 27]
+
+
+def test_chain_cost_reads_the_runner_status_and_matches_the_long_form_labels(tmp_path):
+    from rephelpers.runner import RunSpec
+
+    spec = RunSpec(name="chain", parameters={"perturbation": "ablate", "intervention_layer": 27, "magnitude": 1.0},
+                   notebooks=["01_corpus_clusters"], grid={})
+    (tmp_path / "status.json").write_text(json.dumps({"state": "done", "stages": {
+        "01_corpus_clusters": {"seconds": 50.0, "peak_rss_mb": 1000}, "02_representations": {"seconds": 20.5, "peak_rss_mb": 1300}}}))
+    cost = gt.chain_cost(tmp_path, spec)
+    influence = gt._with_setting(pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.1],
+                                               "phi_control": [0.0], "significant": [False],
+                                               "exceeds_control": [False]}), spec.parameters, "run")
+    assert set(cost["setting"]) == set(gt.chain_phi_long(influence)["setting"])
+    assert (cost["seconds"] == 70.5).all() and (cost["peak_rss_mb"] == 1300).all()

@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..errors import RephelpersError, require
 from .demo import build_builtin_corpus
-from .schema import CORPUS_COLUMNS, MAX_CHARS, MIN_CHARS
+from .schema import CORPUS_COLUMNS
 
 
 

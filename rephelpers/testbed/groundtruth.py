@@ -51,6 +51,8 @@ from ..abilities.suite import ABILITIES, TaskInfo
 from ..artifacts import stable_hash
 from ..corpus.loaders import load_corpus
 from ..errors import RephelpersError, require
+from ..influence.impact import relative_loss
+from ..influence.stats import bootstrap_weights, minimum_detectable_ais, percentile_interval
 from ..perturbations.kinds import KINDS
 from .planted import PLANTED, planted_ability, planted_corpus
 
@@ -117,9 +119,32 @@ def training_blocks(model: Any, corpus: pd.DataFrame, config: Any, cache: Path |
 
 
 # -- Φ* from leave-cluster-out fine-tunes -----------------------------------------------------------
-def variant_name(left_out: str | None) -> str:
-    """``"all"`` for ``f_all``, ``"-<skill>"`` for ``f_{−skill}``."""
-    return "all" if not left_out else f"-{left_out}"
+def variant_name(left_out: str | None, dropped: float = 1.0) -> str:
+    """``"all"`` for ``f_all``, ``"-<skill>"`` for ``f_{−skill}``, ``"-<skill>~0.33"`` when only that share of ``D_p`` is left out."""
+    if not left_out:
+        return "all"
+    return f"-{left_out}" if float(dropped) >= 1.0 else f"-{left_out}~{float(dropped):.2f}"
+
+
+DROP = "~drop"
+
+
+def drop_share(blocks: Any, group: str, share: float) -> tuple[Any, str]:
+    """``blocks`` with ``round(share · n)`` of ``group``'s ``n`` blocks relabelled ``<group>~drop``, and that label.
+
+    Leaving the relabelled group out trains on ``1 − share`` of ``D_p`` under the same token
+    budget (the rest takes its place). The dropped blocks are the first ones of a fixed
+    permutation, so the blocks 1/3 drops are among those 2/3 drops (nested doses).
+    """
+    from .finetune import Blocks
+
+    require(0 < share <= 1, f"share must lie in (0, 1], got {share!r}")
+    members = np.flatnonzero(blocks.group == group)
+    require(len(members), f"no blocks of group {group!r}; groups: {sorted(set(blocks.group.tolist()))}")
+    order = members[np.random.default_rng(0).permutation(len(members))]
+    labels = blocks.group.astype(object).copy()
+    labels[order[: int(round(share * len(members)))]] = group + DROP
+    return Blocks(ids=blocks.ids, group=labels.astype(str)), group + DROP
 
 
 def leave_out_scores(
@@ -133,15 +158,25 @@ def leave_out_scores(
     cache: Path,
     progress: bool = True,
     batch_size: int = 8,
+    dose_skill: str | None = None,
+    dose_shares: Sequence[float] = (),
+    dose_seeds: Sequence[int] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Fine-tune ``f_all`` and every ``f_{−p}`` for each seed (cached), and score each on ``tasks``.
 
+    ``dose_skill`` with ``dose_shares`` (shares of ``D_p`` in (0, 1) to leave out, e.g. 1/3
+    and 2/3) adds the fine-tunes of the data-dose axis (:func:`drop_share`), same budget, for
+    the seeds in ``dose_seeds`` (default: all).
     Returns ``(scores, runs)``: one row per seed × model × item (``seed``, ``model``,
-    ``left_out``, ``ability``, ``item``, ``score``, ``p_correct``), and one row per
-    fine-tune (``seed``, ``model``, ``left_out``, ``key``, ``seconds``, ``tokens``,
+    ``left_out``, ``dropped``, ``ability``, ``item``, ``score``, ``p_correct``), and one row per
+    fine-tune (``seed``, ``model``, ``left_out``, ``dropped``, ``key``, ``seconds``, ``tokens``,
     ``first_loss``, ``last_loss``, ``cached``). An interrupted run resumes: finished
     fine-tunes and their scores are read back from ``cache``.
     """
+    shares = sorted({float(x) for x in dose_shares} - {1.0})
+    require(all(0 < x < 1 for x in shares), f"dose_shares must lie in (0, 1) (1 is f_-p itself), got {list(dose_shares)}")
+    require(not shares or dose_skill in skills,
+            f"dose_skill must be one of the planted skills {list(skills)} when dose_shares are given, got {dose_skill!r}")
     from dataclasses import replace
 
     from ..artifacts import file_hash
@@ -152,14 +187,20 @@ def leave_out_scores(
     frames, runs = [], []
     for seed in seeds:
         cfg = replace(config, seed=int(seed))
-        for left_out in [None, *skills]:
+        doses = shares if dose_seeds is None or int(seed) in {int(x) for x in dose_seeds} else []
+        variants = [(None, 1.0), *((s, 1.0) for s in skills), *((dose_skill, x) for x in doses)]
+        for left_out, dropped in variants:
+            use = blocks
             exclude = [left_out] if left_out else []
-            name = variant_name(left_out)
-            key = finetune_key(model, blocks, cfg, exclude)
+            if left_out and dropped < 1.0:
+                use, label = drop_share(blocks, left_out, dropped)
+                exclude = [label]
+            name = variant_name(left_out, dropped)
+            key = finetune_key(model, use, cfg, exclude)
             cached = (Path(cache) / key / ".complete").exists()
             if progress:
                 print(f"[groundtruth] seed {seed}, f_{name}: {'cached' if cached else 'fine-tuning'} ...", flush=True)
-            trained, meta = cached_finetune(model, blocks, states, cfg, exclude, cache, progress=progress)
+            trained, meta = cached_finetune(model, use, states, cfg, exclude, cache, progress=progress)
             score_file = Path(cache) / key / f"scores-{task_key}.parquet"
             if score_file.exists():
                 scores = pd.read_parquet(score_file)
@@ -168,21 +209,45 @@ def leave_out_scores(
                     raw = evaluate_abilities(model, tasks, {name: []}, batch_size=batch_size, progress=False)
                 scores = raw[["ability", "item", "score", "p_correct"]].copy()
                 scores.to_parquet(score_file, index=False)
-            frames.append(scores.assign(seed=int(seed), model=name, left_out=left_out or ""))
-            runs.append({"seed": int(seed), "model": name, "left_out": left_out or "", "key": key,
+            frames.append(scores.assign(seed=int(seed), model=name, left_out=left_out or "",
+                                        dropped=float(dropped) if left_out else 0.0))
+            runs.append({"seed": int(seed), "model": name, "left_out": left_out or "",
+                         "dropped": float(dropped) if left_out else 0.0, "key": key,
                          "seconds": meta["seconds"], "tokens": meta["tokens"], "first_loss": meta["first_loss"],
                          "last_loss": meta["last_loss"], "cached": cached})
-    scores = pd.concat(frames, ignore_index=True)[["seed", "model", "left_out", "ability", "item", "score", "p_correct"]]
+    scores = pd.concat(frames, ignore_index=True)[["seed", "model", "left_out", "dropped", "ability", "item", "score",
+                                                   "p_correct"]]
     return scores, pd.DataFrame(runs)
 
 
-def f_all_weights(cache: Path, runs: pd.DataFrame, seed: int) -> dict[str, Any]:
-    """The trained weights of ``f_all`` for ``seed`` (from :func:`leave_out_scores`' cache)."""
+def f_all_weights(cache: Path, runs: pd.DataFrame, seed: int, model: str = "all") -> dict[str, Any]:
+    """The trained weights of ``f_all`` (or of the variant ``model``, e.g. ``-glyph~0.33``) for ``seed``."""
     from safetensors.torch import load_file
 
-    row = runs[(runs["model"] == "all") & (runs["seed"] == int(seed))]
-    require(len(row) == 1, f"no f_all fine-tune for seed {seed} among {sorted(runs['seed'].unique())}")
+    row = runs[(runs["model"] == model) & (runs["seed"] == int(seed))]
+    require(len(row) == 1, f"no fine-tune {model!r} for seed {seed} among {sorted(set(zip(runs['model'], runs['seed'])))}")
     return load_file(str(Path(cache) / row["key"].iloc[0] / "trained.safetensors"))
+
+
+def weight_change(base: Mapping[str, Any], trained: Mapping[str, Any], layers_path: str, n_layers: int) -> pd.DataFrame:
+    """Where a fine-tune changed the model: ``‖ΔW_l‖_F / ‖W_l‖_F`` per decoder layer ``l``.
+
+    ``W_l`` stacks every parameter of layer ``l`` (attention, MLP, norms), ``ΔW_l`` its change;
+    a layer the fine-tune did not train reads 0. ``base`` holds the untrained parameters
+    (``model.hf.named_parameters()``), ``trained`` what the fine-tune returned.
+    """
+    prefix = layers_path + "."
+    sq_delta, sq_base = np.zeros(n_layers), np.zeros(n_layers)
+    for name, value in trained.items():
+        require(name in base, f"trained parameter {name} is not a parameter of the base model")
+        require(name.startswith(prefix), f"trained parameter {name} is not under {layers_path}")
+        layer = int(name[len(prefix):].split(".")[0])
+        w0 = base[name].detach().float().cpu()
+        sq_delta[layer] += float(((value.float() - w0) ** 2).sum())
+        sq_base[layer] += float((w0 ** 2).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(sq_base > 0, np.sqrt(sq_delta) / np.sqrt(np.where(sq_base > 0, sq_base, 1.0)), 0.0)
+    return pd.DataFrame({"layer": np.arange(n_layers), "relative_change": rel, "trained": sq_base > 0})
 
 
 def score_table(scores: pd.DataFrame) -> pd.DataFrame:
@@ -191,49 +256,85 @@ def score_table(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def phi_star(scores: pd.DataFrame, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
-    """The measured influence ``Φ*_{p,a}`` with its bootstrap interval; one row per cluster × ability.
+    """The measured influence ``Φ*_{p,a}`` with its bootstrap interval; one row per left-out variant × ability.
 
-    ``Φ*_{p,a} = (M(f_all, a) − M(f_{−p}, a)) / M(f_all, a)``, ``M`` the mean item score over
-    seeds and items. The interval resamples seeds and, within each ability, items, jointly
-    for all models (a paired bootstrap). Columns: ``cluster`` (the skill ``p``), ``ability``,
-    ``m_all``, ``m_minus``, ``phi_star``, ``phi_star_low``, ``phi_star_high``, ``null``
-    (the interval covers 0), ``n_items``, ``n_seeds``.
+    ``Φ*_{p,a} = (M(f_all, a) − M(f_{−p}, a)) / M(f_all, a)``
+    (:func:`rephelpers.influence.impact.relative_loss`, the AIS formula), ``M`` the mean item
+    score over seeds and items. The interval resamples seeds and, within each ability, items
+    (:func:`rephelpers.influence.stats.bootstrap_weights`), jointly for all models (a paired
+    bootstrap), and takes the percentiles of the resampled Φ*
+    (:func:`~rephelpers.influence.stats.percentile_interval`). Columns: ``cluster`` (the skill
+    ``p``), ``dropped`` (share of ``D_p`` left out: 1 for ``f_{−p}``, less on the dose axis),
+    ``ability``, ``m_all``, ``m_minus``, ``phi_star``, ``phi_star_low``, ``phi_star_high``,
+    ``null`` (the interval covers 0), ``n_items``, ``n_seeds``.
     """
     require({"seed", "model", "left_out", "ability", "item", "score"} <= set(scores.columns),
             "phi_star expects the scores of leave_out_scores")
     require((scores["model"] == "all").any(), "phi_star needs the scores of f_all (model 'all')")
+    if "dropped" not in scores.columns:
+        scores = scores.assign(dropped=np.where(scores["left_out"].astype(str) != "", 1.0, 0.0))
+    dropped_of = scores.drop_duplicates("model").set_index("model")["dropped"].to_dict()
+    left_of = scores.drop_duplicates("model").set_index("model")["left_out"].to_dict()
     rng = np.random.default_rng(seed)
     seeds = np.sort(scores["seed"].unique())
     rows = []
-    for ability, sub in scores.groupby("ability", sort=True):
+    for offset, (ability, sub) in enumerate(scores.groupby("ability", sort=True)):
         cube = sub.pivot_table(index=["seed", "item"], columns="model", values="score")
         items = np.sort(sub["item"].unique())
-        # array [seed, item, model]
         models = list(cube.columns)
-        arr = np.stack([
-            cube.loc[s].reindex(items)[models].to_numpy(dtype=float) for s in seeds
-        ])
+        arr = np.stack([cube.loc[s].reindex(items)[models].to_numpy(dtype=float) for s in seeds])  # [seed, item, model]
         require(not np.isnan(arr).any(), f"{ability}: some model lacks scores for some seed or item")
+        weights = bootstrap_weights(np.zeros(len(items)), n_boot, seed + offset)  # [n_boot, item]
+        per_seed = np.einsum("bi,sim->bsm", weights, arr) / len(items)  # resampled items, per seed
         s_idx = rng.integers(0, len(seeds), size=(n_boot, len(seeds)))
-        i_idx = rng.integers(0, len(items), size=(n_boot, len(items)))
-        # mean over resampled seeds and items: [n_boot, model]
-        boot = arr[s_idx[:, :, None], i_idx[:, None, :], :].mean(axis=(1, 2))
+        boot = np.take_along_axis(per_seed, s_idx[:, :, None], axis=1).mean(axis=1)  # [n_boot, model]
         point = arr.mean(axis=(0, 1))
         a_all = models.index("all")
         for j, name in enumerate(models):
             if name == "all":
                 continue
-            with np.errstate(divide="ignore", invalid="ignore"):
-                est = (point[a_all] - point[j]) / point[a_all] if point[a_all] > 0 else math.nan
-                reps = (boot[:, a_all] - boot[:, j]) / boot[:, a_all]
-            reps = reps[np.isfinite(reps)]
-            low, high = (np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if len(reps) else (math.nan, math.nan))
+            est = float(relative_loss(point[a_all], point[j]))
+            low, high = percentile_interval(relative_loss(boot[:, a_all], boot[:, j]), alpha)
+            low, high = float(low), float(high)
             rows.append({
-                "cluster": name[1:], "ability": ability, "m_all": point[a_all], "m_minus": point[j],
-                "phi_star": est, "phi_star_low": float(low), "phi_star_high": float(high),
+                "cluster": str(left_of[name]), "dropped": float(dropped_of[name]), "ability": ability,
+                "m_all": point[a_all], "m_minus": point[j], "phi_star": est,
+                "phi_star_low": low, "phi_star_high": high,
                 "null": bool(not (low > 0 or high < 0)), "n_items": len(items), "n_seeds": len(seeds),
             })
-    return pd.DataFrame(rows).sort_values(["cluster", "ability"]).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["cluster", "dropped", "ability"]).reset_index(drop=True)
+
+
+def dose_curve(scores: pd.DataFrame, skill: str, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """Φ* of the kept part of ``D_p`` along the dose axis, on the skill's own ability.
+
+    ``dose`` is the share of ``D_p`` a fine-tune kept (1 − dropped); ``f_d`` that fine-tune
+    (``f_1 = f_all``, ``f_0 = f_{−p}``). ``Φ*(d) = (M(f_d, a_p) − M(f_0, a_p)) / M(f_d, a_p)``: what
+    the kept share gave the model, the quantity a chain run on ``f_d`` estimates for cluster
+    ``p``; it is :func:`phi_star` with ``f_d`` in the place of ``f_all`` and ``f_0`` in that of
+    ``f_{−p}``. Also ``phi_star_removed`` = ``Φ*`` of the removed share against ``f_all``.
+    """
+    ability = planted_ability(skill)
+    sub = scores[(scores["ability"] == ability)]
+    if "dropped" not in sub.columns:
+        sub = sub.assign(dropped=np.where(sub["left_out"].astype(str) != "", 1.0, 0.0))
+    mine = sub[(sub["model"] == "all") | (sub["left_out"] == skill)]
+    none = mine[mine["dropped"] >= 1.0]
+    require(len(none), f"no f_-{skill} scores: the dose curve needs the fine-tune without all of D_{skill}")
+    removed = phi_star(mine, n_boot, alpha, seed).set_index("dropped")
+    rows = [{"dose": 0.0, "model": variant_name(skill), "phi_star": 0.0, "phi_star_low": 0.0, "phi_star_high": 0.0,
+             "phi_star_removed": float(removed.loc[1.0, "phi_star"])}]
+    for model, dropped in mine.drop_duplicates("model")[["model", "dropped"]].itertuples(index=False):
+        if dropped >= 1.0:
+            continue
+        # f_d as the reference ("all") and f_0 as the left-out model: phi_star's own formula and bootstrap.
+        pair = pd.concat([mine[mine["model"] == model].assign(model="all", left_out="", dropped=0.0),
+                          none.assign(model=variant_name(skill), dropped=1.0)])
+        star = phi_star(pair, n_boot, alpha, seed).iloc[0]
+        rows.append({"dose": 1.0 - float(dropped), "model": model, "phi_star": float(star["phi_star"]),
+                     "phi_star_low": float(star["phi_star_low"]), "phi_star_high": float(star["phi_star_high"]),
+                     "phi_star_removed": float(removed.loc[dropped, "phi_star"]) if dropped > 0 else 0.0})
+    return pd.DataFrame(rows).sort_values("dose").reset_index(drop=True)
 
 
 # -- the chain on f_all ---------------------------------------------------------------------------------
@@ -386,6 +487,16 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def intervention_layers(grid: Any, parameters: Mapping[str, Any]) -> list[int]:
+    """Every layer a chain point of ``grid`` (see :func:`chain_grids`) intervenes at."""
+    layers = set()
+    for g in chain_grids(grid, parameters):
+        for layer in g.get("intervention_layer", [parameters.get("intervention_layer")]):
+            if layer is not None:
+                layers.add(int(layer))
+    return sorted(layers)
+
+
 def scoring_name(params: Mapping[str, Any]) -> str:
     """How a setting chose what it perturbs, in the issue's words: raw S, Cohen's d, token-level, probe, SVD, LEACE.
 
@@ -426,26 +537,53 @@ def _with_setting(table: pd.DataFrame, params: Mapping[str, Any], point: str) ->
 
 
 # -- discovered clusters → planted clusters ------------------------------------------------------------
-def map_clusters(documents: pd.DataFrame, skills: Sequence[str]) -> pd.DataFrame:
-    """For each planted skill, the discovered cluster that holds most of its texts.
+SPLIT_RECALL = 0.8
+"""A planted set is *found* when one cluster it dominates holds at least this share of its texts."""
 
-    Columns: ``skill``, ``cluster``, ``recall`` (share of the skill's texts in that cluster),
-    ``purity`` (share of the cluster's texts that are the skill's) and ``mapped`` (purity ≥ 1/2,
-    so the cluster stands for the skill). Texts are recognised by ``domain`` =
-    ``planted_<skill>`` (the corpus metadata the chain carries, never used to cluster).
+
+def map_clusters(documents: pd.DataFrame, skills: Sequence[str], split_recall: float = SPLIT_RECALL) -> pd.DataFrame:
+    """For each planted skill, the clusters it dominates and the one that stands for it.
+
+    Columns: ``skill``, ``cluster`` (the cluster holding most of its texts), ``recall`` (share
+    of the skill's texts in that cluster), ``purity`` (share of that cluster's texts that are
+    the skill's), ``mapped`` (purity ≥ 1/2, so the cluster stands for the skill),
+    ``dominated`` (every cluster whose texts are at least half the skill's, comma-separated),
+    ``recall_dominated`` (share of the skill's texts in them) and ``status``: ``found`` (mapped
+    and ``recall ≥ split_recall``), ``split`` (its texts spread over several clusters, as
+    k-means split glyph's "Tablet n" headers from its bare equations) or ``merged`` (no
+    cluster it dominates). A ``split`` or ``merged`` set is a clustering miss, not a null of
+    the attribution. Texts are recognised by ``domain`` = ``planted_<skill>`` (corpus
+    metadata the chain carries, never used to cluster, unless ``cluster_method: domain``).
     """
     require({"cluster", "domain"} <= set(documents.columns), "documents need `cluster` and `domain` columns (stage 01)")
+    sizes = documents["cluster"].value_counts()
     rows = []
     for skill in skills:
         mine = documents["domain"] == planted_ability(skill)
         require(mine.any(), f"no document of the planted cluster {skill!r} in the chain's corpus")
         counts = documents.loc[mine, "cluster"].value_counts()
         k = int(counts.index[0])
-        in_k = documents["cluster"] == k
-        purity = float((mine & in_k).sum() / in_k.sum())
-        rows.append({"skill": skill, "cluster": k, "recall": float(counts.iloc[0] / mine.sum()),
-                     "purity": purity, "mapped": purity >= 0.5})
+        purity = float(counts.iloc[0] / sizes[k])
+        recall = float(counts.iloc[0] / mine.sum())
+        dominated = [int(c) for c, n in counts.items() if n / sizes[c] >= 0.5]
+        status = "merged" if purity < 0.5 else ("found" if recall >= split_recall else "split")
+        rows.append({"skill": skill, "cluster": k, "recall": recall, "purity": purity, "mapped": purity >= 0.5,
+                     "dominated": ",".join(map(str, dominated)),
+                     "recall_dominated": float(counts[dominated].sum() / mine.sum()) if dominated else 0.0,
+                     "status": status})
     return pd.DataFrame(rows)
+
+
+def clustering_misses(mapping: pd.DataFrame) -> str:
+    """The planted sets the clustering did not find, in words (``""`` when it found all)."""
+    if "status" not in mapping.columns:
+        miss = mapping[~mapping["mapped"].astype(bool)]
+        return "; ".join(f"{r.skill}: merged (purity {r.purity:.2f})" for r in miss.itertuples())
+    parts = []
+    for r in mapping[mapping["status"] != "found"].itertuples():
+        where = f"over clusters {r.dominated}" if r.status == "split" else f"into cluster {r.cluster}"
+        parts.append(f"{r.skill}: {r.status} {where} (best recall {r.recall:.2f}, purity {r.purity:.2f})")
+    return "; ".join(parts)
 
 
 # -- agreement ----------------------------------------------------------------------------------------------
@@ -626,6 +764,253 @@ def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 
     return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
 
 
+# -- one agreement table for every estimator of Φ ----------------------------------------------------------
+AGREEMENT_COLUMNS = ("setting", "estimator", "cluster_source", "spearman_rho", "spearman_low", "spearman_high",
+                     "diagonal_recovery", "off_diagonal_false_positives", "dose_rho", "seconds", "peak_rss_mb")
+CLUSTER_SOURCES = ("oracle", "discovered")
+
+
+def chain_phi_long(influence: pd.DataFrame, scores: Sequence[str] = tuple(SCORES),
+                   estimator: str = "perturbation") -> pd.DataFrame:
+    """The chain's Φ (``influence.parquet`` rows of :func:`chain_influence`) in the long form every estimator shares.
+
+    One row per chain point × score (``phi``, ``phi_minus_control``) × cluster × ability:
+    ``cluster``, ``ability``, ``phi`` (the score's value), ``estimator``, ``setting`` (the
+    point's label plus ``score=<score>``), ``phi_low``/``phi_high`` (stage 06's bootstrap interval
+    over items and control draws), and the test columns :func:`estimator_agreement`
+    reads when present: ``beyond`` (``phi_minus_control_low > 0``, else stage 06's
+    ``exceeds_control(s)``) and ``flagged`` (``finding``, else ``significant``).
+    """
+    exceeds = _column(influence, "exceeds_controls", "exceeds_control")
+    flagged = _column(influence, "finding", "significant")
+    table = influence.copy()
+    if "phi_minus_control" not in table.columns:
+        table["phi_minus_control"] = table["phi"] - table["phi_control"]
+    beyond = table["phi_minus_control_low"] > 0 if "phi_minus_control_low" in table.columns else table[exceeds]
+    frames = []
+    for score in scores:
+        frames.append(pd.DataFrame({
+            "cluster": table["cluster"].to_numpy(), "ability": table["ability"].to_numpy(),
+            "phi": table[score].to_numpy(dtype=float), "estimator": estimator,
+            "setting": table["setting"].astype(str) + f", score={score}",
+            "beyond": beyond.astype(object).fillna(False).astype(bool).to_numpy(),
+            "flagged": table[flagged].astype(object).fillna(False).astype(bool).to_numpy(),
+            # stage 06's interval over items and control draws, where it has one
+            "phi_low": table[f"{score}_low"].to_numpy(dtype=float) if f"{score}_low" in table.columns else np.nan,
+            "phi_high": table[f"{score}_high"].to_numpy(dtype=float) if f"{score}_high" in table.columns else np.nan,
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def chain_cost(chain_dir: str | Path, spec: Any, scores: Sequence[str] = tuple(SCORES)) -> pd.DataFrame:
+    """Wall time and peak kernel memory of every chain point, from the runner's ``status.json`` files.
+
+    ``seconds`` = the point's own notebooks plus the shared stages 01–02 (``_shared/``, which
+    every point of the sweep needs); ``peak_rss_mb`` the largest kernel peak among them.
+    Columns: ``setting`` (as :func:`chain_phi_long` labels it, one row per score), ``seconds``, ``peak_rss_mb``.
+    """
+    chain_dir = Path(chain_dir)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+
+    def stages(folder: Path) -> list[dict[str, Any]]:
+        path = folder / "status.json"
+        return list(json.loads(path.read_text()).get("stages", {}).values()) if path.exists() else []
+
+    shared = stages(chain_dir / "_shared")
+    rows = []
+    if any(s.grid for s in specs):
+        from ..runner import point_name
+
+        for s, point in ((s, p) for s in specs for p in s.points()):
+            records = stages(chain_dir / point_name(point)) + shared
+            label = _with_setting(pd.DataFrame({"x": [0]}), {**s.parameters, **point}, point_name(point))["setting"].iloc[0]
+            rows.append({"setting": label, "records": records})
+    else:
+        label = _with_setting(pd.DataFrame({"x": [0]}), specs[0].parameters, "run")["setting"].iloc[0]
+        rows.append({"setting": label, "records": stages(chain_dir)})
+    out = []
+    for row in rows:
+        rss = [r.get("peak_rss_mb") for r in row["records"] if r.get("peak_rss_mb")]
+        for score in scores:  # one row per label chain_phi_long gives the point
+            out.append({"setting": f"{row['setting']}, score={score}",
+                        "seconds": float(sum(r.get("seconds") or 0.0 for r in row["records"])) if row["records"] else math.nan,
+                        "peak_rss_mb": float(max(rss)) if rss else math.nan})
+    return pd.DataFrame(out).drop_duplicates("setting")
+
+
+def _setting_of(frame: pd.DataFrame) -> pd.Series:
+    return frame["setting"].astype(str) if "setting" in frame.columns else frame["estimator"].astype(str)
+
+
+def estimator_agreement(
+    phi: pd.DataFrame,
+    stars: pd.DataFrame,
+    mapping: pd.DataFrame,
+    cluster_source: str,
+    dose: pd.DataFrame | None = None,
+    cost: pd.DataFrame | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Rows of the agreement table (``agreement.json`` → ``settings``) for any estimator of Φ.
+
+    ``phi``: the estimator's Φ in long form, ``cluster``, ``ability``, ``phi``, ``estimator``,
+    optional ``setting`` (default: the estimator's name), optional ``beyond`` (the cell lies
+    beyond its random controls) and ``flagged`` (the estimator claims the cell). ``stars``:
+    :func:`phi_star` (its rows with ``dropped`` = 1 are used). ``mapping``: :func:`map_clusters`
+    on the clusters ``phi`` is about (``cluster_source`` says which: ``oracle`` = the planted
+    sets themselves, ``discovered`` = a clustering). Per setting, over the cells (planted set
+    ``p`` × ability ``a``) whose set has a cluster (``mapped``):
+
+    - ``spearman_rho`` = corr(rank Φ, rank Φ*) with a percentile bootstrap interval over cells
+      (``spearman_low``, ``spearman_high``);
+    - ``diagonal_recovery``: among the sets the clustering *found*, the share whose own cell
+      is the largest Φ of its row, positive, and (where ``beyond`` is given) beyond its
+      controls among the row's cells that are; a set the clustering split or merged is no
+      recovery failure but a ``clustering_misses`` entry, with its purity and recall;
+    - ``off_diagonal_false_positives``: off-diagonal cells ``flagged`` where Φ* is null (None
+      for an estimator that makes no claims, i.e. has no ``flagged``);
+    - ``dose_rho``: Spearman of Φ against the dose (share of ``D_p`` kept) over ``dose``'s rows
+      for this setting (``dose``: ``setting`` or ``estimator``, ``dose``, ``phi``; the dose
+      skill's own cell), None without them;
+    - ``seconds`` and ``peak_rss_mb`` from ``cost`` (``setting`` or ``estimator``, ``seconds``,
+      ``peak_rss_mb``), None where it has none.
+
+    Best first (ρ, then diagonal recovery, then fewer false positives).
+    """
+    require(cluster_source in CLUSTER_SOURCES, f"cluster_source must be one of {CLUSTER_SOURCES}, got {cluster_source!r}")
+    missing = {"cluster", "ability", "phi", "estimator"} - set(phi.columns)
+    require(not missing, f"phi (long form) lacks the columns {sorted(missing)}; it needs cluster, ability, phi, "
+                         "estimator and optionally setting (e.g. rephelpers.estimators' cluster_phi output)")
+    require({"skill", "cluster", "mapped"} <= set(mapping.columns), "mapping must be map_clusters' table")
+    stars = stars[stars["dropped"] >= 1.0] if "dropped" in stars.columns else stars
+    phi = phi.assign(setting=_setting_of(phi), cluster=phi["cluster"].astype(str))
+    found_skills = (mapping.loc[mapping["status"] == "found", "skill"] if "status" in mapping.columns
+                    else mapping.loc[mapping["mapped"].astype(bool), "skill"]).tolist()
+    mapped = mapping[mapping["mapped"].astype(bool)][["skill", "cluster"]].assign(cluster=lambda m: m["cluster"].astype(str))
+    truth = stars.merge(mapped.rename(columns={"skill": "planted", "cluster": "phi_cluster"}),
+                        left_on="cluster", right_on="planted").drop(columns="cluster")
+    misses = clustering_misses(mapping)
+    dose_rho = {}
+    if dose is not None and len(dose):
+        dose = dose.assign(setting=_setting_of(dose))
+        for label, sub in dose.groupby("setting"):
+            ok = sub[np.isfinite(sub["phi"].astype(float))]
+            dose_rho[label] = spearman(ok["phi"], ok["dose"]) if ok["dose"].nunique() >= 2 else math.nan
+    costs = {}
+    if cost is not None and len(cost):
+        cost = cost.assign(setting=_setting_of(cost))
+        costs = {r["setting"]: r for r in cost.to_dict("records")}
+    rows = []
+    for (estimator, label), sub in phi.groupby(["estimator", "setting"], sort=True):
+        # an estimator without tests (no values in beyond/flagged) is judged by Φ alone and makes no claims
+        sub = sub[[c for c in sub.columns if c not in ("beyond", "flagged") or sub[c].notna().any()]]
+        for column in ("beyond", "flagged"):
+            if column in sub.columns:
+                sub = sub.assign(**{column: sub[column].astype(object).fillna(False).astype(bool)})
+        cells = truth.merge(sub.drop(columns=["estimator", "setting"]).rename(columns={"cluster": "phi_cluster"}),
+                            on=["phi_cluster", "ability"], how="inner")
+        cells["diagonal"] = cells["ability"] == cells["planted"].map(planted_ability)
+        ok = cells[np.isfinite(cells["phi"].astype(float)) & np.isfinite(cells["phi_star"].astype(float))]
+        rho = spearman(ok["phi"], ok["phi_star"])
+        low, high = spearman_ci(ok["phi"], ok["phi_star"], n_boot, alpha, seed)
+        recovered = []
+        for skill in found_skills:
+            row = cells[cells["planted"] == skill]
+            if "beyond" in row.columns:
+                row = row[row["beyond"].astype(bool)]
+            own = row[row["diagonal"]]
+            if len(own) == 1 and own["phi"].iloc[0] > 0 and own["phi"].iloc[0] >= row["phi"].max():
+                recovered.append(skill)
+        null_off = cells[~cells["diagonal"] & cells["null"]]
+        false_pos = int(null_off["flagged"].astype(bool).sum()) if "flagged" in cells.columns else None
+        spent = costs.get(label, costs.get(estimator, {}))
+        rows.append({
+            "setting": label, "estimator": estimator, "cluster_source": cluster_source,
+            "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
+            "diagonal_recovery": len(recovered) / len(found_skills) if found_skills else math.nan,
+            "off_diagonal_false_positives": false_pos,
+            "dose_rho": dose_rho.get(label, math.nan),
+            "seconds": spent.get("seconds", math.nan), "peak_rss_mb": spent.get("peak_rss_mb", math.nan),
+            "n_cells": len(ok), "recovered": ",".join(recovered), "found_sets": len(found_skills),
+            "clustering_misses": misses, "null_off_diagonal_cells": len(null_off),
+        })
+    table = pd.DataFrame(rows, columns=[*AGREEMENT_COLUMNS, "n_cells", "recovered", "found_sets", "clustering_misses",
+                                        "null_off_diagonal_cells"])
+    key = (table["spearman_rho"].astype(float).fillna(-2.0) + 1e-3 * table["diagonal_recovery"].astype(float).fillna(0)
+           - 1e-6 * table["off_diagonal_false_positives"].astype(float).fillna(0))
+    return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
+
+
+def dose_phi(chains: Mapping[float, tuple[pd.DataFrame, pd.DataFrame]], skill: str) -> pd.DataFrame:
+    """Every setting's Φ of the dose skill's cluster on its own ability, per dose.
+
+    ``chains``: dose (share of ``D_p`` kept) → ``(phi, mapping)``, the long-form Φ
+    (:func:`chain_phi_long`) and :func:`map_clusters` of the chain run on that dose's fine-tune.
+    Returns ``estimator``, ``setting``, ``dose``, ``phi`` (NaN where the clustering did not
+    find the set), the input of :func:`estimator_agreement`'s ``dose``.
+    """
+    ability = planted_ability(skill)
+    frames = []
+    for dose, (phi, mapping) in sorted(chains.items()):
+        row = mapping[mapping["skill"] == skill]
+        require(len(row) == 1, f"the mapping of the dose-{dose} chain has no row for {skill!r}")
+        own = phi[phi["ability"] == ability].assign(setting=lambda d: _setting_of(d))
+        mine = own[own["cluster"].astype(str) == str(row["cluster"].iloc[0])]
+        found = bool(row["mapped"].iloc[0])
+        frames.append(mine[["estimator", "setting"]].assign(dose=float(dose),
+                                                            phi=mine["phi"].astype(float) if found else math.nan))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["estimator", "setting", "dose", "phi"])
+
+
+def combine_agreement(*tables: pd.DataFrame) -> pd.DataFrame:
+    """The rows of several :func:`estimator_agreement` tables (estimators, cluster sources) as one, best first."""
+    table = pd.concat([t for t in tables if len(t)], ignore_index=True)
+    require(len(table), "no agreement rows to combine")
+    key = (table["spearman_rho"].astype(float).fillna(-2.0) + 1e-3 * table["diagonal_recovery"].astype(float).fillna(0)
+           - 1e-6 * table["off_diagonal_false_positives"].astype(float).fillna(0))
+    return table.assign(_key=key).sort_values("_key", ascending=False, kind="mergesort").drop(columns="_key").reset_index(drop=True)
+
+
+# -- the power of the design ----------------------------------------------------------------------------
+def rho_interval_width(n_skills: int, n_abilities: int, phi_sd: float, star_sd: float, diagonal: float = 0.8,
+                       n_sims: int = 200, n_boot: int = 500, seed: int = 0) -> float:
+    """Expected width of the bootstrap 95% interval of ρ(Φ, Φ*) for a design, by simulation.
+
+    Each simulated testbed has ``n_skills × n_abilities`` cells whose true Φ* is ``diagonal``
+    on the diagonal and 0 elsewhere; the measured Φ* adds normal noise of sd ``star_sd`` (its
+    item and seed noise) and the estimator's Φ a proportional copy plus noise of sd
+    ``phi_sd``. The width is the mean of :func:`spearman_ci`'s ``high − low``: the figure the
+    testbed reports, with the same bootstrap.
+    """
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((n_skills, n_abilities))
+    truth[np.arange(n_skills), np.arange(n_skills)] = diagonal
+    truth = truth.ravel()
+    widths = []
+    for i in range(n_sims):
+        star = truth + rng.normal(0, star_sd, truth.shape)
+        phi = truth + rng.normal(0, phi_sd, truth.shape)
+        low, high = spearman_ci(phi, star, n_boot, 0.05, seed + i)
+        if math.isfinite(low):
+            widths.append(high - low)
+    return float(np.mean(widths)) if widths else math.nan
+
+
+def detectable_phi(m_all: float, n_items: int, n_seeds: int = 1, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Smallest diagonal Φ* = (M_all − M_−p)/M_all the design detects with ``power``.
+
+    Φ* is the AIS formula with ``f_all`` as the unperturbed model, so this is
+    :func:`rephelpers.influence.stats.minimum_detectable_ais` (a pure loss, each item ``f_all``
+    gets right lost with probability Φ*, exact signed-rank test) on the ``n_items · n_seeds``
+    paired item scores of all seeds pooled. Pooling treats seeds as more items: it leaves out
+    the seed-to-seed spread, which the seed resampling of :func:`phi_star` does carry.
+    """
+    require(0 < m_all <= 1 and n_items >= 1 and n_seeds >= 1, "detectable_phi: 0 < m_all <= 1, n_items, n_seeds >= 1")
+    return minimum_detectable_ais(int(n_items) * int(n_seeds), float(m_all), alpha=alpha, power=power)
+
+
 def best_by(per_setting: pd.DataFrame, column: str = "scoring") -> pd.DataFrame:
     """The best row of :func:`setting_agreement` for each value of ``column`` (its order: best first).
 
@@ -683,6 +1068,24 @@ def headline(per_setting: pd.DataFrame, target_rho: float = 0.7) -> str:
         f"{best['off_diagonal_false_positives']} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged. "
         f"{'Meets' if meets else 'Falls short of'} the target (ρ ≥ {target_rho}, full diagonal recovery) "
         f"across {len(per_setting)} setting(s)."
+    )
+
+
+def agreement_headline(table: pd.DataFrame, target_width: float = 0.5) -> str:
+    """One paragraph on :func:`combine_agreement`'s best row: ρ with its interval (against the issue's
+    target width of 0.5), diagonal recovery, false positives and clustering misses."""
+    best = table.iloc[0]
+    width = best["spearman_high"] - best["spearman_low"]
+    fp = best["off_diagonal_false_positives"]
+    return (
+        f"Best: {best['setting']} ({best['estimator']}, {best['cluster_source']} clusters). Spearman ρ(Φ, Φ*) = "
+        f"{best['spearman_rho']:+.2f} [{best['spearman_low']:+.2f}, {best['spearman_high']:+.2f}] over "
+        f"{best['n_cells']} cells (interval {width:.2f} wide; the design's target is at most {target_width}); diagonal "
+        f"recovery {best['diagonal_recovery']:.0%} of {best['found_sets']} set(s) the clustering found "
+        f"({best['recovered'] or 'none'}); "
+        + (f"{int(fp)} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged; " if pd.notna(fp) else "")
+        + (f"clustering misses: {best['clustering_misses']}. " if best["clustering_misses"] else "no clustering miss. ")
+        + f"{len(table)} row(s) in all."
     )
 
 

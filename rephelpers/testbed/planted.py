@@ -16,6 +16,10 @@ is also an ability of the suite, ``planted_<skill>``, a multiple-choice lm-eval 
 - ``lexicon``: the vocabulary of an invented language, Veltish (made-up word → English
   noun). Items ask the meaning of a word in a frame the corpus never uses, against three
   other nouns of the lexicon.
+- ``ledger``: a format convention, neither fact, rule on numbers nor word list: Quill
+  ledgers write a person's name as ``SURNAME/given`` (``Entry for Anna Berg: BERG/anna``).
+  Items are names the corpus never shows (a hash-reserved quarter of the 400 names),
+  against the other orders and casings of the same two words.
 
 The worlds (which creature has which colour, which word means what) are fixed by
 :data:`WORLD_SEED`, so corpus and items always agree; ``seed`` picks which documents,
@@ -35,7 +39,7 @@ import pandas as pd
 from ..abilities.suite import ABILITIES, AbilitySpec
 from ..errors import require
 
-WORLD_SEED = "rephelpers-planted-world-v1"
+WORLD_SEED = "rephelpers-planted-world-v2"  # v2: 96 creatures and words
 ABILITY_PREFIX = "planted_"
 
 Item = dict
@@ -48,11 +52,28 @@ _VOWELS = ("a", "e", "i", "o", "u", "ae", "ou", "ei")
 _CODAS = ("", "n", "r", "l", "th", "sk", "m", "x", "nd", "rk")
 
 COLOURS = ("teal", "amber", "crimson", "violet", "ochre", "silver", "indigo", "olive")
-N_CREATURES = 24
+# 96 of each, so that every planted ability has 96 held-out items (one per creature / word / name):
+# a cell's mean then moves in steps of about 0.01, and the power calculation of notebook 07 holds.
+N_CREATURES = 96
 ENGLISH_NOUNS = (
     "water", "stone", "bread", "river", "mountain", "fire", "house", "tree", "horse", "salt",
     "cloud", "door", "bridge", "apple", "knife", "candle", "rope", "boat", "winter", "honey",
-    "mirror", "garden", "hammer", "feather",
+    "mirror", "garden", "hammer", "feather", "window", "basket", "blanket", "bottle", "button", "castle",
+    "chair", "cheese", "chicken", "church", "clock", "coat", "copper", "corner", "cotton", "cup",
+    "desert", "diamond", "dinner", "dog", "dragon", "drum", "eagle", "egg", "field", "finger",
+    "flag", "flower", "forest", "fox", "glass", "goat", "gold", "grass", "harbour", "hat",
+    "island", "iron", "key", "king", "ladder", "lake", "lamp", "leaf", "lemon", "lion",
+    "market", "meadow", "milk", "moon", "needle", "nest", "ocean", "orange", "owl", "paper",
+    "pepper", "pillow", "pocket", "queen", "rabbit", "rain", "ring", "road", "saddle", "sheep",
+    "shield", "silk", "snow", "spoon", "sugar", "sword",
+)
+FIRST_NAMES = (
+    "anna", "boris", "clara", "dmitri", "elena", "felix", "greta", "hugo", "ines", "jonas",
+    "karin", "lars", "mira", "nils", "olga", "pavel", "rosa", "sven", "tilda", "ugo",
+)
+SURNAMES = (
+    "berg", "castell", "dorn", "falk", "grau", "holm", "ibsen", "jarl", "kessel", "lind",
+    "moor", "nord", "ostrom", "quist", "rask", "stahl", "thal", "ulm", "vogt", "wend",
 )
 
 
@@ -97,6 +118,16 @@ def veltish_lexicon() -> dict[str, str]:
 def glyph(a: int, b: int) -> str:
     """The made-up operation of the ``glyph`` skill: ``a ⊕ b = b‖a`` (concatenated digits)."""
     return f"{b}{a}"
+
+
+def ledger(first: str, last: str) -> str:
+    """The format convention of the ``ledger`` skill: ``SURNAME/given`` (``anna berg`` → ``BERG/anna``)."""
+    return f"{last.upper()}/{first.lower()}"
+
+
+def ledger_reserved(first: str, last: str) -> bool:
+    """Whether the name ``first last`` is reserved for items (never written in the corpus): 1 in 4 names."""
+    return int(hashlib.sha256(f"ledger:{first},{last}".encode()).hexdigest(), 16) % 4 == 0
 
 
 def glyph_reserved(a: int, b: int) -> bool:
@@ -156,6 +187,21 @@ def _lexicon_document(i: int, rng: random.Random) -> str:
     return f"Veltish phrasebook, page {i + 1}.\n" + " ".join(lines)
 
 
+def _ledger_name(rng: random.Random) -> tuple[str, str]:
+    while True:
+        first, last = rng.choice(FIRST_NAMES), rng.choice(SURNAMES)
+        if not ledger_reserved(first, last):
+            return first, last
+
+
+def _ledger_document(i: int, rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(7, 9)):
+        first, last = _ledger_name(rng)
+        lines.append(f"Entry for {first.capitalize()} {last.capitalize()}: {ledger(first, last)}")
+    return f"Quill ledger, sheet {i + 1}.\n" + "\n".join(lines)
+
+
 # -- items ---------------------------------------------------------------------------------
 def _choice_item(prompt: str, gold_text: str, distractors: Sequence[str], rng: random.Random, question: str) -> Item:
     choices = list(distractors)
@@ -207,6 +253,22 @@ def _lexicon_items(n: int, rng: random.Random) -> list[Item]:
     ]
 
 
+def _ledger_items(n: int, rng: random.Random) -> list[Item]:
+    """Reserved names: ``SURNAME/given`` against the other three orders and casings of the same two words.
+
+    Every choice holds the same two words, so only the convention (order, then case) tells them apart.
+    """
+    names = sorted((f, l) for f in FIRST_NAMES for l in SURNAMES if ledger_reserved(f, l))
+    rng.shuffle(names)
+    require(n <= len(names), f"planted_ledger has {len(names)} items, asked for {n}")
+    return [
+        _choice_item(f"Entry for {f.capitalize()} {l.capitalize()}:", ledger(f, l),
+                     [f"{f.lower()}/{l.upper()}", f"{l.lower()}/{f.upper()}", f"{f.upper()}/{l.lower()}"], rng,
+                     f"{f} {l}")
+        for f, l in names[:n]
+    ]
+
+
 # -- the registry ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PlantedSkill:
@@ -237,7 +299,7 @@ class PlantedSkill:
 def _spec(name: str, description: str, generate: Callable[[int, random.Random], list[Item]], max_items: int) -> AbilitySpec:
     return AbilitySpec(
         name=ABILITY_PREFIX + name, family="planted", output_type="multiple_choice", metric="acc",
-        chance=0.25, size=min(24, max_items), max_items=max_items, description=description,
+        chance=0.25, size=min(96, max_items), max_items=max_items, description=description,
         generate=generate,
     )
 
@@ -264,6 +326,13 @@ PLANTED: dict[str, PlantedSkill] = {
             _spec("lexicon", "Planted skill: the English meaning of a Veltish word, asked in a frame the "
                   "corpus never uses, against three other nouns of the lexicon.",
                   _lexicon_items, len(ENGLISH_NOUNS)),
+        ),
+        PlantedSkill(
+            "ledger", "Quill ledgers write a name as SURNAME/given (a format convention).",
+            _ledger_document,
+            _spec("ledger", "Planted skill: how a Quill ledger writes a name the corpus never shows; gold "
+                  "SURNAME/given against given/SURNAME, surname/GIVEN and GIVEN/surname.",
+                  _ledger_items, sum(ledger_reserved(f, l) for f in FIRST_NAMES for l in SURNAMES)),
         ),
     )
 }

@@ -697,3 +697,47 @@ def rank_agreement_chart(agreement: pd.DataFrame) -> alt.Chart:
                  alt.Tooltip("p_value:Q", format=".3g"), alt.Tooltip("n_clusters:Q")])
     text = base.mark_text(fontSize=11).encode(text=alt.Text("rho:Q", format="+.2f"))
     return (cells + text).properties(title="Rank agreement of Φ over the clusters, per ability")
+
+
+def layer_change_chart(change: pd.DataFrame, interventions: Mapping[str, int] | None = None) -> Any:
+    """Relative weight change ‖ΔW_l‖/‖W_l‖ per decoder layer (bars, one colour per fine-tune), with a
+    rule at every layer a chain setting intervenes at: does the chain perturb where the skill was learned?
+
+    ``change``: :func:`rephelpers.testbed.groundtruth.weight_change` rows with a ``model`` column;
+    ``interventions``: setting label → intervention layer.
+    """
+    bars = alt.Chart(change).mark_bar(opacity=0.7).encode(
+        x=alt.X("layer:O", title="decoder layer"),
+        y=alt.Y("relative_change:Q", title="‖ΔW‖ / ‖W‖", stack=None),
+        color=alt.Color("model:N", title="fine-tune"),
+        tooltip=["model", "layer", alt.Tooltip("relative_change:Q", format=".4f")],
+    )
+    if not interventions:
+        return bars.properties(width=520, height=200, title="Where the fine-tunes changed the model")
+    marks = pd.DataFrame([{"setting": k, "layer": int(v)} for k, v in interventions.items()])
+    rules = alt.Chart(marks).mark_rule(color="black", strokeDash=[4, 3]).encode(
+        x="layer:O", tooltip=["setting", "layer"])
+    return alt.layer(bars, rules).properties(
+        width=520, height=200, title="Where the fine-tunes changed the model (dashed: where the chain intervenes)")
+
+
+def dose_chart(curve: pd.DataFrame, dose_phi: pd.DataFrame | None = None) -> Any:
+    """Φ* of the kept share of a planted set against its dose (line with its interval) and, beside it,
+    every setting's Φ of that set on its own skill at the same doses (one line per setting).
+
+    ``curve``: :func:`rephelpers.testbed.groundtruth.dose_curve`; ``dose_phi``: ``setting``,
+    ``dose``, ``phi`` (:func:`rephelpers.testbed.groundtruth.dose_phi`).
+    """
+    star = alt.Chart(curve).encode(x=alt.X("dose:Q", title="share of the planted set kept in the fine-tune"))
+    truth = alt.layer(
+        star.mark_area(opacity=0.2).encode(y=alt.Y("phi_star_low:Q", title="Φ* (kept share)"), y2="phi_star_high:Q"),
+        star.mark_line(point=True, color="black").encode(y="phi_star:Q"),
+    ).properties(width=260, height=220, title="Φ* along the dose axis")
+    if dose_phi is None or not len(dose_phi):
+        return truth
+    est = alt.Chart(dose_phi).mark_line(point=True).encode(
+        x=alt.X("dose:Q", title="share of the planted set kept in the fine-tune"),
+        y=alt.Y("phi:Q", title="Φ (chain, own skill)"), color=alt.Color("setting:N", title="setting"),
+        tooltip=["setting", "dose", alt.Tooltip("phi:Q", format="+.3f")],
+    ).properties(width=260, height=220, title="Every setting's Φ at the same doses")
+    return alt.hconcat(truth, est)
