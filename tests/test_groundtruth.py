@@ -20,6 +20,8 @@ from rephelpers.testbed import groundtruth as gt
 from rephelpers.testbed import planted as P
 from rephelpers.abilities.suite import ABILITIES, build_tasks, read_items
 from rephelpers.errors import RephelpersError
+from rephelpers.estimators.run import PHI_ARTIFACT
+from rephelpers.runner import RunSpec
 from rephelpers.influence.stats import minimum_detectable_ais
 
 SKILLS = list(P.PLANTED)
@@ -558,3 +560,33 @@ def test_chain_cost_reads_the_runner_status_and_matches_the_long_form_labels(tmp
                                                "exceeds_control": [False]}), spec.parameters, "run")
     assert set(cost["setting"]) == set(gt.chain_phi_long(influence)["setting"])
     assert (cost["seconds"] == 70.5).all() and (cost["peak_rss_mb"] == 1300).all()
+
+
+def test_a_chains_other_estimators_enter_the_agreement_table_as_rows_of_their_own(tmp_path):
+    # stage 06 of a chain wrote estimators/phi.parquet: perturbation's rows (left out: chain_phi_long has them per
+    # setting) beside repsim's and bm25's, with the permutation test's adjusted p and each estimator's cost
+    skills = ["facts", "glyph", "lexicon", "ledger"]
+    stars = _truth(skills)
+    mapping = pd.DataFrame({"skill": skills, "cluster": [5, 6, 7, 8], "recall": 1.0, "purity": 1.0, "mapped": True,
+                            "dominated": ["5", "6", "7", "8"], "recall_dominated": 1.0, "status": "found"})
+    rows = []
+    for name, gain, seconds in (("perturbation", 0.0, np.nan), ("repsim", 0.4, 12.0), ("bm25", 0.0, 0.5)):
+        for s, k in zip(skills, (5, 6, 7, 8)):
+            for a in map(P.planted_ability, skills):
+                own = a == P.planted_ability(s)
+                rows.append({"cluster": k, "ability": a, "phi": gain * own + 0.01 * k, "estimator": name,
+                             "p_value": 0.01 if own else 0.5, "p_adjusted": 0.02 if own else 0.9 if name == "repsim" else 0.01,
+                             "n_permutations": 999, "seconds": seconds, "peak_rss_mb": 800.0})
+    (tmp_path / PHI_ARTIFACT).parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(tmp_path / PHI_ARTIFACT)
+    spec = RunSpec(name="chain", parameters={}, notebooks=list(gt.CHAIN_NOTEBOOKS))
+    phi, cost = gt.chain_estimator_phi(tmp_path, spec)
+    assert set(phi["estimator"]) == {"repsim", "bm25"} and (phi["setting"] == phi["estimator"]).all()
+    assert phi.loc[phi["estimator"] == "bm25", "flagged"].all()  # every bm25 cell claimed (p_adjusted 0.01)
+    table = gt.estimator_agreement(phi, stars, mapping, "discovered", cost=cost, n_boot=100).set_index("setting")
+    assert table.loc["repsim", "diagonal_recovery"] == 1.0 and table.loc["repsim", "off_diagonal_false_positives"] == 0
+    assert table.loc["bm25", "off_diagonal_false_positives"] == 12  # claims every null off-diagonal cell
+    assert table.loc["repsim", "seconds"] == 12.0 and table.loc["bm25", "peak_rss_mb"] == 800.0
+    # a chain whose stage 06 ran perturbation alone adds no row
+    pd.DataFrame([r for r in rows if r["estimator"] == "perturbation"]).to_parquet(tmp_path / PHI_ARTIFACT)
+    assert gt.chain_estimator_phi(tmp_path, spec)[0].empty

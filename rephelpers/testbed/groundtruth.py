@@ -51,9 +51,11 @@ from ..abilities.suite import ABILITIES, TaskInfo
 from ..artifacts import stable_hash
 from ..corpus.loaders import load_corpus
 from ..errors import RephelpersError, require
+from ..estimators.run import PHI_ARTIFACT
 from ..influence.impact import relative_loss
 from ..influence.stats import bootstrap_weights, minimum_detectable_ais, percentile_interval
 from ..perturbations.kinds import KINDS
+from ..runner import point_name
 from .planted import PLANTED, planted_ability, planted_corpus
 
 CHAIN_NOTEBOOKS = (
@@ -465,8 +467,6 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     frames = []
     if any(s.grid for s in specs):
-        from ..runner import point_name
-
         seen = set()
         for s, point in ((s, p) for s in specs for p in s.points()):
             if point_name(point) in seen:
@@ -819,8 +819,6 @@ def chain_cost(chain_dir: str | Path, spec: Any, scores: Sequence[str] = tuple(S
     shared = stages(chain_dir / "_shared")
     rows = []
     if any(s.grid for s in specs):
-        from ..runner import point_name
-
         for s, point in ((s, p) for s in specs for p in s.points()):
             records = stages(chain_dir / point_name(point)) + shared
             label = _with_setting(pd.DataFrame({"x": [0]}), {**s.parameters, **point}, point_name(point))["setting"].iloc[0]
@@ -836,6 +834,37 @@ def chain_cost(chain_dir: str | Path, spec: Any, scores: Sequence[str] = tuple(S
                         "seconds": float(sum(r.get("seconds") or 0.0 for r in row["records"])) if row["records"] else math.nan,
                         "peak_rss_mb": float(max(rss)) if rss else math.nan})
     return pd.DataFrame(out).drop_duplicates("setting")
+
+
+def chain_estimator_phi(chain_dir: str | Path, spec: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The other estimators' Φ of a chain (RepSim, BM25, influence functions: stage 06's
+    ``estimators/phi.parquet``) in long form, and what each cost.
+
+    Their Φ reads stages 01-02 and the ability items only, which every point of a sweep shares,
+    so the first finished point's table stands for the chain; perturbation's own rows are left
+    out (:func:`chain_phi_long` gives them per setting). Returns ``(phi, cost)``: ``phi`` with
+    ``cluster, ability, phi, estimator, setting`` (setting = the estimator's name) and the
+    permutation test's ``p_adjusted`` as ``flagged`` (p < 0.05: the estimator claims the cell);
+    ``cost`` with ``setting, seconds, peak_rss_mb`` (the estimator's own run, model load included).
+    Both empty when notebook 06 ran no other estimator.
+    """
+    chain_dir = Path(chain_dir)
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    folders = ([chain_dir / point_name(p) for s in specs for p in s.points()] if any(s.grid for s in specs)
+               else [chain_dir])
+    tables = [f / PHI_ARTIFACT for f in folders if (f / PHI_ARTIFACT).exists()]
+    empty = (pd.DataFrame(columns=["cluster", "ability", "phi", "estimator", "setting", "flagged"]),
+             pd.DataFrame(columns=["setting", "seconds", "peak_rss_mb"]))
+    if not tables:
+        return empty
+    phi = pd.read_parquet(tables[0])
+    phi = phi[phi["estimator"] != "perturbation"].copy()
+    if phi.empty:
+        return empty
+    phi["setting"] = phi["estimator"]
+    phi["flagged"] = phi["p_adjusted"].astype(float) < 0.05
+    cost = phi.groupby("setting", as_index=False)[["seconds", "peak_rss_mb"]].first()
+    return phi[["cluster", "ability", "phi", "estimator", "setting", "flagged"]].reset_index(drop=True), cost
 
 
 def _setting_of(frame: pd.DataFrame) -> pd.Series:
