@@ -38,8 +38,9 @@ def execute_chain(
 ) -> list[dict[str, Any]]:
     """Execute ``notebooks`` in order into ``run_dir`` (executed copies under ``notebooks/``).
 
-    Each notebook runs watched (:class:`rephelpers.runner.watch.NotebookWatch`); a stall is retried once. Returns
-    the retries that happened (one record each) so the caller can keep them in its status.
+    Each notebook runs watched (:class:`rephelpers.runner.watch.NotebookWatch`); a stall is
+    retried once. Returns the retries that happened (one record each) so the caller can keep
+    them in its status.
     ``on_notebook(name)`` is called as a notebook starts, ``on_done(name, record)`` as it
     ends, with its wall time and its kernel's peak resident memory
     (``{"seconds": …, "peak_rss_mb": …}``, retries included). ``threads``: the kernels' thread

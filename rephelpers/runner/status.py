@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .processes import pid_alive
-from .protocol import WATCH, Lines
+from .protocol import WATCH, Lines, read_json
 
 STATUS = "status.json"
 
@@ -28,10 +28,8 @@ def write_status(run_dir: Path, **status: Any) -> None:
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / STATUS).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+    """``run_dir``'s status, ``{}`` where there is none yet."""
+    return read_json(run_dir / STATUS)
 
 
 def explain_redo(run_dir: Path, label: str, notebooks: list[str], fingerprint: str, force: bool) -> None:
