@@ -17,6 +17,10 @@ so a point gives the same artifacts whichever runs it.
     extra service and install from PyPI on a login node, and because a sweep point is a
     coarse, independent task, which is what ``Client.submit`` schedules best.
 
+How many threads each point's kernel may use (:func:`threads_per_job`, :data:`THREAD_ENV`)
+lives here too: both the runner (local points) and a dask worker (its own machine) need it,
+and the runner imports this module, never the other way round.
+
 Workers must see the same paths as the submitting process: the project (its
 ``notebooks/``), the run directory (``--runs-root``) and ``$REPHELPERS_CACHE`` on a shared
 file system. A worker that dies mid-point leaves the point's status at ``running``;
@@ -28,15 +32,41 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from .errors import RephelpersError, require
 
 ENGINES = ("local", "dask")
 SCHEDULER_TIMEOUT = "30s"
 """How long to try reaching ``--scheduler`` before saying it cannot be reached."""
+# torch, OpenMP and the BLAS libraries each start one thread per core in every kernel; with
+# several notebooks at once they oversubscribe the cores (two stage-02 kernels on 2 cores ran
+# at a third of one kernel's speed), so each job gets its share.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """``max(1, cores // jobs)``: the threads each of ``jobs`` concurrent kernels may use."""
+    return max(1, (cores or available_cores()) // max(1, jobs))
+
+
+def kernel_threads(jobs: int) -> dict[str, str]:
+    """The thread variables of a kernel that shares this machine with ``jobs - 1`` others:
+    ``{var: threads_per_job(jobs)}`` for each of :data:`THREAD_ENV`, a value already set in
+    this process's environment kept."""
+    share = str(threads_per_job(jobs))
+    return {name: os.environ.get(name, share) for name in THREAD_ENV}
 
 
 def check_engine(engine: str, scheduler: str | None) -> None:
@@ -133,10 +163,9 @@ def run_tasks(
 def worker_threads(jobs_on_host: int | None = None) -> int:
     """Threads a point's kernel may use on the machine it runs on: ``$OMP_NUM_THREADS`` where the
     worker was started with it, else this machine's cores over ``jobs_on_host`` (default 1)."""
-    from .runner import threads_per_job
-
     preset = os.environ.get("OMP_NUM_THREADS")
     return int(preset) if preset and preset.isdigit() else threads_per_job(jobs_on_host or 1)
 
 
-__all__ = ["ENGINES", "check_engine", "dask_client", "run_tasks", "worker_threads"]
+__all__ = ["ENGINES", "THREAD_ENV", "available_cores", "check_engine", "dask_client", "kernel_threads", "run_tasks",
+           "threads_per_job", "worker_threads"]

@@ -454,9 +454,9 @@ def test_the_progress_line_shows_the_cell_and_the_running_bar(tmp_path):
 
 
 def test_the_runner_prints_each_cell_and_the_kernels_progress_bar(project, capsys, monkeypatch):
-    import rephelpers.runner as runner
+    import rephelpers.runner.progressline as progressline
 
-    monkeypatch.setattr(runner, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(progressline, "PROGRESS_EVERY", 0.0)
     _add_notebook(project, "03_bar", "import time\nfrom rephelpers.progress import progress_bar\n"
                   "for _ in progress_bar(range(2), desc='work', unit='step'):\n    time.sleep(1.5)")
     with _within(120, "a notebook with a progress bar"):

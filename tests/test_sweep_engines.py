@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from rephelpers.artifacts import stable_hash
-from rephelpers.runner import SHARED, STATUS, RunSpec, _link_artifacts, notebook_parameters, run_spec, split_shared
+from rephelpers.runner import SHARED, STATUS, RunSpec, notebook_parameters, run_spec, split_shared
+from rephelpers.runner.sweep import link_artifacts
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = Path(os.environ.get("REPHELPERS_CI_RUN", ROOT / "runs" / "ci_nbmake"))
@@ -29,7 +30,7 @@ CHAIN = ["01_corpus_clusters", "02_representations", "03_cluster_dimensions", "0
 def _seed_shared(spec: RunSpec, root: Path) -> None:
     shared, _ = split_shared(spec)
     base = root / spec.name / SHARED
-    _link_artifacts(CI_RUN, base)
+    link_artifacts(CI_RUN, base)
     (base / STATUS).write_text(json.dumps({"state": "done", "fingerprint": stable_hash(spec.parameters, shared)}))
 
 

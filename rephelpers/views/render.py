@@ -71,14 +71,7 @@ _OFFLINE_PAGE_TAIL = ", {\"mode\": \"vega-lite\"}).catch(console.error);\n</scri
 # (papermill, nbmake) hung on stage 03's later ``interact`` cell in 4 of 27 runs (0 of 35 with
 # altair's CDN page; 1 of 19 this way, which may be nbclient's own flake), so the kernel only
 # hands over the spec.
-_WRITE_PAGE = """
-import shutil, sys
-bundle, target, head, body, tail = sys.argv[1:6]
-spec = sys.stdin.read()
-with open(target + ".part", "w", encoding="utf-8") as out, open(bundle, encoding="utf-8") as js:
-    out.write(head); shutil.copyfileobj(js, out); out.write(body); out.write(spec); out.write(tail)
-import os; os.replace(target + ".part", target)
-"""
+_PAGE_WRITER = Path(__file__).with_name("offline_page.py")
 
 
 def write_offline_chart_html(chart: alt.TopLevelMixin, path: str | Path) -> Path:
@@ -88,7 +81,7 @@ def write_offline_chart_html(chart: alt.TopLevelMixin, path: str | Path) -> Path
 
     spec = json.dumps(chart.to_dict()).replace("</", "<\\/")  # no "</script>" inside the script
     done = subprocess.run(
-        [sys.executable, "-I", "-c", _WRITE_PAGE, str(_vega_bundle_path()), str(path),
+        [sys.executable, "-I", str(_PAGE_WRITER), str(_vega_bundle_path()), str(path),
          _OFFLINE_PAGE_HEAD, _OFFLINE_PAGE_BODY, _OFFLINE_PAGE_TAIL],
         input=spec, text=True, capture_output=True, timeout=120,
     )
