@@ -201,3 +201,20 @@ def test_the_evaluated_draws_score_as_in_a_full_run(model, tmp_path):
     pd.testing.assert_frame_equal(rounds.drop(columns=["margin", "p_correct", "confidence"]),
                                   same.drop(columns=["margin", "p_correct", "confidence"]))
     np.testing.assert_allclose(rounds.margin, same.margin, rtol=0, atol=1e-3)
+
+
+def test_the_control_rounds_benchmark_counts_configs(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rounds.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_control_rounds.py"
+    monkeypatch.setattr(sys, "argv", ["bench_control_rounds.py", "--quick", "--json", str(out)])
+    runpy.run_path(str(bench), run_name="__main__")
+    result = json.loads(out.read_text())
+    cap = result["all_at_once"]["n_controls=10 (the cap)"]
+    assert cap == 1 + 2 * (1 + 10)
+    for summary in result["sequential"].values():
+        # at least round 0 (baseline, 2 perturbations, 5 draws each), at most the cap
+        assert 1 + 2 * (1 + 5) <= summary["min"] <= summary["max"] <= cap and len(summary["counts"]) == 2
