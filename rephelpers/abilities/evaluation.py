@@ -19,27 +19,32 @@ tasks scored by pseudo-log-likelihood, per config (``fast`` does not apply to it
 generation task is refused before any evaluation starts.
 
 :func:`cluster_configs` makes the configs of a run (every cluster's perturbation, its
-control draws, the baseline; :class:`~rephelpers.setting.Setting` ids), and the rest of
-the module summarises and charts the scores.
+control draws, the baseline; :class:`~rephelpers.setting.Setting` ids);
+:func:`evaluate_in_rounds` evaluates the control draws in rounds and stops a cluster once
+its cells are out of the tail (:mod:`rephelpers.sequential`); the rest of the module
+summarises and charts the scores.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..artifacts import RunDir
 from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
 from ..interventions.intervene import Intervention, interventions_to_json, validate
 from ..perturbations.controls import Spectrum
 from ..perturbations.kinds import build, matched_controls
+from ..phi import config_mean, relative_loss
 from ..progress import progress_bar
 from ..representations.models import Model
-from ..setting import Setting
+from ..sequential import cluster_in_tail, distinct_draws
+from ..setting import BASELINE_CLUSTER, Setting
 from .lm_eval_model import PerturbedLM, SweepLM
 from .masked_lm import MaskedPerturbedLM, check_masked_tasks
 from .lm_tasks import PreparedTasks, _quiet_lm_eval, prepare_tasks
@@ -327,6 +332,154 @@ def cluster_configs(
                     configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
                     meta[arm.id] = arm.meta()
     return configs, meta
+
+
+# -- control draws in rounds (sequential Monte Carlo, issue 27) ---------------------------------
+SCORE_ROUND = "scores_rounds/round{round}.parquet"
+"""Where :func:`round_cache` keeps each round's scores in the run directory."""
+
+DRAW_KEYS = ("cluster", "control", "kind", "magnitude", "layer", "draw")
+
+Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Mapping[str, Any]]], pd.DataFrame]
+"""``evaluate(configs, config_meta) -> scores`` (:func:`evaluate_abilities` with the run's other arguments bound)."""
+
+RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str, Mapping[str, Any]]], pd.DataFrame]
+"""``evaluate(round, configs, config_meta) -> scores``: one round's configs."""
+
+
+def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None, n_controls: int) -> None:
+    """Refuse a bad round design before any evaluation: ``control_rounds`` draws per round (None:
+    all ``n_controls`` at once), ``stop_after_exceedances`` h (None: no stop), which needs rounds."""
+    def positive(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+    require(positive(n_controls), f"n_controls (the cap on control draws) must be a positive integer, got {n_controls!r}")
+    require(control_rounds is None or positive(control_rounds),
+            f"control_rounds (control draws per round) must be None or a positive integer, got {control_rounds!r}")
+    require(stop_after_exceedances is None or positive(stop_after_exceedances),
+            f"stop_after_exceedances (h) must be None or a positive integer, got {stop_after_exceedances!r}")
+    require(stop_after_exceedances is None or control_rounds is not None,
+            f"stop_after_exceedances = {stop_after_exceedances} stops drawing between rounds, but control_rounds is "
+            "None (all draws at once): set control_rounds (e.g. 5), or stop_after_exceedances = None.")
+
+
+def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]]:
+    """Per cluster, its cells ``(Φ, the Φ^{(j)} of its distinct control draws in draw order)``,
+    computed as stage 06 computes them, from the scores evaluated so far.
+
+    ``M(f, a)`` is the mean item score of config f on ability a, ``AIS = s_a (M_base − M) / M_base``
+    (:func:`rephelpers.phi.relative_loss`) and Φ, Φ^{(j)} its mean over the cluster's configs,
+    resp. over draw j's (:func:`rephelpers.phi.config_mean`). A cell is (cluster, ability) over
+    all of Θ_k and, where Θ_k holds several settings, also (setting, ability) per setting: stage 06
+    reads one Φ per setting when stage 04 judged the settings differently, and the stop must hold
+    for whichever it reads. Draws repeating an earlier draw's interventions are left out, as
+    stage 06 leaves them out (:func:`rephelpers.sequential.distinct_draws`). The ability floor is
+    stage 06's parameter, so cells below it still count here: they can only keep a cluster drawing.
+    """
+    missing = [c for c in (*DRAW_KEYS, "config_id", "ability", "score", "higher_is_better") if c not in scores.columns]
+    require(not missing, f"draw_cells needs the score columns {missing} (evaluate_abilities with cluster_configs' config_meta)")
+    means = scores.groupby(["config_id", "ability"], sort=False)["score"].mean().unstack("ability")
+    configs = scores.drop_duplicates("config_id").set_index("config_id")[list(DRAW_KEYS)]
+    configs = configs.loc[means.index]
+    base = configs.index[configs["cluster"] == BASELINE_CLUSTER]
+    require(len(base) == 1, f"the scores hold {len(base)} baseline configs (cluster {BASELINE_CLUSTER}); need exactly one")
+    sign = np.where(scores.groupby("ability")["higher_is_better"].first().reindex(means.columns).astype(bool), 1.0, -1.0)
+    ais = relative_loss(means.loc[base].to_numpy(float), means.to_numpy(float), sign)  # [configs, abilities]
+    control = configs["control"].astype(bool).to_numpy()
+    keep = distinct_draws(scores[scores["control"].astype(bool)])
+    settings = list(zip(configs["kind"].astype(str), configs["magnitude"].astype(float).round(9), configs["layer"].astype(int)))
+    out: dict[int, list[tuple[float, np.ndarray]]] = {}
+    for cluster in sorted(int(c) for c in configs["cluster"].unique() if c != BASELINE_CLUSTER):
+        mine = (configs["cluster"] == cluster).to_numpy()
+        own = sorted({settings[i] for i in np.flatnonzero(mine & ~control)})
+        units = [set(own)] + ([{s} for s in own] if len(own) > 1 else [])
+        draws = sorted({int(d) for d in configs.loc[mine & control, "draw"]
+                        if keep is None or (cluster, int(d)) in keep})
+        cells = []
+        for unit in units:
+            in_unit = np.array([s in unit for s in settings])
+            target = config_mean(ais[mine & ~control & in_unit].T)  # one Φ per ability
+            per_draw = np.stack([config_mean(ais[mine & control & in_unit & (configs["draw"].to_numpy() == d)].T)
+                                 for d in draws], axis=1) if draws else np.empty((len(target), 0))
+            cells += [(float(t), row) for t, row in zip(target, per_draw)]
+        out[cluster] = cells
+    return out
+
+
+def evaluate_in_rounds(
+    evaluate: RoundEvaluate,
+    configs: Mapping[str, Sequence[Intervention]],
+    config_meta: Mapping[str, Mapping[str, Any]],
+    control_rounds: int,
+    stop_after_exceedances: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Evaluate :func:`cluster_configs`' configs with the control draws in rounds, stopping clusters
+    out of the tail; the scores of every config evaluated, as :func:`evaluate_abilities` gives them.
+
+    Round 0 is the baseline, every cluster's perturbation and control draws ``0 … R−1``
+    (``R = control_rounds``); round r the draws ``rR … (r+1)R − 1`` of the clusters still drawing,
+    up to the draws in ``configs`` (``n_controls``, the cap). With ``stop_after_exceedances = h``
+    a cluster stops after the round in which every cell of it (:func:`draw_cells`) has h draws
+    with ``Φ^{(j)} ≥ Φ`` (:func:`rephelpers.sequential.cluster_in_tail`): stage 06 then reads its
+    Besag–Clifford p (:func:`rephelpers.sequential.sequential_p`), the same p as a run of all the
+    draws, since each cell's p is fixed at its h-th exceedance. A cluster also stops when a round
+    adds no draw distinct from its earlier ones (matched controls with no freedom repeat one set,
+    which stage 06 counts once); that depends on the draws' dimensions, not on scores, so it is a
+    smaller cap and keeps the p exact. h None draws every round for every cluster (all draws,
+    evaluated and cached round by round). Draw j is always the same config (``seed + j``), so
+    its scores are those of a run that evaluated every draw at once.
+    """
+    require(isinstance(config_meta, Mapping) and set(config_meta) == set(configs),
+            "evaluate_in_rounds needs config_meta for every config (cluster_configs' second return value)")
+    missing = sorted({k for meta in config_meta.values() for k in DRAW_KEYS if k not in meta})
+    require(not missing, f"config_meta lacks {missing}: pass cluster_configs' config_meta")
+    n_draws = max([int(m["draw"]) + 1 for m in config_meta.values() if m["control"]], default=0)
+    check_rounds(control_rounds, stop_after_exceedances, max(n_draws, 1))
+    rounds = max(1, math.ceil(n_draws / control_rounds))
+    drawing = {int(m["cluster"]) for m in config_meta.values() if int(m["cluster"]) != BASELINE_CLUSTER}
+    frames: list[pd.DataFrame] = []
+    distinct_before: dict[int, int] = {}
+    for r in range(rounds):
+        low, high = r * control_rounds, (r + 1) * control_rounds
+        chosen = [cid for cid, m in config_meta.items()
+                  if (r == 0 and not m["control"])
+                  or (m["control"] and int(m["cluster"]) in drawing and low <= int(m["draw"]) < high)]
+        if not chosen:
+            break
+        if progress:
+            print(f"control round {r + 1}/{rounds}: draws {low}-{min(high, n_draws) - 1} for clusters "
+                  f"{sorted(drawing)} ({len(chosen)} configs)")
+        frames.append(evaluate(r, {cid: configs[cid] for cid in chosen}, {cid: config_meta[cid] for cid in chosen}))
+        if stop_after_exceedances is None:
+            continue
+        scores = pd.concat(frames, ignore_index=True)
+        cells = draw_cells(scores)
+        keep = distinct_draws(scores[scores["control"].astype(bool)])
+        for cluster in sorted(drawing):
+            distinct = (len({d for c, d in keep if c == cluster}) if keep is not None
+                        else scores.loc[(scores["cluster"] == cluster) & scores["control"].astype(bool), "draw"].nunique())
+            repeated = r > 0 and distinct == distinct_before.get(cluster)
+            distinct_before[cluster] = distinct
+            if repeated or not cluster_in_tail(cells[cluster], stop_after_exceedances):
+                drawing.discard(cluster)
+        if not drawing:
+            break
+    return pd.concat(frames, ignore_index=True)
+
+
+def round_cache(run: RunDir, evaluate: Evaluate, params: Mapping[str, Any], upstream: Sequence[str] = (),
+                **meta: Any) -> RoundEvaluate:
+    """``evaluate`` with each round's scores cached as :data:`SCORE_ROUND` in ``run``, keyed by
+    ``params`` (everything else the scores depend on) and the round's configs, so a re-run, or one
+    with a larger cap, reuses the rounds it already evaluated (:meth:`RunDir.cached`)."""
+    def evaluate_round(r: int, configs: Mapping[str, Sequence[Intervention]],
+                       config_meta: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+        return run.cached(
+            SCORE_ROUND.format(round=r), lambda: evaluate(configs, config_meta), upstream=upstream,
+            params=dict(params, configs={cid: [iv.to_dict() for iv in ivs] for cid, ivs in configs.items()},
+                        config_meta=dict(config_meta)), **meta)
+    return evaluate_round
 
 
 # -- summaries and charts ---------------------------------------------------------------------

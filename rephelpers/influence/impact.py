@@ -32,6 +32,7 @@ import pandas as pd
 
 from ..dimensions.components import ClusterComponents, as_components
 from ..errors import RephelpersError, require
+from ..phi import config_mean, relative_loss  # noqa: F401  (impact.relative_loss / impact.config_mean: Φ's formulas)
 from ..setting import BASELINE_CLUSTER, Setting
 
 SCORE_COLUMNS = (
@@ -213,17 +214,6 @@ def ability_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["cluster", "control", "ability", "kind", "layer", "magnitude"]).reset_index(drop=True)
 
 
-def relative_loss(m_base: Any, m_pert: Any, sign: Any = 1.0) -> np.ndarray:
-    """The AIS formula on arrays: ``s · (M_base − M_pert) / M_base``, NaN where ``M_base = 0``.
-
-    :func:`ais` applies it to a score table, the bootstrap (:mod:`rephelpers.influence.stats`) to
-    every resample's matrix of ``M*`` values.
-    """
-    m_base, m_pert = np.asarray(m_base, dtype=float), np.asarray(m_pert, dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(m_base == 0, np.nan, sign * (m_base - m_pert) / np.where(m_base == 0, 1.0, m_base))
-
-
 def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFrame:
     """Ablation Impact Score of every perturbed config on every ability.
 
@@ -260,25 +250,6 @@ def ais(scores: pd.DataFrame, floor_margin: float = FLOOR_MARGIN) -> pd.DataFram
     columns = ["config_id", *CONFIG_COLUMNS, "ability", "n_items", "higher_is_better", "chance", "floor", "readable",
                "baseline_score", "perturbed_score", "delta", "ais", "note"]
     return out[columns].reset_index(drop=True)
-
-
-def config_mean(ais: np.ndarray, configs: np.ndarray | None = None) -> np.ndarray:
-    """Φ's average over configs: ``(1/|Θ'|) Σ_{θ∈Θ'} AIS(θ)``, one value per row of ``ais``.
-
-    ``ais [n, c]`` holds AIS per config in its columns (one row for the point estimate, one
-    per bootstrap replicate in :func:`rephelpers.influence.stats.bootstrap_ci`); ``configs``
-    picks the columns of Θ_k (default: all). Θ' is the configs whose AIS is defined (a
-    baseline of 0 leaves it undefined, NaN); a row with none left is NaN. This is the one
-    definition of Φ: :func:`influence_matrix`, :func:`control_draws` and the bootstrap use it.
-    """
-    ais = np.atleast_2d(np.asarray(ais, dtype=np.float64))
-    chosen = ais if configs is None else ais[:, np.asarray(configs, dtype=np.int64)]
-    if chosen.shape[1] == 0:
-        return np.full(ais.shape[0], np.nan)
-    count = np.sum(~np.isnan(chosen), axis=1)
-    total = np.nansum(chosen, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 def _config_mean_of(values: pd.Series) -> float:

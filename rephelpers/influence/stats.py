@@ -26,7 +26,6 @@ questions, so the unit of evidence is the per-item difference ``d_x = s_x − ŝ
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -36,6 +35,7 @@ import pandas as pd
 from scipy import stats as sps
 
 from ..errors import require
+from ..sequential import distinct_draws, sequential_p
 from .impact import (
     BASELINE_CLUSTER,
     CONFIG_COLUMNS,
@@ -406,31 +406,6 @@ def control_distribution_test(ais_df: pd.DataFrame, stop_after_exceedances: int 
     return pd.DataFrame(rows)
 
 
-def sequential_p(target: float, controls: np.ndarray, h: int = 10) -> tuple[float, int]:
-    """Besag–Clifford sequential Monte Carlo p-value of ``t`` against control draws taken in order.
-
-    Walk the draws ``c_1, c_2, …`` (at most ``n = len(controls)``, the cap) and stop at the
-    first ``L`` where ``h`` of them satisfy ``c_j ≥ t``: then ``p = h / L``. If the cap is
-    reached with ``g < h`` such draws, ``p = (g + 1) / (n + 1)``, the plain rank p-value.
-    Exact (``P(p ≤ α) ≤ α``) when ``t`` is exchangeable with the draws (Besag & Clifford 1991,
-    Biometrika 78:301); a cell far from the tail stops after about ``h / P(c ≥ t)`` draws,
-    so only cells near the tail pay for the cap, while the smallest p stays ``1/(n + 1)``.
-    Draws evaluated in rounds change nothing: the p is read at the ``h``-th exceedance
-    whatever round it fell in. Returns ``(p, draws used)``; NaN p and 0 draws without draws.
-    """
-    require(int(h) >= 1, f"h (exceedances that stop a cell) must be ≥ 1, got {h!r}")
-    controls = np.asarray(controls, dtype=float)
-    controls = controls[~np.isnan(controls)]
-    if len(controls) == 0 or not np.isfinite(target):
-        return float("nan"), 0
-    hits = np.cumsum(controls >= target)
-    stop = np.flatnonzero(hits >= int(h))
-    if len(stop):
-        used = int(stop[0]) + 1
-        return float(int(h) / used), used
-    return float((hits[-1] + 1) / (len(controls) + 1)), int(len(controls))
-
-
 def primary_cells(primary: str | Sequence | Mapping | None, clusters: Sequence[int], abilities: Sequence[str]) -> set:
     """The (cluster, ability) cells of a user-stated ``primary`` family, tested with their own correction.
 
@@ -764,16 +739,6 @@ def setting_units(scores: pd.DataFrame, specificity: pd.DataFrame | None) -> Set
 INFLUENCE_VERSION = "setting-gate-3"
 
 
-def _recorded_perturbations(text: Any) -> bool:
-    """Whether an ``interventions`` cell records real perturbation parameters (stage 05 always
-    does; hand-made or simulated score tables may hold placeholders that identify nothing)."""
-    try:
-        ivs = json.loads(text) if isinstance(text, str) else []
-    except ValueError:
-        return False
-    return bool(ivs) and all(isinstance(iv, dict) and isinstance(iv.get("perturbation"), dict) for iv in ivs)
-
-
 def distinct_control_draws(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``scores`` without control draws that repeat an earlier draw of the same cluster, and per
     cluster ``n_draws_requested`` / ``n_draws_distinct``.
@@ -787,16 +752,13 @@ def distinct_control_draws(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataF
     """
     control = scores["control"].astype(bool)
     requested = scores[control].groupby("cluster")["draw"].nunique().rename("n_draws_requested")
-    if (not control.any() or "interventions" not in scores.columns
-            or not scores.loc[control, "interventions"].map(_recorded_perturbations).all()):
+    keep = distinct_draws(scores[control])  # the same rule as stage 05's stop (rephelpers.sequential)
+    if keep is None:
         counts = requested.to_frame().assign(n_draws_distinct=requested)
         return scores, counts.reset_index()
-    signature = (scores[control].groupby(["cluster", "draw"])["interventions"]
-                 .agg(lambda v: "\n".join(sorted(set(v)))).reset_index())
-    first = signature.drop_duplicates(["cluster", "interventions"])
-    keep = set(zip(first.cluster, first.draw))
-    drop = control & ~pd.Series(list(zip(scores.cluster, scores.draw)), index=scores.index).isin(keep)
-    counts = requested.to_frame().join(first.groupby("cluster")["draw"].nunique().rename("n_draws_distinct"))
+    drop = control & ~pd.Series(list(zip(scores.cluster.astype(int), scores.draw.astype(int))), index=scores.index).isin(keep)
+    distinct = pd.Series([c for c, _ in keep]).value_counts().rename("n_draws_distinct")
+    counts = requested.to_frame().join(distinct)
     return scores[~drop].reset_index(drop=True), counts.reset_index()
 
 

@@ -1,0 +1,220 @@
+"""Sequential control draws (issue 27): the stop rule below the stages, stage 05's rounds, and
+stage 06 reading the stopped draws with the same p as a run of every draw."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rephelpers.abilities.evaluation import (
+    check_rounds, cluster_configs, draw_cells, evaluate_abilities, evaluate_in_rounds, round_cache,
+)
+from rephelpers.abilities.suite import build_tasks
+from rephelpers.artifacts import RunDir
+from rephelpers.errors import RephelpersError
+from rephelpers.influence import impact, stats
+from rephelpers.sequential import cluster_in_tail, distinct_draws, in_tail, reading_exceedances, sequential_p
+
+ABILITIES = {"arith": 0.7, "code": 0.6, "icl": 0.8}
+
+
+def _full(n_clusters=3, n_controls=40, planted=None, seed=0, magnitudes=(1.0,)):
+    """A null design (each cluster's R_k one more random set), with ``planted`` effects on top."""
+    return impact.simulate_scores({(k, a): 0.0 for k in range(n_clusters) for a in ABILITIES}, ABILITIES,
+                                  items_per_task=30, magnitudes=magnitudes, n_controls=n_controls,
+                                  control_effect=0.1, draw_sd=0.05, target_like_control=True,
+                                  planted=planted, seed=seed)
+
+
+def _configs_of(scores):
+    """cluster_configs-like (configs, config_meta) for a simulated score table (its configs' descriptors)."""
+    rows = scores.drop_duplicates("config_id")
+    meta = {r.config_id: {"cluster": int(r.cluster), "control": bool(r.control), "kind": r.kind,
+                          "magnitude": float(r.magnitude), "layer": int(r.layer), "draw": int(r.draw)}
+            for r in rows.itertuples(index=False)}
+    return {cid: [] for cid in meta}, meta
+
+
+def _replay(full, calls):
+    """An evaluator that serves a full run's rows for the configs asked, and records each round's configs."""
+    def evaluate(r, configs, meta):
+        calls.append((r, sorted(configs)))
+        return full[full.config_id.isin(list(configs))].reset_index(drop=True)
+    return evaluate
+
+
+def test_the_stop_rule_counts_exceedances_like_a_plain_loop():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        target, draws, h = rng.normal(), rng.normal(size=rng.integers(0, 12)), int(rng.integers(1, 4))
+        draws[rng.random(len(draws)) < 0.1] = np.nan
+        hits = sum(1 for d in draws if not np.isnan(d) and d >= target)
+        assert in_tail(target, draws, h) == (hits < h)
+    assert not in_tail(np.nan, [1.0], 2)  # no Φ, no p to read: nothing to draw for
+    assert cluster_in_tail([(0.0, [1.0, 1.0]), (5.0, [1.0, 1.0])], 2)
+    assert not cluster_in_tail([(0.0, [1.0, 1.0]), (0.5, [1.0, 0.7, 0.0])], 2)
+    with pytest.raises(RephelpersError, match="stop_after_exceedances"):
+        in_tail(0.0, [1.0], 0)
+
+
+def test_draw_cells_are_stage_06s_phi_and_control_draws():
+    scores = _full(n_clusters=2, n_controls=4, magnitudes=(0.5, 1.0))
+    cells = draw_cells(scores)
+    a = impact.ais(scores, floor_margin=0.0)
+    phi = impact.influence_matrix(a).set_index(["cluster", "ability"])["phi"]
+    draws = impact.control_draws(a)
+    for k in (0, 1):
+        # first the cluster's whole Θ_k, ability by ability (sorted), then each of its two settings
+        assert len(cells[k]) == 3 * len(ABILITIES)
+        for (target, per_draw), ability in zip(cells[k][:3], sorted(ABILITIES)):
+            assert target == phi[(k, ability)]
+            ordered = draws[(draws.cluster == k) & (draws.ability == ability)].sort_values("draw")["phi_draw"]
+            np.testing.assert_array_equal(per_draw, ordered.to_numpy())
+        # a setting's cell, by a plain loop over item means
+        base = scores[scores.cluster == -1].groupby("ability")["score"].mean()
+        for (target, per_draw), ability in zip(cells[k][3:6], sorted(ABILITIES)):
+            rows = scores[(scores.cluster == k) & (scores.magnitude == 0.5) & (scores.ability == ability)]
+            m = rows.groupby(["control", "draw"])["score"].mean()
+            assert target == pytest.approx((base[ability] - m[(False, 0)]) / base[ability])
+            np.testing.assert_allclose(per_draw, [(base[ability] - m[(True, j)]) / base[ability] for j in range(4)])
+
+
+def test_rounds_stop_null_clusters_early_and_stage_06_reads_the_full_runs_p():
+    full = _full(n_clusters=3, n_controls=40, planted={(0, "icl"): 0.6}, seed=5)
+    configs, meta = _configs_of(full)
+    calls = []
+    stopped = evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                                 progress=False)
+    evaluated = stopped.config_id.nunique()
+    assert evaluated < full.config_id.nunique()  # fewer configs than the cap
+    # Each round draws the next five draws; a cluster out of the tail draws no more.
+    draws = stopped[stopped.control].groupby("cluster")["draw"].nunique()
+    assert draws[0] == 40  # the planted cell stays in the tail: its cluster draws up to the cap
+    assert draws[[1, 2]].min() < 40 and (draws % 5 == 0).all()  # (a null cluster whose R_k is a bad draw may not stop)
+    assert "baseline" in calls[0][1] and len(calls) == 8
+    # The evaluated draws are the full run's (draw j is always the same config) ...
+    key = ["config_id", "task", "item"]
+    same = full[full.config_id.isin(stopped.config_id.unique())].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(stopped.sort_values(key).reset_index(drop=True), same)
+    # ... and every cell's sequential p is the one the full run gives.
+    got = stats.influence_table(stopped, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    want = stats.influence_table(full, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    pd.testing.assert_series_equal(got["p_vs_controls"], want["p_vs_controls"])
+    pd.testing.assert_series_equal(got["n_draws_used"], want["n_draws_used"])
+    # The stop is at the h-th exceedance of the cluster's last cell, rounded up to the round.
+    for k in (1, 2):
+        needed = max(int(u) for u in want.loc[k, "n_draws_used"])
+        assert draws[k] == min(40, int(np.ceil(needed / 5) * 5))
+    # Read with a smaller h the stopped draws still give the full run's p; a larger h is refused.
+    got1 = stats.influence_table(stopped, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
+    want1 = stats.influence_table(full, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
+    pd.testing.assert_series_equal(got1, want1)
+    assert reading_exceedances(None, 2) == 2 and reading_exceedances(1, 2) == 1 and reading_exceedances(3, None) == 3
+    with pytest.raises(RephelpersError, match="stopped drawing controls at the 2-th"):
+        reading_exceedances(3, 2)
+
+
+def test_rounds_without_a_stop_evaluate_every_draw_once():
+    full = _full(n_clusters=2, n_controls=7)
+    configs, meta = _configs_of(full)
+    calls = []
+    out = evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=3, progress=False)
+    assert [r for r, _ in calls] == [0, 1, 2]
+    assert sorted(out.config_id.unique()) == sorted(full.config_id.unique())
+    assert sum(len(c) for _, c in calls) == full.config_id.nunique()
+
+
+def test_a_cluster_whose_draws_repeat_one_set_stops_after_a_round_without_a_new_draw():
+    full = _full(n_clusters=2, n_controls=30, planted={(0, "icl"): 0.9, (1, "icl"): 0.9})
+    ivs = json.dumps([{"perturbation": {"kind": "ablate", "dims": [1, 2]}, "layer": 15}])
+    full = full.assign(interventions=[
+        ivs if c else json.dumps([{"perturbation": {"kind": "ablate", "dims": [k, j]}, "layer": 15}]) if k >= 0 else "[]"
+        for c, k, j in zip(full.control & (full.cluster == 1), full.cluster, full.draw)])
+    keep = distinct_draws(full[full.control])
+    assert {d for c, d in keep if c == 1} == {0} and {d for c, d in keep if c == 0} == set(range(30))
+    configs, meta = _configs_of(full)
+    out = evaluate_in_rounds(_replay(full, []), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                             progress=False)
+    draws = out[out.control].groupby("cluster")["draw"].nunique()
+    assert draws[1] == 10 and draws[0] == 30  # cluster 1: round 2 added no distinct draw; cluster 0: the cap
+
+
+def test_bad_round_designs_fail_before_any_evaluation():
+    full = _full(n_clusters=1, n_controls=4)
+    configs, meta = _configs_of(full)
+
+    def never(*_):
+        raise AssertionError("evaluated")
+
+    for rounds, h, match in ((0, None, "control_rounds"), (2.5, None, "control_rounds"), (None, 2, "set control_rounds"),
+                             (2, 0, "stop_after_exceedances"), (2, True, "stop_after_exceedances")):
+        with pytest.raises(RephelpersError, match=match):
+            check_rounds(rounds, h, 4)
+        if rounds is not None:
+            with pytest.raises(RephelpersError, match=match):
+                evaluate_in_rounds(never, configs, meta, rounds, h, progress=False)
+    with pytest.raises(RephelpersError, match="config_meta"):
+        evaluate_in_rounds(never, configs, {}, 2, 2, progress=False)
+
+
+def test_round_cache_reuses_the_rounds_a_larger_cap_shares(tmp_path):
+    full = _full(n_clusters=2, n_controls=10)
+    run = RunDir(tmp_path / "run")
+    served = []
+
+    def evaluate(configs, meta):
+        served.extend(configs)
+        return full[full.config_id.isin(list(configs))].reset_index(drop=True)
+
+    def meta_up_to(cap):
+        configs, meta = _configs_of(full[~full.control | (full.draw < cap)])
+        return configs, meta
+
+    cached = round_cache(run, evaluate, params={"model": "sim"})
+    first = evaluate_in_rounds(cached, *meta_up_to(5), control_rounds=5, progress=False)
+    n_first = len(served)
+    again = evaluate_in_rounds(cached, *meta_up_to(5), control_rounds=5, progress=False)
+    assert len(served) == n_first  # all from disk
+    pd.testing.assert_frame_equal(first, again)
+    bigger = evaluate_in_rounds(cached, *meta_up_to(10), control_rounds=5, progress=False)
+    assert len(served) == n_first + 2 * 5  # only round 2 (2 clusters × 5 draws) was evaluated
+    assert bigger.config_id.nunique() == full.config_id.nunique()
+
+
+@pytest.mark.model
+def test_the_evaluated_draws_score_as_in_a_full_run(model, tmp_path):
+    tasks = build_tasks(["icl"], tmp_path / "tasks", items_per_task=4, seed=0)
+    comps = [{"layer": 12, "cluster": k, "component": "resid", "dims": list(range(8 * k, 8 * k + 8))} for k in range(2)]
+    configs, meta = cluster_configs(comps, 12, model.d_model, n_controls=4, seed=3)
+
+    def evaluate(round_configs, round_meta):
+        return evaluate_abilities(model, tasks, round_configs, limit=3, batch_size=4, config_meta=round_meta,
+                                  progress=False, fast=True)
+
+    full = evaluate(configs, meta)
+    rounds = evaluate_in_rounds(lambda r, c, m: evaluate(c, m), configs, meta, control_rounds=2,
+                                stop_after_exceedances=1, progress=False)
+    key = ["config_id", "task", "item"]
+    same = full[full.config_id.isin(rounds.config_id.unique())].sort_values(key).reset_index(drop=True)
+    rounds = rounds.sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(rounds.drop(columns=["margin", "p_correct", "confidence"]),
+                                  same.drop(columns=["margin", "p_correct", "confidence"]))
+    np.testing.assert_allclose(rounds.margin, same.margin, rtol=0, atol=1e-3)
+
+
+def test_the_control_rounds_benchmark_counts_configs(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rounds.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_control_rounds.py"
+    monkeypatch.setattr(sys, "argv", ["bench_control_rounds.py", "--quick", "--json", str(out)])
+    runpy.run_path(str(bench), run_name="__main__")
+    result = json.loads(out.read_text())
+    cap = result["all_at_once"]["n_controls=10 (the cap)"]
+    assert cap == 1 + 2 * (1 + 10)
+    for summary in result["sequential"].values():
+        # at least round 0 (baseline, 2 perturbations, 5 draws each), at most the cap
+        assert 1 + 2 * (1 + 5) <= summary["min"] <= summary["max"] <= cap and len(summary["counts"]) == 2
