@@ -8,7 +8,7 @@ import pytest
 
 from rephelpers.errors import RephelpersError
 from rephelpers.views import charts, explorers, render
-from rephelpers.influence import impact, stats
+from rephelpers.influence import findings, impact
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def scores() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def table(scores) -> pd.DataFrame:
-    return stats.influence_table(scores, n_boot=100)
+    return findings.influence_table(scores, n_boot=100)
 
 
 def test_heatmap_frame_marks_each_cell_by_its_verdict(table, scores):
@@ -35,7 +35,7 @@ def test_heatmap_frame_marks_each_cell_by_its_verdict(table, scores):
     # non-specific: the chart must not star it, as the Φ ≠ 0 star of old did.
     gate = pd.DataFrame({"cluster": [0, 1], "arm": "perturbation", "specific": [False, True],
                          "specificity_verdict": ["non-specific damage", "specific"]})
-    gated = stats.influence_table(scores, n_boot=20, specificity=gate)
+    gated = findings.influence_table(scores, n_boot=20, specificity=gate)
     math0 = gated[(gated.cluster == 0) & (gated.ability == "math")].iloc[0]
     assert math0["significant"] and math0["verdict"] == "non-specific damage"
     marks = charts.phi_heatmap_frame(gated).set_index(["panel", "cluster", "ability"])["label"]

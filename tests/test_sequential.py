@@ -13,8 +13,8 @@ from rephelpers.abilities.evaluation import (
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
-from rephelpers.influence import impact, stats
-from rephelpers.sequential import cluster_in_tail, distinct_draws, in_tail, reading_exceedances, sequential_p
+from rephelpers.influence import findings, impact
+from rephelpers.sequential import cluster_in_tail, distinct_draws, in_tail, reading_exceedances
 
 ABILITIES = {"arith": 0.7, "code": 0.6, "icl": 0.8}
 
@@ -98,8 +98,8 @@ def test_rounds_stop_null_clusters_early_and_stage_06_reads_the_full_runs_p():
     same = full[full.config_id.isin(stopped.config_id.unique())].sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(stopped.sort_values(key).reset_index(drop=True), same)
     # ... and every cell's sequential p is the one the full run gives.
-    got = stats.influence_table(stopped, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
-    want = stats.influence_table(full, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    got = findings.influence_table(stopped, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    want = findings.influence_table(full, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
     pd.testing.assert_series_equal(got["p_vs_controls"], want["p_vs_controls"])
     pd.testing.assert_series_equal(got["n_draws_used"], want["n_draws_used"])
     # The stop is at the h-th exceedance of the cluster's last cell, rounded up to the round.
@@ -107,8 +107,8 @@ def test_rounds_stop_null_clusters_early_and_stage_06_reads_the_full_runs_p():
         needed = max(int(u) for u in want.loc[k, "n_draws_used"])
         assert draws[k] == min(40, int(np.ceil(needed / 5) * 5))
     # Read with a smaller h the stopped draws still give the full run's p; a larger h is refused.
-    got1 = stats.influence_table(stopped, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
-    want1 = stats.influence_table(full, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
+    got1 = findings.influence_table(stopped, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
+    want1 = findings.influence_table(full, n_boot=5, stop_after_exceedances=1)["p_vs_controls"]
     pd.testing.assert_series_equal(got1, want1)
     assert reading_exceedances(None, 2) == 2 and reading_exceedances(1, 2) == 1 and reading_exceedances(3, None) == 3
     with pytest.raises(RephelpersError, match="stopped drawing controls at the 2-th"):

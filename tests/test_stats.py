@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from rephelpers.influence import impact, stats
+from rephelpers.influence import findings, impact, stats
 from rephelpers.errors import RephelpersError
 
 EFFECTS = {(0, "math"): 0.7, (1, "code"): 0.6}
@@ -171,7 +171,7 @@ def test_ace_regression_refuses_too_few_rows_and_constant_predictors():
 
 # -- the influence table ----------------------------------------------------------------------
 def test_influence_table_flags_the_planted_cells(scores):
-    table = stats.influence_table(scores, n_boot=300, alpha=0.05, correction="holm", seed=0)
+    table = findings.influence_table(scores, n_boot=300, alpha=0.05, correction="holm", seed=0)
     assert len(table) == 2 * 3 and not table.duplicated(["cluster", "ability"]).any()
     cell = table.set_index(["cluster", "ability"])
     assert cell.loc[(0, "math"), "significant"] and cell.loc[(1, "code"), "significant"]
@@ -185,21 +185,21 @@ def test_influence_table_flags_the_planted_cells(scores):
     phi = impact.influence_matrix(impact.ais(scores)).set_index(["cluster", "ability"])
     np.testing.assert_allclose(cell["phi"], phi.loc[cell.index, "phi"])
     np.testing.assert_allclose(cell["phi_minus_control"], cell["phi"] - cell["phi_control"])
-    bh = stats.influence_table(scores, n_boot=50, correction="bh")
+    bh = findings.influence_table(scores, n_boot=50, correction="bh")
     np.testing.assert_allclose(bh["p_adjusted"], multipletests(bh["p_value"], method="fdr_bh")[1])
 
 
 def test_influence_table_validates_parameters(scores):
     with pytest.raises(RephelpersError, match="correction"):
-        stats.influence_table(scores, correction="bonferroni")
+        findings.influence_table(scores, correction="bonferroni")
     with pytest.raises(RephelpersError, match="alpha"):
-        stats.influence_table(scores, alpha=1.5)
+        findings.influence_table(scores, alpha=1.5)
 
 
 def test_exceeds_controls_needs_the_effect_beyond_the_draw_distribution():
     scores = impact.simulate_scores({(0, "math"): 0.8, (1, "math"): 0.0}, {"math": 0.8}, items_per_task=60,
                                     magnitudes=(1.0,), n_controls=59, control_effect=0.1, draw_sd=0.05, seed=4)
-    table = stats.influence_table(scores, n_boot=50).set_index("cluster")
+    table = findings.influence_table(scores, n_boot=50).set_index("cluster")
     assert table.loc[0, "p_vs_controls"] == pytest.approx(1 / 60) and table.loc[0, "exceeds_controls"]
     assert not table.loc[1, "exceeds_controls"] and table.loc[1, "p_vs_controls"] > 0.5
     draws = impact.control_draws(impact.ais(scores))
@@ -208,7 +208,7 @@ def test_exceeds_controls_needs_the_effect_beyond_the_draw_distribution():
     assert table.loc[0, "verdict"] == "finding (specificity not checked)"
     gate = pd.DataFrame({"cluster": [0, 1], "arm": "perturbation", "specific": [False, True],
                          "specificity_verdict": ["non-specific damage", "specific"]})
-    gated = stats.influence_table(scores, n_boot=50, specificity=gate).set_index("cluster")
+    gated = findings.influence_table(scores, n_boot=50, specificity=gate).set_index("cluster")
     assert gated.loc[0, "verdict"] == "non-specific damage"
 
 
@@ -221,7 +221,7 @@ def test_lower_is_better_metric_reads_a_worse_model_as_positive_ais():
     assert row["perturbed_score"] < row["baseline_score"]
     assert row["ais"] < 0 and row["delta"] < 0
     assert row["ais"] == pytest.approx((row["perturbed_score"] - row["baseline_score"]) / row["baseline_score"])
-    influence = stats.influence_table(scores, n_boot=50)
+    influence = findings.influence_table(scores, n_boot=50)
     assert influence["phi"].iloc[0] < 0 and influence["phi_low"].iloc[0] < 0
     assert np.isnan(impact.selectivity(impact.influence_matrix(table))["selectivity"].iloc[0])
 
@@ -229,13 +229,13 @@ def test_lower_is_better_metric_reads_a_worse_model_as_positive_ais():
 def test_baselines_below_the_floor_are_not_read():
     scores = impact.simulate_scores({(0, "math"): 0.5}, {"math": 0.3, "code": 0.8}, items_per_task=40,
                                     chance={"math": 0.25, "code": 0.25}, seed=1)
-    table = stats.influence_table(scores, n_boot=100).set_index("ability")
+    table = findings.influence_table(scores, n_boot=100).set_index("ability")
     assert not table.loc["math", "readable"] and table.loc["math", "floor"] == pytest.approx(0.35)
     assert np.isnan(table.loc["math", "phi"]) and np.isnan(table.loc["math", "phi_low"])
     assert np.isnan(table.loc["math", "p_adjusted"]) and table.loc["math", "verdict"] == "baseline below floor"
     assert np.isfinite(table.loc["math", "delta"])
     assert table.loc["code", "readable"] and np.isfinite(table.loc["code", "phi"])
-    assert "below the floor" in stats.influence_summary(stats.influence_table(scores, n_boot=20))
+    assert "below the floor" in findings.influence_summary(findings.influence_table(scores, n_boot=20))
 
 
 def test_ace_regression_is_per_cluster_and_says_when_clusters_are_too_few():
@@ -278,18 +278,18 @@ def test_repeated_control_draws_count_once():
     configs = scores.drop_duplicates("config_id")
     by_config = {r.config_id: recorded(r) for r in configs.itertuples(index=False)}
     scores = scores.assign(interventions=scores["config_id"].map(by_config))
-    kept, counts = stats.distinct_control_draws(scores)
+    kept, counts = findings.distinct_control_draws(scores)
     assert counts.set_index("cluster").loc[0].tolist() == [3, 2] and counts.set_index("cluster").loc[1].tolist() == [3, 3]
     assert sorted(kept[kept.control & (kept.cluster == 0)].draw.unique()) == [0, 2]
     assert len(kept) == len(scores) - scores[scores.control & (scores.cluster == 0) & (scores.draw == 1)].shape[0]
-    table = stats.influence_table(scores, n_boot=50).set_index("cluster")
+    table = findings.influence_table(scores, n_boot=50).set_index("cluster")
     assert (table.loc[0, "n_draws"], table.loc[0, "n_draws_requested"]) == (2, 3)
     assert table.loc[0, "min_p_vs_controls"] == pytest.approx(1 / 3) and table.loc[1, "n_draws"] == 3
-    assert "cluster 0: 3 control draws requested, 2 distinct" in stats.influence_summary(stats.influence_table(scores, n_boot=50))
+    assert "cluster 0: 3 control draws requested, 2 distinct" in findings.influence_summary(findings.influence_table(scores, n_boot=50))
     # placeholders that identify nothing (hand-made tables) are never merged
-    untouched, _ = stats.distinct_control_draws(scores.assign(interventions="[]"))
+    untouched, _ = findings.distinct_control_draws(scores.assign(interventions="[]"))
     assert len(untouched) == len(scores)
-    untouched, _ = stats.distinct_control_draws(scores.drop(columns="interventions"))  # not a required column
+    untouched, _ = findings.distinct_control_draws(scores.drop(columns="interventions"))  # not a required column
     assert len(untouched) == len(scores)
 
 
@@ -302,13 +302,13 @@ def test_controls_smaller_than_their_perturbation_are_named_next_to_the_numbers(
                      "specificity_verdict": "non-specific damage", "edit_ratio": 1.0, "edit_matched": True})
         rows += [{"cluster": cluster, "arm": "control", "specific": False, "specificity_verdict": "non-specific damage",
                   "edit_ratio": r, "edit_matched": 0.8 <= r <= 1.25} for r in ratios]
-    table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
+    table = findings.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
     by_cluster = table.drop_duplicates("cluster").set_index("cluster")
     assert by_cluster.loc[0, "control_edit_ratio"] == pytest.approx(0.66) and by_cluster.loc[0, "controls_matched_share"] == 0
     assert by_cluster.loc[1, "controls_matched_share"] == 1
-    summary = stats.influence_summary(table)
+    summary = findings.influence_summary(table)
     assert "cluster 0: its controls change the state 0.66× as much" in summary and "cluster 1: its controls" not in summary
-    assert stats.influence_table(scores, n_boot=50)["controls_matched_share"].isna().all()
+    assert findings.influence_table(scores, n_boot=50)["controls_matched_share"].isna().all()
 
 
 def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_from():
@@ -322,7 +322,7 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
         for magnitude, verdict in verdicts.items():
             rows.append({"cluster": cluster, "kind": "ablate", "magnitude": magnitude, "layer": 15, "component": "resid",
                          "arm": "perturbation", "specific": verdict == "specific", "specificity_verdict": verdict})
-    table = stats.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
+    table = findings.influence_table(scores, n_boot=50, specificity=pd.DataFrame(rows))
     assert len(table) == 3
     k0 = table[table.cluster == 0].set_index("phi_settings")
     assert list(k0.index) == ["ablate:m1@L15", "ablate:m2@L15"]
@@ -330,7 +330,7 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
     assert k0.loc["ablate:m2@L15", "specificity_verdict"] == "non-specific damage (ablate:m2@L15)"
     assert k0.loc["ablate:m1@L15", "verdict"] == "cluster-specific finding"
     assert k0.loc["ablate:m2@L15", "verdict"] == "non-specific damage"
-    assert "cluster 0 (ablate:m2@L15) → math" in stats.influence_summary(table)
+    assert "cluster 0 (ablate:m2@L15) → math" in findings.influence_summary(table)
     # Each split row's Φ and control draws are those of its own setting only (a plain mean of AIS).
     a = impact.ais(scores)
     for magnitude, setting in ((1.0, "ablate:m1@L15"), (2.0, "ablate:m2@L15")):
@@ -343,7 +343,7 @@ def test_each_cell_is_gated_by_the_specificity_of_the_settings_its_phi_comes_fro
     assert k1["specificity_verdict"] == "specific (ablate:m1@L15; ablate:m2@L15)"
     assert k1["phi"] == pytest.approx(impact.influence_matrix(a).set_index("cluster").loc[1, "phi"])
     # A setting stage 04 did not check is named as such, and its cluster split from the checked one.
-    partial = stats.influence_table(scores, n_boot=20, specificity=pd.DataFrame(rows[:1] + rows[2:]))
+    partial = findings.influence_table(scores, n_boot=20, specificity=pd.DataFrame(rows[:1] + rows[2:]))
     unchecked = partial[(partial.cluster == 0) & (partial.phi_settings == "ablate:m2@L15")].iloc[0]
     assert unchecked["specificity_verdict"] == "not checked (ablate:m2@L15)" and unchecked["specific"] is None
     assert unchecked["verdict"] == "finding (specificity not checked)"
@@ -353,11 +353,11 @@ def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reporte
     scores = impact.simulate_scores({(k, a): 0.0 for k in range(3) for a in ("arith", "code", "icl")},
                                     {"arith": 0.7, "code": 0.8, "icl": 0.75}, items_per_task=20, magnitudes=(1.0,),
                                     n_controls=79, control_effect=0.1, draw_sd=0.05, seed=6)
-    plain = stats.influence_table(scores, n_boot=10)
+    plain = findings.influence_table(scores, n_boot=10)
     assert (plain["family"] == "all").all()
     np.testing.assert_allclose(plain["p_vs_controls_adjusted"],
                                multipletests(plain["p_vs_controls"], method="fdr_bh")[1])
-    table = stats.influence_table(scores, n_boot=10, primary="diagonal")
+    table = findings.influence_table(scores, n_boot=10, primary="diagonal")
     diagonal = {(0, "arith"), (1, "code"), (2, "icl")}
     is_primary = [(r.cluster, r.ability) in diagonal for r in table.itertuples(index=False)]
     assert list(table["family"]) == ["primary" if p else "exploratory" for p in is_primary]
@@ -365,23 +365,23 @@ def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reporte
         np.testing.assert_allclose(rows["p_vs_controls_adjusted"], multipletests(rows["p_vs_controls"], method="fdr_bh")[1])
     assert stats.primary_cells({0: "arith", 1: "code", 2: ["icl"]}, [0, 1, 2], ["arith", "code", "icl"]) == diagonal
     # 79 draws: no p passes among 9 cells (needs 180), but it can among the 3 primary ones (needs 60).
-    assert plain["mde_vs_controls"].isna().all() and "at least 180 draws" in stats.influence_summary(plain)
+    assert plain["mde_vs_controls"].isna().all() and "at least 180 draws" in findings.influence_summary(plain)
     primary = table[table.family == "primary"]
     expected = [stats.minimum_detectable_difference(r.control_sd, 79, 0.05, 0.8, 3) for r in primary.itertuples()]
     np.testing.assert_allclose(primary["mde_vs_controls"], expected)
     assert primary["mde_vs_controls"].notna().all()
     with pytest.raises(RephelpersError, match="not in the table"):
-        stats.influence_table(scores, n_boot=10, primary=[(7, "arith")])
+        findings.influence_table(scores, n_boot=10, primary=[(7, "arith")])
     with pytest.raises(RephelpersError, match="diagonal"):
-        stats.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")
+        findings.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")
 
 
 def test_sequential_control_p_reads_the_draws_in_draw_order():
     scores = impact.simulate_scores({(0, "math"): 0.0, (1, "math"): 0.0}, {"math": 0.7}, items_per_task=30,
                                     magnitudes=(1.0,), n_controls=40, control_effect=0.1, draw_sd=0.05,
                                     target_like_control=True, seed=8)
-    rank = stats.influence_table(scores, n_boot=5).set_index("cluster")
-    table = stats.influence_table(scores, n_boot=5, stop_after_exceedances=2).set_index("cluster")
+    rank = findings.influence_table(scores, n_boot=5).set_index("cluster")
+    table = findings.influence_table(scores, n_boot=5, stop_after_exceedances=2).set_index("cluster")
     a = impact.ais(scores)
     draws, phi = impact.control_draws(a), impact.influence_matrix(a).set_index("cluster")
     for k in (0, 1):
@@ -391,4 +391,4 @@ def test_sequential_control_p_reads_the_draws_in_draw_order():
         assert rank.loc[k, "n_draws_used"] == rank.loc[k, "n_draws"] == 40
     assert table["n_draws_used"].min() < 40  # a null cell stops at its second exceedance
     with pytest.raises(RephelpersError, match="stop_after_exceedances"):
-        stats.influence_table(scores, stop_after_exceedances=0)
+        findings.influence_table(scores, stop_after_exceedances=0)

@@ -2,7 +2,7 @@
 
 A test holds its α when, on data where its null hypothesis is true, it rejects at most a
 share α of the time. Each null here is built with :func:`rephelpers.influence.impact.simulate_scores`
-and read with :func:`rephelpers.influence.stats.influence_table` (or :func:`~rephelpers.influence.stats.ace_regression`),
+and read with :func:`rephelpers.influence.findings.influence_table` (or :func:`~rephelpers.influence.stats.ace_regression`),
 exactly as notebook 06 reads a real run:
 
 - ``no_effect``: no perturbation changes the model systematically; answers flip at random
@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import require
-from . import impact, stats
+from . import findings, impact, stats
 
 DEFAULT_GRID = {"n_clusters": (3, 5, 8), "items": (20, 40), "baseline": (0.5, 0.8)}
 
@@ -65,7 +65,7 @@ def _sim_no_effect(rng_seed: int, n_clusters: int, items: int, baseline: float, 
         {(k, "math"): 0.0 for k in range(n_clusters)}, _abilities(baseline), items_per_task=items,
         magnitudes=(1.0,), n_controls=n_controls, flip_rate=0.05, seed=rng_seed,
     )
-    rejected = _table_rejections(stats.influence_table(scores, n_boot=1, alpha=alpha), alpha)
+    rejected = _table_rejections(findings.influence_table(scores, n_boot=1, alpha=alpha), alpha)
     _count(rejections, "wilcoxon_phi_nonzero", rejected["wilcoxon_phi_nonzero"])
     _count(rejections, "wilcoxon_phi_nonzero_holm_familywise", [bool(rejected["wilcoxon_phi_nonzero_holm_familywise"].any())])
     _count(rejections, "wilcoxon_control_nonzero", rejected["wilcoxon_control_nonzero"])
@@ -96,7 +96,7 @@ def _random_sets_table(rng_seed: int, n_clusters: int, items: int, baseline: flo
         magnitudes=(0.5, 1.0), n_controls=n_controls, control_effect=0.2, draw_sd=0.1,
         target_like_control=True, planted=planted, seed=rng_seed,
     )
-    return stats.influence_table(scores, n_boot=1, alpha=alpha)
+    return findings.influence_table(scores, n_boot=1, alpha=alpha)
 
 
 def _sim_planted(rng_seed: int, n_clusters: int, items: int, baseline: float, n_controls: int, alpha: float,

@@ -380,7 +380,7 @@ PHI_PANELS = (
     ("Φ − Φ_control", "phi_minus_control", "phi_minus_control", "p_vs_controls_adjusted", "exceeds_controls"),
 )
 VERDICT_MARKS = {
-    # A mark per verdict of stats.VERDICTS (stage 06): a reader of the chart alone must not take
+    # A mark per verdict of findings.VERDICTS (stage 06): a reader of the chart alone must not take
     # "Φ ≠ 0" for a finding, so only the two finding verdicts get a star.
     "cluster-specific finding": "**",
     "finding (specificity not checked)": "*",
@@ -437,7 +437,7 @@ def phi_heatmap(
 ) -> alt.HConcatChart:
     """Φ (clusters × abilities) beside the random-control Φ (and Φ − Φ_control).
 
-    ``table`` is :func:`rephelpers.influence.stats.influence_table`. One diverging colour scale,
+    ``table`` is :func:`rephelpers.influence.findings.influence_table`. One diverging colour scale,
     centred at 0 and shared by the panels (red = the ability got worse, blue = better);
     each cell of the Φ and Φ − Φ_control panels shows its value with the mark of its
     verdict (:data:`VERDICT_MARKS`: a star only for a finding, not for Φ ≠ 0 alone); the
