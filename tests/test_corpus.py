@@ -18,8 +18,6 @@ import pytest
 from rephelpers import RephelpersError
 from rephelpers.corpus import demo as corpus_module
 from rephelpers.corpus.loaders import (
-    MAX_CHARS,
-    MIN_CHARS,
     assign_splits,
     chunk_documents,
     corpus_fingerprint,
@@ -28,6 +26,7 @@ from rephelpers.corpus.loaders import (
 from rephelpers.corpus.demo import BUILTIN_DOMAINS, build_builtin_corpus, pack_paragraphs, python_definitions
 from rephelpers.corpus.embeddings import embedder_path
 from rephelpers.corpus.holdout import ABILITY_HOLDOUT_MODULES
+from rephelpers.corpus.schema import MAX_CHARS, MIN_CHARS
 
 
 @pytest.fixture(scope="module")
