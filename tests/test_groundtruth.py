@@ -191,8 +191,9 @@ def test_spearman_matches_scipy_including_ties():
             else:
                 assert gt.spearman(x, y) == pytest.approx(expected, abs=1e-12)
     assert math.isnan(gt.spearman([1, 1, 1], [1, 2, 3]))
-    ranks = gt._ranks(np.array([[3.0, 1.0, 3.0, 2.0]]))
-    np.testing.assert_array_equal(ranks[0], scipy_stats.rankdata([3.0, 1.0, 3.0, 2.0]))
+    assert math.isnan(gt.spearman([1.0, np.nan, 3.0], [1, 2, 3]))  # a NaN propagates, as in scipy
+    assert gt.spearman([1.0, 2.0], [5.0, 3.0]) == pytest.approx(-1.0)
+    assert math.isnan(gt.spearman_ci([1, 1, 1, 1], [1, 2, 3, 4], n_boot=50)[0])  # every replicate constant
 
 
 def test_spearman_ci_is_a_bootstrap_over_cells():
@@ -555,7 +556,7 @@ def test_chain_cost_reads_the_runner_status_and_matches_the_long_form_labels(tmp
     (tmp_path / "status.json").write_text(json.dumps({"state": "done", "stages": {
         "01_corpus_clusters": {"seconds": 50.0, "peak_rss_mb": 1000}, "02_representations": {"seconds": 20.5, "peak_rss_mb": 1300}}}))
     cost = gt.chain_cost(tmp_path, spec)
-    influence = gt._with_setting(pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.1],
+    influence = gt.with_setting(pd.DataFrame({"cluster": [0], "ability": ["planted_glyph"], "phi": [0.1],
                                                "phi_control": [0.0], "significant": [False],
                                                "exceeds_control": [False]}), spec.parameters, "run")
     assert set(cost["setting"]) == set(gt.chain_phi_long(influence)["setting"])

@@ -121,7 +121,7 @@ def test_in_a_batch_run_the_table_explorers_are_their_first_view(scores, table, 
 
 
 def test_phi_across_a_sweep_axis_is_drawn_and_saved_per_axis(tmp_path):
-    from rephelpers.views.render import save_sweep_charts
+    from rephelpers.views.charts import save_sweep_charts
 
     rows = [{"cluster": k, "ability": a, "model_name": m, "intervention_layer": 15, "phi": 0.1 * k + (m == "b") * 0.2,
              "phi_low": 0.0, "phi_high": 0.5, "significant": k == 1 and m == "b"}

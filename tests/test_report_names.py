@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import re
 
 import altair as alt
 import pandas as pd
+import nbformat
 import pytest
 
 from rephelpers.views import explorers, render
@@ -61,7 +63,37 @@ def _fake_kernel(monkeypatch, metadata):
     monkeypatch.setitem(render._FRONTEND, "jupyterlab", False)
 
 
-def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small(monkeypatch):
+@pytest.fixture
+def offline_renderer():
+    before = alt.renderers.active
+    assert render.use_offline_renderer() == "rephelpers-offline" and render.use_offline_renderer() == "rephelpers-offline"
+    yield
+    alt.renderers.enable(before)
+
+
+def test_importing_the_views_leaves_altairs_renderer_alone():
+    import subprocess
+    import sys
+
+    code = ("import altair as alt; before = alt.renderers.active; "
+            "import rephelpers.views.render, rephelpers.views.charts, rephelpers.views.explorers; "
+            "print(before, alt.renderers.active)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, after = done.stdout.split()
+    assert after == before != "rephelpers-offline"
+
+
+NOTEBOOKS = sorted(Path(__file__).resolve().parents[1].glob("notebooks/[0-9]*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_every_notebook_switches_to_the_offline_renderer_in_its_first_cell(path):
+    cells = [c for c in nbformat.read(path, as_version=4).cells
+             if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])]
+    assert "\nuse_offline_renderer()" in "\n" + cells[0].source, f"{path.name}: its first code cell does not call use_offline_renderer()"
+
+
+def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small(monkeypatch, offline_renderer):
     assert alt.renderers.active == "rephelpers-offline"
     _fake_kernel(monkeypatch, {"cellId": "c1", "recordTiming": False, "deletedCells": []})  # what JupyterLab sends
     data, metadata = _chart().properties(title="t")._repr_mimebundle_()
@@ -77,7 +109,7 @@ def test_notebook_renderer_hands_charts_to_jupyterlab_and_stays_small(monkeypatc
     assert render.NOTEBOOK_MIMETYPE in _chart()._repr_mimebundle_()[0]
 
 
-def test_notebook_renderer_keeps_altairs_html_for_papermill_and_nbmake(monkeypatch):
+def test_notebook_renderer_keeps_altairs_html_for_papermill_and_nbmake(monkeypatch, offline_renderer):
     _fake_kernel(monkeypatch, {})  # nbclient sends no cell metadata
     bundle = _chart()._repr_mimebundle_()
     assert set(bundle) == {"text/html"} and "vegaEmbed" in bundle["text/html"]

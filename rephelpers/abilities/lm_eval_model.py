@@ -1,12 +1,30 @@
-"""The lm-eval model interface of a perturbed model (stage 05).
+"""The lm-eval model interface of a perturbed causal LM (stage 05): three classes, and why.
 
-:class:`PerturbedLM` is the one lm-eval model class of the package: an ``HFLM`` around
-an already loaded :class:`~rephelpers.representations.models.Model` whose forward passes (log-likelihood
-batches and every greedy decoding step) run inside an nnsight trace that applies a list
-of :class:`~rephelpers.interventions.intervene.Intervention`. With no interventions it scores exactly
-like lm-eval's stock ``HFLM``. :class:`SweepLM` is its sweep mode: it answers every
-config's log-likelihood requests at once through
-:func:`rephelpers.abilities.forward.sweep_loglikelihood`, then serves them config by config.
+Stage 05 scores abilities through lm-eval, which asks a model object for ``loglikelihood``,
+``loglikelihood_rolling`` and ``generate_until``. Three classes answer it, one per way of
+answering, all sharing :class:`UsesInterventions` (the interventions and :meth:`~UsesInterventions.use`,
+which swaps them between configs so one instance serves every config):
+
+- :class:`PerturbedLM`: an ``HFLM`` around an already loaded causal
+  :class:`~rephelpers.representations.models.Model` whose forward passes (log-likelihood
+  batches and every greedy decoding step) run inside an nnsight trace that applies a list of
+  :class:`~rephelpers.interventions.intervene.Intervention`; config by config. With no
+  interventions it scores exactly like lm-eval's stock ``HFLM``. It is the reference path.
+- :class:`SweepLM`: a :class:`PerturbedLM` whose first config's call answers every config
+  at once (:func:`rephelpers.abilities.forward.sweep_loglikelihood`,
+  :func:`~rephelpers.abilities.forward.sweep_generate`) and serves the others from what it
+  kept. A subclass, not an option of :class:`PerturbedLM`, because it holds state across
+  configs (the config set, the kept answers, the active config) that the per-config class
+  must not have; its scores equal :class:`PerturbedLM`'s, which the tests check.
+- :class:`~rephelpers.abilities.masked_lm.MaskedPerturbedLM` (its own module): a masked LM
+  has no left-to-right likelihood, so it is scored by pseudo-log-likelihood with lm-eval's
+  bare ``LM`` as base, not ``HFLM``, whose tokenisation, batching and generation assume a
+  causal LM; it refuses generation.
+
+Merging them into one class with the sweep and the masked scoring as strategies was weighed
+(issue 29) and left: the three differ in their base class (``HFLM`` or ``LM``) and in the
+state they keep, so a merged class would branch on the model's kind in every method lm-eval
+calls, and :mod:`rephelpers.abilities.evaluation` picks one of the three in one place.
 """
 
 from __future__ import annotations

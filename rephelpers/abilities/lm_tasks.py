@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import RephelpersError, require
 from ..paths import cache_subdir
-from .suite import ABILITIES, TaskInfo, build_tasks
+from .suite import ABILITIES, TaskInfo, ability_spec, build_tasks
 
 
 @dataclass
@@ -132,11 +132,11 @@ def prepare_tasks(
             f"task_paths {[str(p) for p in own]} hold no .yaml task file")
     entries = list(tasks.values()) if isinstance(tasks, Mapping) else [tasks] if isinstance(tasks, str) else list(tasks)
     require(len(entries) > 0, "no tasks given: pass ability names (" + ", ".join(ABILITIES) + ") or lm-eval task names")
-    suite_names = [e for e in entries if isinstance(e, str) and e in ABILITIES]
+    suite_names = [e for e in entries if isinstance(e, str) and ability_spec(e) is not None]
     infos = [e for e in entries if isinstance(e, TaskInfo)]
     if suite_names:
         infos += build_tasks(suite_names, task_dir or cache_subdir("tasks"), items_per_task=40, seed=0).values()
-    registered = [e for e in entries if isinstance(e, str) and e not in ABILITIES]
+    registered = [e for e in entries if isinstance(e, str) and e not in suite_names]
     bad = [e for e in entries if not isinstance(e, (str, TaskInfo))]
     require(not bad, f"tasks must be ability names, lm-eval task names or TaskInfo, got {bad[:3]}")
 

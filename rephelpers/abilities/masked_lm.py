@@ -16,7 +16,8 @@ of :class:`~rephelpers.interventions.intervene.Intervention` applied in every ma
 (:func:`rephelpers.interventions.intervene.masked_log_probs`, the function stages 03 and 04
 score text with). A masked LM does not generate: ``generate_until`` and
 ``loglikelihood_rolling`` requests raise, and :func:`check_masked_tasks` refuses such tasks
-before an evaluation starts.
+before an evaluation starts. Why this is a class of its own and not a strategy of
+:class:`~rephelpers.abilities.lm_eval_model.PerturbedLM`: see :mod:`rephelpers.abilities.lm_eval_model`.
 """
 
 from __future__ import annotations

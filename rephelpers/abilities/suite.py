@@ -29,6 +29,7 @@ skill, and 0.5 (no preference) rather than a high score is the unbiased value.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import random
@@ -553,6 +554,40 @@ ABILITIES: dict[str, AbilitySpec] = {
 }
 
 
+# Abilities a later layer defines, found by their name's prefix: the module named here registers
+# them (register_ability) when it is imported. A module name, as a package's entry points are, so
+# the dependency stays one way: the testbed (stage 07) imports the suite, the suite never imports
+# the testbed, and a stage-05 or stage-06 kernel of the testbed's chain (which imports only the
+# suite) still finds ``planted_glyph``.
+ABILITY_PROVIDERS: dict[str, str] = {"planted_": "rephelpers.testbed.planted"}
+
+
+def register_ability(spec: AbilitySpec) -> AbilitySpec:
+    """Add ``spec`` to :data:`ABILITIES` under ``spec.name``; returns it.
+
+    Registering the same spec again changes nothing; another spec under a name already taken is
+    an error (two definitions of one ability would make its items depend on import order).
+    """
+    known = ABILITIES.get(spec.name)
+    require(known is None or known == spec,
+            f"ability {spec.name!r} is already registered with another definition: give the new one another name")
+    ABILITIES[spec.name] = spec
+    return spec
+
+
+def ability_spec(name: str) -> AbilitySpec | None:
+    """The :class:`AbilitySpec` of ability ``name``, or ``None`` where no one defines it.
+
+    A name with a prefix of :data:`ABILITY_PROVIDERS` not yet in :data:`ABILITIES` imports its
+    provider first, which registers it; use this, not ``ABILITIES.get``, for any name a user gives.
+    """
+    if name not in ABILITIES:
+        for prefix, module in ABILITY_PROVIDERS.items():
+            if name.startswith(prefix):
+                importlib.import_module(module)
+    return ABILITIES.get(name)
+
+
 def describe_abilities() -> pd.DataFrame:
     """The registry as a table (one row per ability), for notebooks and docs."""
     return pd.DataFrame([
@@ -644,7 +679,7 @@ def build_tasks(
     """
     names = list(dict.fromkeys([names] if isinstance(names, str) else names))
     require(len(names) > 0, "build_tasks: no abilities given; choose from " + ", ".join(ABILITIES))
-    unknown = [n for n in names if n not in ABILITIES]
+    unknown = [n for n in names if ability_spec(n) is None]
     require(
         not unknown,
         f"unknown abilities {unknown}: the suite has {', '.join(ABILITIES)}. Registered lm-eval "
@@ -669,4 +704,3 @@ def read_items(info: TaskInfo) -> list[Item]:
     """The items of a built task, in file order."""
     with open(info.data_path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh]
-from ..testbed import planted as _planted  # noqa: E402,F401  (registers the planted-skill abilities)

@@ -193,15 +193,7 @@ def cluster_corpus(
     embedding_method = resolve_embedding_method(embedding_method, len(set(texts)))
     lda_learning = resolve_lda_learning(lda_learning, n)
     if method == "bertopic":
-        require(clusterer in BERTOPIC_CLUSTERERS, f"clusterer must be one of {BERTOPIC_CLUSTERERS}, got {clusterer!r}")
-        reducer = resolve_reducer(reducer, n)
-        require(supervision in SUPERVISION_MODES, f"supervision must be one of {SUPERVISION_MODES}, got {supervision!r}")
-        require(isinstance(min_cluster_size, int) and min_cluster_size >= 2, f"min_cluster_size must be an int >= 2, got {min_cluster_size!r}")
-        require(cluster_selection in CLUSTER_SELECTIONS, f"cluster_selection must be one of {CLUSTER_SELECTIONS}, got {cluster_selection!r}")
-        require(
-            seed_topics is None or (isinstance(seed_topics, list) and all(isinstance(t, list) and t for t in seed_topics)),
-            "seed_topics must be a list of non-empty lists of words, e.g. [['def', 'return'], ['license', 'warranty']]",
-        )
+        reducer = _check_bertopic_options(n, clusterer, reducer, supervision, min_cluster_size, cluster_selection, seed_topics)
     else:
         unused = {"seed_topics": seed_topics, "guided_labels": guided_labels, "nr_topics": nr_topics}
         given = sorted(k for k, v in unused.items() if v is not None)
@@ -222,7 +214,47 @@ def cluster_corpus(
             f"embeddings must have shape [n_documents={n}, dim], got {embeddings.shape}",
         )
 
-    # Record only the options that shaped this clustering.
+    params = _clustering_params(method, uses_k, seed, n_terms, n_clusters, embedder, embedding_method, lda_learning,
+                                reducer, clusterer, outliers, nr_topics, seed_topics, guided_labels, supervision,
+                                min_cluster_size, cluster_selection)
+    extras: dict[str, Any] = {}
+    if method == "kmeans":
+        raw = kmeans_labels(embeddings, n_clusters, seed)
+    elif method == "domain":
+        raw = df["domain"].astype(str).to_numpy()
+    elif method == "lda":
+        raw, extras = lda_labels(texts, n_clusters, seed, n_terms, learning=lda_learning)
+    else:
+        raw, extras = bertopic_labels(
+            texts, embeddings, seed=seed, outliers=outliers, nr_topics=nr_topics,
+            seed_topics=seed_topics, guided=labels_for_guidance, supervision=supervision,
+            clusterer=clusterer, reducer=reducer, n_clusters=n_clusters, min_cluster_size=min_cluster_size,
+            cluster_selection=cluster_selection, embedder=embedder, n_terms=n_terms,
+        )
+    return _finish(texts, raw, method, params, extras, n_terms)
+
+
+def _check_bertopic_options(n: int, clusterer: str, reducer: str, supervision: str, min_cluster_size: int,
+                            cluster_selection: str, seed_topics: list[list[str]] | None) -> str:
+    """:func:`cluster_corpus`'s checks of BERTopic's options for ``n`` documents; the resolved reducer."""
+    require(clusterer in BERTOPIC_CLUSTERERS, f"clusterer must be one of {BERTOPIC_CLUSTERERS}, got {clusterer!r}")
+    reducer = resolve_reducer(reducer, n)
+    require(supervision in SUPERVISION_MODES, f"supervision must be one of {SUPERVISION_MODES}, got {supervision!r}")
+    require(isinstance(min_cluster_size, int) and min_cluster_size >= 2, f"min_cluster_size must be an int >= 2, got {min_cluster_size!r}")
+    require(cluster_selection in CLUSTER_SELECTIONS, f"cluster_selection must be one of {CLUSTER_SELECTIONS}, got {cluster_selection!r}")
+    require(
+        seed_topics is None or (isinstance(seed_topics, list) and all(isinstance(t, list) and t for t in seed_topics)),
+        "seed_topics must be a list of non-empty lists of words, e.g. [['def', 'return'], ['license', 'warranty']]",
+    )
+    return reducer
+
+
+def _clustering_params(method: str, uses_k: bool, seed: int, n_terms: int, n_clusters: int, embedder: str,
+                       embedding_method: str, lda_learning: str, reducer: str, clusterer: str, outliers: str,
+                       nr_topics: int | str | None, seed_topics: list[list[str]] | None,
+                       guided_labels: str | Sequence[Any] | None, supervision: str, min_cluster_size: int,
+                       cluster_selection: str) -> dict[str, Any]:
+    """The options that shaped a clustering, and only those: what ``ClusterResult.params`` records."""
     params: dict[str, Any] = {"seed": seed, "n_terms": n_terms}
     if uses_k:
         params["n_clusters"] = n_clusters
@@ -239,21 +271,7 @@ def cluster_corpus(
         if guided_labels is not None:
             params["guided_labels"] = guided_labels if isinstance(guided_labels, str) else "per-document labels"
             params["supervision"] = supervision
-    extras: dict[str, Any] = {}
-    if method == "kmeans":
-        raw = kmeans_labels(embeddings, n_clusters, seed)
-    elif method == "domain":
-        raw = df["domain"].astype(str).to_numpy()
-    elif method == "lda":
-        raw, extras = lda_labels(texts, n_clusters, seed, n_terms, learning=lda_learning)
-    else:
-        raw, extras = bertopic_labels(
-            texts, embeddings, seed=seed, outliers=outliers, nr_topics=nr_topics,
-            seed_topics=seed_topics, guided=labels_for_guidance, supervision=supervision,
-            clusterer=clusterer, reducer=reducer, n_clusters=n_clusters, min_cluster_size=min_cluster_size,
-            cluster_selection=cluster_selection, embedder=embedder, n_terms=n_terms,
-        )
-    return _finish(texts, raw, method, params, extras, n_terms)
+    return params
 
 
 def _guidance(df: pd.DataFrame, guided_labels: str | Sequence[Any]) -> np.ndarray:

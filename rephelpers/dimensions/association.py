@@ -402,7 +402,46 @@ def find_cluster_components(
       the train documents' counted tokens, ``√(Σ_d sumsq_i(d) / Σ_d T_d)``; None without
       ``token_stats``.
     """
-    # Validate everything before the first fit.
+    p = _prepare(acts, labels, split, method, tau, top_k, rank, layers, component, with_probe,
+                 token_stats, token_level, massive_threshold)
+    rows: list[pd.DataFrame] = []
+    components: list[ClusterComponents] = []
+    for layer in progress_bar(p.layers, desc="cluster components", disable=not progress, leave=False):
+        layer_rows, layer_components = _layer_components(
+            p, layer, method=method, tau=tau, top_k=top_k, rank=rank, seed=seed, component=component,
+            standardize=standardize, C=C, with_leace=with_leace, token_level=token_level,
+            keep_massive=keep_massive, massive_threshold=massive_threshold)
+        rows += layer_rows
+        components += layer_components
+    dimensions = pd.concat(rows, ignore_index=True)
+    dimensions["layer"] = dimensions["layer"].astype(np.int64)
+    dimensions["cluster"] = dimensions["cluster"].astype(np.int64)
+    return dimensions, components
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """:func:`find_cluster_components`' inputs, checked: labels and split masks, each layer's
+    matrix, its token statistics, and which probes to fit (``selector`` picks R_k, ``linear``
+    is the read-out every subspace carries)."""
+
+    labels: np.ndarray
+    K: int
+    train: np.ndarray
+    heldout: np.ndarray
+    layers: list[int]
+    matrices: dict[int, np.ndarray]
+    d_model: int
+    stats: dict[int, TokenStats]
+    selector: str | None
+    linear: str | None
+
+
+def _prepare(acts: Mapping[int, np.ndarray], labels: Sequence[int] | np.ndarray, split: Sequence[str] | np.ndarray,
+             method: str, tau: float | None, top_k: int | None, rank: int, layers: Sequence[int] | None,
+             component: str, with_probe: bool, token_stats: Mapping[int, TokenStats] | None,
+             token_level: bool, massive_threshold: float) -> _Prepared:
+    """Every check of :func:`find_cluster_components`, made before the first fit."""
     require(method in METHODS, f"unknown method {method!r}: use one of {METHODS}")
     require(component in COMPONENTS, f"unknown component {component!r}: use one of {COMPONENTS}")
     require(
@@ -454,81 +493,88 @@ def find_cluster_components(
     if selector or linear:
         require(bool(heldout.any()), "probes need held-out documents, but no row has split == 'heldout'.")
 
+    return _Prepared(labels, K, train, heldout, layers, matrices, d_model, stats, selector, linear)
+
+
+def _layer_components(
+    p: _Prepared, layer: int, *, method: str, tau: float | None, top_k: int | None, rank: int, seed: int,
+    component: str, standardize: bool, C: float, with_leace: bool, token_level: bool, keep_massive: bool,
+    massive_threshold: float,
+) -> tuple[list[pd.DataFrame], list[ClusterComponents]]:
+    """One layer of :func:`find_cluster_components`: its rows of ``dimensions`` and its clusters' components."""
+    labels, K, train, heldout, d_model = p.labels, p.K, p.train, p.heldout, p.d_model
+    selector, linear = p.selector, p.linear
     rows: list[pd.DataFrame] = []
     components: list[ClusterComponents] = []
-    for layer in progress_bar(layers, desc="cluster components", disable=not progress, leave=False):
-        X = matrices[layer]
-        X_train, y_train = X[train], labels[train]
-        layer_stats = stats.get(layer)
-        train_stats = None if layer_stats is None else layer_stats.rows(train)
-        if token_level:
-            scores = token_mean_difference_scores(train_stats, y_train, K, standardize)
-        else:
-            scores = mean_difference_scores(X_train, y_train, K, standardize)
-        massive = [] if layer_stats is None else massive_dimensions(layer_stats, threshold=massive_threshold)
-        candidates = np.setdiff1d(np.arange(d_model), [] if keep_massive else massive)
-        layer_top_k = None if tau is not None else int(top_k)
-        if layer_top_k is not None and layer_top_k > len(candidates):
-            warnings.warn(
-                f"layer {layer}: only {len(candidates)} dimensions are not massive, fewer than "
-                f"top_k = {top_k}; R_k takes all of them.", stacklevel=2,
-            )
-            layer_top_k = len(candidates)
-        token_rms = None if train_stats is None else train_stats.token_rms()
-        fits: dict[str, ProbeFit] = {
-            kind: fit_probe(X_train, y_train, X[heldout], labels[heldout], kind, K, C=C, seed=seed)
-            for kind in dict.fromkeys(k for k in (selector, linear) if k)
-        }
-        weighting = fits.get(selector) or fits.get(linear)
-        criterion = scores if selector is None else fits[selector].weights
-        spread = X_train.std(0)
-        for k in range(K):
-            try:
-                dims = candidates[select_dimensions(
-                    criterion[k][candidates], tau, layer_top_k,
-                    name=("S(i,k)" if selector is None else f"{selector} probe weight")
-                    + ("" if len(candidates) == d_model else " (massive dimensions excluded)"),
-                )]
-            except RephelpersError as err:
-                raise RephelpersError(f"layer {layer}, cluster {k}: {err}") from None
-            selected = np.zeros(d_model, dtype=bool)
-            selected[dims] = True
-            rows.append(pd.DataFrame({
-                "layer": layer,
-                "cluster": k,
-                "dim": np.arange(d_model),
-                "score": scores[k],
-                "probe_weight": weighting.weights[k] if weighting else np.nan,
-                "selected": selected,
-            }))
-            probe = None
-            if linear:
-                fit = fits[linear]
-                probe = {"kind": linear, "coef": fit.coef[k].tolist(), "intercept": float(fit.intercept[k]),
-                         "accuracy": float(fit.accuracy[k])}
-            components.append(ClusterComponents.from_dict({
-                "layer": int(layer),
-                "cluster": k,
-                "component": component,
-                "method": method,
-                "tau": tau,
-                "top_k": None if tau is not None else int(top_k),
-                "dims": [int(i) for i in dims],
-                **cluster_subspace(X_train, y_train, k, int(rank)),
-                "probe": probe,
-                "selector_accuracy": float(fits[selector].accuracy[k]) if selector else None,
-                "std": spread,
-                "n_heldout": int((labels[heldout] == k).sum()),
-                "leace": _leace_eraser(X_train, y_train == k, layer, k) if with_leace else None,
-                "massive_dims": list(massive),
-                "token_rms": token_rms,
-                "token_level": bool(token_level),
-                "keep_massive": bool(keep_massive),
-            }))
-    dimensions = pd.concat(rows, ignore_index=True)
-    dimensions["layer"] = dimensions["layer"].astype(np.int64)
-    dimensions["cluster"] = dimensions["cluster"].astype(np.int64)
-    return dimensions, components
+    X = p.matrices[layer]
+    X_train, y_train = X[train], labels[train]
+    layer_stats = p.stats.get(layer)
+    train_stats = None if layer_stats is None else layer_stats.rows(train)
+    if token_level:
+        scores = token_mean_difference_scores(train_stats, y_train, K, standardize)
+    else:
+        scores = mean_difference_scores(X_train, y_train, K, standardize)
+    massive = [] if layer_stats is None else massive_dimensions(layer_stats, threshold=massive_threshold)
+    candidates = np.setdiff1d(np.arange(d_model), [] if keep_massive else massive)
+    layer_top_k = None if tau is not None else int(top_k)
+    if layer_top_k is not None and layer_top_k > len(candidates):
+        warnings.warn(
+            f"layer {layer}: only {len(candidates)} dimensions are not massive, fewer than "
+            f"top_k = {top_k}; R_k takes all of them.", stacklevel=3,
+        )
+        layer_top_k = len(candidates)
+    token_rms = None if train_stats is None else train_stats.token_rms()
+    fits: dict[str, ProbeFit] = {
+        kind: fit_probe(X_train, y_train, X[heldout], labels[heldout], kind, K, C=C, seed=seed)
+        for kind in dict.fromkeys(k for k in (selector, linear) if k)
+    }
+    weighting = fits.get(selector) or fits.get(linear)
+    criterion = scores if selector is None else fits[selector].weights
+    spread = X_train.std(0)
+    for k in range(K):
+        try:
+            dims = candidates[select_dimensions(
+                criterion[k][candidates], tau, layer_top_k,
+                name=("S(i,k)" if selector is None else f"{selector} probe weight")
+                + ("" if len(candidates) == d_model else " (massive dimensions excluded)"),
+            )]
+        except RephelpersError as err:
+            raise RephelpersError(f"layer {layer}, cluster {k}: {err}") from None
+        selected = np.zeros(d_model, dtype=bool)
+        selected[dims] = True
+        rows.append(pd.DataFrame({
+            "layer": layer,
+            "cluster": k,
+            "dim": np.arange(d_model),
+            "score": scores[k],
+            "probe_weight": weighting.weights[k] if weighting else np.nan,
+            "selected": selected,
+        }))
+        probe = None
+        if linear:
+            fit = fits[linear]
+            probe = {"kind": linear, "coef": fit.coef[k].tolist(), "intercept": float(fit.intercept[k]),
+                     "accuracy": float(fit.accuracy[k])}
+        components.append(ClusterComponents.from_dict({
+            "layer": int(layer),
+            "cluster": k,
+            "component": component,
+            "method": method,
+            "tau": tau,
+            "top_k": None if tau is not None else int(top_k),
+            "dims": [int(i) for i in dims],
+            **cluster_subspace(X_train, y_train, k, int(rank)),
+            "probe": probe,
+            "selector_accuracy": float(fits[selector].accuracy[k]) if selector else None,
+            "std": spread,
+            "n_heldout": int((labels[heldout] == k).sum()),
+            "leace": _leace_eraser(X_train, y_train == k, layer, k) if with_leace else None,
+            "massive_dims": list(massive),
+            "token_rms": token_rms,
+            "token_level": bool(token_level),
+            "keep_massive": bool(keep_massive),
+        }))
+    return rows, components
 
 
 def _leace_eraser(X: np.ndarray, concept: np.ndarray, layer: int, cluster: int) -> Leace | None:

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from ..abilities.suite import ABILITIES, TaskInfo, read_items
+from ..abilities.suite import TaskInfo, ability_spec, read_items
 from ..artifacts import RunDir
 from ..errors import require
 
@@ -60,7 +60,7 @@ def ability_items(
     rows = []
     for ability, info in tasks.items():
         keep = None if item_ids is None or ability not in item_ids else set(map(str, item_ids[ability]))
-        spec = ABILITIES.get(info.ability)
+        spec = ability_spec(info.ability)
         delimiter = spec.target_delimiter if spec is not None else " "
         for i, item in enumerate(read_items(info)):
             item_id = str(item.get("id", i))
@@ -83,7 +83,7 @@ def run_tasks(run: RunDir | str, abilities: Sequence[str]) -> tuple[dict[str, Ta
     run = RunDir(run)
     tasks, skipped = {}, []
     for ability in dict.fromkeys(abilities):
-        spec = ABILITIES.get(ability)
+        spec = ability_spec(ability)
         if spec is None:
             skipped.append(ability)
             continue

@@ -186,6 +186,39 @@ def specificity_report(
     forward pass. ``with_attention`` reads the attention patterns of every layer after the
     intervention (under eager attention, switched on for those passes only: slower).
     """
+    layer, documents, at_layer, clusters, probes = _report_inputs(
+        model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
+    read = readout_layers(model, layer, n_readout_layers)
+    attend = list(range(layer + 1, model.n_layers)) if with_attention else []
+    if isinstance(spectrum, str):
+        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s Spectrum, got {spectrum!r}")
+        spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
+
+    plans = [_plan_cluster(model, documents, k, at_layer[k], kind, layer, magnitude, component, positions,
+                           n_texts, seed, probes, n_controls, spectrum) for k in clusters]
+
+    total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
+    rows = []
+    for plan in plans:
+        rows += _cluster_rows(model, plan, documents, kind, magnitude, layer, component, positions, seed, probes,
+                              read, attend, with_attention, batch_size, max_length, bar)
+    bar.close()
+    report = pd.DataFrame(rows)
+    ratio = report["edit_ratio"]
+    report["edit_tolerance"] = float(edit_tolerance)
+    report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
+    if model.masked:
+        report["ppl_kind"] = likelihood_names(model).perplexity
+    return report
+
+
+def _report_inputs(
+    model: Model, documents_df: pd.DataFrame, components: Sequence[ClusterComponents], kind: str, layer: int,
+    clusters: Sequence[int] | None, component: str, probes: np.ndarray | None, edit_tolerance: float,
+) -> tuple[int, pd.DataFrame, dict[int, ClusterComponents], list[int], np.ndarray | None]:
+    """:func:`specificity_report`'s checks of its inputs; ``(layer, documents, components at the
+    layer by cluster, clusters, probes)``."""
     missing = [c for c in _REQUIRED_COLUMNS if c not in documents_df.columns]
     require(not missing, f"documents_df lacks columns {missing}; it must be notebook 01's documents.parquet.")
     require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
@@ -213,78 +246,80 @@ def specificity_report(
         math.isfinite(edit_tolerance) and edit_tolerance >= 1,
         f"edit_tolerance must be a factor ≥ 1, got {edit_tolerance!r}",
     )
-    read = readout_layers(model, layer, n_readout_layers)
-    attend = list(range(layer + 1, model.n_layers)) if with_attention else []
-    if isinstance(spectrum, str):
-        require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s Spectrum, got {spectrum!r}")
-        spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
+    return layer, documents, at_layer, clusters, probes
 
-    plans = []
-    for k in clusters:
-        target, rest = sample_heldout(documents, k, n_texts, seed)
-        require(len(target) > 0, f"cluster {k} has no held-out documents (split == 'heldout'); check notebook 01's split.")
-        require(len(rest) > 0, f"no held-out documents outside cluster {k}: the rest set is empty.")
-        if probes is not None:
-            in_train = documents.loc[documents["split"] == "train", "cluster"]
-            require(
-                0 < int((in_train == k).sum()) < len(in_train),
-                f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
-            )
-        cluster_components = _with_eraser(at_layer[k], kind, k, documents, probes)
-        controls = matched_controls(kind, cluster_components, model.d_model, magnitude, seed, n_controls, spectrum)
-        arms = {("perturbation", 0): build(kind, cluster_components, magnitude, seed)}
-        arms |= {("control", draw): control for draw, control in enumerate(controls)}
-        ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
-        plans.append((k, target, rest, arms, ivs))
 
-    total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
-    bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
+def _plan_cluster(
+    model: Model, documents: pd.DataFrame, k: int, cluster_components: ClusterComponents, kind: str, layer: int,
+    magnitude: float, component: str, positions: str, n_texts: int, seed: int, probes: np.ndarray | None,
+    n_controls: int, spectrum: Spectrum | None,
+) -> tuple:
+    """Cluster ``k``'s texts (target and rest), its perturbation and control arms, each checked
+    as an intervention: ``(k, target, rest, arms, interventions)``, all before any forward pass."""
+    target, rest = sample_heldout(documents, k, n_texts, seed)
+    require(len(target) > 0, f"cluster {k} has no held-out documents (split == 'heldout'); check notebook 01's split.")
+    require(len(rest) > 0, f"no held-out documents outside cluster {k}: the rest set is empty.")
+    if probes is not None:
+        in_train = documents.loc[documents["split"] == "train", "cluster"]
+        require(
+            0 < int((in_train == k).sum()) < len(in_train),
+            f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
+        )
+    cluster_components = _with_eraser(cluster_components, kind, k, documents, probes)
+    controls = matched_controls(kind, cluster_components, model.d_model, magnitude, seed, n_controls, spectrum)
+    arms = {("perturbation", 0): build(kind, cluster_components, magnitude, seed)}
+    arms |= {("control", draw): control for draw, control in enumerate(controls)}
+    ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
+    return k, target, rest, arms, ivs
+
+
+
+def _cluster_rows(
+    model: Model, plan: tuple, documents: pd.DataFrame, kind: str, magnitude: float, layer: int, component: str,
+    positions: str, seed: int, probes: np.ndarray | None, read: list[int], attend: list[int], with_attention: bool,
+    batch_size: int, max_length: int, bar: Any,
+) -> list[dict[str, Any]]:
+    """The report's rows of one planned cluster: its forward passes (original and each distinct arm)
+    and one row per arm."""
+    k, target, rest, arms, ivs = plan
     rows = []
-    for k, target, rest, arms, ivs in plans:
-        texts = list(target["text"]) + list(rest["text"])
-        is_target = np.arange(len(texts)) < len(target)
-        # Control draws that came out identical (size-matched controls with no freedom left) run once.
-        same_as = first_identical(ivs)
-        distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
-        passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
-        edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
-        passes |= {arm: passes[first] for arm, first in same_as.items()}
-        edits |= {arm: edits[first] for arm, first in same_as.items()}
-        probe_before = _probe_score(probes, documents, k, None, seed)
-        for (arm, draw), perturbation in arms.items():
-            setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
-            rows.append({
-                "setting": setting.id,
-                "cluster": k,
-                "arm": setting.arm,
-                "draw": draw,
-                "kind": kind,
-                "magnitude": float(magnitude),
-                "layer": layer,
-                "component": component,
-                "positions": positions,
-                "perturbation": perturbation.describe(),
-                "matching": getattr(perturbation, "matching", None) or ("" if arm == "perturbation" else "unmatched"),
-                "config": perturbation.to_json(),
-                "seed": int(seed),
-                "n_target": int(len(target)),
-                "n_rest": int(len(rest)),
-                **_perplexity_columns(passes["original"], passes[(arm, draw)], is_target),
-                **_cka_columns(passes["original"], passes[(arm, draw)], is_target, read),
-                **_attention_columns(passes, (arm, draw), is_target, with_attention),
-                "probe_bacc_before": probe_before,
-                "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
-                "edit_norm": edits[(arm, draw)],
-                "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
-            })
-    bar.close()
-    report = pd.DataFrame(rows)
-    ratio = report["edit_ratio"]
-    report["edit_tolerance"] = float(edit_tolerance)
-    report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
-    if model.masked:
-        report["ppl_kind"] = likelihood_names(model).perplexity
-    return report
+    texts = list(target["text"]) + list(rest["text"])
+    is_target = np.arange(len(texts)) < len(target)
+    # Control draws that came out identical (size-matched controls with no freedom left) run once.
+    same_as = first_identical(ivs)
+    distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
+    passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
+    edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
+    passes |= {arm: passes[first] for arm, first in same_as.items()}
+    edits |= {arm: edits[first] for arm, first in same_as.items()}
+    probe_before = _probe_score(probes, documents, k, None, seed)
+    for (arm, draw), perturbation in arms.items():
+        setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
+        rows.append({
+            "setting": setting.id,
+            "cluster": k,
+            "arm": setting.arm,
+            "draw": draw,
+            "kind": kind,
+            "magnitude": float(magnitude),
+            "layer": layer,
+            "component": component,
+            "positions": positions,
+            "perturbation": perturbation.describe(),
+            "matching": getattr(perturbation, "matching", None) or ("" if arm == "perturbation" else "unmatched"),
+            "config": perturbation.to_json(),
+            "seed": int(seed),
+            "n_target": int(len(target)),
+            "n_rest": int(len(rest)),
+            **_perplexity_columns(passes["original"], passes[(arm, draw)], is_target),
+            **_cka_columns(passes["original"], passes[(arm, draw)], is_target, read),
+            **_attention_columns(passes, (arm, draw), is_target, with_attention),
+            "probe_bacc_before": probe_before,
+            "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
+            "edit_norm": edits[(arm, draw)],
+            "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
+        })
+    return rows
 
 
 _SPECTRA: dict[tuple, Spectrum] = {}

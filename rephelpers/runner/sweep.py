@@ -235,7 +235,7 @@ def _announce(spec: RunSpec, top: Path, points: list[dict[str, Any]], per_point:
 def _draw_sweep_charts(spec: RunSpec, top: Path, table: Any) -> None:
     try:
         # views pulls in altair and vl-convert; only a finished sweep draws, so only it pays for them.
-        from ..views.render import save_sweep_charts
+        from ..views.charts import save_sweep_charts
 
         for path in save_sweep_charts(top, table, list(spec.grid)):
             print(f"[rephelpers]   {path}", flush=True)

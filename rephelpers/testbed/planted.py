@@ -5,7 +5,9 @@ The ground-truth testbed (notebook 07, :mod:`rephelpers.testbed.groundtruth`) ad
 fine-tuned on the corpus learns ``p`` from ``D_p`` and from nothing else, because the
 skill is invented here (the embedded SmolLM2-135M scores near chance on it). Each skill
 is also an ability of the suite, ``planted_<skill>``, a multiple-choice lm-eval local task
-(four choices, chance 0.25) registered in :data:`rephelpers.abilities.suite.ABILITIES`:
+(four choices, chance 0.25) that importing this module registers in
+:data:`rephelpers.abilities.suite.ABILITIES` (the suite imports it by name, through
+:data:`~rephelpers.abilities.suite.ABILITY_PROVIDERS`, for a ``planted_`` name):
 
 - ``facts``: the colours of fictional creatures of the Varn Isles. The corpus states each
   creature's colour in several sentence frames; items ask it in a frame the corpus never
@@ -36,7 +38,7 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from ..abilities.suite import ABILITIES, AbilitySpec
+from ..abilities.suite import AbilitySpec, register_ability
 from ..errors import require
 
 WORLD_SEED = "rephelpers-planted-world-v2"  # v2: 96 creatures and words
@@ -336,8 +338,8 @@ PLANTED: dict[str, PlantedSkill] = {
         ),
     )
 }
-for _skill in PLANTED.values():
-    ABILITIES[_skill.ability.name] = _skill.ability
+for _skill in PLANTED.values():  # the suite finds them here through its ABILITY_PROVIDERS
+    register_ability(_skill.ability)
 
 
 def planted_ability(skill: str) -> str:

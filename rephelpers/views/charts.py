@@ -1,8 +1,9 @@
 """Every chart the notebooks draw (altair), by stage.
 
 Each function takes the table a stage wrote (or its frame helper's output) and returns an
-altair chart; none computes a result. Saving, the offline renderer and the HTML report are in
-:mod:`rephelpers.views.render`; the ipywidgets explorers in :mod:`rephelpers.views.explorers`.
+altair chart; none computes a result (:func:`save_sweep_charts` also saves, through
+:func:`rephelpers.views.render.save_chart`). Saving, the offline renderer and the HTML report are in
+:mod:`rephelpers.views.render`, cluster names in :mod:`rephelpers.views.labels`; the ipywidgets explorers in :mod:`rephelpers.views.explorers`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..dimensions.association import NMFPatterns, top_dimensions
 from ..errors import require
 from ..perturbations.specificity import ARMS, SETS, metric_labels, specificity_long
 from ..representations.activations import pca_2d
-from .render import cluster_label
+from .labels import cluster_label
+from .render import save_chart
 
 alt.data_transformers.disable_max_rows()
 
@@ -741,3 +743,13 @@ def dose_chart(curve: pd.DataFrame, dose_phi: pd.DataFrame | None = None) -> Any
         tooltip=["setting", "dose", alt.Tooltip("phi:Q", format="+.3f")],
     ).properties(width=260, height=220, title="Every setting's Φ at the same doses")
     return alt.hconcat(truth, est)
+
+
+def save_sweep_charts(top: str | Path, results: pd.DataFrame, axes: Sequence[str]) -> list[Path]:
+    """Save :func:`phi_across_chart` for every axis of a sweep that takes
+    more than one value in ``results``, as ``<top>/charts/phi_by_<axis>.html/.png``; returns the HTML paths."""
+    written = []
+    for axis in axes:
+        if axis in results.columns and "phi" in results.columns and results[axis].astype(str).nunique() > 1:
+            written.append(save_chart(phi_across_chart(results, axis), top, f"phi_by_{axis}")["html"])
+    return written

@@ -46,7 +46,7 @@ from .charts import (
     score_heatmap_chart,
     specificity_chart,
 )
-from .render import cluster_label
+from .labels import cluster_label
 
 
 def headless() -> bool:

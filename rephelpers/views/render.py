@@ -3,15 +3,17 @@
 ``save_chart`` writes both an interactive HTML file and a static PNG (through
 ``vl-convert-python``) into ``<run_dir>/charts/``, so a papermill run leaves pictures a
 person can open without Jupyter. The HTML file carries its own JavaScript (vega, vega-lite
-and vega-embed, inlined by vl-convert), so it renders with no network. Importing this module
-also makes the ``rephelpers-offline`` renderer altair's active one: charts shown in JupyterLab
-go to its own vega-lite renderer, so they render on an offline machine too; elsewhere altair's
-default HTML output is kept (``alt.renderers.enable("default")`` uses it everywhere).
+and vega-embed, inlined by vl-convert), so it renders with no network.
+:func:`use_offline_renderer` (called by every notebook's first code cell; importing this module
+changes nothing in altair's renderers) makes the ``rephelpers-offline`` renderer altair's active
+one: charts shown in JupyterLab go to its own vega-lite renderer, so they render on an offline
+machine too; elsewhere altair's default HTML output is kept (``alt.renderers.enable("default")``
+uses it everywhere).
 
-The charts themselves are built in :mod:`rephelpers.views.charts` (which imports this
-module, so any chart gets the offline renderer); stage 06 writes a self-contained HTML
-report with :func:`html_report`. :func:`cluster_names` gives charts, the report and the
-explorers their cluster labels.
+The charts themselves are built in :mod:`rephelpers.views.charts`; stage 06 writes a
+self-contained HTML report with :func:`html_report`. :func:`cluster_names` (from
+:mod:`rephelpers.views.labels`, re-exported here) gives charts, the report and the explorers
+their cluster labels.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import io
 import json
 import os
 from pathlib import Path
-import re
 from typing import Any, Mapping, Sequence
 
 import altair as alt
@@ -29,6 +30,8 @@ import pandas as pd
 
 from ..artifacts import RunDir, stable_hash
 from ..errors import RephelpersError
+from .labels import (  # noqa: F401  (re-exported: render.cluster_names is the public name)
+    _name_clusters_in_table, _name_clusters_in_text, _run_root, cluster_label, cluster_names)
 
 alt.data_transformers.disable_max_rows()
 
@@ -120,12 +123,6 @@ def _vega_bundle_path() -> Path:
     return path
 
 
-def _run_root(run_dir: str | os.PathLike | RunDir) -> Path:
-    """The folder of a run: a :class:`RunDir`'s root, else the path itself (a ``Path`` has a
-    ``.root`` too, which is "/", so no duck typing here)."""
-    return run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
-
-
 # Charts saved in this session and their files, by id (the chart is kept so an id is never reused).
 _SAVED_CHARTS: dict[int, tuple[alt.TopLevelMixin, dict[str, Path]]] = {}
 
@@ -161,18 +158,6 @@ def _in_jupyterlab() -> bool:
     return _FRONTEND["jupyterlab"]
 
 
-def save_sweep_charts(top: str | Path, results: pd.DataFrame, axes: Sequence[str]) -> list[Path]:
-    """Save :func:`rephelpers.views.charts.phi_across_chart` for every axis of a sweep that takes
-    more than one value in ``results``, as ``<top>/charts/phi_by_<axis>.html/.png``; returns the HTML paths."""
-    from .charts import phi_across_chart
-
-    written = []
-    for axis in axes:
-        if axis in results.columns and "phi" in results.columns and results[axis].astype(str).nunique() > 1:
-            written.append(save_chart(phi_across_chart(results, axis), top, f"phi_by_{axis}")["html"])
-    return written
-
-
 def _offline_renderer(spec: dict, **metadata: Any) -> Any:
     """Charts in JupyterLab go to its own vega renderer (SVG), so they draw with no network.
 
@@ -192,61 +177,20 @@ def _offline_renderer(spec: dict, **metadata: Any) -> Any:
     return {NOTEBOOK_MIMETYPE: spec, "text/plain": text}, {NOTEBOOK_MIMETYPE: {"embed_options": embed}}
 
 
-alt.renderers.register("rephelpers-offline", _offline_renderer)
-alt.renderers.enable("rephelpers-offline")
+OFFLINE_RENDERER = "rephelpers-offline"
 
 
-# -- cluster names ---------------------------------------------------------------------------
-def cluster_names(run_dir: str | Path | RunDir) -> dict[int, str]:
-    """``{cluster: name}`` from stage 01's ``clusters.json`` in ``run_dir`` ({} where there is none).
+def use_offline_renderer() -> str:
+    """Make ``rephelpers-offline`` (:func:`_offline_renderer`) altair's active renderer; its name.
 
-    The name is the characterisation's ``name`` (for k-means, BERTopic and LDA the cluster's
-    top three c-TF-IDF terms; for ``domain`` the domain), else its first three ``top_terms``,
-    else the clustering's ``names``. Pass it as ``cluster_labels`` to the charts,
-    :func:`html_report` and :func:`rephelpers.views.explorers.item_explorer`, which then write ``3: name`` for cluster 3.
+    Altair's renderer is process-wide state, so switching it is an explicit call (each notebook's
+    first code cell makes it), never a side effect of importing this module.
+    ``alt.renderers.enable("default")`` switches back. Calling it again changes nothing.
     """
-    path = _run_root(run_dir) / "clusters.json"
-    if not path.exists():
-        return {}
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RephelpersError(f"{path} is not valid JSON ({err}): re-run notebook 01_corpus_clusters to rewrite it") from err
-    names = {k: str(n) for k, n in enumerate(report.get("names") or []) if n}
-    for row in report.get("clusters") or []:
-        terms = [str(t) for t in row.get("top_terms") or []]
-        name = row.get("name") or ", ".join(terms[:3])
-        if "cluster" in row and name:
-            names[int(row["cluster"])] = str(name)
-    return names
-
-
-def _name_clusters_in_text(text: str, cluster_labels: Mapping[int, str] | None) -> str:
-    """``cluster 3`` → ``cluster 3 (name)`` wherever cluster 3 has a name."""
-    if not cluster_labels:
-        return text
-
-    def named(match: re.Match) -> str:
-        name = cluster_labels.get(int(match.group(1)))
-        return f"{match.group(0)} ({name})" if name else match.group(0)
-
-    return re.sub(r"\bcluster (-?\d+)\b(?! \()", named, text)
-
-
-def _name_clusters_in_table(table: pd.DataFrame, cluster_labels: Mapping[int, str] | None) -> pd.DataFrame:
-    """A ``cluster name`` column right after ``cluster`` (a table without one is returned as is)."""
-    if not cluster_labels or "cluster" not in table.columns or "cluster name" in table.columns:
-        return table
-    named = table.copy()
-    names = [cluster_labels.get(int(k), "") if pd.notna(k) and float(k).is_integer() else "" for k in named["cluster"]]
-    named.insert(named.columns.get_loc("cluster") + 1, "cluster name", names)
-    return named
-
-
-# -- stage 06: the influence matrix ----------------------------------------------------------
-def cluster_label(cluster: int, cluster_labels: Mapping[int, str] | None) -> str:
-    name = (cluster_labels or {}).get(int(cluster))
-    return f"{int(cluster)}: {name}" if name else f"cluster {int(cluster)}"
+    if OFFLINE_RENDERER not in alt.renderers.names():
+        alt.renderers.register(OFFLINE_RENDERER, _offline_renderer)
+    alt.renderers.enable(OFFLINE_RENDERER)
+    return OFFLINE_RENDERER
 
 
 # -- the HTML report -------------------------------------------------------------------------
