@@ -6,6 +6,7 @@ reused as if it were the other.
 """
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -38,6 +39,7 @@ def test_auto_on_a_cpu_takes_bf16_only_where_native_and_measured_faster(monkeypa
     assert ft.resolve_precision("auto", "meta") == "fp32"  # any other device: the safe choice
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="AVX2 dispatch exists on x86 only")
 def test_torch_kernels_turned_down_to_avx2_resolve_auto_to_fp32():
     # ATEN_CPU_CAPABILITY=avx2 makes torch dispatch as on an AVX2-only CPU: get_cpu_capability()
     # then reports AVX2, whatever the flags say, and bf16 would be emulated.
