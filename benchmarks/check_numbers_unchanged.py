@@ -113,11 +113,23 @@ def compare(baseline: pd.DataFrame, now: pd.DataFrame, rtol: float) -> list[str]
             notes.append(f"{side}: compared on its {int(kept.sum())} 'perturbation' rows of {len(frame)}")
             frame.drop(frame.index[~kept], inplace=True)
     common = [c for c in baseline.columns if c in now.columns]
+    left, right = baseline[common].reset_index(drop=True), now[common].reset_index(drop=True)
+    if left.shape != right.shape:
+        return notes + [f"DIFFERENT: {left.shape[0]} rows at the baseline, {right.shape[0]} now"]
     try:
-        pd.testing.assert_frame_equal(baseline[common].reset_index(drop=True), now[common].reset_index(drop=True),
-                                      check_exact=rtol == 0, rtol=rtol or 1e-5, atol=0)
-    except AssertionError as err:
-        return notes + [f"DIFFERENT: {err}"]
+        pd.testing.assert_frame_equal(left, right, check_exact=rtol == 0, rtol=rtol or 1e-5, atol=0)
+        return notes + [f"the {len(common)} common columns are identical"]
+    except AssertionError:
+        pass
+    # name every column that differs, not only the first assert_frame_equal meets
+    for column in common:
+        try:
+            pd.testing.assert_series_equal(left[column], right[column], check_exact=rtol == 0, rtol=rtol or 1e-5, atol=0)
+        except AssertionError as err:
+            first = str(err).strip().splitlines()[-1]
+            notes.append(f"DIFFERENT: column {column!r} ({left[column].dtype}): {first}")
+    same = [c for c in common if not any(n.startswith(f"DIFFERENT: column {c!r}") for n in notes)]
+    notes.append(f"identical: {len(same)} of {len(common)} common columns")
     return notes
 
 
@@ -127,6 +139,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "check_numbers_unchanged"))
     parser.add_argument("--reuse", action="store_true", help="keep a finished baseline run of the same revision")
     parser.add_argument("--baseline-only", action="store_true", help="run the baseline side only (then --reuse)")
+    parser.add_argument("--compare-only", action="store_true", help="compare the finished runs under --out again")
     parser.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (0: exact)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -135,6 +148,8 @@ def main() -> int:
                               capture_output=True, text=True).stdout.strip()
     marker = out / "baseline.json"
     base_run = out / "runs_baseline" / "numbers_baseline"
+    if args.compare_only:
+        return report(base_run, out / "runs_now" / "numbers_now", revision, args.rtol)
     if not (args.reuse and marker.exists() and json.loads(marker.read_text()).get("revision") == revision
             and (base_run / "influence.parquet").exists()):
         source = out / "baseline_src"
@@ -151,12 +166,16 @@ def main() -> int:
         print(f"baseline {revision[:7]} done: {base_run}")
         return 0
     now_run = run_chain(ROOT, out, "now")
-    notes = compare(pd.read_parquet(base_run / "influence.parquet"), pd.read_parquet(now_run / "influence.parquet"),
-                    args.rtol)
+    return report(base_run, now_run, revision, args.rtol)
+
+
+def report(base_run: Path, now_run: Path, revision: str, rtol: float) -> int:
+    """Print the comparison of the two runs' influence tables; 1 when they differ."""
+    notes = compare(pd.read_parquet(base_run / "influence.parquet"), pd.read_parquet(now_run / "influence.parquet"), rtol)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     print(f"influence.parquet at {revision[:7]} vs this checkout ({head.stdout.strip()}"
           f"{', uncommitted changes' if _dirty() else ''}):")
-    for line in notes or ["identical"]:
+    for line in notes:
         print("  " + line)
     return 1 if any(n.startswith("DIFFERENT") for n in notes) else 0
 
