@@ -33,6 +33,7 @@ from rephelpers.abilities.evaluation import evaluate_in_rounds
 from rephelpers.influence.calibration import DEMO_DESIGN, DEMO_SPREAD
 from rephelpers.influence.impact import simulate_scores
 from rephelpers.progress import progress_bar
+from rephelpers.setting import Setting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_calibration import spread_from_run  # noqa: E402  (a sibling script, not a package)
@@ -41,8 +42,8 @@ from bench_calibration import spread_from_run  # noqa: E402  (a sibling script, 
 def configs_of(scores: pd.DataFrame) -> tuple[dict, dict]:
     """``(configs, config_meta)`` of a score table, as cluster_configs gave them to stage 05."""
     rows = scores.drop_duplicates("config_id")
-    meta = {r.config_id: {"cluster": int(r.cluster), "control": bool(r.control), "kind": str(r.kind),
-                          "magnitude": float(r.magnitude), "layer": int(r.layer), "draw": int(r.draw)}
+    meta = {r.config_id: Setting(int(r.cluster), str(r.kind), float(r.magnitude), int(r.layer),
+                                 control=bool(r.control), draw=int(r.draw))
             for r in rows.itertuples(index=False)}
     return {cid: [] for cid in meta}, meta
 

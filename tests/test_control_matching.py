@@ -105,9 +105,10 @@ def test_mean_ablate_and_noise_match_on_the_spread_that_governs_their_edit():
         control = matched_control("mean_ablate", sub, D, seed=seed, spectrum=spectrum)
         assert 1 / TOLERANCE <= float((control.apply(x) - x).norm(dim=-1).mean() / e_t) <= TOLERANCE
     # fallbacks: pooled statistics, then uniform
-    assert control_profile("ablate", {"mean_out": [1.0] * D, "std": [1.0] * D}, D)[1] == "pooled rms"
-    assert control_profile("ablate", {}, D) == (None, "uniform")
-    assert matched_control("ablate", {"dims": [1, 2]}, D).matching == "uniform"
+    site = {"layer": 3, "cluster": 0}
+    assert control_profile("ablate", {**site, "mean_out": [1.0] * D, "std": [1.0] * D}, D)[1] == "pooled rms"
+    assert control_profile("ablate", site, D) == (None, "uniform")
+    assert matched_control("ablate", {**site, "dims": [1, 2]}, D).matching == "uniform"
 
 
 def test_project_control_captures_the_same_second_moment():

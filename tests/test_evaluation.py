@@ -16,6 +16,7 @@ from scipy.special import softmax
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.errors import RephelpersError
 from rephelpers.abilities.evaluation import (
+    DRAW_KEYS, check_settings, setting_columns, settings_key,
     _choice_statistics, ability_summary, cluster_configs, evaluate_abilities, expected_calibration_error,
 )
 from rephelpers.views.charts import ability_chart
@@ -25,7 +26,7 @@ from rephelpers.abilities.lm_eval_model import PerturbedLM
 from rephelpers.abilities.lm_tasks import prepare_tasks
 from rephelpers.representations.models import output_tensor, replace_output
 from rephelpers.interventions.edits import Ablate, Noise, Shift
-from rephelpers.setting import BASELINE_ID
+from rephelpers.setting import BASELINE_ID, Setting
 from rephelpers.interventions.tokenkeys import standard_normal, token_keys
 
 STRONG = Ablate(tuple(range(0, 576, 2)))  # half of all dimensions at a middle layer
@@ -135,7 +136,7 @@ def test_fast_path_equals_per_config_path(model, tasks):
         "noise12_last": [Intervention(Noise(tuple(range(1, 576, 2)), sigma=6.0, seed=2), 12, positions="last")],
     }
     # Generation (reasoning) included: its batches are decoded for every config together.
-    meta = {cid: {"cluster": i - 1} for i, cid in enumerate(configs)}
+    meta = {cid: Setting(i - 1) for i, cid in enumerate(configs)}
     naive = evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta)
     fast = evaluate_abilities(model, tasks, configs, limit=2, batch_size=4, progress=False, config_meta=meta, fast=True)
     assert set(fast.task) == {info.task for info in tasks.values()} and (fast.response != "").any()
@@ -342,7 +343,7 @@ def test_expected_calibration_error_by_hand():
 def test_bad_configs_fail_before_any_compute(model, tasks):
     with pytest.raises(RephelpersError, match="out of range"):
         evaluate_abilities(model, tasks, {"x": [Intervention(Ablate((1,)), 99)]}, progress=False)
-    with pytest.raises(RephelpersError, match="clash"):
+    with pytest.raises(RephelpersError, match="must be rephelpers.setting.Setting"):
         evaluate_abilities(model, tasks, {"x": []}, config_meta={"x": {"score": 1}}, progress=False)
     with pytest.raises(RephelpersError, match="non-empty dict"):
         evaluate_abilities(model, tasks, {}, progress=False)
@@ -374,15 +375,16 @@ def _fake_subspaces(layer=15, clusters=(0, 1), d=576, seed=0):
 def test_cluster_configs_pair_each_cluster_with_a_matched_control():
     subspaces = _fake_subspaces() + _fake_subspaces(layer=3)
     configs, meta = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=[0.5, 1.0])
-    assert len(configs) == 1 + 2 * 2 * 2 and configs[BASELINE_ID] == [] and meta[BASELINE_ID]["cluster"] == -1
+    assert len(configs) == 1 + 2 * 2 * 2 and configs[BASELINE_ID] == [] and meta[BASELINE_ID].cluster == -1
+    assert all(isinstance(s, Setting) and s.id == cid for cid, s in meta.items())
     for cid, ivs in configs.items():
         if cid == BASELINE_ID:
             continue
         (iv,) = ivs
-        k, m = meta[cid]["cluster"], meta[cid]["magnitude"]
+        k, m = meta[cid].cluster, meta[cid].magnitude
         r_k = set(subspaces[k]["dims"])
-        assert iv.layer == 15 and meta[cid]["kind"] == "ablate" and iv.perturbation.strength == m
-        if meta[cid]["control"]:
+        assert iv.layer == 15 and meta[cid].kind == "ablate" and iv.perturbation.strength == m
+        if meta[cid].control:
             assert len(iv.perturbation.dims) == len(r_k) and not set(iv.perturbation.dims) & r_k
         else:
             assert set(iv.perturbation.dims) == r_k
@@ -390,11 +392,24 @@ def test_cluster_configs_pair_each_cluster_with_a_matched_control():
         cluster_configs(subspaces, 9, 576)
 
 
+def test_settings_give_the_score_columns_and_cache_key_the_dicts_gave():
+    # issue 29: config_meta is typed; the columns and the round cache's key are what the plain dicts made
+    _, meta = cluster_configs(_fake_subspaces(), 15, 576, kinds="ablate", magnitudes=[0.5, 1.0], n_controls=2)
+    by_hand = {cid: {"cluster": s.cluster, "control": s.control, "kind": s.kind, "magnitude": s.magnitude,
+                     "layer": s.layer, "draw": s.draw} for cid, s in meta.items()}
+    assert settings_key(meta) == by_hand and list(next(iter(by_hand.values()))) == list(DRAW_KEYS)
+    pd.testing.assert_frame_equal(setting_columns(meta), pd.DataFrame.from_dict(by_hand, orient="index"))
+    assert by_hand["k1:ablate:m0.5:control1"] == {"cluster": 1, "control": True, "kind": "ablate", "magnitude": 0.5,
+                                                  "layer": 15, "draw": 1}
+    with pytest.raises(RephelpersError, match="Setting"):
+        check_settings({"baseline": {"cluster": -1}})
+
+
 def test_cluster_configs_draw_independent_controls():
     subspaces = _fake_subspaces()
     one, _ = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=1.0)
     configs, meta = cluster_configs(subspaces, 15, 576, kinds="ablate", magnitudes=1.0, n_controls=3)
-    controls = [cid for cid in configs if meta[cid]["control"]]
+    controls = [cid for cid in configs if meta[cid].control]
     assert len(configs) == 1 + 2 * (1 + 3) and len(controls) == 2 * 3
     assert configs["k0:ablate:m1:control"] == one["k0:ablate:m1:control"]  # draw 0 is the single-draw control
     for k in (0, 1):
@@ -477,8 +492,7 @@ def test_a_users_own_task_folder_runs_on_the_perturbation_path(model, tasks, tmp
 
     folder = _own_task_folder(tmp_path)
     configs = {"baseline": [], "k0:ablate:m1": [Intervention(STRONG, 15)]}
-    meta = {"baseline": {"cluster": -1, "control": False, "kind": "none", "magnitude": 0.0, "layer": 15, "draw": 0},
-            "k0:ablate:m1": {"cluster": 0, "control": False, "kind": "ablate", "magnitude": 1.0, "layer": 15, "draw": 0}}
+    meta = {"baseline": Setting.baseline(15), "k0:ablate:m1": Setting(0, "ablate", 1.0, 15)}
     rows = evaluate_abilities(model, [tasks["icl"], "my_sums"], configs, batch_size=4, config_meta=meta,
                               task_paths=[folder], progress=False, fast=True)
     mine = rows[rows.ability == "my_sums"]

@@ -42,3 +42,18 @@ def test_the_checker_reads_the_modules_split_here():
     assert any("rephelpers.corpus.schema" in c["modules"] for c in report["cycles"])
     assert {"module": "rephelpers.corpus.schema", "imports": "rephelpers.testbed.planted"} in [
         {k: e[k] for k in ("module", "imports")} for e in report["stage_inversions"]]
+
+
+def test_the_checker_reports_a_module_over_800_lines_and_a_function_over_120():
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "rephelpers"
+        shutil.copytree(ROOT / "rephelpers", copy, ignore=shutil.ignore_patterns("__pycache__"))
+        (copy / "views" / "planted_long.py").write_text("".join(f"x{i} = {i}\n" for i in range(801)))
+        (copy / "views" / "planted_short.py").write_text("".join(f"x{i} = {i}\n" for i in range(800)))
+        lines = [f"    y{i} = {i}\n" for i in range(120)]  # with its def line: 121 lines, then 120 (the limit)
+        (copy / "views" / "planted_function.py").write_text(
+            "def long_one():\n" + "".join(lines) + "\n\ndef fine():\n" + "".join(lines[:119]))
+        report = _report("--root", str(copy))
+    assert report["long_modules"] == [{"module": "rephelpers.views.planted_long", "lines": 801}]
+    assert report["long_functions"] == [
+        {"module": "rephelpers.views.planted_function", "function": "long_one", "line": 1, "lines": 121}]

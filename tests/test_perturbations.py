@@ -12,6 +12,16 @@ from sklearn.metrics import balanced_accuracy_score
 
 from rephelpers.errors import RephelpersError
 from rephelpers.interventions.edits import Perturbation, Ablate, Gradient, Leace, Noise, Project, Shift, perturbation_from_dict, registered_kinds
+from rephelpers.dimensions.components import (
+    ClusterComponents,
+    ControlStats,
+    MeanDirection,
+    MeanReference,
+    ProbeStep,
+    Selection,
+    SpreadSelection,
+    Subspace,
+)
 from rephelpers.perturbations.kinds import KINDS, Kind, MAGNITUDE_FIELD, build, fit_leace, kinds, matched_control
 from rephelpers.interventions.tokenkeys import standard_normal, token_keys
 
@@ -292,7 +302,8 @@ def test_each_kind_describes_itself_in_one_entry(subspace):
         assert isinstance(control, Perturbation) and control != target, name
     # a kind registered beside the built-in ones is built and controlled through the same entry
     extra = Kind("half_ablate", Ablate, "strength", "strength m/2", "R_k",
-                 lambda sub, m, seed: Ablate(dims=sub.dims, strength=m / 2), KINDS["ablate"].control)
+                 lambda selection, m, seed: Ablate(dims=selection.dims, strength=m / 2), KINDS["ablate"].control,
+                 Selection.of)
     KINDS[extra.name] = extra
     try:
         assert build("half_ablate", subspace, 0.8).strength == 0.4
@@ -360,6 +371,39 @@ def test_build_without_statistics_uses_raw_magnitude():
     assert build("gradient", sub, 0.3).epsilon == 0.3
 
 
+def test_each_kind_is_made_from_exactly_its_typed_value(subspace):
+    # KINDS[k].needs takes the kind's typed value from the container; make reads nothing else
+    components = ClusterComponents.from_dict(subspace)
+    expected = {"ablate": Selection, "mean_ablate": MeanReference, "noise": SpreadSelection, "shift": MeanDirection,
+                "project": Subspace, "leace": Leace, "gradient": ProbeStep}
+    assert set(expected) == set(KINDS)
+    for name, kind in KINDS.items():
+        value = kind.needs(components)
+        assert type(value) is expected[name], name
+        assert kind.make(value, 0.6, 2) == build(name, components, 0.6, seed=2), name
+    # the typed values hold what the formulas read, computed independently here
+    assert kind_value("noise", components).typical_std == np.median(np.asarray(subspace["std"])[subspace["dims"]])
+    np.testing.assert_array_equal(kind_value("shift", components).gap,
+                                  np.asarray(subspace["mean_in"]) - np.asarray(subspace["mean_out"]))
+    assert Selection((4, 1)).dims == (4, 1)
+    with pytest.raises(RephelpersError, match="R_k is empty"):
+        Selection(())
+    # the controls read ControlStats, not the container
+    stats = ControlStats.of(components)
+    assert (stats.layer, stats.cluster) == (3, 1) and stats.std is components.std
+
+
+def kind_value(name, components):
+    return KINDS[name].needs(components)
+
+
+def test_components_need_their_layer_and_cluster(subspace):
+    with pytest.raises(RephelpersError, match=r"need \['layer'\]"):
+        build("ablate", {k: v for k, v in subspace.items() if k != "layer"})
+    with pytest.raises(RephelpersError, match="layer 3, cluster 1.*no 'basis'"):
+        build("project", {k: v for k, v in subspace.items() if k != "basis"})
+
+
 def test_build_errors(subspace):
     with pytest.raises(RephelpersError, match="no 'leace'.*fit_leace"):
         build("leace", {k: v for k, v in subspace.items() if k != "leace"})
@@ -408,7 +452,7 @@ def test_leace_control_removes_unit_variance_coordinates():
     X = rng.normal(size=(20000, D)) * spread  # independent dimensions: diag(std) is the exact whitening
     labels = rng.integers(0, 3, size=len(X))
     X[:, 0] += 5 * labels * spread[0]
-    sub = {"dims": [0], "std": X.std(0), "leace": fit_leace(X, labels).to_dict(), "cluster": 0}
+    sub = {"dims": [0], "std": X.std(0), "leace": fit_leace(X, labels).to_dict(), "layer": 0, "cluster": 0}
     control = matched_control("leace", sub, D)
     assert control.rank == 2
     read = (X - np.asarray(control.mean)) @ np.asarray(control.right).T

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,71 @@ def test_a_wrong_command_or_name_would_fail_these_checks():
         build_parser().parse_args(["run", "x.yaml", "--jbos", "2"])
     assert _missing_names(SPANS + ["n_contrlz_per_cluster"], _code_text()) == ["n_contrlz_per_cluster"]
     assert _unknown_settings(SPANS + ["n_contrlz: 20"], FENCES + ["items_per_tsk: 60\n"]) == ["items_per_tsk", "n_contrlz"]
+
+
+def _package_map() -> dict[str, set[str]]:
+    """The README's package map: ``{entry: names}``; an entry is a subpackage (``corpus/``) or ``""``
+    for the top-level modules. Names are what an entry lists outside parentheses (which hold
+    descriptions), separated by commas or semicolons: modules without ``.py`` inside a
+    subpackage (``tasks/tables`` for a nested one), ``name.py`` and ``name/`` at top level."""
+    block = README.split("## Package layout", 1)[1].split("```\nrephelpers/\n", 1)[1].split("```", 1)[0]
+    entries: list[tuple[str, str]] = []
+    for line in block.splitlines():
+        head = re.match(r"^  (\S.*?)(?:\s{2,}(.*))?$", line)
+        if head:
+            entries.append((head.group(1), head.group(2) or ""))
+        elif line.strip():
+            entries[-1] = (entries[-1][0], entries[-1][1] + " " + line.strip())
+
+    def outside_parentheses(text: str) -> str:
+        while re.search(r"\([^()]*\)", text):
+            text = re.sub(r"\([^()]*\)", "", text)
+        return text
+
+    found: dict[str, set[str]] = {"": set()}
+    for field, text in entries:
+        text = re.sub(r"^\d\d(?:→\d\d)?\s+", "", outside_parentheses(text).strip())
+        names = {n.strip() for n in re.split(r"[,;]", text) if n.strip()}
+        for name in (n.strip() for n in outside_parentheses(field).split(",")):
+            if name.endswith("/"):
+                found[name] = names
+            else:
+                found[""].add(name)
+                found[""] |= names
+        # a name must be a word (or a path), not prose left outside the parentheses
+        assert all(re.fullmatch(r"[A-Za-z_][\w/]*(\.py)?", n) for n in names), (field, names)
+    return found
+
+
+def _package_tree() -> dict[str, set[str]]:
+    """The same shape, from the files: each subpackage's modules, the top level's modules and subpackages."""
+    root = ROOT / "rephelpers"
+    tree: dict[str, set[str]] = {"": {p.name for p in root.glob("*.py") if p.name != "__init__.py"}}
+    for package in sorted(p.parent for p in root.glob("*/__init__.py")):
+        tree[""].add(package.name + "/")
+        tree[package.name + "/"] = {str(p.relative_to(package).with_suffix("")) for p in package.rglob("*.py")
+                                    if p.name != "__init__.py"}
+    return tree
+
+
+def test_the_package_map_names_every_module_and_nothing_else():
+    readme, tree = _package_map(), _package_tree()
+    entries = {name for name in readme if name} | {""}
+    readme[""] |= {name for name in readme if name}
+    assert set(readme) == set(tree), f"subpackages the map lacks: {sorted(set(tree) - set(readme))}; " \
+                                     f"in the map, not in the tree: {sorted(set(readme) - set(tree))}"
+    for entry in sorted(entries):
+        missing, extra = tree[entry] - readme[entry], readme[entry] - tree[entry]
+        assert not missing and not extra, \
+            f"README package map, {entry or 'top level'}: not named {sorted(missing)}; named but absent {sorted(extra)}"
+
+
+def test_the_package_map_check_would_catch_a_missing_or_a_stale_name(monkeypatch):
+    tree = _package_tree()
+    assert "stage" in tree["corpus/"] and "special_tokens.py" in tree[""] and "tasks/tables" in tree["abilities/"]
+    readme = _package_map()
+    assert readme["corpus/"] == tree["corpus/"]
+    # the parser reads names, not descriptions: a module left out, or a stale one, shows as a difference
+    monkeypatch.setattr(sys.modules[__name__], "README", README.replace("), stage (the stage as", "), stages (the stage as"))
+    stale = _package_map()["corpus/"]
+    assert tree["corpus/"] - stale == {"stage"} and stale - tree["corpus/"] == {"stages"}

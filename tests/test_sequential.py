@@ -14,6 +14,7 @@ from rephelpers.abilities.suite import build_tasks
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
 from rephelpers.influence import findings, impact
+from rephelpers.setting import Setting
 from rephelpers.sequential import cluster_in_tail, distinct_draws, in_tail, reading_exceedances
 
 ABILITIES = {"arith": 0.7, "code": 0.6, "icl": 0.8}
@@ -30,8 +31,8 @@ def _full(n_clusters=3, n_controls=40, planted=None, seed=0, magnitudes=(1.0,)):
 def _configs_of(scores):
     """cluster_configs-like (configs, config_meta) for a simulated score table (its configs' descriptors)."""
     rows = scores.drop_duplicates("config_id")
-    meta = {r.config_id: {"cluster": int(r.cluster), "control": bool(r.control), "kind": r.kind,
-                          "magnitude": float(r.magnitude), "layer": int(r.layer), "draw": int(r.draw)}
+    meta = {r.config_id: Setting(int(r.cluster), r.kind, float(r.magnitude), int(r.layer), control=bool(r.control),
+                                 draw=int(r.draw))
             for r in rows.itertuples(index=False)}
     return {cid: [] for cid in meta}, meta
 

@@ -38,9 +38,10 @@ def test_impossible_settings_are_refused():
 def test_stage_05_and_the_simulator_use_the_setting_ids():
     subspaces = [{"layer": 15, "cluster": k, "dims": [k, k + 3], "mean_out": [0.0] * 8, "std": [1.0] * 8} for k in (0, 1)]
     configs, meta = cluster_configs(subspaces, 15, 8, kinds="ablate", magnitudes=[1.0], n_controls=2)
-    for cid, m in meta.items():
-        setting = Setting(m["cluster"], m["kind"], m["magnitude"], m["layer"], control=m["control"], draw=m["draw"])
-        assert setting.id == cid
+    for cid, setting in meta.items():
+        assert isinstance(setting, Setting) and setting.id == cid
+        m = setting.meta()  # the score row's columns rebuild the same setting
+        assert Setting(m["cluster"], m["kind"], m["magnitude"], m["layer"], control=m["control"], draw=m["draw"]) == setting
     scores = simulate_scores({(0, "a"): 0.5}, {"a": 0.8}, n_controls=2, magnitudes=(1.0,), items_per_task=4)
     assert sorted(scores["config_id"].unique()) == sorted(
         ["baseline", "k0:ablate:m1", "k0:ablate:m1:control", "k0:ablate:m1:control1"])

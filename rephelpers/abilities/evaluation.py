@@ -152,7 +152,7 @@ def samples_to_rows(
 def _check_configs(
     model: Model,
     configs: Mapping[str, Sequence[Intervention]],
-    config_meta: Mapping[str, Mapping[str, Any]] | None,
+    config_meta: Mapping[str, Setting] | None,
 ) -> dict[str, list[Intervention]]:
     require(isinstance(configs, Mapping) and len(configs) > 0, "configs must be a non-empty dict {config_id: [Intervention, …]}")
     checked = {}
@@ -165,11 +165,29 @@ def _check_configs(
         )
         checked[cid] = validate(model, ivs)
     if config_meta is not None:
+        check_settings(config_meta)
         extra = sorted(set(config_meta) - set(configs))
         require(not extra, f"config_meta describes configs that are not evaluated: {extra[:5]}")
-        clash = sorted({k for meta in config_meta.values() for k in meta} & set(ROW_COLUMNS))
-        require(not clash, f"config_meta keys {clash} clash with score columns; rename them.")
     return checked
+
+
+def check_settings(config_meta: Mapping[str, Setting]) -> None:
+    """Every value of ``config_meta`` is a :class:`~rephelpers.setting.Setting`, or a clear error."""
+    require(isinstance(config_meta, Mapping), f"config_meta must be a dict {{config_id: Setting}}, got {type(config_meta).__name__}")
+    wrong = {cid: type(value).__name__ for cid, value in config_meta.items() if not isinstance(value, Setting)}
+    require(not wrong, f"config_meta values must be rephelpers.setting.Setting (cluster_configs' second return value; "
+                       f"a dict of its fields becomes one with Setting(**fields)); got {dict(list(wrong.items())[:3])}")
+
+
+def settings_key(config_meta: Mapping[str, Setting]) -> dict[str, dict[str, Any]]:
+    """``{config_id: Setting.meta()}``: the settings as a cache key reads them (the same key as
+    before settings were typed, so cached scores stay valid)."""
+    return {cid: setting.meta() for cid, setting in config_meta.items()}
+
+
+def setting_columns(config_meta: Mapping[str, Setting]) -> pd.DataFrame:
+    """One row per config id, the columns a score row carries: :data:`DRAW_KEYS`, from :meth:`Setting.meta`."""
+    return pd.DataFrame.from_dict({cid: setting.meta() for cid, setting in config_meta.items()}, orient="index")
 
 
 def evaluate_abilities(
@@ -179,7 +197,7 @@ def evaluate_abilities(
     limit: int | None = None,
     batch_size: int = 8,
     task_dir: str | Path | None = None,
-    config_meta: Mapping[str, Mapping[str, Any]] | None = None,
+    config_meta: Mapping[str, Setting] | None = None,
     progress: bool = True,
     fast: bool = False,
     allow_download: bool = False,
@@ -192,7 +210,9 @@ def evaluate_abilities(
     exact_match, compliance or pct_stereotype; ``margin`` the log-likelihood margin of the
     gold choice over the best wrong one, ``p_correct``/``confidence`` the softmax over
     the choices' log-likelihoods, all NaN for generation), plus ``interventions`` (JSON)
-    and whatever ``config_meta[config_id]`` holds. ``limit`` caps items per task.
+    and, with ``config_meta`` (``{config_id: Setting}``, :func:`cluster_configs`' second value),
+    each config's setting as the columns :data:`DRAW_KEYS` (:meth:`Setting.meta`). ``limit``
+    caps items per task.
 
     ``fast=True`` computes the layers below the lowest intervention layer once per batch
     for all configs, and decodes generation tasks for all configs together
@@ -263,8 +283,7 @@ def evaluate_abilities(
     if model.masked:
         df["likelihood"] = "pseudo-log-likelihood"
     if config_meta:
-        meta = pd.DataFrame.from_dict({cid: dict(m) for cid, m in config_meta.items()}, orient="index")
-        df = df.join(meta, on="config_id")
+        df = df.join(setting_columns(config_meta), on="config_id")
     return df
 
 
@@ -282,8 +301,8 @@ def cluster_configs(
     seed: int = 0,
     n_controls: int = 1,
     spectrum: Spectrum | None = None,
-) -> tuple[dict[str, list[Intervention]], dict[str, dict[str, Any]]]:
-    """The configs stage 05 evaluates, and their descriptors for the score rows.
+) -> tuple[dict[str, list[Intervention]], dict[str, Setting]]:
+    """The configs stage 05 evaluates, and the setting of each (its score rows' descriptors).
 
     For stage 03's components of every cluster k at ``layer``
     (:class:`~rephelpers.dimensions.components.ClusterComponents`), every kind and magnitude:
@@ -305,8 +324,8 @@ def cluster_configs(
     controls from the components' statistics, uniform project controls).
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; the config ids are
     the :class:`~rephelpers.setting.Setting` ids (``k{k}:{kind}:m{m}``, ``…:control``,
-    ``…:control1``, … per draw, ``baseline``) and ``config_meta`` is each setting's
-    :meth:`~rephelpers.setting.Setting.meta` (``draw`` 0 for the perturbation itself).
+    ``…:control1``, … per draw, ``baseline``) and ``config_meta`` maps each to its
+    :class:`~rephelpers.setting.Setting` (``draw`` 0 for the perturbation itself).
     """
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     magnitudes = [magnitudes] if isinstance(magnitudes, (int, float)) else list(magnitudes)
@@ -320,7 +339,7 @@ def cluster_configs(
     )
     baseline = Setting.baseline(layer, component, positions)
     configs: dict[str, list[Intervention]] = {baseline.id: []}
-    meta: dict[str, dict[str, Any]] = {baseline.id: baseline.meta()}
+    meta: dict[str, Setting] = {baseline.id: baseline}
     for cluster_components in sorted(here, key=lambda c: c.cluster):
         for kind in kinds:
             for m in magnitudes:
@@ -330,7 +349,7 @@ def cluster_configs(
                 arms += [(setting.control_draw(draw), p) for draw, p in enumerate(controls)]
                 for arm, perturbation in arms:
                     configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
-                    meta[arm.id] = arm.meta()
+                    meta[arm.id] = arm
     return configs, meta
 
 
@@ -340,10 +359,10 @@ SCORE_ROUND = "scores_rounds/round{round}.parquet"
 
 DRAW_KEYS = ("cluster", "control", "kind", "magnitude", "layer", "draw")
 
-Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Mapping[str, Any]]], pd.DataFrame]
+Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Setting]], pd.DataFrame]
 """``evaluate(configs, config_meta) -> scores`` (:func:`evaluate_abilities` with the run's other arguments bound)."""
 
-RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str, Mapping[str, Any]]], pd.DataFrame]
+RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str, Setting]], pd.DataFrame]
 """``evaluate(round, configs, config_meta) -> scores``: one round's configs."""
 
 
@@ -432,19 +451,17 @@ def evaluate_in_rounds(
     """
     require(isinstance(config_meta, Mapping) and set(config_meta) == set(configs),
             "evaluate_in_rounds needs config_meta for every config (cluster_configs' second return value)")
-    missing = sorted({k for meta in config_meta.values() for k in DRAW_KEYS if k not in meta})
-    require(not missing, f"config_meta lacks {missing}: pass cluster_configs' config_meta")
-    n_draws = max([int(m["draw"]) + 1 for m in config_meta.values() if m["control"]], default=0)
+    check_settings(config_meta)
+    n_draws = max([m.draw + 1 for m in config_meta.values() if m.control], default=0)
     check_rounds(control_rounds, stop_after_exceedances, max(n_draws, 1))
     rounds = max(1, math.ceil(n_draws / control_rounds))
-    drawing = {int(m["cluster"]) for m in config_meta.values() if int(m["cluster"]) != BASELINE_CLUSTER}
+    drawing = {m.cluster for m in config_meta.values() if not m.is_baseline}
     frames: list[pd.DataFrame] = []
     distinct_before: dict[int, int] = {}
     for r in range(rounds):
         low, high = r * control_rounds, (r + 1) * control_rounds
         chosen = [cid for cid, m in config_meta.items()
-                  if (r == 0 and not m["control"])
-                  or (m["control"] and int(m["cluster"]) in drawing and low <= int(m["draw"]) < high)]
+                  if (r == 0 and not m.control) or (m.control and m.cluster in drawing and low <= m.draw < high)]
         if not chosen:
             break
         if progress:
@@ -474,11 +491,11 @@ def round_cache(run: RunDir, evaluate: Evaluate, params: Mapping[str, Any], upst
     ``params`` (everything else the scores depend on) and the round's configs, so a re-run, or one
     with a larger cap, reuses the rounds it already evaluated (:meth:`RunDir.cached`)."""
     def evaluate_round(r: int, configs: Mapping[str, Sequence[Intervention]],
-                       config_meta: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+                       config_meta: Mapping[str, Setting]) -> pd.DataFrame:
         return run.cached(
             SCORE_ROUND.format(round=r), lambda: evaluate(configs, config_meta), upstream=upstream,
             params=dict(params, configs={cid: [iv.to_dict() for iv in ivs] for cid, ivs in configs.items()},
-                        config_meta=dict(config_meta)), **meta)
+                        config_meta=settings_key(config_meta)), **meta)
     return evaluate_round
 
 

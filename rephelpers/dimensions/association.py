@@ -679,7 +679,9 @@ def explained_variance_frame(components: Sequence[ClusterComponents]) -> pd.Data
     """``layer, cluster, component, ratio, cumulative`` from each cluster's SVD spectrum."""
     rows = []
     for c in components:
-        ratios = c.need("explained_variance", "explained_variance_frame")
+        ratios = c.explained_variance
+        require(ratios is not None, f"explained_variance_frame: the components of layer {c.layer}, cluster {c.cluster} "
+                                    "have no SVD spectrum (explained_variance); re-run notebook 03.")
         for j, (ratio, total) in enumerate(zip(ratios, np.cumsum(ratios)), start=1):
             rows.append({"layer": c.layer, "cluster": c.cluster, "component": j,
                          "ratio": float(ratio), "cumulative": float(total)})

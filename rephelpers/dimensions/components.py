@@ -4,7 +4,9 @@ Stage 03 finds, for every layer ℓ and cluster k, the dimensions and subspaces 
 cluster; stage 04 perturbs them and stage 05 measures what the perturbations do. Everything
 that passes between them is one :class:`ClusterComponents`, written to ``subspaces.json``
 with :meth:`ClusterComponents.to_dict` and read back with :meth:`ClusterComponents.from_dict`
-(the file's format is unchanged: a run directory from before this type still loads).
+(the file's format is unchanged: a run directory from before this type still loads). Each
+perturbation kind reads only a small typed value taken from it (the classes below
+:class:`ClusterComponents`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,13 @@ _DERIVED = ("principal",)  # written by to_dict for readers of the JSON file, re
 class ClusterComponents:
     """Cluster k's components at layer ℓ, as stage 03 found them on the training documents.
 
+    The one container stage 03 writes (``subspaces.json``) and stages 04/05 read. No
+    perturbation reads it directly: each kind takes the typed value it needs, which
+    :data:`rephelpers.perturbations.kinds.KINDS` extracts with the value type's ``of``
+    (:class:`Selection`, :class:`MeanReference`, :class:`SpreadSelection`,
+    :class:`MeanDirection`, :class:`Subspace`, :func:`eraser`, :class:`ProbeStep`; the
+    controls take :class:`ControlStats`), and that says what is missing once, there.
+
     With ``X`` the pooled training activations at ℓ, ``D_k`` cluster k's training documents
     and ``μ_k``, ``μ_rest`` the mean of ``X`` over ``D_k`` and over the others:
 
@@ -73,12 +82,12 @@ class ClusterComponents:
     - ``massive_dims``, ``token_rms`` (and optionally ``token_mean``): token statistics that
       matched controls use; None when stage 02 collected none.
 
-    Every field but ``layer`` and ``cluster`` may be None in a hand-built value: a
-    perturbation that needs a missing field says which (:meth:`need`).
+    ``layer`` and ``cluster`` are required; every other field may be None in a hand-built
+    value (a test's, or components fitted with ``with_probe=False``/``with_leace=False``).
     """
 
-    layer: int | None = None
-    cluster: int | None = None
+    layer: int
+    cluster: int
     component: str | None = None
     method: str | None = None
     tau: float | None = None
@@ -115,16 +124,6 @@ class ClusterComponents:
         """The fields that are set, for error messages."""
         return sorted(f.name for f in fields(self) if getattr(self, f.name) is not None)
 
-    def need(self, name: str, kind: str, hint: str = "") -> Any:
-        """Field ``name``, or an error saying that perturbation ``kind`` needs it."""
-        value = getattr(self, name)
-        require(
-            value is not None,
-            f"{kind}: the cluster components have no {name!r} (they have {self.available()})"
-            + (f"; {hint}" if hint else "; re-run notebook 03 or pick another perturbation kind."),
-        )
-        return value
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: vectors as lists, the eraser as ``Leace.to_dict()``, the probe as a dict."""
         out: dict[str, Any] = {}
@@ -142,11 +141,14 @@ class ClusterComponents:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ClusterComponents:
-        """Inverse of :meth:`to_dict`; also takes a hand-built dict with any subset of the fields."""
+        """Inverse of :meth:`to_dict`; also takes a hand-built dict with ``layer``, ``cluster`` and any other fields."""
         require(isinstance(data, Mapping), f"cluster components must be a dict, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names - set(_DERIVED))
         require(not unknown, f"cluster components: unknown fields {unknown}; the fields are {sorted(names)}.")
+        absent = [k for k in ("layer", "cluster") if data.get(k) is None]
+        require(not absent, f"cluster components need {absent} (which layer and cluster they belong to); "
+                            f"they have {sorted(k for k, v in data.items() if v is not None)}.")
         values: dict[str, Any] = {}
         for name in names & set(data):
             value = data[name]
@@ -172,6 +174,151 @@ class ClusterComponents:
         return cls(**values)
 
 
+def _need(c: ClusterComponents, name: str, who: str, hint: str = "") -> Any:
+    """Field ``name`` of ``c``, or an error saying that ``who`` needs it and what ``c`` has."""
+    value = getattr(c, name)
+    require(
+        value is not None,
+        f"{who}: the cluster components (layer {c.layer}, cluster {c.cluster}) have no {name!r} "
+        f"(they have {c.available()})"
+        + (f"; {hint}" if hint else "; re-run notebook 03 or pick another perturbation kind."),
+    )
+    return value
+
+
+def _mean_gap(c: ClusterComponents, width: int) -> np.ndarray | None:
+    """μ_k − μ_rest, or None when either mean is absent (the kinds then use raw magnitudes)."""
+    if c.mean_in is None or c.mean_out is None:
+        return None
+    gap = c.mean_in - c.mean_out
+    require(gap.shape == (width,), f"mean_in/mean_out have shape {gap.shape}, expected ({width},)")
+    return gap
+
+
+# -- what each perturbation kind needs ------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """R_k alone (``ablate``): a non-empty tuple of dimension indices."""
+
+    dims: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        require(len(self.dims) > 0, "R_k is empty for this cluster; lower τ or use top_k in notebook 03.")
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "ablate") -> Selection:
+        dims = _need(c, "dims", who)
+        require(len(dims) > 0, f"{who}: R_k is empty for this cluster; lower τ or use top_k in notebook 03.")
+        return cls(dims)
+
+
+@dataclass(frozen=True, eq=False)
+class MeanReference:
+    """R_k and the rest's mean μ_rest [d] (``mean_ablate``, mediation): R_k is set towards μ_rest,R."""
+
+    dims: tuple[int, ...]
+    mean_out: np.ndarray
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "mean_ablate") -> MeanReference:
+        return cls(Selection.of(c, who).dims, _need(c, "mean_out", who))
+
+
+@dataclass(frozen=True, eq=False)
+class SpreadSelection:
+    """R_k and its natural spread (``noise``): ``typical_std = median_{i∈R_k} std_i``.
+
+    ``typical_std`` is 1 (σ in raw units) for components without ``std``, and ``std[0]`` for a
+    one-entry ``std`` (one spread for every dimension).
+    """
+
+    dims: tuple[int, ...]
+    typical_std: float
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "noise") -> SpreadSelection:
+        dims = Selection.of(c, who).dims
+        std = c.std
+        if std is None:
+            return cls(dims, 1.0)
+        if std.size == 1:
+            return cls(dims, float(std[0]))
+        require(
+            max(dims) < std.size,
+            f"{who}: the components' std has {std.size} entries but R_k reaches dimension {max(dims)}; "
+            "it must hold one standard deviation per hidden dimension.",
+        )
+        # the median, so that one massive dimension in R_k does not set the level of all the others
+        return cls(dims, float(np.median(std[list(dims)])))
+
+
+@dataclass(frozen=True, eq=False)
+class MeanDirection:
+    """The unit class-mean direction v_k [d] and the gap ``μ_k − μ_rest`` [d] (``shift``; None: raw α)."""
+
+    direction: np.ndarray
+    gap: np.ndarray | None
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "shift") -> MeanDirection:
+        v = _need(c, "direction", who)
+        return cls(v, _mean_gap(c, len(v)))
+
+
+@dataclass(frozen=True, eq=False)
+class Subspace:
+    """The principal basis V_k [r, d] (``project``)."""
+
+    basis: np.ndarray
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "project") -> Subspace:
+        return cls(_need(c, "basis", who))
+
+
+def eraser(c: ClusterComponents, who: str = "leace") -> Leace:
+    """The fitted LEACE eraser of "is in cluster k" (``leace``)."""
+    return _need(c, "leace", who, hint="fit it with fit_leace(X, cluster == k) in notebook 03")
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeStep:
+    """The probe's weights w [d] and intercept, and the gap ``μ_k − μ_rest`` (``gradient``; None: raw ε)."""
+
+    coef: np.ndarray
+    intercept: float
+    gap: np.ndarray | None
+
+    @classmethod
+    def of(cls, c: ClusterComponents, who: str = "gradient") -> ProbeStep:
+        probe = _need(c, "probe", who, hint="notebook 03 stores a probe per cluster")
+        require(bool(np.abs(probe.coef).sum() > 0), f"{who}: the probe coefficients are all zero")
+        return cls(probe.coef, probe.intercept, _mean_gap(c, len(probe.coef)))
+
+
+@dataclass(frozen=True, eq=False)
+class ControlStats:
+    """What a matched control reads besides its target: where it is, and the statistics that match it.
+
+    ``layer``, ``cluster`` seed the draw (each cluster's control independent of the others');
+    ``massive_dims``, ``token_rms``, ``token_mean`` (stage 02's token statistics), ``std`` and
+    ``mean_out`` (pooled, stage 03) set the magnitude strata; each None where it was not collected,
+    and the control then falls back as :func:`rephelpers.perturbations.kinds.matched_control` says.
+    """
+
+    layer: int
+    cluster: int
+    massive_dims: tuple[int, ...] | None = None
+    token_rms: np.ndarray | None = None
+    token_mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    mean_out: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, c: ClusterComponents) -> ControlStats:
+        return cls(c.layer, c.cluster, c.massive_dims, c.token_rms, c.token_mean, c.std, c.mean_out)
+
+
 def as_components(value: ClusterComponents | Mapping[str, Any]) -> ClusterComponents:
     """``value`` itself, or the :class:`ClusterComponents` a dict describes."""
     if isinstance(value, ClusterComponents):
@@ -188,4 +335,5 @@ def _as_leace(fitted: Any) -> Leace:
     return eraser
 
 
-__all__ = ["ClusterComponents", "LinearProbe", "as_components"]
+__all__ = ["ClusterComponents", "ControlStats", "LinearProbe", "MeanDirection", "MeanReference", "ProbeStep",
+           "Selection", "SpreadSelection", "Subspace", "as_components", "eraser"]

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .components import ClusterComponents, as_components
+from .components import ClusterComponents, MeanReference, as_components
 from ..errors import require
 from ..interventions.intervene import Intervention, forward_readouts, likelihood_names, site_states
 from ..interventions.edits import Ablate
@@ -161,8 +161,8 @@ def mediation_by_cluster(
         texts[c.cluster] = rows.text.head(n_texts).tolist()
     frames = []
     for c in progress_bar(at_layer, desc="clusters", disable=not progress, leave=False):
-        dims = list(c.need("dims", "mediation")[:top_n])
-        mean_out = c.need("mean_out", "mediation")
+        reference = MeanReference.of(c, "mediation")
+        dims, mean_out = list(reference.dims[:top_n]), reference.mean_out
         component = c.component or "resid"
         effects = mediation_effects(
             model, texts[c.cluster], None, layer, dims, component,

@@ -18,53 +18,54 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from ..dimensions.components import ClusterComponents, as_components
+from ..dimensions.components import ClusterComponents, ControlStats, as_components
 from ..errors import require
 from ..interventions.edits import Ablate, Leace, Noise, Perturbation, Project, Shift
 
 def dims_control(kind: str) -> Callable[..., Perturbation]:
     """Partners of R_k from its magnitude strata (ablate, mean_ablate, noise; see :func:`matched_control`)."""
-    def control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
+    def control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
                 spectrum: Spectrum | None) -> Perturbation:
-        profile, source = control_profile(kind, components, d_model, spectrum)
-        massive = _massive_dims(components, spectrum, d_model)
+        profile, source = control_profile(kind, stats, d_model, spectrum)
+        massive = _massive_dims(stats, spectrum, d_model)
         dims, note = _matched_dims(rng, target.dims, profile, massive, d_model)
         matching = f"uniform{note}" if profile is None else f"{source} strata{note}"
         if isinstance(target, Noise):
             return Noise(dims=dims, sigma=target.sigma, seed=target.seed, matching=matching)
         values = None
         if target.values is not None:  # mean ablation: the control uses the same reference
-            values = components.need("mean_out", kind)[list(dims)]
+            require(stats.mean_out is not None, f"{kind}: the control needs the rest's mean (mean_out)")
+            values = stats.mean_out[list(dims)]
         return Ablate(dims=dims, values=values, strength=target.strength, matching=matching)
     return control
 
 
-def project_control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
+def project_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
                      spectrum: Spectrum | None) -> Perturbation:
     spec = _check_spectrum(spectrum, d_model)
     if spec is None:
         q, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
         return Project(basis=q.T, strength=target.strength, matching="uniform (no spectrum)")
-    basis, note = _matched_basis(rng, target, spec, _massive_dims(components, spectrum, d_model))
+    basis, note = _matched_basis(rng, target, spec, _massive_dims(stats, spectrum, d_model))
     return Project(basis=basis, strength=target.strength, matching=f"spectrum variance strata{note}")
 
 
-def shift_control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
+def shift_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
                    spectrum: Spectrum | None) -> Perturbation:
     v = rng.standard_normal(d_model)
     v *= np.linalg.norm(target.direction) / np.linalg.norm(v)
     return Shift(direction=v, alpha=target.alpha)
 
 
-def gradient_control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
+def gradient_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
                       spectrum: Spectrum | None) -> Perturbation:
     signs = rng.choice([-1.0, 1.0], size=d_model)
     return Shift(direction=signs, alpha=target.epsilon)
 
 
-def leace_control(target: Any, components: ClusterComponents, d_model: int, rng: np.random.Generator,
+def leace_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
                    spectrum: Spectrum | None) -> Perturbation:
-    spread = np.ones(d_model) if components.std is None else components.std
+    spread = np.ones(d_model) if stats.std is None else stats.std
     require(spread.shape == (d_model,), f"leace: the components' std has shape {spread.shape}, expected ({d_model},)")
     gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
     u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
@@ -172,7 +173,8 @@ def second_moment_spectrum(states: Any, source: str = "") -> Spectrum:
 
 
 def control_profile(
-    kind: str, components: ClusterComponents, d_model: int, spectrum: Spectrum | None = None
+    kind: str, components: ControlStats | ClusterComponents | Mapping[str, Any], d_model: int,
+    spectrum: Spectrum | None = None,
 ) -> tuple[np.ndarray | None, str]:
     """Per-dimension magnitude that governs the edit of ``kind`` on that dimension, and its source.
 
@@ -198,12 +200,12 @@ def control_profile(
         require(arr.shape == (d_model,), f"{kind}: {name} has {arr.size} entries, hidden size is {d_model}")
         return arr
 
-    components = as_components(components)
+    stats = components if isinstance(components, ControlStats) else ControlStats.of(as_components(components))
     spec = _check_spectrum(spectrum, d_model)
-    token_rms = None if components.token_rms is None else vec(components.token_rms, "token_rms")
-    token_mean = None if components.token_mean is None else vec(components.token_mean, "token_mean")
-    std = None if components.std is None else vec(components.std, "std")
-    mean_out = None if components.mean_out is None else vec(components.mean_out, "mean_out")
+    token_rms = None if stats.token_rms is None else vec(stats.token_rms, "token_rms")
+    token_mean = None if stats.token_mean is None else vec(stats.token_mean, "token_mean")
+    std = None if stats.std is None else vec(stats.std, "std")
+    mean_out = None if stats.mean_out is None else vec(stats.mean_out, "mean_out")
     moments = None
     if spec is not None:
         moments = (spec.rms, spec.mean, "spectrum")
@@ -244,9 +246,9 @@ def _check_spectrum(spectrum: Spectrum | None, d_model: int) -> Spectrum | None:
     return spectrum
 
 
-def _massive_dims(components: ClusterComponents, spectrum: Spectrum | None, d_model: int) -> np.ndarray:
-    if components.massive_dims is not None:
-        dims = np.asarray(components.massive_dims, dtype=np.int64).reshape(-1)
+def _massive_dims(stats: ControlStats, spectrum: Spectrum | None, d_model: int) -> np.ndarray:
+    if stats.massive_dims is not None:
+        dims = np.asarray(stats.massive_dims, dtype=np.int64).reshape(-1)
     elif spectrum is not None:
         dims = np.flatnonzero(np.asarray(spectrum.ratio_max, dtype=np.float64) > MASSIVE_RATIO)
     else:
@@ -412,6 +414,6 @@ def _matched_basis(
     return state[id(chosen)], f"{note}, predicted edit ratio {predicted:.3g}"
 
 
-def control_entropy(seed: int, components: ClusterComponents) -> list[int]:
-    extra = [components.layer, components.cluster]
-    return [int(seed)] + [int(x) for x in extra if isinstance(x, (int, np.integer)) and int(x) >= 0]
+def control_entropy(seed: int, stats: ControlStats) -> list[int]:
+    """The seed of a control's draw: ``[seed, layer, cluster]`` (negative ids left out, as numpy's entropy must be ≥ 0)."""
+    return [int(seed)] + [int(x) for x in (stats.layer, stats.cluster) if int(x) >= 0]

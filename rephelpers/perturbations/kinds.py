@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import numpy as np
 
-from ..dimensions.components import ClusterComponents, as_components
+from ..dimensions.components import (
+    ClusterComponents,
+    ControlStats,
+    MeanDirection,
+    MeanReference,
+    ProbeStep,
+    Selection,
+    SpreadSelection,
+    Subspace,
+    as_components,
+    eraser,
+)
 from ..errors import require
 from ..interventions.edits import Ablate, Gradient, Leace, Noise, Perturbation, Project, Shift
 from .controls import (
@@ -30,20 +41,26 @@ from .controls import (
     shift_control,
 )
 
+N = TypeVar("N")
+
+
 @dataclass(frozen=True)
-class Kind:
+class Kind(Generic[N]):
     """One perturbation kind as the stages use it (one entry of :data:`KINDS`).
 
-    ``make(components, m, seed)`` builds the ``cls`` perturbation of one stage-03 subspace (a
-    cluster at a layer) at the unit-free magnitude m, scaled so that m = 1 is "full
-    strength" (``scaling`` says what that is); ``magnitude_field`` is the field m sets.
-    ``control(target, components, d_model, rng, spectrum)`` draws the random perturbation of
-    the same size that controls for it (:func:`matched_control`). ``acts_on`` names the
-    cluster component it changes: ``"R_k"`` (stage 03's selected dimensions, so how they
-    were selected decides what it touches) or its own (``"SVD V_k"``, ``"LEACE"``, ...).
-    Adding a kind means
-    writing its class (if it is a new one) and one ``Kind`` in :data:`KINDS`; nothing else
-    in the package lists kinds.
+    ``needs(components)`` takes from stage 03's :class:`ClusterComponents` the typed value
+    this kind reads (e.g. :meth:`Selection.of`, R_k alone; :meth:`Subspace.of`, V_k), and
+    raises a clear error naming what is missing; ``make(value, m, seed)`` builds the ``cls``
+    perturbation from that value alone at the unit-free magnitude m, scaled so that m = 1 is
+    "full strength" (``scaling`` says what that is); ``magnitude_field`` is the field m sets.
+    ``control(target, stats, d_model, rng, spectrum)`` draws the random perturbation of the
+    same size that controls for it (:func:`matched_control`), from the target and the
+    components' :class:`ControlStats`. ``acts_on`` names the cluster component it changes:
+    ``"R_k"`` (stage 03's selected dimensions, so how they were selected decides what it
+    touches) or its own (``"SVD V_k"``, ``"LEACE"``, ...).
+    Adding a kind means writing its class (if it is a new one), the typed value it needs (if
+    none of :mod:`rephelpers.dimensions.components`' fits; a frozen dataclass with an ``of``
+    classmethod) and one ``Kind`` in :data:`KINDS`; nothing else in the package lists kinds.
     """
 
     name: str
@@ -51,74 +68,70 @@ class Kind:
     magnitude_field: str
     scaling: str
     acts_on: str
-    make: Callable[[ClusterComponents, float, int], Perturbation] = field(repr=False)
-    control: Callable[..., Perturbation] = field(repr=False)
+    make: Callable[[N, float, int], Perturbation] = field(repr=False)
+    control: Callable[[Perturbation, ControlStats, int, np.random.Generator, Spectrum | None], Perturbation] = field(
+        repr=False)
+    needs: Callable[[ClusterComponents], N] = field(repr=False)
 
 
-def _make_ablate(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    return Ablate(dims=_dims(components, "ablate"), strength=m)
+def _make_ablate(selection: Selection, m: float, seed: int) -> Perturbation:
+    return Ablate(dims=selection.dims, strength=m)
 
 
-def _make_mean_ablate(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    dims = _dims(components, "mean_ablate")
-    reference = components.need("mean_out", "mean_ablate")
-    return Ablate(dims=dims, values=reference[list(dims)], strength=m)
+def _make_mean_ablate(reference: MeanReference, m: float, seed: int) -> Perturbation:
+    return Ablate(dims=reference.dims, values=reference.mean_out[list(reference.dims)], strength=m)
 
 
-def _make_noise(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    dims = _dims(components, "noise")
-    return Noise(dims=dims, sigma=m * _typical_std(components, dims), seed=seed)
+def _make_noise(spread: SpreadSelection, m: float, seed: int) -> Perturbation:
+    return Noise(dims=spread.dims, sigma=m * spread.typical_std, seed=seed)
 
 
-def _make_shift(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    v = components.need("direction", "shift")
-    gap = _mean_gap(components, len(v))
-    return Shift(direction=v, alpha=m if gap is None else -m * float(gap @ v))
+def _make_shift(mean: MeanDirection, m: float, seed: int) -> Perturbation:
+    v = mean.direction
+    return Shift(direction=v, alpha=m if mean.gap is None else -m * float(mean.gap @ v))
 
 
-def _make_project(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    return Project(basis=components.need("basis", "project"), strength=m)
+def _make_project(subspace: Subspace, m: float, seed: int) -> Perturbation:
+    return Project(basis=subspace.basis, strength=m)
 
 
-def _make_leace(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    fitted = components.need("leace", "leace", hint="fit it with fit_leace(X, cluster == k) in notebook 03")
+def _make_leace(fitted: Leace, m: float, seed: int) -> Perturbation:
     return replace(fitted, strength=m)
 
 
-def _make_gradient(components: ClusterComponents, m: float, seed: int) -> Perturbation:
-    coef, intercept = _probe(components)
-    gap = _mean_gap(components, len(coef))
+def _make_gradient(step: ProbeStep, m: float, seed: int) -> Perturbation:
+    coef, gap = step.coef, step.gap
     scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
-    return Gradient(coef=coef, intercept=intercept, epsilon=m * scale)
+    return Gradient(coef=coef, intercept=step.intercept, epsilon=m * scale)
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("ablate", Ablate, "strength", "strength m; ĥ_R = (1 − m)·h_R (m = 1 zeroes R_k)", "R_k",
-         _make_ablate, dims_control("ablate")),
+         _make_ablate, dims_control("ablate"), Selection.of),
     Kind("mean_ablate", Ablate, "strength",
          "strength m towards the rest's mean; ĥ_R = (1 − m)·h_R + m·μ_out,R. Zeroing a dimension whose "
          "typical value is far from 0 (the 'massive activation' dimensions of many LMs) damages every input "
          "alike; setting it to the value it takes on other clusters' text removes only what is specific to "
          "cluster k",
-         "R_k", _make_mean_ablate, dims_control("mean_ablate")),
+         "R_k", _make_mean_ablate, dims_control("mean_ablate"), MeanReference.of),
     Kind("noise", Noise, "sigma",
          "σ = m · median_{i∈R_k} std_i, noise as large as the typical natural spread of those dimensions "
          "(raw σ = m if std is absent); the median, so that one massive dimension in R_k does not set the "
          "noise level of all the others",
-         "R_k", _make_noise, dims_control("noise")),
+         "R_k", _make_noise, dims_control("noise"), SpreadSelection.of),
     Kind("shift", Shift, "alpha",
          "ĥ = h + α v_k with α = m · (μ_out − μ_in)·v_k: at m = 1 the mean of cluster k lands on the mean "
          "of the rest along v_k (raw α = m without the means)",
-         "mean direction", _make_shift, shift_control),
+         "mean direction", _make_shift, shift_control, MeanDirection.of),
     Kind("project", Project, "strength", "strength m on V_k (m = 1 removes it entirely)", "SVD V_k",
-         _make_project, project_control),
+         _make_project, project_control, Subspace.of),
     Kind("leace", Leace, "strength", "strength m on the fitted eraser (m = 1 is full erasure)", "LEACE",
-         _make_leace, leace_control),
+         _make_leace, leace_control, eraser),
     Kind("gradient", Gradient, "epsilon",
          "ε = m · |w·(μ_in − μ_out)| / ‖w‖₁: at m = 1 the step moves the probe's logit by the gap between "
          "cluster k's mean and the rest's mean (a sign step changes the logit by exactly ε‖w‖₁); raw ε = m "
          "without the means",
-         "probe gradient", _make_gradient, gradient_control),
+         "probe gradient", _make_gradient, gradient_control, ProbeStep.of),
 )}
 """Every perturbation kind the stages build, by name: the one list of kinds."""
 
@@ -144,10 +157,11 @@ def build(kind: str, components: ClusterComponents, magnitude: float = 1.0, seed
     """The ``kind`` perturbation of one cluster's components at a layer: ``KINDS[kind].make``.
 
     ``components`` is stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
-    (or a dict of its fields): ``dims`` (R_k), ``direction`` (unit v_k), ``basis`` (rows of
-    V_k), ``probe``, ``mean_in``/``mean_out`` (mean representation of cluster k / of the
-    rest), ``std`` (per-dimension standard deviation) and ``leace`` (the fitted eraser).
-    A kind that needs a field the components lack says which.
+    (or a dict of its fields, ``layer`` and ``cluster`` among them): ``dims`` (R_k),
+    ``direction`` (unit v_k), ``basis`` (rows of V_k), ``probe``, ``mean_in``/``mean_out``
+    (mean representation of cluster k / of the rest), ``std`` (per-dimension standard
+    deviation) and ``leace`` (the fitted eraser). ``KINDS[kind].needs`` takes from it the
+    typed value the kind reads, and says which field is missing if one is.
 
     ``magnitude`` m is scaled so that m = 1 is "full strength" for every kind
     (``KINDS[kind].scaling``):
@@ -165,7 +179,8 @@ def build(kind: str, components: ClusterComponents, magnitude: float = 1.0, seed
     require(kind in KINDS, f"unknown perturbation kind {kind!r}; use one of {sorted(KINDS)}")
     m = float(magnitude)
     require(math.isfinite(m), f"magnitude must be finite, got {magnitude}")
-    return KINDS[kind].make(as_components(components), m, seed)
+    entry = KINDS[kind]
+    return entry.make(entry.needs(as_components(components)), m, seed)
 
 
 def matched_control(
@@ -228,8 +243,9 @@ def matched_control(
     components = as_components(components)
     target = build(kind, components, magnitude, seed)
     target.check(d_model)
-    rng = np.random.default_rng(control_entropy(seed, components))
-    return KINDS[kind].control(target, components, d_model, rng, spectrum)
+    stats = ControlStats.of(components)
+    rng = np.random.default_rng(control_entropy(seed, stats))
+    return KINDS[kind].control(target, stats, d_model, rng, spectrum)
 
 
 def matched_controls(
@@ -252,40 +268,6 @@ def matched_controls(
     )
     components = as_components(components)
     return [matched_control(kind, components, d_model, magnitude, seed + draw, spectrum) for draw in range(n_controls)]
-
-
-def _dims(components: ClusterComponents, kind: str) -> tuple[int, ...]:
-    dims = components.need("dims", kind)
-    require(len(dims) > 0, f"{kind}: R_k is empty for this cluster; lower τ or use top_k in notebook 03.")
-    return dims
-
-
-def _typical_std(components: ClusterComponents, dims: tuple[int, ...]) -> float:
-    std = components.std
-    if std is None:
-        return 1.0
-    if std.size == 1:
-        return float(std[0])
-    require(
-        max(dims) < std.size,
-        f"noise: the components' std has {std.size} entries but R_k reaches dimension {max(dims)}; "
-        "it must hold one standard deviation per hidden dimension.",
-    )
-    return float(np.median(std[list(dims)]))
-
-
-def _mean_gap(components: ClusterComponents, width: int) -> np.ndarray | None:
-    if components.mean_in is None or components.mean_out is None:
-        return None
-    gap = components.mean_in - components.mean_out
-    require(gap.shape == (width,), f"mean_in/mean_out have shape {gap.shape}, expected ({width},)")
-    return gap
-
-
-def _probe(components: ClusterComponents) -> tuple[np.ndarray, float]:
-    probe = components.need("probe", "gradient", hint="notebook 03 stores a probe per cluster")
-    require(bool(np.abs(probe.coef).sum() > 0), "gradient: the probe coefficients are all zero")
-    return probe.coef, probe.intercept
 
 
 __all__ = ["Kind", "KINDS", "MAGNITUDE_FIELD", "kinds", "build", "fit_leace", "matched_control", "matched_controls"]

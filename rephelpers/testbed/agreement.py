@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
+from ..artifacts import RunDir
 from ..errors import require
 from ..estimators.run import PHI_ARTIFACT
 from ..runner import point_name
@@ -487,6 +488,28 @@ def best_by(per_setting: pd.DataFrame, column: str = "scoring") -> pd.DataFrame:
     keep = [column, "setting", "spearman_rho", "spearman_low", "spearman_high", "diagonal_recovery",
             "diagonal_argmax", "off_diagonal_false_positives", "null_off_diagonal_cells"]
     return per_setting.drop_duplicates(column, keep="first")[[c for c in keep if c in per_setting.columns]].reset_index(drop=True)
+
+
+AGREEMENT_ARTIFACTS = ("agreement.json", "agreement_cells.parquet")
+"""What notebook 07 writes into its run directory, under one key."""
+
+
+def save_agreement(run: RunDir, summary_text: str, cells: pd.DataFrame,
+                   params: Mapping[str, Any]) -> tuple[str, pd.DataFrame]:
+    """Write ``agreement.json`` (``summary_text``, :func:`agreement_summary` as JSON) and
+    ``agreement_cells.parquet`` (``cells``) through ``run.cached``, keyed by ``params`` (what the
+    figures are computed from: cells, Φ*, scores, mapping, design). Same key: the files on disk
+    are kept (and returned); another key: the old ones move to ``.history/``."""
+    summary_name, cells_name = AGREEMENT_ARTIFACTS
+
+    def save(value: tuple[str, pd.DataFrame], key: str) -> None:
+        run.save_text(summary_name, value[0], key)
+        run.save_parquet(cells_name, value[1], key)
+
+    def load() -> tuple[str, pd.DataFrame]:
+        return run.require(summary_name, "notebook 07_ground_truth").read_text(), run.load_parquet(cells_name)
+
+    return run.cached(list(AGREEMENT_ARTIFACTS), lambda: (summary_text, cells), params=dict(params), save=save, load=load)
 
 
 def agreement_summary(per_setting: pd.DataFrame, mapping: pd.DataFrame, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

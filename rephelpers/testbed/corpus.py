@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from ..abilities.suite import ABILITIES, ability_spec
-from ..artifacts import stable_hash
+from ..artifacts import RunDir, stable_hash
 from ..corpus.loaders import load_corpus
 from ..errors import require
 from .planted import PLANTED, planted_corpus
@@ -42,17 +42,33 @@ def testbed_corpus(
     return frame
 
 
+CORPUS_FILE = "groundtruth_corpus.jsonl"
+"""Where notebook 07 keeps the testbed corpus in its run directory (the chain's ``corpus``)."""
+CORPUS_COLUMNS = ("id", "text", "source", "domain")
+
+
 def write_corpus(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write the corpus as JSON Lines (``id, text, source, domain``), the chain's ``corpus`` input."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(
-        json.dumps({k: row[k] for k in ("id", "text", "source", "domain")}, ensure_ascii=False) + "\n"
+        json.dumps({k: row[k] for k in CORPUS_COLUMNS}, ensure_ascii=False) + "\n"
         for row in frame.to_dict("records")
     )
     if not (path.exists() and path.read_text(encoding="utf-8") == text):
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def save_corpus(run: RunDir, frame: pd.DataFrame) -> Path:
+    """:func:`write_corpus` into ``run`` through ``run.cached``, keyed by the corpus' content
+    (:data:`CORPUS_COLUMNS`): the same corpus is not rewritten, another one moves the old file to
+    ``.history/``. Returns the file's path."""
+    columns = list(CORPUS_COLUMNS)
+    run.cached(CORPUS_FILE, lambda: frame, params={"corpus": frame[columns].reset_index(drop=True)},
+               save=lambda value, key: run.save(CORPUS_FILE, key, lambda path: write_corpus(value, path)),
+               load=lambda: None)
+    return run.path(CORPUS_FILE)
 
 
 def item_overlaps(items: Sequence[Mapping[str, Any]], texts: Sequence[str]) -> list[str]:

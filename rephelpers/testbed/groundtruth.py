@@ -46,7 +46,7 @@ that of random edits of the same size), the ``score`` part of a setting's label.
 from __future__ import annotations
 
 from .corpus import (
-    REST, testbed_corpus, write_corpus, item_overlaps, training_blocks, check_abilities,
+    REST, testbed_corpus, write_corpus, save_corpus, CORPUS_FILE, item_overlaps, training_blocks, check_abilities,
 )
 from .phistar import (
     variant_name, DROP, drop_share, leave_out_scores, f_all_weights, weight_change, score_table,
@@ -60,14 +60,15 @@ from .agreement import (
     SPLIT_RECALL, map_clusters, clustering_misses, spearman, spearman_ci, SCORES, agreement_cells,
     diagonal_recovery, diagonal_argmax, setting_agreement, AGREEMENT_COLUMNS, CLUSTER_SOURCES,
     chain_phi_long, chain_cost, chain_estimator_phi, estimator_agreement, dose_phi,
-    combine_agreement, best_by, agreement_summary, headline, agreement_headline,
+    combine_agreement, best_by, agreement_summary, headline, agreement_headline, AGREEMENT_ARTIFACTS,
+    save_agreement,
 )
 from .power import (
     rho_interval_width, detectable_phi,
 )
 
 __all__ = [
-    "REST", "testbed_corpus", "write_corpus", "item_overlaps", "training_blocks", "check_abilities",
+    "REST", "testbed_corpus", "write_corpus", "save_corpus", "CORPUS_FILE", "item_overlaps", "training_blocks", "check_abilities",
     "variant_name", "DROP", "drop_share", "leave_out_scores", "f_all_weights", "weight_change",
     "score_table", "phi_star", "dose_curve", "CHAIN_NOTEBOOKS", "chain_spec", "chain_grids",
     "run_chain", "chain_documents", "SETTING_KEYS", "chain_influence", "intervention_layers",
@@ -76,4 +77,5 @@ __all__ = [
     "setting_agreement", "AGREEMENT_COLUMNS", "CLUSTER_SOURCES", "chain_phi_long", "chain_cost",
     "chain_estimator_phi", "estimator_agreement", "dose_phi", "combine_agreement", "best_by",
     "agreement_summary", "headline", "agreement_headline", "rho_interval_width", "detectable_phi",
+    "AGREEMENT_ARTIFACTS", "save_agreement",
 ]
