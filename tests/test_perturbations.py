@@ -11,7 +11,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from rephelpers.errors import RephelpersError
-from rephelpers.interventions.edits import Perturbation, Ablate, Gradient, Leace, Noise, Project, Shift, perturbation_from_dict, registered_kinds
+from rephelpers.interventions.edits import (
+    Perturbation, Ablate, Gradient, LearnedProjection, Leace, Noise, Project, Shift, perturbation_from_dict, registered_kinds,
+)
 from rephelpers.dimensions.components import (
     ClusterComponents,
     ControlStats,
@@ -71,7 +73,9 @@ def _subspace(rng, **extra):
 @pytest.fixture(scope="module")
 def subspace(concept):
     X, y = concept
-    return _subspace(np.random.default_rng(2), leace=fit_leace(X, y).to_dict())
+    rng = np.random.default_rng(2)
+    learned = LearnedProjection(basis=np.linalg.qr(rng.normal(size=(D, 3)))[0].T, mean=rng.normal(size=D))
+    return _subspace(rng, leace=fit_leace(X, y).to_dict(), learned=learned.to_dict())
 
 
 # -- each kind against numpy ---------------------------------------------------------------

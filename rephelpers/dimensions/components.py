@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import require
-from ..interventions.edits import Leace, perturbation_from_dict
+from ..interventions.edits import LearnedProjection, Leace, perturbation_from_dict
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +79,8 @@ class ClusterComponents:
     - ``probe``: a linear read-out of "is in cluster k" (:class:`LinearProbe`);
     - ``leace``: the LEACE eraser of "is in cluster k" fitted once, in stage 03 (None where
       the concept is not linearly present);
+    - ``learned``: a :class:`LearnedProjection` fitted by gradient in stage 04
+      (:mod:`rephelpers.perturbations.learned`), not by stage 03; None until then;
     - ``massive_dims``, ``token_rms`` (and optionally ``token_mean``): token statistics that
       matched controls use; None when stage 02 collected none.
 
@@ -109,6 +111,7 @@ class ClusterComponents:
     token_mean: np.ndarray | None = None
     token_level: bool = False
     keep_massive: bool = False
+    learned: LearnedProjection | None = None
 
     def __repr__(self) -> str:
         size = "?" if self.dims is None else len(self.dims)
@@ -133,7 +136,7 @@ class ClusterComponents:
                 value = value.tolist()
             elif f.name in _INDEX_SETS and value is not None:
                 value = [int(i) for i in value]
-            elif f.name in ("probe", "leace") and value is not None:
+            elif f.name in ("probe", "leace", "learned") and value is not None:
                 value = value.to_dict()
             out[f.name] = value
         out["principal"] = None if self.basis is None else self.basis[0].tolist()
@@ -164,6 +167,8 @@ class ClusterComponents:
                 value = LinearProbe.from_dict(value)
             elif name == "leace":
                 value = _as_leace(value)
+            elif name == "learned":
+                value = value if isinstance(value, LearnedProjection) else perturbation_from_dict({**value, "kind": "learned"})
             elif name in ("layer", "cluster", "top_k", "n_train", "n_heldout"):
                 value = int(value)
             elif name in ("tau", "selector_accuracy"):
@@ -279,6 +284,12 @@ class Subspace:
 def eraser(c: ClusterComponents, who: str = "leace") -> Leace:
     """The fitted LEACE eraser of "is in cluster k" (``leace``)."""
     return _need(c, "leace", who, hint="fit it with fit_leace(X, cluster == k) in notebook 03")
+
+
+def learned_subspace(c: ClusterComponents, who: str = "learned") -> LearnedProjection:
+    """The learned, specificity-seeking subspace U of cluster k (``learned``), fitted in stage 04."""
+    return _need(c, "learned", who, hint="fit it with rephelpers.perturbations.learned.with_learned(run, model, "
+                 "documents, components, layer) (notebook 04 does when 'learned' is listed)")
 
 
 @dataclass(frozen=True, eq=False)

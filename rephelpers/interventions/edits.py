@@ -462,6 +462,68 @@ class Gradient(Perturbation):
         return h - self.epsilon * grad_logit.sign().to(h.dtype)
 
 
+@dataclass(frozen=True)
+class LearnedProjection(Perturbation):
+    """Removal of a learned subspace's variation about the layer's mean, at strength α.
+
+    ``ĥ = h − α · U Uᵀ (h − μ)``, written with ``basis`` = Uᵀ (r rows, orthonormal) as
+    ``ĥ = h − α · ((h − μ) Uᵀᵀ) Uᵀ``; μ (``mean``) is the layer's mean token state, so at
+    α = 1 the state's component in span(U) is set to μ's (mean ablation of a subspace, not
+    zeroing, which would also remove the mean that every text shares). α = 0 is the
+    identity. The rows are re-orthonormalised (QR) before use, so a basis read back from
+    JSON with rounding still gives a projection.
+
+    U is fitted by gradient to raise cluster k's loss and keep the others'
+    (:func:`rephelpers.perturbations.learned.fit_learned_projection`); a matched control is
+    a random U' through the same formula. ``matching`` says how a control was drawn.
+    """
+
+    kind: ClassVar[str] = "learned"
+    basis: tuple[tuple[float, ...], ...]
+    mean: tuple[float, ...]
+    strength: float = 1.0
+    matching: str | None = field(default=None, compare=False)
+    """How a matched control was drawn (:func:`matched_control`); None for a perturbation."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "basis", tuple(tuple(float(x) for x in row) for row in self.basis))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "strength", float(self.strength))
+        _check_finite_nonnegative(self.kind, "strength", self.strength)
+
+    def check(self, d_model: int) -> None:
+        _check_rows(self.kind, "basis", self.basis, d_model)
+        _check_width(self.kind, "mean", len(self.mean), d_model)
+        require(self.rank < d_model, f"learned: rank {self.rank} must be below the hidden size {d_model} "
+                                     "(a full-rank projection replaces every state by the mean).")
+
+    @property
+    def rank(self) -> int:
+        return int(self._orthonormal.shape[0])
+
+    @_derived
+    def _orthonormal(self) -> torch.Tensor:
+        v = torch.tensor(self.basis, dtype=torch.float64)
+        q, r = torch.linalg.qr(v.T)
+        keep = r.diagonal().abs() > 1e-10
+        if not bool(keep.any()):
+            raise RephelpersError("learned: the basis vectors are all zero.")
+        return q[:, keep].T.contiguous()  # [rank, d]
+
+    @_derived
+    def _mean(self) -> torch.Tensor:
+        return torch.tensor(self.mean, dtype=torch.float64)
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        u = self._orthonormal.to(h.device, h.dtype)
+        mu = self._mean.to(h.device, h.dtype)
+        return h - self.strength * ((h - mu) @ u.T) @ u
+
+    def describe(self) -> str:
+        extra = f", matching={self.matching}" if self.matching else ""
+        return f"learned(rank={len(self.basis)}, strength={self.strength}{extra})"
+
+
 def registered_kinds() -> list[str]:
     """The perturbation classes' ``kind`` tags (what :func:`perturbation_from_dict` reads).
 
@@ -471,5 +533,5 @@ def registered_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
-__all__ = ["Perturbation", "Ablate", "Noise", "Shift", "Project", "Leace", "Gradient",
+__all__ = ["Perturbation", "Ablate", "Noise", "Shift", "Project", "Leace", "Gradient", "LearnedProjection",
            "perturbation_from_dict", "registered_kinds"]

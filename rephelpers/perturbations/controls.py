@@ -20,7 +20,7 @@ import torch
 
 from ..dimensions.components import ClusterComponents, ControlStats, as_components
 from ..errors import require
-from ..interventions.edits import Ablate, Leace, Noise, Perturbation, Project, Shift
+from ..interventions.edits import Ablate, LearnedProjection, Leace, Noise, Perturbation, Project, Shift
 
 def dims_control(kind: str) -> Callable[..., Perturbation]:
     """Partners of R_k from its magnitude strata (ablate, mean_ablate, noise; see :func:`matched_control`)."""
@@ -71,6 +71,45 @@ def leace_control(target: Any, stats: ControlStats, d_model: int, rng: np.random
     u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
     return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
                  strength=target.strength)
+
+
+def learned_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
+                    spectrum: Spectrum | None) -> Perturbation:
+    """A random rank-r :class:`LearnedProjection` about the same mean μ, of the same edit size.
+
+    The edit ``α·UUᵀ(h − μ)`` has ``E‖·‖² = α² tr(Uᵀ C_μ U)`` with ``C_μ = E[(h − μ)(h − μ)ᵀ]
+    = M − m μᵀ − μ mᵀ + μ μᵀ`` (M, m: the spectrum's second moment and mean). U' is drawn
+    as :func:`project_control` draws a subspace, but on the eigenvectors of C_μ (stratum
+    partners of U's captured variance, mixed by a random rotation, at most half their
+    weight inside span(U)), then its strength is set to ``α' = α √(tr(UᵀC_μU) / tr(U'ᵀC_μU'))``
+    so that the predicted edit ratio is exactly 1 on the spectrum's tokens (α' may pass 1:
+    the edit size is what is matched, not the formula's range). Without a spectrum: a
+    uniformly random U' (QR of a Gaussian matrix) rescaled with ``C_μ ≈ diag(std²)`` from
+    ``stats.std``, or not rescaled without it.
+    """
+    U = target._orthonormal.numpy()  # [r, d]
+    mu = np.asarray(target.mean, dtype=np.float64)
+    spec = _check_spectrum(spectrum, d_model)
+    if spec is None:
+        q, _ = np.linalg.qr(rng.standard_normal((d_model, len(U))))
+        basis = q.T
+        if stats.std is None:
+            return LearnedProjection(basis=basis, mean=mu, strength=target.strength, matching="uniform (no spectrum, no std)")
+        var = np.asarray(stats.std, dtype=np.float64) ** 2
+        captured = lambda B: float((B**2 * var).sum())  # noqa: E731 - tr(B diag(std²) Bᵀ)
+        strength = target.strength * math.sqrt(captured(U) / max(captured(basis), 1e-300))
+        return LearnedProjection(basis=basis, mean=mu, strength=strength, matching="uniform, rescaled by std")
+    M = (spec.eigenvectors.T * spec.eigenvalues) @ spec.eigenvectors
+    m = spec.mean
+    cov = M - np.outer(m, mu) - np.outer(mu, m) + np.outer(mu, mu)
+    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+    centred = Spectrum(eigenvalues=np.clip(values[::-1], 0, None), eigenvectors=vectors[:, ::-1].T.copy(), mean=mu,
+                       rms=spec.rms, ratio_max=spec.ratio_max, n_tokens=spec.n_tokens, source=f"{spec.source}, about μ")
+    basis, note = _matched_basis(rng, Project(basis=U), centred, _massive_dims(stats, spectrum, d_model))
+    captured = lambda B: float(np.einsum("ij,jk,ik->", B, cov, B))  # noqa: E731 - tr(B C_μ Bᵀ)
+    strength = target.strength * math.sqrt(captured(U) / max(captured(basis), 1e-300))
+    return LearnedProjection(basis=basis, mean=mu, strength=strength,
+                             matching=f"variance about μ strata{note}, strength rescaled ×{strength / max(target.strength, 1e-300):.3g}")
 
 
 MATCH_WINDOW = 1.25

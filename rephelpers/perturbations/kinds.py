@@ -28,15 +28,17 @@ from ..dimensions.components import (
     Subspace,
     as_components,
     eraser,
+    learned_subspace,
 )
 from ..errors import require
-from ..interventions.edits import Ablate, Gradient, Leace, Noise, Perturbation, Project, Shift
+from ..interventions.edits import Ablate, Gradient, LearnedProjection, Leace, Noise, Perturbation, Project, Shift
 from .controls import (
     Spectrum,
     dims_control,
     control_entropy,
     gradient_control,
     leace_control,
+    learned_control,
     project_control,
     shift_control,
 )
@@ -99,6 +101,10 @@ def _make_leace(fitted: Leace, m: float, seed: int) -> Perturbation:
     return replace(fitted, strength=m)
 
 
+def _make_learned(fitted: LearnedProjection, m: float, seed: int) -> Perturbation:
+    return replace(fitted, strength=m, matching=None)
+
+
 def _make_gradient(step: ProbeStep, m: float, seed: int) -> Perturbation:
     coef, gap = step.coef, step.gap
     scale = 1.0 if gap is None else abs(float(coef @ gap)) / float(np.abs(coef).sum())
@@ -132,6 +138,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "cluster k's mean and the rest's mean (a sign step changes the logit by exactly ε‖w‖₁); raw ε = m "
          "without the means",
          "probe gradient", _make_gradient, gradient_control, ProbeStep.of),
+    Kind("learned", LearnedProjection, "strength",
+         "strength α = m on the learned subspace, ĥ = h − α·UUᵀ(h − μ) (m = 1 sets span(U) to the layer's mean)",
+         "learned U", _make_learned, learned_control, learned_subspace),
 )}
 """Every perturbation kind the stages build, by name: the one list of kinds."""
 
@@ -173,6 +182,7 @@ def build(kind: str, components: ClusterComponents, magnitude: float = 1.0, seed
     - ``project``: strength m on V_k (m = 1 removes it entirely).
     - ``leace``: strength m on ``components.leace`` (m = 1 is full erasure).
     - ``gradient``: ``ε = m · |w·(μ_in − μ_out)| / ‖w‖₁``.
+    - ``learned``: strength m on ``components.learned`` (``ĥ = h − m·UUᵀ(h − μ)``).
 
     ``seed`` seeds the noise draw.
     """
@@ -232,6 +242,9 @@ def matched_control(
       variance each in standardised space (exactly 1 in expectation over U'). Rotating the
       fitted eraser instead would not match its size: ``W`` amplifies the low-variance
       directions, so a rotated ``W`` reads high-variance ones with a huge gain.
+    - ``learned``: a random rank-r projection about the same μ through the same formula,
+      drawn from the strata of the layer's variance about μ and its strength rescaled so
+      that its predicted edit equals the learned one's (:func:`~rephelpers.perturbations.controls.learned_control`).
 
     Ablate, noise and project controls say in ``matching`` (shown by ``describe()`` and
     kept in ``to_json()``) how they were drawn and the edit ratio the profile predicts,

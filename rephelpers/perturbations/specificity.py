@@ -51,8 +51,8 @@ from ..representations.models import Model, model_fingerprint
 from ..progress import progress_bar
 from ..setting import Setting
 from ..interventions.intervene import (
-    Intervention, Readout, batch_keys, first_identical, forward_readouts, likelihood_names, perplexity, perturb,
-    site_states, validate,
+    Intervention, Readout, batch_keys, first_identical, forward_readouts, interventions_to_json, likelihood_names,
+    perplexity, perturb, site_states, validate,
 )
 from ..interventions.edits import Perturbation
 from .controls import Spectrum, second_moment_spectrum
@@ -84,8 +84,15 @@ def sample_heldout(
     The rest set takes the other clusters' held-out rows in turn (round robin over
     clusters, each shuffled), so every other cluster is represented about equally.
     """
+    return sample_texts(documents, cluster, n_texts, seed, split="heldout")
+
+
+def sample_texts(
+    documents: pd.DataFrame, cluster: int, n_texts: int, seed: int = 0, split: str = "heldout"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`sample_heldout` on the rows of ``split`` (``"train"`` for fitting a learned subspace)."""
     require(n_texts >= 1, f"n_texts must be ≥ 1, got {n_texts}")
-    heldout = documents[documents["split"] == "heldout"]
+    heldout = documents[documents["split"] == split]
     rng = np.random.default_rng([int(seed), int(cluster)])
     target = heldout[heldout["cluster"] == cluster]
     target = target.iloc[rng.permutation(len(target))[:n_texts]]
@@ -158,8 +165,20 @@ def specificity_report(
     progress: bool = True,
     spectrum: Any = "auto",
     edit_tolerance: float = EDIT_TOLERANCE,
+    layers: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
+
+    ``layers`` (default ``[layer]``) makes the perturbation act at several layers at once, in
+    one forward pass: at each layer ℓ of ``layers`` the ``kind`` is built from that layer's
+    components of cluster k (multi-layer LEACE: ``kind="leace"`` erases k's concept with the
+    eraser stage 03 fitted at every ℓ), and each control draw j is the matched control of
+    every layer's perturbation, drawn at that layer with draw j's seed. ``layer`` must be one
+    of ``layers``: its perturbation gives the probe columns. The rows' ``kind`` is then
+    ``multi_<kind>`` (a setting of its own for stages 04 and 06), ``layers`` lists the layers
+    (``"9,15,21"``; one layer for a single-layer report), ``edit_norm`` is the sum over the
+    layers of each layer's mean edit on the unperturbed states there, and the CKA read-outs
+    lie after the last of them.
 
     ``spectrum`` is the layer's token spectrum the controls are matched with
     (:func:`rephelpers.perturbations.kinds.matched_control`): ``"auto"`` computes it with
@@ -188,16 +207,24 @@ def specificity_report(
     """
     layer, documents, at_layer, clusters, probes = _report_inputs(
         model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
-    read = readout_layers(model, layer, n_readout_layers)
-    attend = list(range(layer + 1, model.n_layers)) if with_attention else []
+    sites = _report_layers(model, components, layer, layers, clusters)
+    read = readout_layers(model, max(sites), n_readout_layers)
+    attend = list(range(max(sites) + 1, model.n_layers)) if with_attention else []
     if isinstance(spectrum, str):
         require(spectrum == "auto", f"spectrum must be 'auto', None or control_spectrum(...)'s Spectrum, got {spectrum!r}")
-        spectrum = control_spectrum(model, documents, layer, component)  # fixed settings: stage 05 gets the same
+        # fixed settings: stage 05 gets the same
+        spectra = {l: control_spectrum(model, documents, l, component) for l in sites}
+    else:
+        require(spectrum is None or len(sites) == 1,
+                "a multi-layer report draws each layer's controls with that layer's spectrum: pass spectrum='auto' or None.")
+        spectra = {layer: spectrum}
+    by_layer = {l: {c.cluster: c for c in map(as_components, components) if c.layer == l} for l in sites}
 
-    plans = [_plan_cluster(model, documents, k, at_layer[k], kind, layer, magnitude, component, positions,
-                           n_texts, seed, probes, n_controls, spectrum) for k in clusters]
+    plans = [_plan_cluster(model, documents, k, {l: by_layer[l][k] for l in sites} | {layer: at_layer[k]}, kind,
+                           layer, magnitude, component, positions, n_texts, seed, probes, n_controls, spectra)
+             for k in clusters]
 
-    total = sum(2 * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    total = sum((1 + len(sites)) * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
     bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
     rows = []
     for plan in plans:
@@ -205,6 +232,11 @@ def specificity_report(
                               read, attend, with_attention, batch_size, max_length, bar)
     bar.close()
     report = pd.DataFrame(rows)
+    report["layers"] = ",".join(str(l) for l in sites)
+    if len(sites) > 1:
+        report["kind"] = f"multi_{kind}"
+        report["setting"] = [Setting(k, f"multi_{kind}", magnitude, layer, component, positions, control=arm == "control",
+                                     draw=draw).id for k, arm, draw in zip(report["cluster"], report["arm"], report["draw"])]
     ratio = report["edit_ratio"]
     report["edit_tolerance"] = float(edit_tolerance)
     report["edit_matched"] = (ratio >= 1 / edit_tolerance) & (ratio <= edit_tolerance)
@@ -249,13 +281,31 @@ def _report_inputs(
     return layer, documents, at_layer, clusters, probes
 
 
+def _report_layers(model: Model, components: Sequence[ClusterComponents], layer: int, layers: Sequence[int] | None,
+                   clusters: Sequence[int]) -> list[int]:
+    """The layers a report's perturbation acts at (sorted), checked: ``layer`` among them and every
+    cluster's components present at each."""
+    if layers is None:
+        return [layer]
+    require(not isinstance(layers, (str, int)) and len(layers) > 0,
+            f"layers must be a list of layer indices (e.g. [9, 15, 21]), got {layers!r}")
+    sites = sorted({model.check_layer(int(l)) for l in layers})
+    require(layer in sites, f"layer {layer} must be one of layers {sites}: its perturbation gives the probe columns.")
+    have = {(c.layer, c.cluster) for c in map(as_components, components)}
+    missing = [(l, k) for l in sites for k in clusters if (l, k) not in have]
+    require(not missing, f"no stage-03 components for (layer, cluster) {missing[:5]}; stage 03 covered layers "
+                         f"{sorted({l for l, _ in have})}: pick layers among those or re-run notebooks 02/03 with them.")
+    return sites
+
+
 def _plan_cluster(
-    model: Model, documents: pd.DataFrame, k: int, cluster_components: ClusterComponents, kind: str, layer: int,
+    model: Model, documents: pd.DataFrame, k: int, by_layer: dict[int, ClusterComponents], kind: str, layer: int,
     magnitude: float, component: str, positions: str, n_texts: int, seed: int, probes: np.ndarray | None,
-    n_controls: int, spectrum: Spectrum | None,
+    n_controls: int, spectra: dict[int, Spectrum | None],
 ) -> tuple:
     """Cluster ``k``'s texts (target and rest), its perturbation and control arms, each checked
-    as an intervention: ``(k, target, rest, arms, interventions)``, all before any forward pass."""
+    as interventions at every layer of ``by_layer``: ``(k, target, rest, arms, interventions)``
+    (``arms`` holds each arm's perturbation at ``layer``), all before any forward pass."""
     target, rest = sample_heldout(documents, k, n_texts, seed)
     require(len(target) > 0, f"cluster {k} has no held-out documents (split == 'heldout'); check notebook 01's split.")
     require(len(rest) > 0, f"no held-out documents outside cluster {k}: the rest set is empty.")
@@ -265,11 +315,15 @@ def _plan_cluster(
             0 < int((in_train == k).sum()) < len(in_train),
             f"cluster {k}: the probe columns need training documents inside and outside the cluster.",
         )
-    cluster_components = _with_eraser(cluster_components, kind, k, documents, probes)
-    controls = matched_controls(kind, cluster_components, model.d_model, magnitude, seed, n_controls, spectrum)
-    arms = {("perturbation", 0): build(kind, cluster_components, magnitude, seed)}
-    arms |= {("control", draw): control for draw, control in enumerate(controls)}
-    ivs = {arm: validate(model, [Intervention(p, layer, component, positions)]) for arm, p in arms.items()}
+    by_layer = {l: _with_eraser(c, kind, k, documents, probes) if l == layer else c for l, c in by_layer.items()}
+    per_layer = {}
+    for l, cluster_components in by_layer.items():
+        controls = matched_controls(kind, cluster_components, model.d_model, magnitude, seed, n_controls, spectra.get(l))
+        per_layer[l] = {("perturbation", 0): build(kind, cluster_components, magnitude, seed)}
+        per_layer[l] |= {("control", draw): control for draw, control in enumerate(controls)}
+    arms = per_layer[layer]
+    ivs = {arm: validate(model, [Intervention(per_layer[l][arm], l, component, positions) for l in per_layer])
+           for arm in arms}
     return k, target, rest, arms, ivs
 
 
@@ -307,7 +361,7 @@ def _cluster_rows(
             "positions": positions,
             "perturbation": perturbation.describe(),
             "matching": getattr(perturbation, "matching", None) or ("" if arm == "perturbation" else "unmatched"),
-            "config": perturbation.to_json(),
+            "config": perturbation.to_json() if len(ivs[(arm, draw)]) == 1 else interventions_to_json(ivs[(arm, draw)]),
             "seed": int(seed),
             "n_target": int(len(target)),
             "n_rest": int(len(rest)),
@@ -378,23 +432,31 @@ def edit_norms(
 
     ``h`` is the unperturbed state at the site (read with one trace per batch that stops
     there), ``ĥ`` each arm's perturbation of it, applied exactly as the forward pass does
-    (:func:`rephelpers.interventions.intervene.perturb`).
+    (:func:`rephelpers.interventions.intervene.perturb`). An arm whose interventions sit at
+    several layers gets the sum over those layers of each layer's mean edit on the
+    unperturbed states there (``layer`` is then not read).
     """
+    sites = sorted({iv.layer for ivs in arms.values() for iv in ivs}) or [layer]
     total = {arm: 0.0 for arm in arms}
-    count = 0
-    for batch, saved in site_states(model, texts, layer, component, batch_size, max_length):
-        h = saved.float()
-        mask = batch["attention_mask"].bool()
-        keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch)
-        for arm, ivs in arms.items():
-            edited = h
-            for iv in ivs:
-                edited = perturb(edited, iv, None, keys) if keys is not None else perturb(edited, iv, None)
-            total[arm] += float((edited - h).norm(dim=-1)[mask].sum())
-        count += int(mask.sum())
-        if bar is not None:
-            bar.update(1)
-    return {arm: value / max(count, 1) for arm, value in total.items()}
+    for site in sites:
+        count, part = 0, {arm: 0.0 for arm in arms}
+        for batch, saved in site_states(model, texts, site, component, batch_size, max_length):
+            h = saved.float()
+            mask = batch["attention_mask"].bool()
+            keys = batch_keys([iv for ivs in arms.values() for iv in ivs], batch)
+            for arm, ivs in arms.items():
+                edited = h
+                for iv in ivs:
+                    if iv.layer != site and len(sites) > 1:
+                        continue
+                    edited = perturb(edited, iv, None, keys) if keys is not None else perturb(edited, iv, None)
+                part[arm] += float((edited - h).norm(dim=-1)[mask].sum())
+            count += int(mask.sum())
+            if bar is not None:
+                bar.update(1)
+        for arm in arms:
+            total[arm] += part[arm] / max(count, 1)
+    return total
 
 
 def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
@@ -426,7 +488,7 @@ def specificity_verdicts(
     changes are below ``min_gap``: a ratio of two near-zero changes is noise, not specificity.
     """
     out = report.copy()
-    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "component", "positions") if c in out.columns]
+    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "layers", "component", "positions") if c in out.columns]
     small = (out["dlogppl_target"].abs() < min_gap) & (out["dlogppl_rest"].abs() < min_gap)
     out.loc[small, "specificity_ratio"] = math.nan
     out["specific"] = None
@@ -622,6 +684,7 @@ def specificity_long(report: pd.DataFrame) -> pd.DataFrame:
 __all__ = [
     "SPECIFICITY",
     "sample_heldout",
+    "sample_texts",
     "readout_layers",
     "probe_balanced_accuracy",
     "probe_activations",
