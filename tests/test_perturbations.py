@@ -379,7 +379,7 @@ def test_each_kind_is_made_from_exactly_its_typed_value(subspace):
     # KINDS[k].needs takes the kind's typed value from the container; make reads nothing else
     components = ClusterComponents.from_dict(subspace)
     expected = {"ablate": Selection, "mean_ablate": MeanReference, "noise": SpreadSelection, "shift": MeanDirection,
-                "project": Subspace, "leace": Leace, "gradient": ProbeStep}
+                "project": Subspace, "leace": Leace, "gradient": ProbeStep, "learned": LearnedProjection}
     assert set(expected) == set(KINDS)
     for name, kind in KINDS.items():
         value = kind.needs(components)
@@ -462,6 +462,35 @@ def test_leace_control_removes_unit_variance_coordinates():
     read = (X - np.asarray(control.mean)) @ np.asarray(control.right).T
     np.testing.assert_allclose(read.var(0), 1.0, atol=0.05)
     np.testing.assert_allclose(np.asarray(control.right) @ np.asarray(control.left).T, np.eye(2), atol=1e-10)
+
+
+def test_leace_control_moves_the_state_as_much_as_the_eraser():
+    """A control must change the state as much as what it controls for: on states of a known, correlated
+    covariance, the rescaled random eraser's mean squared edit equals the fitted eraser's (Monte Carlo,
+    independent of the trace formula the control uses), where the unscaled one's does not."""
+    from rephelpers.perturbations.controls import second_moment_spectrum
+
+    rng = np.random.default_rng(11)
+    mixing = rng.normal(size=(D, D)) * rng.uniform(0.1, 10.0, size=D)  # correlated, very unequal variances
+    X = rng.normal(size=(20000, D)) @ mixing.T
+    labels = (X @ mixing[:, -1] > 0).astype(int)  # a concept along a high-variance direction
+    X[labels == 1] += 3.0 * mixing[:, -1] / np.linalg.norm(mixing[:, -1])
+    fitted = fit_leace(X, labels)
+    sub = {"dims": [0], "std": X.std(0), "leace": fitted.to_dict(), "layer": 0, "cluster": 0}
+    x = torch.as_tensor(X[:4000], dtype=torch.float64)
+
+    def mean_sq_edit(p):
+        return float(((p.apply(x) - x) ** 2).sum(-1).mean())
+
+    for spectrum in (second_moment_spectrum(X), None):
+        control = matched_control("leace", sub, D, seed=3, spectrum=spectrum)
+        unscaled = Leace(control.mean, control.left, control.right, strength=1.0)
+        ratio = mean_sq_edit(control) / mean_sq_edit(fitted)
+        if spectrum is not None:
+            assert ratio == pytest.approx(1.0, rel=0.1)
+        else:  # diag(std²) ignores the correlations: matched to the diagonal model, not exactly
+            assert 0.2 < ratio < 5.0
+        assert abs(np.log(mean_sq_edit(unscaled) / mean_sq_edit(fitted))) > np.log(1.5)
 
 
 def test_controls_differ_between_clusters(subspace):

@@ -64,13 +64,42 @@ def gradient_control(target: Any, stats: ControlStats, d_model: int, rng: np.ran
 
 
 def leace_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
-                   spectrum: Spectrum | None) -> Perturbation:
-    spread = np.ones(d_model) if stats.std is None else stats.std
+                  spectrum: Spectrum | None) -> Perturbation:
+    """A random rank-r eraser in diag-standardised space about the same μ, of the same edit size.
+
+    The control removes r random orthonormal coordinates ``u`` of ``(h − μ)/std`` (``left =
+    (std ∘ u)ᵀ``, ``right = (u / std)ᵀ``). An eraser ``ĥ = h − s·leftᵀ right (h − μ)`` moves
+    ``E‖ĥ − h‖² = s² tr((L Lᵀ)(R C_μ Rᵀ))`` (L, R: left, right; ``C_μ = E[(h − μ)(h − μ)ᵀ]``,
+    from the spectrum as :func:`learned_control` computes it, else ``diag(std²)``). The fitted
+    eraser acts on the directions that carry the concept, which need not have the variance of
+    random ones (on the demo's layers the unscaled control moved the state 5–8× less), so the
+    control's strength is ``s' = s·√(E_target / E_control)``: a control must change the state as
+    much as the perturbation it controls for (s' may pass 1: the edit size is matched, not the
+    formula's range).
+    """
+    spread = np.ones(d_model) if stats.std is None else np.asarray(stats.std, dtype=np.float64)
     require(spread.shape == (d_model,), f"leace: the components' std has shape {spread.shape}, expected ({d_model},)")
     gain = np.divide(1.0, spread, out=np.zeros(d_model), where=spread > 1e-12)
     u, _ = np.linalg.qr(rng.standard_normal((d_model, target.rank)))
-    return Leace(mean=target.mean, left=(spread[:, None] * u).T, right=(gain[:, None] * u).T,
-                 strength=target.strength)
+    left, right = (spread[:, None] * u).T, (gain[:, None] * u).T
+    mu = np.asarray(target.mean, dtype=np.float64)
+    spec = _check_spectrum(spectrum, d_model)
+    cov = _covariance_about(spec, mu) if spec is not None else np.diag(spread**2)
+
+    def moved(L: np.ndarray, R: np.ndarray) -> float:  # tr((L Lᵀ)(R C Rᵀ)): the expected squared edit at s = 1
+        return float(np.trace((L @ L.T) @ (R @ cov @ R.T)))
+
+    edit_target = moved(np.asarray(target.left, dtype=np.float64), np.asarray(target.right, dtype=np.float64))
+    edit_control = moved(left, right)
+    strength = target.strength * math.sqrt(edit_target / edit_control) if edit_control > 1e-300 else target.strength
+    return Leace(mean=target.mean, left=left, right=right, strength=strength)
+
+
+def _covariance_about(spec: Spectrum, mu: np.ndarray) -> np.ndarray:
+    """``C_μ = M − m μᵀ − μ mᵀ + μ μᵀ`` from the spectrum's second moment M and mean m."""
+    M = (spec.eigenvectors.T * spec.eigenvalues) @ spec.eigenvectors
+    m = spec.mean
+    return M - np.outer(m, mu) - np.outer(mu, m) + np.outer(mu, mu)
 
 
 def learned_control(target: Any, stats: ControlStats, d_model: int, rng: np.random.Generator,
@@ -99,9 +128,7 @@ def learned_control(target: Any, stats: ControlStats, d_model: int, rng: np.rand
         captured = lambda B: float((B**2 * var).sum())  # noqa: E731 - tr(B diag(std²) Bᵀ)
         strength = target.strength * math.sqrt(captured(U) / max(captured(basis), 1e-300))
         return LearnedProjection(basis=basis, mean=mu, strength=strength, matching="uniform, rescaled by std")
-    M = (spec.eigenvectors.T * spec.eigenvalues) @ spec.eigenvectors
-    m = spec.mean
-    cov = M - np.outer(m, mu) - np.outer(mu, m) + np.outer(mu, mu)
+    cov = _covariance_about(spec, mu)
     values, vectors = np.linalg.eigh((cov + cov.T) / 2)
     centred = Spectrum(eigenvalues=np.clip(values[::-1], 0, None), eigenvectors=vectors[:, ::-1].T.copy(), mean=mu,
                        rms=spec.rms, ratio_max=spec.ratio_max, n_tokens=spec.n_tokens, source=f"{spec.source}, about μ")
