@@ -30,16 +30,24 @@ def main() -> None:
     parser.add_argument("--model-name", default="smollm2-135m")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--abilities", nargs="+", default=["arithmetic", "code", "icl"],
+                        help="when the run has no scores.parquet yet (stopped after notebook 04): the abilities whose "
+                             "task folders (every item) notebook 05 would evaluate")
     args = parser.parse_args()
     names = [n for n in check_estimators(args.estimators) if n != "perturbation"]
     run = RunDir(args.run_dir)
-    scores = run.load_parquet("scores.parquet", stage="notebook 05_capability_impact")
+    if (run.root / "scores.parquet").exists():
+        scores = run.load_parquet("scores.parquet", stage="notebook 05_capability_impact")
+        abilities, item_ids = sorted(scores.ability.unique()), scores.groupby("ability").item.unique().to_dict()
+    else:  # every item of the tasks folder: what notebook 05 evaluates at its items_per_task
+        abilities, item_ids = list(args.abilities), None
+        print(f"{args.run_dir} has no scores.parquet: items from its task folders for {abilities}")
     model, load_cost = measured(lambda: load_model(args.model_name))
     print(f"model load: {load_cost['seconds']:.1f} s, peak {load_cost['peak_rss_mb']:.0f} MB")
-    inputs = stage_inputs(run, names, sorted(scores.ability.unique()), lambda: model,
+    inputs = stage_inputs(run, names, abilities, lambda: model,
                           params={"repsim": {"batch_size": args.batch_size, "progress": False, "use_cache": False},
                                   "bm25": {"progress": False}},
-                          item_ids=scores.groupby("ability").item.unique().to_dict())
+                          item_ids=item_ids)
     print(f"{len(inputs.documents)} documents × {len(inputs.items)} items")
     results = {"model_load": load_cost, "documents": len(inputs.documents), "items": len(inputs.items)}
     for name in names:
