@@ -35,17 +35,12 @@ import nbformat
 import pandas as pd
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rephelpers.paths import cache_dir  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN = ("01_corpus_clusters", "02_representations", "03_cluster_dimensions", "04_perturbations",
          "05_capability_impact", "06_influence_matrix")
-
-
-def user_cache() -> Path:
-    override = os.environ.get("REPHELPERS_CACHE")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "rephelpers"
 
 
 def declared_parameters(source: Path) -> set[str]:
@@ -81,7 +76,7 @@ def run_chain(source: Path, out: Path, label: str) -> Path:
     cache = out / f"cache_{label}"
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    (cache / "models").symlink_to(user_cache() / "models")  # the converted model is setup, shared
+    (cache / "models").symlink_to(cache_dir() / "models")  # the converted model is setup, shared
     env = {**os.environ, "REPHELPERS_CACHE": str(cache), "PYTHONPATH": str(source),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}

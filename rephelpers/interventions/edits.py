@@ -264,6 +264,16 @@ class Shift(Perturbation):
         return h + self.alpha * _vector(self.direction, h)
 
 
+def _orthonormal_rows(kind: str, basis: Any) -> torch.Tensor:
+    """An orthonormal basis [rank, d] of the span of ``basis``'s rows (QR; dependent rows dropped)."""
+    v = torch.tensor(basis, dtype=torch.float64)
+    q, r = torch.linalg.qr(v.T)
+    keep = r.diagonal().abs() > 1e-10
+    if not bool(keep.any()):
+        raise RephelpersError(f"{kind}: the basis vectors are all zero.")
+    return q[:, keep].T.contiguous()
+
+
 @dataclass(frozen=True)
 class Project(Perturbation):
     """Orthogonal projection out of a subspace: ``ĥ = h − s · Σ_{v∈V} (h·v) v``.
@@ -296,12 +306,7 @@ class Project(Perturbation):
 
     @_derived
     def _orthonormal(self) -> torch.Tensor:
-        v = torch.tensor(self.basis, dtype=torch.float64)
-        q, r = torch.linalg.qr(v.T)
-        keep = r.diagonal().abs() > 1e-10
-        if not bool(keep.any()):
-            raise RephelpersError("project: the basis vectors are all zero.")
-        return q[:, keep].T.contiguous()  # [rank, d]
+        return _orthonormal_rows(self.kind, self.basis)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         v = self._orthonormal.to(h.device, h.dtype)
@@ -503,12 +508,7 @@ class LearnedProjection(Perturbation):
 
     @_derived
     def _orthonormal(self) -> torch.Tensor:
-        v = torch.tensor(self.basis, dtype=torch.float64)
-        q, r = torch.linalg.qr(v.T)
-        keep = r.diagonal().abs() > 1e-10
-        if not bool(keep.any()):
-            raise RephelpersError("learned: the basis vectors are all zero.")
-        return q[:, keep].T.contiguous()  # [rank, d]
+        return _orthonormal_rows(self.kind, self.basis)
 
     @_derived
     def _mean(self) -> torch.Tensor:
