@@ -1,13 +1,14 @@
 """Control draws read in order: Besag–Clifford's sequential p and the rule that stops drawing.
 
-Stage 05 draws a cluster's random controls in rounds and stops once every cell of the
-cluster has ``h`` draws whose Φ beats the target's (:func:`in_tail`, :func:`cluster_in_tail`);
-stage 06 reads the draws in the same order and gives each cell the sequential p of
-:func:`sequential_p`. Both stages import this module (stage 05 may not import stage 06), so
-the p, the stop rule and what counts as a distinct draw (:func:`distinct_draws`) are
-written once. Because stage 05 stops a cluster only after every one of its cells met its
-``h``-th exceedance, stage 06's sequential p over the draws present is exactly the p it
-would read from a run that drew all ``n_controls`` (the p is fixed at the ``h``-th
+Stage 05 draws a cluster's random controls in rounds; a cell stops once it has ``h`` draws
+whose Φ beats the target's (:func:`in_tail`): late rounds evaluate a cluster's draws only on
+the abilities whose cells are still in the tail, and the cluster stops when none is
+(:func:`cluster_in_tail`); stage 06 reads each cell's draws in the same order and gives it the
+sequential p of :func:`sequential_p`. Both stages import this module (stage 05 may not import
+stage 06), so the p, the stop rule and what counts as a distinct draw (:func:`distinct_draws`)
+are written once. Because stage 05 stops evaluating a cell only after it met its ``h``-th
+exceedance, stage 06's sequential p over the draws that cell has is exactly the p it would
+read from a run that drew all ``n_controls`` on every ability (the p is fixed at the ``h``-th
 exceedance, whatever comes after it).
 """
 

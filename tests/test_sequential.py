@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from rephelpers.abilities.evaluation import (
-    check_rounds, cluster_configs, draw_cells, evaluate_abilities, evaluate_in_rounds, round_cache,
+    check_rounds, cluster_configs, draw_cells, evaluate_abilities, evaluate_in_rounds, evaluation_cost, round_cache,
+    select_abilities,
 )
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.artifacts import RunDir
@@ -38,10 +39,14 @@ def _configs_of(scores):
 
 
 def _replay(full, calls):
-    """An evaluator that serves a full run's rows for the configs asked, and records each round's configs."""
-    def evaluate(r, configs, meta):
-        calls.append((r, sorted(configs)))
-        return full[full.config_id.isin(list(configs))].reset_index(drop=True)
+    """An evaluator that serves a full run's rows for the configs and abilities asked (None: all), and
+    records each call as ``(round, configs, abilities)``."""
+    def evaluate(r, configs, meta, abilities):
+        calls.append((r, sorted(configs), abilities))
+        rows = full[full.config_id.isin(list(configs))]
+        if abilities is not None:
+            rows = rows[rows.ability.isin(list(abilities))]
+        return rows.reset_index(drop=True)
     return evaluate
 
 
@@ -93,11 +98,11 @@ def test_rounds_stop_null_clusters_early_and_stage_06_reads_the_full_runs_p():
     draws = stopped[stopped.control].groupby("cluster")["draw"].nunique()
     assert draws[0] == 40  # the planted cell stays in the tail: its cluster draws up to the cap
     assert draws[[1, 2]].min() < 40 and (draws % 5 == 0).all()  # (a null cluster whose R_k is a bad draw may not stop)
-    assert "baseline" in calls[0][1] and len(calls) == 8
+    assert "baseline" in calls[0][1] and calls[0][2] is None and len({r for r, _, _ in calls}) == 8
     # The evaluated draws are the full run's (draw j is always the same config) ...
     key = ["config_id", "task", "item"]
-    same = full[full.config_id.isin(stopped.config_id.unique())].sort_values(key).reset_index(drop=True)
-    pd.testing.assert_frame_equal(stopped.sort_values(key).reset_index(drop=True), same)
+    same = full.merge(stopped[key], on=key).sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(stopped.sort_values(key).reset_index(drop=True), same[stopped.columns])
     # ... and every cell's sequential p is the one the full run gives.
     got = findings.influence_table(stopped, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
     want = findings.influence_table(full, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
@@ -121,9 +126,9 @@ def test_rounds_without_a_stop_evaluate_every_draw_once():
     configs, meta = _configs_of(full)
     calls = []
     out = evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=3, progress=False)
-    assert [r for r, _ in calls] == [0, 1, 2]
+    assert [r for r, _, _ in calls] == [0, 1, 2] and all(a is None for _, _, a in calls)
     assert sorted(out.config_id.unique()) == sorted(full.config_id.unique())
-    assert sum(len(c) for _, c in calls) == full.config_id.nunique()
+    assert sum(len(c) for _, c, _ in calls) == full.config_id.nunique()
 
 
 def test_a_cluster_whose_draws_repeat_one_set_stops_after_a_round_without_a_new_draw():
@@ -164,7 +169,7 @@ def test_round_cache_reuses_the_rounds_a_larger_cap_shares(tmp_path):
     run = RunDir(tmp_path / "run")
     served = []
 
-    def evaluate(configs, meta):
+    def evaluate(configs, meta, abilities):
         served.extend(configs)
         return full[full.config_id.isin(list(configs))].reset_index(drop=True)
 
@@ -189,12 +194,12 @@ def test_the_evaluated_draws_score_as_in_a_full_run(model, tmp_path):
     comps = [{"layer": 12, "cluster": k, "component": "resid", "dims": list(range(8 * k, 8 * k + 8))} for k in range(2)]
     configs, meta = cluster_configs(comps, 12, model.d_model, n_controls=4, seed=3)
 
-    def evaluate(round_configs, round_meta):
+    def evaluate(round_configs, round_meta, abilities=None):
         return evaluate_abilities(model, tasks, round_configs, limit=3, batch_size=4, config_meta=round_meta,
-                                  progress=False, fast=True)
+                                  progress=False, fast=True, abilities=abilities)
 
     full = evaluate(configs, meta)
-    rounds = evaluate_in_rounds(lambda r, c, m: evaluate(c, m), configs, meta, control_rounds=2,
+    rounds = evaluate_in_rounds(lambda r, c, m, a: evaluate(c, m, a), configs, meta, control_rounds=2,
                                 stop_after_exceedances=1, progress=False)
     key = ["config_id", "task", "item"]
     same = full[full.config_id.isin(rounds.config_id.unique())].sort_values(key).reset_index(drop=True)
@@ -219,3 +224,172 @@ def test_the_control_rounds_benchmark_counts_configs(tmp_path, monkeypatch):
     for summary in result["sequential"].values():
         # at least round 0 (baseline, 2 perturbations, 5 draws each), at most the cap
         assert 1 + 2 * (1 + 5) <= summary["min"] <= summary["max"] <= cap and len(summary["counts"]) == 2
+
+
+# -- per-ability late rounds ----------------------------------------------------------------------
+SHARES = {"arith": 4895.0, "code": 7140.0, "icl": 7496.0}
+
+
+def _cells_by_loop(full, settings=None):
+    """``{(cluster, ability): (Φ, [Φ^(j) in draw order])}`` from a full table, by plain loops over item means
+    (every simulated ability is higher-is-better with chance 0): ``AIS = (M_base − M) / M_base``, Φ its mean
+    over the cluster's settings (``settings``: those (kind, magnitude) only), Φ^(j) the same over draw j's."""
+    base = full[full.cluster == -1].groupby("ability")["score"].mean()
+    m = full[full.cluster >= 0].groupby(["cluster", "ability", "control", "draw", "kind", "magnitude"])["score"].mean()
+    out = {}
+    for k in sorted(full.loc[full.cluster >= 0, "cluster"].unique()):
+        for a in sorted(base.index):
+            target, per_draw = [], {}
+            for (kk, aa, control, draw, kind, mag), value in m.items():
+                if kk != k or aa != a or (settings is not None and (kind, mag) not in settings):
+                    continue
+                loss = (base[a] - value) / base[a]
+                if control:
+                    per_draw.setdefault(draw, []).append(loss)
+                else:
+                    target.append(loss)
+            out[(int(k), a)] = (float(np.mean(target)), [float(np.mean(per_draw[j])) for j in sorted(per_draw)])
+    return out
+
+
+def _bc_p_by_loop(target, draws, h):
+    """Besag–Clifford's p by walking the draws: h / L at the h-th draw ≥ target, else (g + 1) / (n + 1)."""
+    hits = 0
+    for used, value in enumerate(draws, start=1):
+        hits += value >= target
+        if hits == h:
+            return h / used, used
+    return (hits + 1) / (len(draws) + 1), len(draws)
+
+
+def _expected_open(full, evaluated_draws, h):
+    """Per cluster, the abilities with a cell still in the tail after the first ``evaluated_draws`` draws: the
+    whole of Θ_k and, with several settings, each setting (plain loops, not the package's draw_cells)."""
+    settings = sorted(set(zip(full.loc[full.cluster >= 0, "kind"], full.loc[full.cluster >= 0, "magnitude"])))
+    units = [None] + ([{s} for s in settings] if len(settings) > 1 else [])
+    opened = {}
+    for unit in units:
+        for (k, a), (target, draws) in _cells_by_loop(full, unit).items():
+            if sum(d >= target for d in draws[:evaluated_draws]) < h:
+                opened.setdefault(k, set()).add(a)
+            else:
+                opened.setdefault(k, set())
+    return opened
+
+
+@pytest.mark.parametrize("magnitudes", [(1.0,), (0.5, 1.0)])
+def test_late_rounds_ask_only_for_the_abilities_still_in_the_tail(magnitudes):
+    full = _full(n_clusters=3, n_controls=30, planted={(0, "icl"): 0.6}, seed=5, magnitudes=magnitudes)
+    configs, meta = _configs_of(full)
+    calls = []
+    evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=5, stop_after_exceedances=2, progress=False)
+    assert calls[0][0] == 0 and calls[0][2] is None  # round 0: baseline, perturbations, first draws on every ability
+    assert {"baseline", *[c for c, m in meta.items() if not m.control or m.draw < 5]} == set(calls[0][1])
+    drawing = set(range(3))
+    last = 0
+    for r in range(1, 6):
+        opened = _expected_open(full, 5 * r, 2)
+        drawing = {k for k in drawing if opened[k]}
+        asked = [(abilities, cids) for rr, cids, abilities in calls if rr == r]
+        if not drawing:
+            assert not asked  # nothing open: no more rounds
+            break
+        last = r
+        want = {cid for cid, m in meta.items() if m.control and m.cluster in drawing and 5 * r <= m.draw < 5 * r + 5}
+        if all(opened[k] == set(ABILITIES) for k in drawing):
+            assert asked == [(None, sorted(want))]
+            continue
+        for ability in ABILITIES:
+            mine = sorted(cid for cid in want if ability in opened[meta[cid].cluster])
+            assert ((ability,), mine) in asked if mine else all(a != (ability,) for a, _ in asked)
+        assert len(asked) == sum(any(a in opened[k] for k in drawing) for a in ABILITIES)
+    # the planted icl cell keeps cluster 0 drawing icl to the cap, and no late round asked for every ability
+    last_round = {a: cids for r, cids, a in calls if r == 5}
+    assert last == 5 and {m.cluster for m in map(meta.get, last_round[("icl",)])} == {0}
+    assert all(len(a) == 1 for r, _, a in calls if r > 0)
+
+
+@pytest.mark.parametrize("magnitudes", [(1.0,), (0.5, 1.0)])
+def test_per_ability_rounds_change_no_p_that_stage_06_reads(magnitudes):
+    full = _full(n_clusters=3, n_controls=40, planted={(0, "icl"): 0.6, (1, "code"): 0.5}, seed=7, magnitudes=magnitudes)
+    configs, meta = _configs_of(full)
+    stopped = evaluate_in_rounds(_replay(full, []), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                                 progress=False)
+    per_cell = stopped[stopped.control].groupby(["cluster", "ability"])["draw"].nunique()
+    assert per_cell.groupby("cluster").nunique().max() > 1  # one cluster's abilities hold different numbers of draws
+    table = findings.influence_table(stopped, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    for (k, a), (target, draws) in _cells_by_loop(full).items():  # every draw of the full run on every ability
+        p, used = _bc_p_by_loop(target, draws, 2)
+        row = table.loc[(k, a)]
+        assert row.p_vs_controls == pytest.approx(p) and row.n_draws_used == used
+        have = int(per_cell[(k, a)])  # the draws this cell has: Φ_control is their mean
+        assert row.n_draws == row.n_draws_requested == have and used <= have
+        assert row.phi == pytest.approx(target) and row.phi_control == pytest.approx(np.mean(draws[:have]))
+    # the draws the cells do not share are no "repeated draws"
+    assert "distinct" not in findings.influence_summary(table.reset_index())
+    # whole-cluster rounds give the same p, at a higher cost
+    whole = evaluate_in_rounds(_replay(full, []), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                               progress=False, per_ability=False)
+    again = findings.influence_table(whole, n_boot=5, stop_after_exceedances=2).set_index(["cluster", "ability"])
+    pd.testing.assert_series_equal(again["p_vs_controls"], table["p_vs_controls"])
+    assert evaluation_cost(stopped, SHARES) < evaluation_cost(whole, SHARES)
+
+
+def test_the_cost_counts_each_config_on_the_abilities_it_was_evaluated_on():
+    full = _full(n_clusters=3, n_controls=30, planted={(0, "icl"): 0.6}, seed=5)
+    configs, meta = _configs_of(full)
+    calls = []
+    stopped = evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                                 progress=False)
+    total = sum(SHARES.values())
+    by_loop = 0.0
+    for _, cids, abilities in calls:
+        for _ in cids:
+            by_loop += sum(SHARES[a] for a in (abilities or ABILITIES)) / total
+    assert evaluation_cost(stopped, SHARES) == pytest.approx(by_loop)
+    assert any(a is not None for _, _, a in calls) and by_loop < stopped.config_id.nunique()
+    assert evaluation_cost(full, SHARES) == pytest.approx(full.config_id.nunique())  # every config on every ability
+    assert evaluation_cost(stopped) == pytest.approx(
+        sum(len(a or ABILITIES) * len(c) for _, c, a in calls) / len(ABILITIES))  # equal shares
+    with pytest.raises(RephelpersError, match="no token share for the abilities"):
+        evaluation_cost(stopped, {"icl": 1.0})
+    with pytest.raises(RephelpersError, match="positive"):
+        evaluation_cost(stopped, {**SHARES, "code": -1.0})
+
+
+def test_round_cache_keys_a_late_round_by_its_abilities(tmp_path):
+    full = _full(n_clusters=2, n_controls=20, planted={(0, "icl"): 0.6}, seed=5)
+    configs, meta = _configs_of(full)
+    run = RunDir(tmp_path / "run")
+    served = []
+
+    def evaluate(round_configs, round_meta, abilities):
+        served.append((sorted(round_configs), abilities))
+        rows = full[full.config_id.isin(list(round_configs))]
+        return rows[rows.ability.isin(list(abilities or ABILITIES))].reset_index(drop=True)
+
+    cached = round_cache(run, evaluate, params={"model": "sim"})
+    first = evaluate_in_rounds(cached, configs, meta, control_rounds=5, stop_after_exceedances=2, progress=False)
+    subsets = [a for _, a in served if a is not None]
+    assert subsets and all(len(a) == 1 for a in subsets)
+    files = sorted(f.name for f in (tmp_path / "run" / "scores_rounds").glob("*.parquet"))
+    assert "round0.parquet" in files and any(f.endswith("-icl.parquet") for f in files)
+    n = len(served)
+    again = evaluate_in_rounds(cached, configs, meta, control_rounds=5, stop_after_exceedances=2, progress=False)
+    assert len(served) == n  # every round, split by ability or not, from disk
+    pd.testing.assert_frame_equal(first, again)
+    # the same round and configs on other abilities is another result, not the cached one
+    r, cids = 1, [c for c, m in meta.items() if m.control and m.cluster == 0 and 5 <= m.draw < 10]
+    other = cached(r, {c: configs[c] for c in cids}, {c: meta[c] for c in cids}, ("arith", "code"))
+    assert set(other.ability) == {"arith", "code"} and len(served) == n + 1
+
+
+def test_evaluate_abilities_picks_the_tasks_of_the_abilities_asked(tmp_path):
+    tasks = build_tasks(["icl", "arithmetic"], tmp_path / "tasks", items_per_task=4, seed=0)
+    assert [t.ability for t in select_abilities(tasks, ["icl"])] == ["icl"]
+    assert select_abilities(tasks, None) == list(tasks.values())
+    assert select_abilities(["icl", "gsm8k"], ("gsm8k",)) == ["gsm8k"]  # a registered task is its own ability
+    with pytest.raises(RephelpersError, match=r"abilities \['code'\] are not measured"):
+        select_abilities(tasks, ["code"])
+    with pytest.raises(RephelpersError, match="non-empty list"):
+        select_abilities(tasks, "icl")

@@ -28,6 +28,7 @@ summarises and charts the scores.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -43,7 +44,7 @@ from ..perturbations.kinds import build, matched_controls
 from ..phi import config_mean, relative_loss
 from ..progress import progress_bar
 from ..representations.models import Model
-from ..sequential import cluster_in_tail, distinct_draws
+from ..sequential import distinct_draws, in_tail
 from ..setting import BASELINE_CLUSTER, Setting
 from .lm_eval_model import PerturbedLM, SweepLM
 from .masked_lm import MaskedPerturbedLM, check_masked_tasks
@@ -185,6 +186,30 @@ def settings_key(config_meta: Mapping[str, Setting]) -> dict[str, dict[str, Any]
     return {cid: setting.meta() for cid, setting in config_meta.items()}
 
 
+def select_abilities(tasks: Mapping[str, TaskInfo] | Sequence[str | TaskInfo] | str,
+                     abilities: Sequence[str] | None) -> list[str | TaskInfo]:
+    """The entries of ``tasks`` (as :func:`evaluate_abilities` takes them) whose ability is in ``abilities``.
+
+    A :class:`TaskInfo` measures ``info.ability``; a name (a suite ability, a registered lm-eval task
+    or group) is its own ability, as the score rows' ``ability`` column names it
+    (:func:`~rephelpers.abilities.lm_tasks.prepare_tasks`). None keeps every entry.
+    """
+    entries = list(tasks.values()) if isinstance(tasks, Mapping) else [tasks] if isinstance(tasks, str) else list(tasks)
+    if abilities is None:
+        return entries
+    require(not isinstance(abilities, str) and len(abilities) > 0,
+            f"abilities must be a non-empty list of ability names (or None for all), got {abilities!r}")
+
+    def ability_of(entry: str | TaskInfo) -> str:
+        return entry.ability if isinstance(entry, TaskInfo) else str(entry)
+
+    have = [ability_of(e) for e in entries]
+    missing = sorted(set(abilities) - set(have))
+    require(not missing, f"abilities {missing} are not measured by any of the tasks given ({sorted(set(have))}): "
+                         "name abilities from the score rows' `ability` column, or pass None for all.")
+    return [e for e, a in zip(entries, have) if a in set(abilities)]
+
+
 def setting_columns(config_meta: Mapping[str, Setting]) -> pd.DataFrame:
     """One row per config id, the columns a score row carries: :data:`DRAW_KEYS`, from :meth:`Setting.meta`."""
     return pd.DataFrame.from_dict({cid: setting.meta() for cid, setting in config_meta.items()}, orient="index")
@@ -203,6 +228,7 @@ def evaluate_abilities(
     allow_download: bool = False,
     pack_choices: bool = True,
     task_paths: Sequence[str | Path] = (),
+    abilities: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Evaluate ``model`` on ``tasks`` under every config; one row per config × task × item.
 
@@ -222,6 +248,8 @@ def evaluate_abilities(
     ``pack_choices`` (fast path only) a multiple-choice item's context runs once for all
     its choices (:func:`sweep_loglikelihood`). ``task_paths``: folders of your own lm-eval
     task YAMLs, whose tasks ``tasks`` names (:func:`~rephelpers.abilities.lm_tasks.prepare_tasks`).
+    ``abilities``: evaluate only the tasks of these abilities (:func:`select_abilities`; None: all),
+    as :func:`evaluate_in_rounds` asks in late rounds for the abilities still in the tail.
 
     A masked LM is scored by pseudo-log-likelihood (:class:`MaskedPerturbedLM`:
     ``log p(cont | ctx) = Σ_j log p(c_j | ctx, c_{\\j})``, each continuation token masked in
@@ -237,7 +265,7 @@ def evaluate_abilities(
     """
     checked = _check_configs(model, configs, config_meta)
     require(limit is None or (isinstance(limit, int) and limit >= 1), f"limit must be None or a positive int, got {limit!r}")
-    prepared = prepare_tasks(tasks, task_dir, allow_download, task_paths)
+    prepared = prepare_tasks(select_abilities(tasks, abilities), task_dir, allow_download, task_paths)
     task_types = {name: task.OUTPUT_TYPE for task_dict, _ in prepared.dicts() for name, task in task_dict["tasks"].items()}
     if model.masked:
         check_masked_tasks(model, task_types)
@@ -355,15 +383,21 @@ def cluster_configs(
 
 # -- control draws in rounds (sequential Monte Carlo, issue 27) ---------------------------------
 SCORE_ROUND = "scores_rounds/round{round}.parquet"
-"""Where :func:`round_cache` keeps each round's scores in the run directory."""
+"""Where :func:`round_cache` keeps a round's scores on every ability in the run directory."""
+
+SCORE_ROUND_ABILITIES = "scores_rounds/round{round}-{abilities}.parquet"
+"""Where :func:`round_cache` keeps a late round's scores on a subset of the abilities (their names, ``+``-joined)."""
 
 DRAW_KEYS = ("cluster", "control", "kind", "magnitude", "layer", "draw")
 
-Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Setting]], pd.DataFrame]
-"""``evaluate(configs, config_meta) -> scores`` (:func:`evaluate_abilities` with the run's other arguments bound)."""
+Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Setting], Sequence[str] | None], pd.DataFrame]
+"""``evaluate(configs, config_meta, abilities) -> scores`` (:func:`evaluate_abilities` with the run's other
+arguments bound; ``abilities`` None: every ability)."""
 
-RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str, Setting]], pd.DataFrame]
-"""``evaluate(round, configs, config_meta) -> scores``: one round's configs."""
+RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str, Setting], Sequence[str] | None],
+                         pd.DataFrame]
+"""``evaluate(round, configs, config_meta, abilities) -> scores``: one round's configs on ``abilities``
+(None: every ability; a late round of :func:`evaluate_in_rounds` asks for the abilities still in the tail)."""
 
 
 def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None, n_controls: int) -> None:
@@ -382,21 +416,12 @@ def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None,
             "None (all draws at once): set control_rounds (e.g. 5), or stop_after_exceedances = None.")
 
 
-def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]]:
-    """Per cluster, its cells ``(Φ, the Φ^{(j)} of its distinct control draws in draw order)``,
-    computed as stage 06 computes them, from the scores evaluated so far.
-
-    ``M(f, a)`` is the mean item score of config f on ability a, ``AIS = s_a (M_base − M) / M_base``
-    (:func:`rephelpers.phi.relative_loss`) and Φ, Φ^{(j)} its mean over the cluster's configs,
-    resp. over draw j's (:func:`rephelpers.phi.config_mean`). A cell is (cluster, ability) over
-    all of Θ_k and, where Θ_k holds several settings, also (setting, ability) per setting: stage 06
-    reads one Φ per setting when stage 04 judged the settings differently, and the stop must hold
-    for whichever it reads. Draws repeating an earlier draw's interventions are left out, as
-    stage 06 leaves them out (:func:`rephelpers.sequential.distinct_draws`). The ability floor is
-    stage 06's parameter, so cells below it still count here: they can only keep a cluster drawing.
-    """
+def _labelled_cells(scores: pd.DataFrame) -> dict[int, list[tuple[str, float, np.ndarray]]]:
+    """:func:`draw_cells` with each cell's ability: ``{cluster: [(ability, Φ, Φ^{(j)} in draw order), …]}``."""
     missing = [c for c in (*DRAW_KEYS, "config_id", "ability", "score", "higher_is_better") if c not in scores.columns]
     require(not missing, f"draw_cells needs the score columns {missing} (evaluate_abilities with cluster_configs' config_meta)")
+    # A draw evaluated on some abilities only (a late round) has NaN means on the others: its Φ^{(j)} is NaN
+    # there, which the stop rule and the sequential p skip, as stage 06 never sees those rows.
     means = scores.groupby(["config_id", "ability"], sort=False)["score"].mean().unstack("ability")
     configs = scores.drop_duplicates("config_id").set_index("config_id")[list(DRAW_KEYS)]
     configs = configs.loc[means.index]
@@ -407,7 +432,7 @@ def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]
     control = configs["control"].astype(bool).to_numpy()
     keep = distinct_draws(scores[scores["control"].astype(bool)])
     settings = list(zip(configs["kind"].astype(str), configs["magnitude"].astype(float).round(9), configs["layer"].astype(int)))
-    out: dict[int, list[tuple[float, np.ndarray]]] = {}
+    out: dict[int, list[tuple[str, float, np.ndarray]]] = {}
     for cluster in sorted(int(c) for c in configs["cluster"].unique() if c != BASELINE_CLUSTER):
         mine = (configs["cluster"] == cluster).to_numpy()
         own = sorted({settings[i] for i in np.flatnonzero(mine & ~control)})
@@ -420,9 +445,71 @@ def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]
             target = config_mean(ais[mine & ~control & in_unit].T)  # one Φ per ability
             per_draw = np.stack([config_mean(ais[mine & control & in_unit & (configs["draw"].to_numpy() == d)].T)
                                  for d in draws], axis=1) if draws else np.empty((len(target), 0))
-            cells += [(float(t), row) for t, row in zip(target, per_draw)]
+            cells += [(str(a), float(t), row) for a, t, row in zip(means.columns, target, per_draw)]
         out[cluster] = cells
     return out
+
+
+def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]]:
+    """Per cluster, its cells ``(Φ, the Φ^{(j)} of its distinct control draws in draw order)``,
+    computed as stage 06 computes them, from the scores evaluated so far.
+
+    ``M(f, a)`` is the mean item score of config f on ability a, ``AIS = s_a (M_base − M) / M_base``
+    (:func:`rephelpers.phi.relative_loss`) and Φ, Φ^{(j)} its mean over the cluster's configs,
+    resp. over draw j's (:func:`rephelpers.phi.config_mean`). A cell is (cluster, ability) over
+    all of Θ_k and, where Θ_k holds several settings, also (setting, ability) per setting: stage 06
+    reads one Φ per setting when stage 04 judged the settings differently, and the stop must hold
+    for whichever it reads. Draws repeating an earlier draw's interventions are left out, as
+    stage 06 leaves them out (:func:`rephelpers.sequential.distinct_draws`). The ability floor is
+    stage 06's parameter, so cells below it still count here: they can only keep a cluster drawing.
+    A draw not evaluated on an ability (per-ability late rounds) has NaN Φ^{(j)} in that ability's cells.
+    """
+    return {k: [(t, row) for _, t, row in cells] for k, cells in _labelled_cells(scores).items()}
+
+
+def open_abilities(scores: pd.DataFrame, h: int) -> dict[int, set[str]]:
+    """Per cluster, the abilities still in the tail: ``a`` is open while any cell ``(unit, a)`` of the
+    cluster (:func:`draw_cells`: all of Θ_k and each setting) has fewer than ``h`` draws with
+    ``Φ^{(j)} ≥ Φ`` (:func:`rephelpers.sequential.in_tail`). A closed ability's cells all met their
+    h-th exceedance, so their Besag–Clifford p is fixed whatever later draws show: they need no more."""
+    return {cluster: {a for a, target, draws in cells if in_tail(target, draws, h)}
+            for cluster, cells in _labelled_cells(scores).items()}
+
+
+def evaluation_cost(scores: pd.DataFrame, shares: Mapping[str, float] | None = None) -> float:
+    """Stage 05's cost of ``scores`` in config-equivalents: ``Σ_f Σ_{a ∈ A_f} w_a`` over the configs f
+    evaluated, ``A_f`` the abilities f was evaluated on and ``w_a`` ability a's share of the tokens one
+    config reads (normalised over the scores' abilities, so a config on every ability costs 1; None:
+    equal shares). A config's forward passes cost about its tokens, so this is the number of configs
+    a run of every ability at once would cost as much as."""
+    pairs = scores[["config_id", "ability"]].drop_duplicates()
+    abilities = sorted(pairs["ability"].astype(str).unique())
+    weights = {a: 1.0 for a in abilities} if shares is None else dict(shares)
+    missing = [a for a in abilities if a not in weights]
+    require(not missing, f"shares has no token share for the abilities {missing}; give one per ability "
+                         f"({abilities}), e.g. each ability's context + choice tokens in stage 05.")
+    bad = {a: weights[a] for a in abilities if not (np.isfinite(weights[a]) and weights[a] > 0)}
+    require(not bad, f"token shares must be positive numbers, got {bad}")
+    total = sum(float(weights[a]) for a in abilities)
+    return float(sum(float(weights[a]) / total for a in pairs["ability"].astype(str)))
+
+
+def _round_calls(r: int, chosen: Sequence[str], config_meta: Mapping[str, Setting], opened: dict[int, set[str]] | None,
+                 abilities: Sequence[str]) -> list[tuple[tuple[str, ...] | None, list[str]]]:
+    """The evaluations of round r: ``[(abilities or None for all, config ids), …]``.
+
+    Round 0, a run without a stop and a round where every drawing cluster has every ability open are
+    one call on every ability; otherwise one call per open ability on the draws of the clusters it
+    is open for. Tasks of different abilities share no request, so splitting by ability loses none
+    of the fast path's sharing between configs (:class:`SweepLM` shares within a request)."""
+    if r == 0 or opened is None or all(opened[config_meta[cid].cluster] >= set(abilities) for cid in chosen):
+        return [(None, list(chosen))]
+    calls = []
+    for ability in abilities:
+        mine = [cid for cid in chosen if ability in opened[config_meta[cid].cluster]]
+        if mine:
+            calls.append(((ability,), mine))
+    return calls
 
 
 def evaluate_in_rounds(
@@ -432,20 +519,25 @@ def evaluate_in_rounds(
     control_rounds: int,
     stop_after_exceedances: int | None = None,
     progress: bool = True,
+    per_ability: bool = True,
 ) -> pd.DataFrame:
     """Evaluate :func:`cluster_configs`' configs with the control draws in rounds, stopping clusters
     out of the tail; the scores of every config evaluated, as :func:`evaluate_abilities` gives them.
 
     Round 0 is the baseline, every cluster's perturbation and control draws ``0 … R−1``
-    (``R = control_rounds``); round r the draws ``rR … (r+1)R − 1`` of the clusters still drawing,
-    up to the draws in ``configs`` (``n_controls``, the cap). With ``stop_after_exceedances = h``
-    a cluster stops after the round in which every cell of it (:func:`draw_cells`) has h draws
-    with ``Φ^{(j)} ≥ Φ`` (:func:`rephelpers.sequential.cluster_in_tail`): stage 06 then reads its
-    Besag–Clifford p (:func:`rephelpers.sequential.sequential_p`), the same p as a run of all the
-    draws, since each cell's p is fixed at its h-th exceedance. A cluster also stops when a round
+    (``R = control_rounds``) on every ability; round r the draws ``rR … (r+1)R − 1`` of the clusters
+    still drawing, up to the draws in ``configs`` (``n_controls``, the cap). With
+    ``stop_after_exceedances = h`` an ability a of cluster k is open while a cell (k, a) (:func:`draw_cells`)
+    has fewer than h draws with ``Φ^{(j)} ≥ Φ`` (:func:`open_abilities`); round r evaluates k's draws
+    only on its open abilities (``per_ability``), and k stops once none is open. A closed cell's
+    Besag–Clifford p (:func:`rephelpers.sequential.sequential_p`) is fixed at its h-th exceedance, so stage 06
+    reads the same p for every cell as from a run of all the draws on every ability, over the draws that
+    cell has (its Φ_control too: the mean over them). ``per_ability=False`` evaluates every round's draws on
+    every ability while any is open (whole-cluster rounds, the same p at a higher cost; kept for
+    ``benchmarks/bench_control_rounds.py``). A cluster also stops when a round
     adds no draw distinct from its earlier ones (matched controls with no freedom repeat one set,
     which stage 06 counts once); that depends on the draws' dimensions, not on scores, so it is a
-    smaller cap and keeps the p exact. h None draws every round for every cluster (all draws,
+    smaller cap and keeps the p exact. h None draws every round for every cluster on every ability (all draws,
     evaluated and cached round by round). Draw j is always the same config (``seed + j``), so
     its scores are those of a run that evaluated every draw at once.
     """
@@ -458,27 +550,35 @@ def evaluate_in_rounds(
     drawing = {m.cluster for m in config_meta.values() if not m.is_baseline}
     frames: list[pd.DataFrame] = []
     distinct_before: dict[int, int] = {}
+    opened: dict[int, set[str]] | None = None
+    abilities: list[str] = []
     for r in range(rounds):
         low, high = r * control_rounds, (r + 1) * control_rounds
         chosen = [cid for cid, m in config_meta.items()
                   if (r == 0 and not m.control) or (m.control and m.cluster in drawing and low <= m.draw < high)]
         if not chosen:
             break
-        if progress:
-            print(f"control round {r + 1}/{rounds}: draws {low}-{min(high, n_draws) - 1} for clusters "
-                  f"{sorted(drawing)} ({len(chosen)} configs)")
-        frames.append(evaluate(r, {cid: configs[cid] for cid in chosen}, {cid: config_meta[cid] for cid in chosen}))
+        calls = _round_calls(r, chosen, config_meta, opened if per_ability else None, abilities)
+        for subset, cids in calls:
+            if progress:
+                print(f"control round {r + 1}/{rounds}: draws {low}-{min(high, n_draws) - 1} for clusters "
+                      f"{sorted({config_meta[c].cluster for c in cids} & drawing)} ({len(cids)} configs) on "
+                      + ("every ability" if subset is None else ", ".join(subset)))
+            frames.append(evaluate(r, {cid: configs[cid] for cid in cids}, {cid: config_meta[cid] for cid in cids},
+                                   subset))
         if stop_after_exceedances is None:
             continue
         scores = pd.concat(frames, ignore_index=True)
-        cells = draw_cells(scores)
+        if r == 0:
+            abilities = sorted(scores["ability"].astype(str).unique())
+        opened = open_abilities(scores, stop_after_exceedances)
         keep = distinct_draws(scores[scores["control"].astype(bool)])
         for cluster in sorted(drawing):
             distinct = (len({d for c, d in keep if c == cluster}) if keep is not None
                         else scores.loc[(scores["cluster"] == cluster) & scores["control"].astype(bool), "draw"].nunique())
             repeated = r > 0 and distinct == distinct_before.get(cluster)
             distinct_before[cluster] = distinct
-            if repeated or not cluster_in_tail(cells[cluster], stop_after_exceedances):
+            if repeated or not opened[cluster]:
                 drawing.discard(cluster)
         if not drawing:
             break
@@ -487,15 +587,23 @@ def evaluate_in_rounds(
 
 def round_cache(run: RunDir, evaluate: Evaluate, params: Mapping[str, Any], upstream: Sequence[str] = (),
                 **meta: Any) -> RoundEvaluate:
-    """``evaluate`` with each round's scores cached as :data:`SCORE_ROUND` in ``run``, keyed by
-    ``params`` (everything else the scores depend on) and the round's configs, so a re-run, or one
+    """``evaluate`` with each round's scores cached in ``run``, keyed by ``params`` (everything else the
+    scores depend on), the round's configs and, for a late round on some abilities only, those
+    abilities: :data:`SCORE_ROUND` on every ability (the same key as before rounds could be split by
+    ability, so earlier caches stay valid), :data:`SCORE_ROUND_ABILITIES` on a subset. A re-run, or one
     with a larger cap, reuses the rounds it already evaluated (:meth:`RunDir.cached`)."""
-    def evaluate_round(r: int, configs: Mapping[str, Sequence[Intervention]],
-                       config_meta: Mapping[str, Setting]) -> pd.DataFrame:
-        return run.cached(
-            SCORE_ROUND.format(round=r), lambda: evaluate(configs, config_meta), upstream=upstream,
-            params=dict(params, configs={cid: [iv.to_dict() for iv in ivs] for cid, ivs in configs.items()},
-                        config_meta=settings_key(config_meta)), **meta)
+    def evaluate_round(r: int, configs: Mapping[str, Sequence[Intervention]], config_meta: Mapping[str, Setting],
+                       abilities: Sequence[str] | None = None) -> pd.DataFrame:
+        key = dict(params, configs={cid: [iv.to_dict() for iv in ivs] for cid, ivs in configs.items()},
+                   config_meta=settings_key(config_meta))
+        if abilities is None:
+            name = SCORE_ROUND.format(round=r)
+        else:
+            key["abilities"] = sorted(abilities)
+            # The file name is only for a reader; the key holds the exact names.
+            name = SCORE_ROUND_ABILITIES.format(round=r, abilities="+".join(
+                re.sub(r"[^A-Za-z0-9_.-]", "_", a) for a in sorted(abilities)))
+        return run.cached(name, lambda: evaluate(configs, config_meta, abilities), upstream=upstream, params=key, **meta)
     return evaluate_round
 
 

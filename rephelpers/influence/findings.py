@@ -205,23 +205,26 @@ INFLUENCE_VERSION = "setting-gate-3"
 
 def distinct_control_draws(scores: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``scores`` without control draws that repeat an earlier draw of the same cluster, and per
-    cluster ``n_draws_requested`` / ``n_draws_distinct``.
+    cell (cluster, ability) ``n_draws_requested`` / ``n_draws_distinct``.
 
     A draw is the set of its configs' interventions over Θ. Magnitude-matched controls can
     have no freedom left: when R_k holds the layer's largest dimensions, the only dimensions
     outside R_k of matching size are the next largest, and every "random" draw picks the same
     set. Counting such repeats as separate draws would let one control masquerade as a
     distribution (20 copies of it allow a rank p of 1/21); they are counted once. Draws are
-    compared only where the scores record real perturbation parameters.
+    compared only where the scores record real perturbation parameters. Counts are per ability:
+    stage 05's per-ability rounds evaluate a cluster's late draws only on the abilities still in
+    the tail, so the abilities of one cluster may hold different numbers of draws.
     """
     control = scores["control"].astype(bool)
-    requested = scores[control].groupby("cluster")["draw"].nunique().rename("n_draws_requested")
+    cells = ["cluster", "ability"]
+    requested = scores[control].groupby(cells)["draw"].nunique().rename("n_draws_requested")
     keep = distinct_draws(scores[control])  # the same rule as stage 05's stop (rephelpers.sequential)
     if keep is None:
         counts = requested.to_frame().assign(n_draws_distinct=requested)
         return scores, counts.reset_index()
     drop = control & ~pd.Series(list(zip(scores.cluster.astype(int), scores.draw.astype(int))), index=scores.index).isin(keep)
-    distinct = pd.Series([c for c, _ in keep]).value_counts().rename("n_draws_distinct")
+    distinct = scores[control & ~drop].groupby(cells)["draw"].nunique().rename("n_draws_distinct")
     counts = requested.to_frame().join(distinct)
     return scores[~drop].reset_index(drop=True), counts.reset_index()
 
@@ -267,7 +270,9 @@ def influence_table(
     ``1/(n + 1)``; ``min_p_vs_controls`` records it, so a reader sees when too few draws
     make a finding impossible after the correction. Draws that repeat an earlier draw's
     interventions count once (:func:`distinct_control_draws`): ``n_draws`` is the number of
-    distinct draws, ``n_draws_requested`` the number drawn.
+    distinct draws, ``n_draws_requested`` the number drawn, both per cell (stage 05's per-ability
+    rounds give the abilities of one cluster different numbers of draws; a cell's p and
+    ``phi_control`` are read over the draws it has).
 
     ``primary`` (:func:`primary_cells`: ``"diagonal"``, ``{cluster: ability}`` or a list of
     cells) states the hypotheses of interest before the data: their rank p-values are
@@ -309,7 +314,7 @@ def influence_table(
     table = _power(table, alpha, power)
 
     table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
-    table = table.merge(draw_counts[["cluster", "n_draws_requested"]], on="cluster", how="left")
+    table = table.merge(draw_counts[["cluster", "ability", "n_draws_requested"]], on=["cluster", "ability"], how="left")
     table["verdict"] = [
         cell_verdict(bool(r.readable), bool(r.significant), bool(r.exceeds_controls),
                      None if r.specific is None or (isinstance(r.specific, float) and np.isnan(r.specific)) else bool(r.specific))
@@ -418,8 +423,8 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
                 f"perturbation (stage 04; {row.controls_matched_share:.0%} within the edit tolerance), so \"beyond its "
                 "controls\" compares it with smaller edits there."
             )
-    repeated = table.drop_duplicates("cluster")
-    repeated = repeated[repeated["n_draws"].notna() & (repeated["n_draws"] < repeated["n_draws_requested"])]
+    # Per cell: under per-ability rounds a cluster's abilities hold different numbers of draws.
+    repeated = table[table["n_draws"].notna() & (table["n_draws"] < table["n_draws_requested"])].drop_duplicates("cluster")
     for row in repeated.itertuples(index=False):
         lines.append(
             f"cluster {row.cluster}: {int(row.n_draws_requested)} control draws requested, {int(row.n_draws)} distinct "
