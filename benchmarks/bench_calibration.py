@@ -96,7 +96,7 @@ def main() -> None:
     print(frame[columns].to_string(index=False))
     designs = frame[frame["name"].str.startswith("design:")]
     if len(designs):
-        print(designs[["name", "fpr_familywise", "mean_draws_per_cluster"]].to_string(index=False))
+        print(designs[["name", "fpr_familywise", "mean_draws_per_cluster", "mean_cost_per_cluster_per_ability"]].to_string(index=False))
     print(f"grid {result['grid']}, {args.n_controls} control draws; design spread {spread} "
           f"({result['spread_source']}); {result['seconds']} s")
     # The estimators' permutation test (repsim, bm25, influence functions): FPR on nulls, power on planted shifts,

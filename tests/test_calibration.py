@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from rephelpers.errors import RephelpersError
 from rephelpers.influence import calibration, stats
 
 
@@ -168,3 +169,26 @@ def test_sequential_design_holds_alpha_and_buys_power_that_twenty_draws_cannot()
     for test in study["tests"]:
         assert test["fpr_familywise"] <= test["alpha"] + 0.03
     assert sequential["mean_draws_per_cluster"]["0"] < 60  # nulls stop early: far from the 300 cap
+
+
+def test_design_study_costs_per_ability_rounds_by_each_abilitys_own_stop():
+    # one cluster, two abilities: the first meets its 2nd exceedance at draw 2 (one round of 5), the second never
+    # (to the cap of 10); per-ability rounds pay 5 draws of the first and 10 of the second, weighted 1:3
+    target = np.array([[0.5, 0.5]])
+    draws = np.zeros((1, 2, 10))
+    draws[0, 0, :2] = 1.0
+    design = calibration.ControlDesign("seq", 10, h=2, round_size=5)
+    _, whole, per_ability = calibration._design_rejections(target, draws, design, np.array([[True, False]]), 0.05,
+                                                           np.array([0.25, 0.75]))
+    assert whole.tolist() == [10.0] and per_ability.tolist() == [0.25 * 5 + 0.75 * 10]
+    rank = calibration.ControlDesign("rank", 10)
+    _, whole, per_ability = calibration._design_rejections(target, draws, rank, np.array([[True, False]]), 0.05,
+                                                           np.array([0.25, 0.75]))
+    assert whole.tolist() == per_ability.tolist() == [10.0]  # all draws at once: every ability pays every draw
+    study = calibration.design_study(n_sims=5, designs=[design], effects=(0.2,), seed=1)
+    test = study["tests"][0]
+    assert set(test["mean_cost_per_cluster_per_ability"]) == {"0", "0.2"}
+    assert all(5 <= test["mean_cost_per_cluster_per_ability"][e] <= test["mean_draws_per_cluster"][e] for e in ("0", "0.2"))
+    assert study["token_shares"] == pytest.approx({a: n / 19531 for a, n in calibration.DEMO_TOKEN_SHARES.items()})
+    with pytest.raises(RephelpersError, match="token_shares needs a positive share"):
+        calibration.design_study(n_sims=1, designs=[design], token_shares={"icl": 1.0})

@@ -224,6 +224,16 @@ def test_the_control_rounds_benchmark_counts_configs(tmp_path, monkeypatch):
     for summary in result["sequential"].values():
         # at least round 0 (baseline, 2 perturbations, 5 draws each), at most the cap
         assert 1 + 2 * (1 + 5) <= summary["min"] <= summary["max"] <= cap and len(summary["counts"]) == 2
+    assert result["token_shares"] == pytest.approx({"arithmetic": 4895 / 19531, "code": 7140 / 19531, "icl": 7496 / 19531})
+    for name, per in result["cost"].items():
+        # whole-cluster rounds evaluate every config on every ability: cost = configs; per-ability rounds never more,
+        # and never less than round 0 on every ability
+        assert per["whole_cluster"]["counts"] == result["sequential"][name]["counts"]
+        assert all(1 + 2 * (1 + 5) <= a <= w for a, w in zip(per["per_ability"]["counts"], per["whole_cluster"]["counts"]))
+    bench_globals = runpy.run_path(str(bench))
+    assert bench_globals["parse_shares"]("a=1, b=3") == {"a": 1.0, "b": 3.0}
+    with pytest.raises(RephelpersError, match="not a number"):
+        bench_globals["parse_shares"]("a=x")
 
 
 # -- per-ability late rounds ----------------------------------------------------------------------

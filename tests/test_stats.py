@@ -279,7 +279,8 @@ def test_repeated_control_draws_count_once():
     by_config = {r.config_id: recorded(r) for r in configs.itertuples(index=False)}
     scores = scores.assign(interventions=scores["config_id"].map(by_config))
     kept, counts = findings.distinct_control_draws(scores)
-    assert counts.set_index("cluster").loc[0].tolist() == [3, 2] and counts.set_index("cluster").loc[1].tolist() == [3, 3]
+    counts = counts.set_index(["cluster", "ability"])[["n_draws_requested", "n_draws_distinct"]]  # per cell
+    assert counts.loc[(0, "math")].tolist() == [3, 2] and counts.loc[(1, "math")].tolist() == [3, 3]
     assert sorted(kept[kept.control & (kept.cluster == 0)].draw.unique()) == [0, 2]
     assert len(kept) == len(scores) - scores[scores.control & (scores.cluster == 0) & (scores.draw == 1)].shape[0]
     table = findings.influence_table(scores, n_boot=50).set_index("cluster")

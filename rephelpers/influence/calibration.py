@@ -214,6 +214,10 @@ def calibrate(
 DEMO_DESIGN = {"n_clusters": 5, "baselines": {"arithmetic": 0.57, "code": 0.83, "icl": 0.77}, "items": 60}
 """The demo's stage-06 design: papermill_params/demo.yaml (5 clusters, arithmetic/code/icl at 60 items,
 20 control draws) with the baselines README gives (bench_ability_baselines.py, seed 0)."""
+DEMO_TOKEN_SHARES = {"arithmetic": 4895, "code": 7140, "icl": 7496}
+"""The demo's stage-05 tokens per ability (context + choice tokens of one config, 19,531 in all), measured on
+the demo run: a config's cost on an ability is about its share of them, so per-ability rounds are costed
+in config-equivalents weighted by these shares (:func:`rephelpers.abilities.evaluation.evaluation_cost`)."""
 DEMO_SPREAD = {"control_effect": 0.05, "draw_sd": 0.05}
 """Loss probability of a control draw, ``max(0, control_effect + draw_sd·z)``, when no run is given.
 An assumption, not a measurement: the demo's control draws are not stored in the repository. The
@@ -256,9 +260,11 @@ CHOSEN_DESIGN = "sequential_h2_cap100_primary_bh_rounds5"
 
 
 def _design_rejections(target: np.ndarray, draws: np.ndarray, design: ControlDesign, primary: np.ndarray,
-                       alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rejections per cell ``[K, A]`` and control draws spent per cluster ``[K]`` of one design,
-    given the cells' Φ (``target``) and their draws' Φ in draw order (``draws [K, A, J]``)."""
+                       alpha: float, shares: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rejections per cell ``[K, A]``, control draws spent per cluster ``[K]`` with whole-cluster rounds
+    and the same with per-ability rounds in draw-equivalents ``[K]`` of one design, given the cells' Φ
+    (``target``), their draws' Φ in draw order (``draws [K, A, J]``) and the abilities' token ``shares``
+    (``[A]``, summing to 1; None: equal)."""
     n_clusters, n_abilities, _ = draws.shape
     p = np.empty((n_clusters, n_abilities))
     used = np.zeros((n_clusters, n_abilities), dtype=int)
@@ -272,11 +278,16 @@ def _design_rejections(target: np.ndarray, draws: np.ndarray, design: ControlDes
     # A cluster's draw serves all its abilities at once; it is drawn in whole rounds, up to the cap.
     rounds = np.ceil(used.max(axis=1) / design.round_size) * design.round_size
     spent = np.minimum(rounds, design.draws) if design.h is not None else used.max(axis=1)
+    # Per-ability rounds: round 0 on every ability, later rounds of an ability only while its cell is open,
+    # so ability a costs its share of the rounds its own cell needed: Σ_a w_a · min(cap, R·max(1, ⌈L_a / R⌉)).
+    shares = np.full(n_abilities, 1.0 / n_abilities) if shares is None else np.asarray(shares, dtype=float)
+    own_rounds = np.maximum(1, np.ceil(used / design.round_size)) * design.round_size
+    spent_per_ability = ((np.minimum(own_rounds, design.draws) if design.h is not None else used) * shares).sum(axis=1)
     adjusted = np.empty_like(p)
     for family in ((primary, ~primary) if design.primary else (np.ones_like(primary),)):
         adjusted[family] = stats.adjust_pvalues(p[family], "bh")
     mean_used = np.array([[draws[k, a, :used[k, a]].mean() for a in range(n_abilities)] for k in range(n_clusters)])
-    return (adjusted < alpha) & (target > mean_used), spent
+    return (adjusted < alpha) & (target > mean_used), spent, spent_per_ability
 
 
 def design_study(
@@ -290,6 +301,7 @@ def design_study(
     baselines: dict[str, float] | None = None,
     items: int = DEMO_DESIGN["items"],
     seed: int = 0,
+    token_shares: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """FPR, power and cost of each control design on the demo's design, simulated at the level of Φ.
 
@@ -302,18 +314,30 @@ def design_study(
     clusters 0 and 1). Every design reads the same draws in the same order. Per design:
     ``fpr`` (null cells of δ = 0 tables), ``fpr_familywise`` (any rejection in a δ = 0 table),
     ``power`` per δ (planted cells rejected) and ``mean_draws_per_cluster`` per δ (its cost;
-    today's demo spends 20).
+    today's demo spends 20), and ``mean_cost_per_cluster_per_ability`` per δ: the same cost with
+    per-ability late rounds (stage 05's: a draw is evaluated only on the abilities whose cells are still
+    in the tail), in draws of every ability, each ability weighted by its share of the tokens
+    (``token_shares``, ``{ability: tokens}``; None: :data:`DEMO_TOKEN_SHARES` for the demo's abilities,
+    equal shares for others).
     """
     require(int(n_sims) >= 1, f"n_sims must be ≥ 1, got {n_sims!r}")
     baselines = dict(DEMO_DESIGN["baselines"] if baselines is None else baselines)
     names = sorted(baselines)
+    if token_shares is None:
+        token_shares = DEMO_TOKEN_SHARES if set(names) == set(DEMO_TOKEN_SHARES) else {a: 1.0 for a in names}
+    missing = [a for a in names if a not in token_shares]
+    require(not missing and all(float(token_shares[a]) > 0 for a in names),
+            f"token_shares needs a positive share for every ability {names} (missing {missing}), got {token_shares}")
+    shares = np.array([float(token_shares[a]) for a in names])
+    shares = shares / shares.sum()
     n_right = np.array([max(1, int(round(baselines[a] * items))) for a in names])
     n_abilities, cap = len(names), max(d.draws for d in designs)
     primary = np.zeros((n_clusters, n_abilities), dtype=bool)
     primary[np.arange(n_clusters), np.arange(n_clusters) % n_abilities] = True
     planted = primary & (np.arange(n_clusters) < 2)[:, None]
     rng = np.random.default_rng([int(seed), 27])
-    tally: dict[str, dict[str, list]] = {d.name: {"null": [], "family": [], "cost0": []} for d in designs}
+    tally: dict[str, dict[str, list]] = {d.name: {"null": [], "family": [], "cost0": [], "ability_cost0": []}
+                                         for d in designs}
     for effect in (0.0, *effects):
         for _ in range(int(n_sims)):
             loss = np.maximum(0.0, control_effect + draw_sd * rng.standard_normal((n_clusters, cap + 1)))
@@ -321,15 +345,17 @@ def design_study(
             drop = np.minimum(1.0, loss[:, [0]] + effect * planted)
             target = rng.binomial(n_right[None, :], drop) / n_right[None, :]
             for design in designs:
-                rejected, spent = _design_rejections(target, draws, design, primary, alpha)
+                rejected, spent, per_ability = _design_rejections(target, draws, design, primary, alpha, shares)
                 entry = tally[design.name]
                 if effect == 0.0:
                     entry["null"].extend(rejected.ravel().tolist())
                     entry["family"].append(bool(rejected.any()))
                     entry["cost0"].extend(spent.tolist())
+                    entry["ability_cost0"].extend(per_ability.tolist())
                 else:
                     entry.setdefault(f"power{effect:g}", []).extend(rejected[planted].tolist())
                     entry.setdefault(f"cost{effect:g}", []).extend(spent.tolist())
+                    entry.setdefault(f"ability_cost{effect:g}", []).extend(per_ability.tolist())
     tests = []
     for design in designs:
         entry = tally[design.name]
@@ -339,13 +365,17 @@ def design_study(
             "power": {f"{e:g}": float(np.mean(entry[f"power{e:g}"])) for e in effects},
             "mean_draws_per_cluster": {"0": float(np.mean(entry["cost0"])),
                                        **{f"{e:g}": float(np.mean(entry[f"cost{e:g}"])) for e in effects}},
+            "mean_cost_per_cluster_per_ability": {
+                "0": float(np.mean(entry["ability_cost0"])),
+                **{f"{e:g}": float(np.mean(entry[f"ability_cost{e:g}"])) for e in effects}},
             "n_sims": int(n_sims), "n_tests": len(entry["null"]), "reported": design.name == "rank_20_bh",
             "design": True, "null": "random_sets (Φ level, demo design)", "draws": design.draws, "h": design.h,
             "primary": design.primary, "round_size": design.round_size, "chosen": design.name == CHOSEN_DESIGN,
         })
     return {"tests": tests, "control_effect": float(control_effect), "draw_sd": float(draw_sd),
             "n_clusters": int(n_clusters), "baselines": baselines, "items": int(items),
-            "planted": "each cluster's pre-registered ability (the (k mod |A|)-th), clusters 0 and 1"}
+            "planted": "each cluster's pre-registered ability (the (k mod |A|)-th), clusters 0 and 1",
+            "token_shares": dict(zip(names, shares.tolist()))}
 
 
 def calibration_frame(result: dict[str, Any]) -> pd.DataFrame:
@@ -358,4 +388,4 @@ def calibration_frame(result: dict[str, Any]) -> pd.DataFrame:
 
 
 __all__ = ["calibrate", "calibration_frame", "design_study", "ControlDesign", "DESIGNS", "DEMO_DESIGN", "DEMO_SPREAD",
-           "CHOSEN_DESIGN", "EFFECTS", "REPORTED", "LEGACY", "DEFAULT_GRID"]
+           "CHOSEN_DESIGN", "DEMO_TOKEN_SHARES", "EFFECTS", "REPORTED", "LEGACY", "DEFAULT_GRID"]
