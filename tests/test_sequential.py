@@ -190,19 +190,29 @@ def test_round_cache_reuses_the_rounds_a_larger_cap_shares(tmp_path):
 
 @pytest.mark.model
 def test_the_evaluated_draws_score_as_in_a_full_run(model, tmp_path):
-    tasks = build_tasks(["icl"], tmp_path / "tasks", items_per_task=4, seed=0)
+    tasks = build_tasks(["icl", "arithmetic"], tmp_path / "tasks", items_per_task=4, seed=0)
     comps = [{"layer": 12, "cluster": k, "component": "resid", "dims": list(range(8 * k, 8 * k + 8))} for k in range(2)]
     configs, meta = cluster_configs(comps, 12, model.d_model, n_controls=4, seed=3)
+    asked = []
 
     def evaluate(round_configs, round_meta, abilities=None):
-        return evaluate_abilities(model, tasks, round_configs, limit=3, batch_size=4, config_meta=round_meta,
-                                  progress=False, fast=True, abilities=abilities)
+        out = evaluate_abilities(model, tasks, round_configs, limit=2, batch_size=4, config_meta=round_meta,
+                                 progress=False, fast=True, abilities=abilities)
+        asked.append((abilities, set(out.ability)))
+        return out
 
     full = evaluate(configs, meta)
     rounds = evaluate_in_rounds(lambda r, c, m, a: evaluate(c, m, a), configs, meta, control_rounds=2,
                                 stop_after_exceedances=1, progress=False)
+    one = evaluate({"baseline": configs["baseline"]}, {"baseline": meta["baseline"]}, ["icl"])
+    for abilities, got in asked:  # a call on some abilities scores their tasks only
+        assert got == set(abilities or ("icl", "arithmetic"))
+    want = full[(full.config_id == "baseline") & (full.ability == "icl")].reset_index(drop=True)
+    soft = ["margin", "p_correct", "confidence"]  # float rounding of a larger batch
+    pd.testing.assert_frame_equal(one.drop(columns=soft), want.drop(columns=soft))
+    np.testing.assert_allclose(one.margin, want.margin, rtol=0, atol=1e-3)
     key = ["config_id", "task", "item"]
-    same = full[full.config_id.isin(rounds.config_id.unique())].sort_values(key).reset_index(drop=True)
+    same = full.merge(rounds[key], on=key)[list(full.columns)].sort_values(key).reset_index(drop=True)
     rounds = rounds.sort_values(key).reset_index(drop=True)
     pd.testing.assert_frame_equal(rounds.drop(columns=["margin", "p_correct", "confidence"]),
                                   same.drop(columns=["margin", "p_correct", "confidence"]))
