@@ -20,8 +20,9 @@ generation task is refused before any evaluation starts.
 
 :func:`cluster_configs` makes the configs of a run (every cluster's perturbation, its
 control draws, the baseline; :class:`~rephelpers.setting.Setting` ids);
-:func:`evaluate_in_rounds` evaluates the control draws in rounds and stops a cluster once
-its cells are out of the tail (:mod:`rephelpers.sequential`); the rest of the module
+:func:`evaluate_in_rounds` evaluates the control draws in rounds, after the first only on the
+abilities whose cells are still in the tail, and stops a cluster once none is (:mod:`rephelpers.sequential`);
+:func:`evaluation_cost` counts what that costs; the rest of the module
 summarises and charts the scores.
 """
 
