@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
+from rephelpers.abilities.evaluation import cluster_configs
+from rephelpers.artifacts import RunDir
 from rephelpers.dimensions.components import ClusterComponents
 from rephelpers.errors import RephelpersError
 from rephelpers.interventions.edits import LearnedProjection, perturbation_from_dict
 from rephelpers.interventions.intervene import Intervention, run_logits
 from rephelpers.perturbations.controls import second_moment_spectrum
 from rephelpers.perturbations.kinds import build, fit_leace, matched_control
-from rephelpers.abilities.evaluation import cluster_configs
-from rephelpers.artifacts import RunDir
 from rephelpers.perturbations.learned import (
     fit_learned_projection, fit_table, learned_artifact, load_learned, objective, with_learned,
 )
