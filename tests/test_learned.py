@@ -305,10 +305,10 @@ def test_multi_layer_errors_come_before_compute(model, documents, two_layer_comp
 @pytest.mark.model
 def test_bounded_objective_keeps_the_rest_flat_where_the_unbounded_one_does_not(model, documents):
     """Same texts, site, rank, steps and seed: the unbounded J = L_k − L_rest (the first version)
-    wrecks the prose cluster (+8.7 nats) and the rest with it (+3.7); the bounded objective
-    (Δ = 1, λ = 10) leaves the rest's loss on the fitting texts within 0.25 nats of its unedited
-    value and raises the cluster's by about Δ, not far past it."""
-    options = dict(rank=2, steps=20, lr=0.1, batch_texts=2, n_texts=4, max_length=16, progress=False)
+    wrecks the prose cluster (+5.9 nats after 12 steps, measured) and the rest with it (+1.6); the
+    bounded objective (Δ = 1, λ = 10) leaves the rest's loss on the fitting texts within 0.25 nats
+    of its unedited value (measured −0.26) and raises the cluster's towards Δ (0.41), not past 2Δ."""
+    options = dict(rank=2, steps=12, lr=0.1, batch_texts=2, n_texts=4, max_length=16, progress=False)
     bounded = fit_learned_projection(model, documents, 2, 26, target=1.0, lam=10.0, **options)
     unbounded = fit_learned_projection(model, documents, 2, 26, target=None, lam=1.0, **options)
 
@@ -319,7 +319,7 @@ def test_bounded_objective_keeps_the_rest_flat_where_the_unbounded_one_does_not(
     old_k, old_rest = rises(unbounded)
     assert old_rest > 0.25 and old_k > 2.0, unbounded.losses  # the bounds below can fail
     assert rise_rest < 0.25, bounded.losses
-    assert 0.3 < rise_k < 2.0, bounded.losses
+    assert 0.2 < rise_k < 2.0 and rise_k > rise_rest + 0.2, bounded.losses
     assert bounded.gain("learned") > bounded.gain("random"), bounded.losses
     assert bounded.settings["target"] == 1.0 and unbounded.settings["target"] is None
 
