@@ -25,7 +25,7 @@ import pandas as pd
 
 from rephelpers.artifacts import RunDir
 from rephelpers.dimensions.association import load_components
-from rephelpers.perturbations.learned import LAMBDA, MAX_LENGTH, N_TEXTS, RANK, STEPS, fit_table, with_learned
+from rephelpers.perturbations.learned import LAMBDA, MAX_LENGTH, N_TEXTS, RANK, STEPS, TARGET, fit_table, with_learned
 from rephelpers.perturbations.specificity import probe_activations, specificity_report, specificity_verdicts
 from rephelpers.representations.models import load_model
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=RANK)
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--lam", type=float, default=LAMBDA)
+    parser.add_argument("--target", type=float, default=TARGET,
+                        help="Δ, the rise of the cluster's loss (nats/token) the fit aims at; 0: the unbounded objective")
     parser.add_argument("--fit-texts", type=int, default=N_TEXTS, help="training texts per side in fitting")
     parser.add_argument("--fit-tokens", type=int, default=MAX_LENGTH, help="tokens per text in fitting")
     parser.add_argument("--n-texts", type=int, default=16)
@@ -71,7 +73,8 @@ def main() -> None:
     for k in clusters:  # one cluster at a time, printed as it comes: a long run still says something
         start = time.perf_counter()
         learned, fit = with_learned(run, model, docs, components, args.layer, clusters=[k], rank=args.rank,
-                                    steps=args.steps, lam=args.lam, max_length=args.fit_tokens, n_texts=args.fit_texts)
+                                    steps=args.steps, lam=args.lam, target=args.target or None,
+                                    max_length=args.fit_tokens, n_texts=args.fit_texts)
         fits |= fit
         print(f"cluster {k}: fitting took {time.perf_counter() - start:.0f} s (wall, this machine as loaded now)")
         common = dict(clusters=[k], n_texts=args.n_texts, max_length=args.max_tokens, n_controls=args.n_controls,

@@ -238,6 +238,42 @@ def check_paths(parameters: Mapping[str, Any], grid: Mapping[str, Any], where: _
     return problems
 
 
+#: The kind whose subspace notebook 04 fits and notebook 05 only reads back (``perturbations.learned``).
+FITTED_IN_04 = "learned"
+
+
+def perturbation_kinds(value: Any) -> set[str]:
+    """The perturbation kinds a ``perturbation`` value names (one kind, or a list of them)."""
+    if isinstance(value, str):
+        return {value}
+    return {v for v in value if isinstance(v, str)} if isinstance(value, (list, tuple)) else set()
+
+
+def check_learned_chain(parameters: Mapping[str, Any], declared: Declared, available: Sequence[str],
+                        where: _Where) -> list[str]:
+    """Problems with notebook 07's nested chain: a ``learned`` perturbation (in ``chain_parameters``
+    or any ``chain_grid`` value) in a chain that runs notebook 05 but not notebook 04. Stage 05
+    evaluates the subspace notebook 04 fits and caches in each point's run directory; without
+    04 in the chain every such point would fail after the fine-tunes, stages 01-03 included."""
+    if NESTED_PARAMETERS not in parameters and NESTED_GRID not in parameters:
+        return []
+    chain = parameters.get(NESTED_NOTEBOOKS) or [n for n in available if NESTED_PARAMETERS not in declared(n)]
+    if "04_perturbations" in chain or "05_capability_impact" not in chain:
+        return []
+    nested = parameters.get(NESTED_PARAMETERS) or {}
+    in_parameters = isinstance(nested, Mapping) and FITTED_IN_04 in perturbation_kinds(nested.get("perturbation"))
+    found = [(NESTED_PARAMETERS, "perturbation")] if in_parameters else []
+    for path, g in _grids(parameters.get(NESTED_GRID)):
+        values = g.get("perturbation")
+        for i, value in enumerate(values if isinstance(values, (list, tuple)) else []):
+            if FITTED_IN_04 in perturbation_kinds(value):
+                found.append((NESTED_GRID, *path, "perturbation", i))
+    return [f"{where('parameters', *path)}: perturbation 'learned' is fitted by notebook 04_perturbations, which "
+            f"{NESTED_NOTEBOOKS} ({', '.join(chain)}) leaves out, so stage 05 would find no fitted subspace; add "
+            f"04_perturbations to {NESTED_NOTEBOOKS} (it also scores every kind's specificity, most of a chain "
+            "point's time) or leave 'learned' out of the chain" for path in found]
+
+
 def check_run(
     parameters: Mapping[str, Any],
     grid: Mapping[str, Any] | None,
@@ -257,6 +293,7 @@ def check_run(
     grid = dict(grid or {})
     problems = check_names(parameters, grid, notebooks, declared, available, where)
     problems += check_paths(parameters, grid, where)
+    problems += check_learned_chain(parameters, declared, available, where)
     if problems:
         what = f"run file {source}" if source else "this run"
         raise RephelpersError(

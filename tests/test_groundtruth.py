@@ -356,6 +356,13 @@ def test_chain_spec_runs_01_to_06_on_the_finetuned_folder(tmp_path):
     assert lean.notebooks == [n for n in gt.CHAIN_NOTEBOOKS if n != "04_perturbations"]
     with pytest.raises(RephelpersError, match="only 04_perturbations"):
         gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, notebooks=["01_corpus_clusters"])
+    # the learned kind's subspace is fitted by notebook 04: a chain without it cannot evaluate it
+    no_04 = [n for n in gt.CHAIN_NOTEBOOKS if n[:2] != "04"]
+    for params, grid in (({"perturbation": "learned"}, None), ({}, {"perturbation": [["ablate"], ["ablate", "learned"]]})):
+        with pytest.raises(RephelpersError, match="add 04_perturbations to chain_notebooks"):
+            gt.chain_spec("c.jsonl", "m", ["planted_glyph"], params, grid, notebooks=no_04)
+        assert gt.chain_spec("c.jsonl", "m", ["planted_glyph"], params, grid).notebooks == list(gt.CHAIN_NOTEBOOKS)
+    assert gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, {"perturbation": [["ablate"]]}, notebooks=no_04)
     with pytest.raises(RephelpersError, match="cannot vary"):
         gt.chain_spec("c.jsonl", "m", ["planted_glyph"], {}, {"model_name": ["a", "b"]})
 

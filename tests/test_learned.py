@@ -1,19 +1,24 @@
 """The learned, specificity-seeking projection (kind ``learned``) and multi-layer perturbations in stage 04."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from rephelpers.abilities.evaluation import cluster_configs
+from rephelpers.artifacts import RunDir
 from rephelpers.dimensions.components import ClusterComponents
 from rephelpers.errors import RephelpersError
 from rephelpers.interventions.edits import LearnedProjection, perturbation_from_dict
 from rephelpers.interventions.intervene import Intervention, run_logits
 from rephelpers.perturbations.controls import second_moment_spectrum
 from rephelpers.perturbations.kinds import build, fit_leace, matched_control
-from rephelpers.perturbations.learned import fit_learned_projection, fit_table, learned_artifact, with_learned
+from rephelpers.perturbations.learned import (
+    fit_learned_projection, fit_table, learned_artifact, load_learned, objective, with_learned,
+)
 from rephelpers.perturbations.specificity import EDIT_TOLERANCE, sample_heldout, specificity_report
 from rephelpers.representations.activations import extract_activations
 
@@ -80,6 +85,26 @@ def test_learned_projection_rejects_bad_shapes():
         build("learned", ClusterComponents(layer=1, cluster=0))
 
 
+def test_objective_is_the_bounded_formula():
+    """J = Δ − |L_k − L_k⁰ − Δ| − λ·max(0, L_rest − L_rest⁰), checked against a plain evaluation."""
+    def plain(lk, lr, bk, br, lam, target):
+        rise_k, rise_rest = lk - bk, lr - br
+        if target is None:
+            return rise_k - lam * rise_rest
+        own = min(rise_k, 2 * target - rise_k)
+        return own - lam * (rise_rest if rise_rest > 0 else 0.0)
+
+    for lk, lr in [(2.0, 3.0), (2.5, 3.0), (3.0, 3.2), (6.0, 2.5), (1.5, 2.9)]:
+        for lam, target in [(10.0, 1.0), (1.0, 0.5), (1.0, None)]:
+            got = float(objective(torch.tensor(lk), torch.tensor(lr), 2.0, 3.0, lam, target))
+            assert got == pytest.approx(plain(lk, lr, 2.0, 3.0, lam, target)), (lk, lr, lam, target)
+    # no edit scores 0, the target exactly scores Δ, and overshooting costs like falling short
+    assert float(objective(torch.tensor(2.0), torch.tensor(3.0), 2.0, 3.0, 10.0, 1.0)) == 0.0
+    assert float(objective(torch.tensor(3.0), torch.tensor(3.0), 2.0, 3.0, 10.0, 1.0)) == pytest.approx(1.0)
+    assert float(objective(torch.tensor(3.5), torch.tensor(3.0), 2.0, 3.0, 10.0, 1.0)) == pytest.approx(
+        float(objective(torch.tensor(2.5), torch.tensor(3.0), 2.0, 3.0, 10.0, 1.0)))
+
+
 def test_learned_control_matches_the_edit_size():
     """The control is a random orthonormal rank-r projection about the same μ, rescaled so that its
     edit ‖ĥ − h‖ matches the learned one's: exactly in RMS on the spectrum's own states, within
@@ -132,6 +157,9 @@ def test_fit_errors_come_before_compute(model, documents):
         fit_learned_projection(model, documents, 1, 30, progress=False)
     with pytest.raises(RephelpersError, match="steps must be ≥ 1"):
         fit_learned_projection(model, documents, 1, 26, steps=0, progress=False)
+    for target in (0, -1.0, float("nan"), "1"):
+        with pytest.raises(RephelpersError, match="target Δ must be a finite number of nats > 0"):
+            fit_learned_projection(model, documents, 1, 26, target=target, progress=False)
 
 
 @pytest.mark.model
@@ -182,7 +210,7 @@ def test_fit_is_orthonormal_and_beats_a_random_subspace(model, documents, fitted
     np.testing.assert_allclose(U @ U.T, np.eye(2), atol=1e-5)
     assert out[1].learned == fit.projection and out[0].learned is None and comps[1].learned is None
     assert len(fit.objective) == 10 and fit.settings["n_k"] == 4
-    # J = L_k − L_rest on the fitting texts: the fitted U raises it more than a random U of the same rank
+    # J on the fitting texts: the fitted U raises it more than a random U of the same rank
     assert fit.gain("learned") > fit.gain("random") + 0.01, fit.losses
     table = fit_table(fits)
     assert table.loc[0, "gain_learned"] == pytest.approx(fit.gain("learned"))
@@ -272,3 +300,78 @@ def test_multi_layer_errors_come_before_compute(model, documents, two_layer_comp
         specificity_report(model, documents, two_layer_components, "leace", 26, layers=[20, 26], progress=False)
     with pytest.raises(RephelpersError, match="layer 40 is out of range"):
         specificity_report(model, documents, two_layer_components, "leace", 26, layers=[26, 40], progress=False)
+
+
+@pytest.mark.model
+def test_bounded_objective_keeps_the_rest_flat_where_the_unbounded_one_does_not(model, documents):
+    """Same texts, site, rank, steps and seed: the unbounded J = L_k − L_rest (the first version)
+    wrecks the prose cluster (+5.9 nats after 12 steps, measured) and the rest with it (+1.6); the
+    bounded objective (Δ = 1, λ = 10) leaves the rest's loss on the fitting texts within 0.25 nats
+    of its unedited value (measured −0.26) and raises the cluster's towards Δ (0.41), not past 2Δ."""
+    options = dict(rank=2, steps=12, lr=0.1, batch_texts=2, n_texts=4, max_length=16, progress=False)
+    bounded = fit_learned_projection(model, documents, 2, 26, target=1.0, lam=10.0, **options)
+    unbounded = fit_learned_projection(model, documents, 2, 26, target=None, lam=1.0, **options)
+
+    def rises(fit):
+        return tuple(fit.losses["learned"][g] - fit.losses["none"][g] for g in ("k", "rest"))
+
+    rise_k, rise_rest = rises(bounded)
+    old_k, old_rest = rises(unbounded)
+    assert old_rest > 0.25 and old_k > 2.0, unbounded.losses  # the bounds below can fail
+    assert rise_rest < 0.25, bounded.losses
+    assert 0.2 < rise_k < 2.0 and rise_k > rise_rest + 0.2, bounded.losses
+    assert bounded.gain("learned") > bounded.gain("random"), bounded.losses
+    assert bounded.settings["target"] == 1.0 and unbounded.settings["target"] is None
+
+
+@pytest.mark.model
+def test_stage_05_applies_exactly_the_fitted_subspace(model, documents, fitted, tmp_path):
+    """Stage 05 reads the U stage 04 cached (no refit) into the components, builds the learned
+    setting and its control from it, and the setting's edit at the layer is h − UUᵀ(h − μ) as a
+    plain forward hook computes it; without a fit it says to run notebook 04."""
+    source, comps, _, fits, _ = fitted
+    shutil.copytree(source, tmp_path / "run")  # a copy: the checks below damage it
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RephelpersError, match=r"no fitted subspace for clusters \[0, 2\] at layer 26 \(resid\).*"
+                                              r"run notebook 04 with 'learned' in perturbation"):
+        load_learned(run, comps, 26, model=model)
+    only = [c for c in comps if c.cluster == 1]
+    loaded, names = load_learned(run, only, 26, model=model)
+    assert names == [learned_artifact(1, 26)] and loaded[0].learned == fits[1].projection
+    configs, meta = cluster_configs(loaded, 26, model.d_model, kinds="learned", n_controls=1)
+    assert set(configs) == {"baseline", "k1:learned:m1", "k1:learned:m1:control"}
+    (intervention,) = configs["k1:learned:m1"]
+    assert intervention.perturbation == fits[1].projection and meta["k1:learned:m1"].kind == "learned"
+    U = torch.as_tensor(np.asarray(fits[1].projection.basis)).T  # [d, r]
+    mu = torch.as_tensor(np.asarray(fits[1].projection.mean))
+    batch = model.encode(TEXTS[1][4:7], max_length=16)
+    got = run_logits(model, batch, [intervention])
+
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        new = (h.double() - (h.double() - mu) @ U @ U.T).to(h.dtype)
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.module(26).register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            want = model.hf(**batch).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    control = run_logits(model, batch, configs["k1:learned:m1:control"])
+    assert (control - want).abs().max() > 1e-2  # a different U changes the logits otherwise: the check can fail
+    # a fit of the first, unbounded version, or on another corpus, is refused rather than used
+    state = run.path(learned_artifact(1, 26)).read_text()
+    try:
+        data = json.loads(state)
+        del data["settings"]["target"]
+        run.path(learned_artifact(1, 26)).write_text(json.dumps(data))
+        with pytest.raises(RephelpersError, match="first, unbounded objective.*re-run notebook 04"):
+            load_learned(run, only, 26)
+    finally:
+        run.path(learned_artifact(1, 26)).write_text(state)
+    load_learned(run, only, 26)  # restored: read again
+    run.save_json("documents.parquet", {"not": "the same corpus"}, key="another")
+    with pytest.raises(RephelpersError, match="another version of documents.parquet"):
+        load_learned(run, only, 26)

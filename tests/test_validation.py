@@ -59,6 +59,35 @@ def test_nested_chain_parameters_and_grids_are_held_against_the_chain_notebooks(
         _check(tmp_path, "notebooks: [07_c]\nparameters:\n  delta: 1\n  alpha: 1\n")
 
 
+def test_a_learned_chain_without_notebook_04_is_refused_before_anything_runs(tmp_path):
+    """The learned kind's U is fitted by notebook 04; a nested chain running 05 without 04 names each place."""
+    declared = {"03_cluster_dimensions": {"run_dir", "layers"},
+                "04_perturbations": {"run_dir", "perturbation", "n_texts"},
+                "05_capability_impact": {"run_dir", "perturbation"},
+                "07_ground_truth": {"run_dir", "chain_parameters", "chain_grid", "chain_notebooks"}}
+
+    def check(text: str) -> None:
+        path = tmp_path / "gt.yaml"
+        path.write_text(text)
+        data = yaml.safe_load(text)
+        check_run(data["parameters"], None, ["07_ground_truth"], declared.__getitem__, list(declared), path)
+
+    without_04 = "  chain_notebooks: [03_cluster_dimensions, 05_capability_impact]\n"
+    grid = "  chain_grid:\n    - {perturbation: [[ablate], [ablate, learned]]}\n    - {perturbation: [learned]}\n"
+    with pytest.raises(RephelpersError) as err:
+        check("parameters:\n" + without_04 + grid)
+    message = str(err.value)
+    assert "2 problem(s)" in message and message.count("add 04_perturbations to chain_notebooks") == 2
+    assert "gt.yaml:4: perturbation 'learned' is fitted by notebook 04_perturbations" in message
+    assert "gt.yaml:5: perturbation 'learned'" in message
+    with pytest.raises(RephelpersError, match="gt.yaml:3: perturbation 'learned'"):
+        check("parameters:\n" + without_04 + "  chain_parameters: {perturbation: learned}\n")
+    # fine: 04 in the chain, the default chain (every notebook but 07, so 04 too), or no learned kind
+    check("parameters:\n  chain_notebooks: [03_cluster_dimensions, 04_perturbations, 05_capability_impact]\n" + grid)
+    check("parameters:\n" + grid)
+    check("parameters:\n" + without_04 + "  chain_grid:\n    - {perturbation: [[ablate, leace]]}\n")
+
+
 def test_a_missing_local_model_or_corpus_is_named_and_hf_names_are_left_alone(tmp_path):
     declared = {"01": {"run_dir", "corpus", "model_name"}}
     ok = {"corpus": "hf:wikitext", "model_name": "HuggingFaceTB/SmolLM2-360M"}

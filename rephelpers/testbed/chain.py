@@ -15,6 +15,7 @@ from ..artifacts import stable_hash
 from ..errors import RephelpersError, require
 from ..perturbations.kinds import KINDS
 from ..runner import point_name
+from ..validation import FITTED_IN_04, perturbation_kinds
 
 
 CHAIN_NOTEBOOKS = (
@@ -59,6 +60,12 @@ def chain_spec(
     if items_per_task is not None:
         params["items_per_task"] = int(items_per_task)
     grid = {k: list(v) for k, v in (grid or {}).items()}
+    named = perturbation_kinds(params.get("perturbation")).union(*map(perturbation_kinds, grid.get("perturbation", [])))
+    learned = FITTED_IN_04 in named
+    require(not learned or "04_perturbations" in notebooks,
+            "the chain evaluates perturbation 'learned', whose subspace notebook 04_perturbations fits, but "
+            "chain_notebooks leaves 04 out: add 04_perturbations to chain_notebooks (it also scores every kind's "
+            "specificity, most of a point's time) or leave 'learned' out")
     clash = sorted(set(grid) & {"model_name", "corpus", "abilities"})
     require(not clash, f"chain_grid cannot vary {clash}: the testbed fixes them")
     return RunSpec(name=name, parameters=params, notebooks=notebooks, grid=grid)
