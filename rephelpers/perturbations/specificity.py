@@ -166,6 +166,9 @@ def specificity_report(
     spectrum: Any = "auto",
     edit_tolerance: float = EDIT_TOLERANCE,
     layers: Sequence[int] | None = None,
+    control_rounds: int | None = None,
+    min_gap: float = MIN_GAP,
+    min_ratio: float = MIN_RATIO,
 ) -> pd.DataFrame:
     """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
 
@@ -192,6 +195,19 @@ def specificity_report(
     ``arm = "control"`` and ``draw = j`` (the perturbation's row has ``draw = 0``). The
     charts average the draws.
 
+    ``control_rounds`` R (None: all ``n_controls`` draws at once) draws them in rounds: the
+    perturbation and draws ``0…R−1`` run, then a cluster draws the next R only while its
+    verdict is still open (:func:`draws_settled`): the verdict is "specific" only if the
+    perturbation's gap beats every draw's, so once its own Δs rule that out (with
+    ``min_gap``, ``min_ratio``: pass :func:`specificity_verdicts` the same) or one draw's gap
+    reaches its gap, no later draw can change it. Draw j is the same control either way
+    (seed ``seed + j``), so the rows of the draws run equal those of a run of all draws and
+    :func:`specificity_verdicts` gives the same verdicts. Every row says ``n_controls`` (the
+    cap), ``n_draws_used`` (its cluster's draws run), ``draws_stopped`` (why it stopped before
+    the cap; empty at the cap) and ``own_pass`` (whether the arm ran its own forward passes;
+    False: a draw identical to an earlier arm shares that arm's). :func:`control_arms_run`
+    counts the control arms that ran, :func:`draws_used` summarises per cluster and setting.
+
     ``components`` are stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
     (:func:`rephelpers.dimensions.association.load_components`); the ones at ``layer`` are
     used, for ``clusters`` (default: every cluster with components there). ``probes`` are pooled representations at ``layer`` for every row of
@@ -205,6 +221,8 @@ def specificity_report(
     forward pass. ``with_attention`` reads the attention patterns of every layer after the
     intervention (under eager attention, switched on for those passes only: slower).
     """
+    # before anything runs: control_spectrum below already makes forward passes
+    _check_rounds(control_rounds, min_gap, min_ratio)
     layer, documents, at_layer, clusters, probes = _report_inputs(
         model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
     sites = _report_layers(model, components, layer, layers, clusters)
@@ -224,12 +242,15 @@ def specificity_report(
                            layer, magnitude, component, positions, n_texts, seed, probes, n_controls, spectra)
              for k in clusters]
 
-    total = sum((1 + len(sites)) * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    # The most a cluster can take: every round (the bar shrinks when one stops early).
+    rounds = 1 if control_rounds is None else math.ceil(n_controls / control_rounds)
+    total = sum(rounds * (1 + len(sites)) * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
     bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
     rows = []
     for plan in plans:
         rows += _cluster_rows(model, plan, documents, kind, magnitude, layer, component, positions, seed, probes,
-                              read, attend, with_attention, batch_size, max_length, bar)
+                              read, attend, with_attention, batch_size, max_length, bar,
+                              control_rounds, min_gap, min_ratio, len(sites))
     bar.close()
     report = pd.DataFrame(rows)
     report["layers"] = ",".join(str(l) for l in sites)
@@ -279,6 +300,17 @@ def _report_inputs(
         f"edit_tolerance must be a factor ≥ 1, got {edit_tolerance!r}",
     )
     return layer, documents, at_layer, clusters, probes
+
+
+def _check_rounds(control_rounds: int | None, min_gap: float, min_ratio: float) -> None:
+    """:func:`specificity_report`'s checks of its round design, before any forward pass."""
+    require(control_rounds is None or (isinstance(control_rounds, (int, np.integer)) and not isinstance(control_rounds, bool)
+                                       and control_rounds >= 1),
+            f"control_rounds (control draws per round) must be None (all n_controls at once) or a positive "
+            f"integer such as 5, got {control_rounds!r}")
+    for name, value in (("min_gap", min_gap), ("min_ratio", min_ratio)):
+        require(isinstance(value, (int, float, np.floating)) and math.isfinite(value),
+                f"{name} must be a finite number (the thresholds specificity_verdicts uses), got {value!r}")
 
 
 def _report_layers(model: Model, components: Sequence[ClusterComponents], layer: int, layers: Sequence[int] | None,
@@ -331,23 +363,56 @@ def _plan_cluster(
 def _cluster_rows(
     model: Model, plan: tuple, documents: pd.DataFrame, kind: str, magnitude: float, layer: int, component: str,
     positions: str, seed: int, probes: np.ndarray | None, read: list[int], attend: list[int], with_attention: bool,
-    batch_size: int, max_length: int, bar: Any,
+    batch_size: int, max_length: int, bar: Any, control_rounds: int | None, min_gap: float, min_ratio: float,
+    n_sites: int,
 ) -> list[dict[str, Any]]:
-    """The report's rows of one planned cluster: its forward passes (original and each distinct arm)
-    and one row per arm."""
+    """The report's rows of one planned cluster: its forward passes (original and each distinct arm,
+    round by round, see :func:`specificity_report`) and one row per arm run.
+
+    The progress bar counted every round of the cluster (a batch of passes and one of edit
+    norms per site, per round); the rounds it does not run come off the bar's total."""
     k, target, rest, arms, ivs = plan
     rows = []
     texts = list(target["text"]) + list(rest["text"])
     is_target = np.arange(len(texts)) < len(target)
-    # Control draws that came out identical (size-matched controls with no freedom left) run once.
-    same_as = first_identical(ivs)
-    distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
-    passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
-    edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
-    passes |= {arm: passes[first] for arm, first in same_as.items()}
-    edits |= {arm: edits[first] for arm, first in same_as.items()}
+    order = list(arms)  # the perturbation, then draws 0, 1, … in draw order
+    n_draws = len(order) - 1
+    per_round = n_draws if control_rounds is None else int(control_rounds)
+    round_batches = (1 + n_sites) * math.ceil(len(texts) / batch_size)
+    most_batches = round_batches * math.ceil(n_draws / per_round)
+    originals: dict[int, Readout] = {}  # the unperturbed pass of each batch, run once for all rounds
+    passes: dict[Any, dict[str, Any]] = {}
+    edits: dict[tuple[str, int], float] = {}
+    own_pass: dict[tuple[str, int], bool] = {}
+    drawn, stopped, ran_batches = 0, "", 0
+    while True:
+        upto = min(n_draws, drawn + per_round)
+        new = order[len(own_pass): 1 + upto]
+        # Control draws that came out identical (size-matched controls with no freedom left) run once.
+        same_as = first_identical({arm: ivs[arm] for arm in order[: 1 + upto]})
+        fresh = {arm: ivs[arm] for arm in new if same_as[arm] == arm}
+        if fresh:
+            passes |= _compare_passes(model, texts, fresh, read, attend, batch_size, max_length, bar, originals)
+            edits |= edit_norms(model, texts, fresh, layer, component, batch_size, max_length, bar)
+        else:
+            bar.update(round_batches)
+        ran_batches += round_batches
+        for arm in new:
+            passes[arm], edits[arm], own_pass[arm] = passes[same_as[arm]], edits[same_as[arm]], same_as[arm] == arm
+        drawn = upto
+        pert = _perplexity_columns(passes["original"], passes[("perturbation", 0)], is_target)
+        gaps = [_perplexity_columns(passes["original"], passes[("control", j)], is_target)["specificity_gap"]
+                for j in range(drawn)]
+        if drawn == n_draws:
+            break
+        stopped = draws_settled(pert["dlogppl_target"], pert["dlogppl_rest"], gaps, min_gap, min_ratio)
+        if stopped:
+            break
+    if ran_batches < most_batches:
+        bar.total -= most_batches - ran_batches
+        bar.refresh()
     probe_before = _probe_score(probes, documents, k, None, seed)
-    for (arm, draw), perturbation in arms.items():
+    for (arm, draw), perturbation in list(arms.items())[: 1 + drawn]:
         setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
         rows.append({
             "setting": setting.id,
@@ -372,8 +437,40 @@ def _cluster_rows(
             "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
             "edit_norm": edits[(arm, draw)],
             "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
+            "n_controls": n_draws,
+            "n_draws_used": drawn,
+            "draws_stopped": stopped,
+            "own_pass": own_pass[(arm, draw)],
         })
     return rows
+
+
+def _own_specific(target: float, rest: float, min_gap: float, min_ratio: float) -> bool:
+    """Whether a perturbation's own Δs allow "specific": a measurable change, ``g = Δ_T − Δ_R ≥ min_gap``
+    and ``Δ_T ≥ min_ratio · max(Δ_R, 0)`` (False where any of them is NaN)."""
+    if abs(target) < min_gap and abs(rest) < min_gap:
+        return False
+    return bool(target - rest >= min_gap and target >= min_ratio * max(rest, 0.0))
+
+
+def draws_settled(
+    target: float, rest: float, control_gaps: Sequence[float], min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO,
+) -> str:
+    """Why more control draws cannot change a perturbation's :func:`specificity_verdicts` verdict
+    (empty while they can), from its Δ_T, Δ_R and its draws' gaps so far.
+
+    "specific" needs :func:`_own_specific` and ``g > max_j g_j`` over every draw; a later
+    draw only raises that maximum. So the verdict is settled when the own Δs fail (the
+    controls are then never read) or when a draw has ``g_j ≥ g`` (NaN draws do not count:
+    the verdict's maximum skips them, so later finite draws could still be below ``g``).
+    The label of a settled verdict depends on Δ_T, Δ_R only, so it is final too.
+    """
+    if not _own_specific(target, rest, min_gap, min_ratio):
+        return "own Δ not specific"
+    gaps = np.asarray(control_gaps, dtype=float)
+    if np.any(gaps[~np.isnan(gaps)] >= target - rest):
+        return "a control draw's gap ≥ the perturbation's"
+    return ""
 
 
 _SPECTRA: dict[tuple, Spectrum] = {}
@@ -469,6 +566,41 @@ def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
     return counts[counts["distinct"] < counts["requested"]].reset_index(drop=True)
 
 
+def _all_drawn(row: pd.Series) -> bool:
+    """Whether a perturbation row's cluster drew every control it asked for (True for a report
+    from before rounds, which has no ``n_draws_used``)."""
+    used, cap = row.get("n_draws_used"), row.get("n_controls")
+    return bool(used is None or cap is None or pd.isna(used) or pd.isna(cap) or used >= cap)
+
+
+def control_arms_run(report: pd.DataFrame) -> int:
+    """The control arms a report ran forward passes for: its control rows with ``own_pass`` (a
+    draw identical to an earlier arm shares that arm's passes). A report from before that
+    column counts each distinct control config per cluster and setting once."""
+    controls = report[report["arm"] == "control"]
+    if "own_pass" in controls.columns:
+        return int(controls["own_pass"].astype(bool).sum())
+    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "layers", "component", "positions", "config")
+            if c in controls.columns]
+    return int(len(controls.drop_duplicates(keys)))
+
+
+def draws_used(report: pd.DataFrame) -> pd.DataFrame:
+    """Per cluster and setting: ``n_controls`` (the cap), ``n_draws_used`` (control rows present),
+    ``arms_run`` (:func:`control_arms_run` of them) and ``draws_stopped`` (why it stopped before
+    the cap; empty when it drew them all)."""
+    keys = [c for c in ("kind", "magnitude", "layer", "layers", "component", "positions", "cluster") if c in report.columns]
+    out = []
+    for key, group in report.groupby(keys, dropna=False, sort=True):
+        controls = group[group["arm"] == "control"]
+        out.append({**dict(zip(keys, key)),
+                    "n_controls": int(group["n_controls"].iloc[0]) if "n_controls" in group else int(controls["draw"].nunique()),
+                    "n_draws_used": int(controls["draw"].nunique()),
+                    "arms_run": control_arms_run(group),
+                    "draws_stopped": str(group["draws_stopped"].iloc[0]) if "draws_stopped" in group else ""})
+    return pd.DataFrame(out)
+
+
 def specificity_verdicts(
     report: pd.DataFrame, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO
 ) -> pd.DataFrame:
@@ -501,7 +633,14 @@ def specificity_verdicts(
             gap, target, rest = row["specificity_gap"], row["dlogppl_target"], row["dlogppl_rest"]
             if abs(target) < min_gap and abs(rest) < min_gap:
                 verdict, specific = "no measurable change", False
-            elif gap >= min_gap and target >= min_ratio * max(rest, 0.0) and gap > best_control_gap:
+            elif _own_specific(target, rest, min_gap, min_ratio) and gap > best_control_gap:
+                # Drawn in rounds, a cluster stops early only once its verdict cannot be "specific"
+                # under the thresholds it stopped with; other thresholds here could make it so.
+                require(_all_drawn(row),
+                        f"cluster {row['cluster']}: its control draws stopped after {row.get('n_draws_used')} of "
+                        f"{row.get('n_controls')} ({row.get('draws_stopped')}) under other min_gap/min_ratio than "
+                        f"these ({min_gap}, {min_ratio}): pass specificity_report and specificity_verdicts the same "
+                        "thresholds, or draw all controls (control_rounds=None).")
                 verdict, specific = "specific", True
             elif rest >= min_gap:
                 verdict, specific = "non-specific damage", False
@@ -562,12 +701,15 @@ def _compare_passes(
     batch_size: int,
     max_length: int,
     bar: Any,
+    originals: dict[int, Readout] | None = None,
 ) -> dict[Any, dict[str, Any]]:
     """The original pass and every ``(arm, draw)`` pass over ``texts``, batch by batch.
 
     Batches are identical across passes, so the original and perturbed numbers differ
     only by the perturbation (not by padding); attention patterns are reduced to a
-    per-text JS divergence as soon as both passes of a batch exist.
+    per-text JS divergence as soon as both passes of a batch exist. ``originals`` (batch
+    start → unperturbed readout) keeps the original pass of each batch for later calls
+    with more arms (control rounds), which then skip it.
     """
     names = ("original", *arms)
     out: dict[Any, dict[str, Any]] = {
@@ -579,7 +721,12 @@ def _compare_passes(
     for start in range(0, len(texts), batch_size):
         idx = np.arange(start, min(start + batch_size, len(texts)))
         batch = model.encode([texts[i] for i in idx], max_length=max_length)
-        original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend)
+        if originals is None:
+            original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend)
+        else:
+            original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend, original=originals.get(start),
+                                                          keep_original=True)
+            originals[start] = original
         _store(out["original"], idx, original)
         for arm, perturbed in perturbed_by_arm.items():
             _store(out[arm], idx, perturbed)
@@ -690,6 +837,9 @@ __all__ = [
     "probe_activations",
     "specificity_report",
     "specificity_verdicts",
+    "draws_settled",
+    "control_arms_run",
+    "draws_used",
     "edit_norms",
     "control_spectrum",
     "EDIT_TOLERANCE",
