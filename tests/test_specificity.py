@@ -281,7 +281,7 @@ def _verdicts(report: pd.DataFrame) -> dict[int, str]:
 
 @pytest.mark.model
 def test_rounds_keep_the_verdicts_and_rows_of_all_draws(model, documents, subspaces):
-    from rephelpers.perturbations.specificity import control_arms_run, draws_used, specificity_verdicts
+    from rephelpers.perturbations.specificity import control_arms_run, draws_used, replay_rounds, specificity_verdicts
 
     # project at m=1 (measured here): cluster 1 is specific (gap 0.77 against control gaps ≤ 0.26), so it
     # draws every round; cluster 2's own Δs (0.30 on its texts, 0.22 on the rest) rule "specific" out
@@ -300,6 +300,8 @@ def test_rounds_keep_the_verdicts_and_rows_of_all_draws(model, documents, subspa
     assert full.groupby(["cluster", "arm"])["config"].nunique().loc[(slice(None), "control")].tolist() == [5, 5]
     assert control_arms_run(full) == 10 and control_arms_run(rounds) == 7
     assert used["arms_run"].tolist() == [5, 2]
+    # replaying the report of all draws gives what the rounds ran (a finished run's before/after)
+    pd.testing.assert_frame_equal(replay_rounds(full, 2), draws_used(rounds))
 
 
 @pytest.mark.model

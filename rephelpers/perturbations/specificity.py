@@ -601,6 +601,44 @@ def draws_used(report: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def replay_rounds(
+    report: pd.DataFrame, control_rounds: int, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO,
+) -> pd.DataFrame:
+    """:func:`draws_used` of ``report`` (drawn all at once) as if drawn in rounds of ``control_rounds``.
+
+    Draw j is the same control either way, so the rounds would have run the same rows up to
+    the stop: per cluster and setting, walk its draws round by round and stop where
+    :func:`draws_settled` does (what :func:`specificity_report` does); ``arms_run`` counts the
+    draws whose config no earlier arm (the perturbation included) had, as ``own_pass`` does.
+    A benchmark reads "control arms before/after" from a finished run without re-running it.
+    """
+    _check_rounds(control_rounds, min_gap, min_ratio)
+    require(control_rounds is not None, "replay_rounds needs a round size (control_rounds ≥ 1).")
+    keys = [c for c in ("kind", "magnitude", "layer", "layers", "component", "positions", "cluster") if c in report.columns]
+    out = []
+    for key, group in report.groupby(keys, dropna=False, sort=True):
+        pert = group[group["arm"] == "perturbation"]
+        require(len(pert) == 1, f"replay_rounds: {dict(zip(keys, key))} has {len(pert)} perturbation rows, not one.")
+        controls = group[group["arm"] == "control"].sort_values("draw")
+        require(_all_drawn(pert.iloc[0]), f"replay_rounds: {dict(zip(keys, key))} was already drawn in rounds and "
+                                          "stopped; replay a report that drew every control (control_rounds=None).")
+        row, gaps, drawn, stopped = pert.iloc[0], controls["specificity_gap"].to_numpy(float), 0, ""
+        while drawn < len(gaps):
+            drawn = min(len(gaps), drawn + int(control_rounds))
+            stopped = "" if drawn == len(gaps) else draws_settled(row["dlogppl_target"], row["dlogppl_rest"],
+                                                                    gaps[:drawn], min_gap, min_ratio)
+            if stopped:
+                break
+        seen = {row["config"]} if "config" in group.columns else set()
+        arms = 0
+        for config in (controls["config"].iloc[:drawn] if "config" in controls.columns else range(drawn)):
+            arms += config not in seen
+            seen.add(config)
+        out.append({**dict(zip(keys, key)), "n_controls": len(gaps), "n_draws_used": drawn, "arms_run": arms,
+                    "draws_stopped": stopped})
+    return pd.DataFrame(out)
+
+
 def specificity_verdicts(
     report: pd.DataFrame, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO
 ) -> pd.DataFrame:
@@ -840,6 +878,7 @@ __all__ = [
     "draws_settled",
     "control_arms_run",
     "draws_used",
+    "replay_rounds",
     "edit_norms",
     "control_spectrum",
     "EDIT_TOLERANCE",
