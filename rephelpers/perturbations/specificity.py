@@ -57,6 +57,10 @@ from ..interventions.intervene import (
 from ..interventions.edits import Perturbation
 from .controls import Spectrum, second_moment_spectrum
 from .kinds import KINDS, build, fit_leace, matched_controls
+from .rounds import (  # noqa: F401  (control_arms_run, draws_used, replay_rounds: stage 04's API)
+    MIN_GAP, MIN_RATIO, all_drawn, own_specific, check_rounds, control_arms_run, draws_settled, draws_used,
+    replay_rounds,
+)
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -67,10 +71,6 @@ within a few percent where a match exists at all; 1.25 leaves room for the draw 
 held-out tokens differing from the training tokens the profiles come from."""
 SPECTRUM_TEXTS = 64
 """Training texts whose token states give a layer's spectrum for matched controls (:func:`control_spectrum`)."""
-MIN_GAP = 0.05
-"""Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
-MIN_RATIO = 1.5
-"""A specific perturbation raises log-perplexity on its cluster at least this many times more than on the rest."""
 ARMS = ("perturbation", "control")
 SETS = ("target", "rest")
 _REQUIRED_COLUMNS = ("text", "split", "cluster")
@@ -202,11 +202,9 @@ def specificity_report(
     ``min_gap``, ``min_ratio``: pass :func:`specificity_verdicts` the same) or one draw's gap
     reaches its gap, no later draw can change it. Draw j is the same control either way
     (seed ``seed + j``), so the rows of the draws run equal those of a run of all draws and
-    :func:`specificity_verdicts` gives the same verdicts. Every row says ``n_controls`` (the
-    cap), ``n_draws_used`` (its cluster's draws run), ``draws_stopped`` (why it stopped before
-    the cap; empty at the cap) and ``own_pass`` (whether the arm ran its own forward passes;
-    False: a draw identical to an earlier arm shares that arm's). :func:`control_arms_run`
-    counts the control arms that ran, :func:`draws_used` summarises per cluster and setting.
+    :func:`specificity_verdicts` gives the same verdicts. Rows say ``n_controls`` (the cap),
+    ``n_draws_used``, ``draws_stopped`` (why before the cap) and ``own_pass`` (False: a draw
+    identical to an earlier arm shared its passes); see :mod:`rephelpers.perturbations.rounds`.
 
     ``components`` are stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
     (:func:`rephelpers.dimensions.association.load_components`); the ones at ``layer`` are
@@ -222,7 +220,7 @@ def specificity_report(
     intervention (under eager attention, switched on for those passes only: slower).
     """
     # before anything runs: control_spectrum below already makes forward passes
-    _check_rounds(control_rounds, min_gap, min_ratio)
+    check_rounds(control_rounds, min_gap, min_ratio)
     layer, documents, at_layer, clusters, probes = _report_inputs(
         model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
     sites = _report_layers(model, components, layer, layers, clusters)
@@ -300,17 +298,6 @@ def _report_inputs(
         f"edit_tolerance must be a factor ≥ 1, got {edit_tolerance!r}",
     )
     return layer, documents, at_layer, clusters, probes
-
-
-def _check_rounds(control_rounds: int | None, min_gap: float, min_ratio: float) -> None:
-    """:func:`specificity_report`'s checks of its round design, before any forward pass."""
-    require(control_rounds is None or (isinstance(control_rounds, (int, np.integer)) and not isinstance(control_rounds, bool)
-                                       and control_rounds >= 1),
-            f"control_rounds (control draws per round) must be None (all n_controls at once) or a positive "
-            f"integer such as 5, got {control_rounds!r}")
-    for name, value in (("min_gap", min_gap), ("min_ratio", min_ratio)):
-        require(isinstance(value, (int, float, np.floating)) and math.isfinite(value),
-                f"{name} must be a finite number (the thresholds specificity_verdicts uses), got {value!r}")
 
 
 def _report_layers(model: Model, components: Sequence[ClusterComponents], layer: int, layers: Sequence[int] | None,
@@ -445,34 +432,6 @@ def _cluster_rows(
     return rows
 
 
-def _own_specific(target: float, rest: float, min_gap: float, min_ratio: float) -> bool:
-    """Whether a perturbation's own Δs allow "specific": a measurable change, ``g = Δ_T − Δ_R ≥ min_gap``
-    and ``Δ_T ≥ min_ratio · max(Δ_R, 0)`` (False where any of them is NaN)."""
-    if abs(target) < min_gap and abs(rest) < min_gap:
-        return False
-    return bool(target - rest >= min_gap and target >= min_ratio * max(rest, 0.0))
-
-
-def draws_settled(
-    target: float, rest: float, control_gaps: Sequence[float], min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO,
-) -> str:
-    """Why more control draws cannot change a perturbation's :func:`specificity_verdicts` verdict
-    (empty while they can), from its Δ_T, Δ_R and its draws' gaps so far.
-
-    "specific" needs :func:`_own_specific` and ``g > max_j g_j`` over every draw; a later
-    draw only raises that maximum. So the verdict is settled when the own Δs fail (the
-    controls are then never read) or when a draw has ``g_j ≥ g`` (NaN draws do not count:
-    the verdict's maximum skips them, so later finite draws could still be below ``g``).
-    The label of a settled verdict depends on Δ_T, Δ_R only, so it is final too.
-    """
-    if not _own_specific(target, rest, min_gap, min_ratio):
-        return "own Δ not specific"
-    gaps = np.asarray(control_gaps, dtype=float)
-    if np.any(gaps[~np.isnan(gaps)] >= target - rest):
-        return "a control draw's gap ≥ the perturbation's"
-    return ""
-
-
 _SPECTRA: dict[tuple, Spectrum] = {}
 
 
@@ -566,79 +525,6 @@ def repeated_controls(report: pd.DataFrame) -> pd.DataFrame:
     return counts[counts["distinct"] < counts["requested"]].reset_index(drop=True)
 
 
-def _all_drawn(row: pd.Series) -> bool:
-    """Whether a perturbation row's cluster drew every control it asked for (True for a report
-    from before rounds, which has no ``n_draws_used``)."""
-    used, cap = row.get("n_draws_used"), row.get("n_controls")
-    return bool(used is None or cap is None or pd.isna(used) or pd.isna(cap) or used >= cap)
-
-
-def control_arms_run(report: pd.DataFrame) -> int:
-    """The control arms a report ran forward passes for: its control rows with ``own_pass`` (a
-    draw identical to an earlier arm shares that arm's passes). A report from before that
-    column counts each distinct control config per cluster and setting once."""
-    controls = report[report["arm"] == "control"]
-    if "own_pass" in controls.columns:
-        return int(controls["own_pass"].astype(bool).sum())
-    keys = [c for c in ("cluster", "kind", "magnitude", "layer", "layers", "component", "positions", "config")
-            if c in controls.columns]
-    return int(len(controls.drop_duplicates(keys)))
-
-
-def draws_used(report: pd.DataFrame) -> pd.DataFrame:
-    """Per cluster and setting: ``n_controls`` (the cap), ``n_draws_used`` (control rows present),
-    ``arms_run`` (:func:`control_arms_run` of them) and ``draws_stopped`` (why it stopped before
-    the cap; empty when it drew them all)."""
-    keys = [c for c in ("kind", "magnitude", "layer", "layers", "component", "positions", "cluster") if c in report.columns]
-    out = []
-    for key, group in report.groupby(keys, dropna=False, sort=True):
-        controls = group[group["arm"] == "control"]
-        out.append({**dict(zip(keys, key)),
-                    "n_controls": int(group["n_controls"].iloc[0]) if "n_controls" in group else int(controls["draw"].nunique()),
-                    "n_draws_used": int(controls["draw"].nunique()),
-                    "arms_run": control_arms_run(group),
-                    "draws_stopped": str(group["draws_stopped"].iloc[0]) if "draws_stopped" in group else ""})
-    return pd.DataFrame(out)
-
-
-def replay_rounds(
-    report: pd.DataFrame, control_rounds: int, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO,
-) -> pd.DataFrame:
-    """:func:`draws_used` of ``report`` (drawn all at once) as if drawn in rounds of ``control_rounds``.
-
-    Draw j is the same control either way, so the rounds would have run the same rows up to
-    the stop: per cluster and setting, walk its draws round by round and stop where
-    :func:`draws_settled` does (what :func:`specificity_report` does); ``arms_run`` counts the
-    draws whose config no earlier arm (the perturbation included) had, as ``own_pass`` does.
-    A benchmark reads "control arms before/after" from a finished run without re-running it.
-    """
-    _check_rounds(control_rounds, min_gap, min_ratio)
-    require(control_rounds is not None, "replay_rounds needs a round size (control_rounds ≥ 1).")
-    keys = [c for c in ("kind", "magnitude", "layer", "layers", "component", "positions", "cluster") if c in report.columns]
-    out = []
-    for key, group in report.groupby(keys, dropna=False, sort=True):
-        pert = group[group["arm"] == "perturbation"]
-        require(len(pert) == 1, f"replay_rounds: {dict(zip(keys, key))} has {len(pert)} perturbation rows, not one.")
-        controls = group[group["arm"] == "control"].sort_values("draw")
-        require(_all_drawn(pert.iloc[0]), f"replay_rounds: {dict(zip(keys, key))} was already drawn in rounds and "
-                                          "stopped; replay a report that drew every control (control_rounds=None).")
-        row, gaps, drawn, stopped = pert.iloc[0], controls["specificity_gap"].to_numpy(float), 0, ""
-        while drawn < len(gaps):
-            drawn = min(len(gaps), drawn + int(control_rounds))
-            stopped = "" if drawn == len(gaps) else draws_settled(row["dlogppl_target"], row["dlogppl_rest"],
-                                                                    gaps[:drawn], min_gap, min_ratio)
-            if stopped:
-                break
-        seen = {row["config"]} if "config" in group.columns else set()
-        arms = 0
-        for config in (controls["config"].iloc[:drawn] if "config" in controls.columns else range(drawn)):
-            arms += config not in seen
-            seen.add(config)
-        out.append({**dict(zip(keys, key)), "n_controls": len(gaps), "n_draws_used": drawn, "arms_run": arms,
-                    "draws_stopped": stopped})
-    return pd.DataFrame(out)
-
-
 def specificity_verdicts(
     report: pd.DataFrame, min_gap: float = MIN_GAP, min_ratio: float = MIN_RATIO
 ) -> pd.DataFrame:
@@ -671,10 +557,10 @@ def specificity_verdicts(
             gap, target, rest = row["specificity_gap"], row["dlogppl_target"], row["dlogppl_rest"]
             if abs(target) < min_gap and abs(rest) < min_gap:
                 verdict, specific = "no measurable change", False
-            elif _own_specific(target, rest, min_gap, min_ratio) and gap > best_control_gap:
+            elif own_specific(target, rest, min_gap, min_ratio) and gap > best_control_gap:
                 # Drawn in rounds, a cluster stops early only once its verdict cannot be "specific"
                 # under the thresholds it stopped with; other thresholds here could make it so.
-                require(_all_drawn(row),
+                require(all_drawn(row),
                         f"cluster {row['cluster']}: its control draws stopped after {row.get('n_draws_used')} of "
                         f"{row.get('n_controls')} ({row.get('draws_stopped')}) under other min_gap/min_ratio than "
                         f"these ({min_gap}, {min_ratio}): pass specificity_report and specificity_verdicts the same "
