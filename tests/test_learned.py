@@ -19,7 +19,7 @@ from rephelpers.perturbations.kinds import build, fit_leace, matched_control
 from rephelpers.perturbations.learned import (
     fit_learned_projection, fit_table, learned_artifact, load_learned, objective, with_learned,
 )
-from rephelpers.perturbations.specificity import EDIT_TOLERANCE, sample_heldout, specificity_report
+from rephelpers.perturbations.specificity import EDIT_TOLERANCE, sample_heldout, specificity_report, specificity_verdicts
 from rephelpers.representations.activations import extract_activations
 
 TEXTS = {
@@ -375,3 +375,22 @@ def test_stage_05_applies_exactly_the_fitted_subspace(model, documents, fitted, 
     run.save_json("documents.parquet", {"not": "the same corpus"}, key="another")
     with pytest.raises(RephelpersError, match="another version of documents.parquet"):
         load_learned(run, only, 26)
+
+
+@pytest.mark.model
+def test_multi_layer_controls_drawn_in_rounds_equal_those_drawn_at_once(model, documents, two_layer_components):
+    options = dict(clusters=[1], n_texts=3, max_length=16, layers=list(LAYERS), progress=False, spectrum=None,
+                   n_controls=3)
+    full = specificity_verdicts(specificity_report(model, documents, two_layer_components, "leace", 26, **options))
+    rounds = specificity_verdicts(specificity_report(model, documents, two_layer_components, "leace", 26,
+                                                     control_rounds=1, **options))
+    pert = lambda r: r[r.arm == "perturbation"].set_index("cluster")["specificity_verdict"].to_dict()  # noqa: E731
+    assert pert(rounds) == pert(full) and set(rounds["kind"]) == {"multi_leace"}
+    key = ["cluster", "arm", "draw"]
+    columns = [c for c in full.columns if c not in ("n_draws_used", "draws_stopped")]
+    shared = rounds[key].merge(full, on=key, how="left")
+    pd.testing.assert_frame_equal(shared[columns].reset_index(drop=True), rounds[columns].reset_index(drop=True))
+    # a cluster stops early only with a reason, and runs every draw otherwise
+    for _, group in rounds.groupby("cluster"):
+        drawn = int((group.arm == "control").sum())
+        assert drawn == group["n_draws_used"].iloc[0] and (drawn == 3) == (group["draws_stopped"].iloc[0] == "")

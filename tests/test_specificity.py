@@ -260,3 +260,140 @@ def test_repeated_controls_names_clusters_whose_draws_coincide():
                  for j, c in enumerate(configs)]
     out = repeated_controls(pd.DataFrame(rows))
     assert out[["cluster", "requested", "distinct"]].values.tolist() == [[0, 3, 1], [1, 3, 2]]
+
+
+# -- control draws in rounds (issue 27) ----------------------------------------------------
+ROUND_COLUMNS = ("n_draws_used", "draws_stopped")  # the only columns that say how the draws were taken
+
+
+def _same_rows(full: pd.DataFrame, rounds: pd.DataFrame) -> None:
+    """Every row drawn in rounds equals the row of the same (cluster, arm, draw) drawn at once."""
+    key = ["cluster", "arm", "draw"]
+    shared = rounds[key].merge(full, on=key, how="left")
+    columns = [c for c in full.columns if c not in ROUND_COLUMNS]
+    pd.testing.assert_frame_equal(shared[columns].reset_index(drop=True), rounds[columns].reset_index(drop=True))
+
+
+def _verdicts(report: pd.DataFrame) -> dict[int, str]:
+    rows = report[report["arm"] == "perturbation"]
+    return dict(zip(rows["cluster"], rows["specificity_verdict"]))
+
+
+@pytest.mark.model
+def test_rounds_keep_the_verdicts_and_rows_of_all_draws(model, documents, subspaces):
+    from rephelpers.perturbations.specificity import control_arms_run, draws_used, replay_rounds, specificity_verdicts
+
+    # project at m=1 (measured here): cluster 1 is specific (gap 0.77 against control gaps ≤ 0.26), so it
+    # draws every round; cluster 2's own Δs (0.30 on its texts, 0.22 on the rest) rule "specific" out
+    options = dict(clusters=[1, 2], n_texts=3, max_length=16, progress=False, n_controls=5)
+    full = specificity_verdicts(specificity_report(model, documents, subspaces, "project", LAYER, **options))
+    rounds = specificity_verdicts(specificity_report(model, documents, subspaces, "project", LAYER, control_rounds=2,
+                                                     **options))
+    assert _verdicts(rounds) == _verdicts(full) == {1: "specific", 2: "non-specific damage"}
+    _same_rows(full, rounds)
+    used = draws_used(rounds).set_index("cluster")
+    assert used.loc[1, ["n_controls", "n_draws_used", "draws_stopped"]].tolist() == [5, 5, ""]  # three rounds: 2 + 2 + 1
+    assert used.loc[2, ["n_controls", "n_draws_used", "draws_stopped"]].tolist() == [5, 2, "own Δ not specific"]
+    assert rounds.groupby("cluster")["draw"].max().to_dict() == {1: 4, 2: 1}  # rows only for the draws run
+    assert (full["n_draws_used"] == 5).all() and (full["draws_stopped"] == "").all()
+    # arms run: one per distinct draw run (every draw here is distinct)
+    assert full.groupby(["cluster", "arm"])["config"].nunique().loc[(slice(None), "control")].tolist() == [5, 5]
+    assert control_arms_run(full) == 10 and control_arms_run(rounds) == 7
+    assert used["arms_run"].tolist() == [5, 2]
+    # replaying the report of all draws gives what the rounds ran (a finished run's before/after)
+    pd.testing.assert_frame_equal(replay_rounds(full, 2), draws_used(rounds))
+
+
+@pytest.mark.model
+def test_a_control_draw_as_large_as_the_gap_stops_drawing(model, documents, subspaces):
+    from rephelpers.perturbations.specificity import specificity_verdicts
+
+    # shift ×3 (measured here): cluster 1's gap is 3.31 and its first control draw's 3.54
+    options = dict(clusters=[1], n_texts=3, max_length=16, progress=False, n_controls=3)
+    full = specificity_verdicts(specificity_report(model, documents, subspaces, "shift", LAYER, 3.0, **options))
+    rounds = specificity_verdicts(specificity_report(model, documents, subspaces, "shift", LAYER, 3.0,
+                                                     control_rounds=1, **options))
+    assert _verdicts(rounds) == _verdicts(full) == {1: "non-specific damage"}
+    assert rounds["arm"].tolist() == ["perturbation", "control"]
+    assert set(rounds["draws_stopped"]) == {"a control draw's gap ≥ the perturbation's"}
+    pert, control = rounds.iloc[0], rounds.iloc[1]
+    assert control["specificity_gap"] >= pert["specificity_gap"] and pert["dlogppl_target"] >= 1.5 * pert["dlogppl_rest"]
+    _same_rows(full, rounds)
+
+
+def test_a_bad_round_design_fails_before_anything_runs():
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was used ({name}) before the round design was checked")
+
+    for bad in (0, -2, 2.5, True, "5"):
+        with pytest.raises(RephelpersError, match="control_rounds .*must be None .* or a positive integer"):
+            specificity_report(Untouchable(), pd.DataFrame(), [], "ablate", 3, n_controls=20, control_rounds=bad)
+    with pytest.raises(RephelpersError, match="min_gap must be a finite number"):
+        specificity_report(Untouchable(), pd.DataFrame(), [], "ablate", 3, control_rounds=5, min_gap=float("nan"))
+
+
+def _gate_rows(target, rest, control_gaps, used=None, cap=None, stopped=""):
+    out = [{"cluster": 0, "arm": "perturbation", "draw": 0, "kind": "ablate", "magnitude": 1.0, "layer": 3,
+            "dlogppl_target": target, "dlogppl_rest": rest, "specificity_gap": target - rest,
+            "specificity_ratio": float("nan")}]
+    out += [{"cluster": 0, "arm": "control", "draw": j, "kind": "ablate", "magnitude": 1.0, "layer": 3,
+             "dlogppl_target": g, "dlogppl_rest": 0.0, "specificity_gap": g, "specificity_ratio": float("nan")}
+            for j, g in enumerate(control_gaps)]
+    frame = pd.DataFrame(out)
+    if used is not None:
+        frame = frame.assign(n_draws_used=used, n_controls=cap, draws_stopped=stopped)
+    return frame
+
+
+def test_a_settled_verdict_is_the_verdict_of_every_draw():
+    """Property check against specificity_verdicts itself: wherever draws_settled stops a prefix of
+    the draws, the verdict on that prefix is the verdict on all of them."""
+    from rephelpers.perturbations.specificity import draws_settled, specificity_verdicts
+
+    def verdict(target, rest, gaps):
+        out = specificity_verdicts(_gate_rows(target, rest, gaps))
+        return out.loc[out.arm == "perturbation", "specificity_verdict"].iloc[0]
+
+    rng = np.random.default_rng(0)
+    settled = open_ = 0
+    for _ in range(150):
+        target = round(rng.choice([0.0, 0.02, 0.3, 0.6, 1.0]) + rng.normal(0, 0.05), 3)
+        rest = round(rng.choice([0.0, 0.02, 0.1, 0.4]) + rng.normal(0, 0.05), 3)
+        gaps = rng.normal(0.1, 0.2, 6).round(3)
+        gaps[rng.random(6) < 0.15] = np.nan  # a draw with no defined gap
+        whole = verdict(target, rest, gaps)
+        for p in range(1, 7):
+            if draws_settled(target, rest, gaps[:p]):
+                settled += 1
+                assert verdict(target, rest, gaps[:p]) == whole, (target, rest, gaps, p)
+                break
+        else:
+            open_ += 1
+            assert whole == "specific" or np.isnan(gaps).any()  # only a still-specific cell needs every draw
+    assert settled > 50 and open_ > 10  # both branches were exercised
+
+
+def test_verdicts_refuse_thresholds_that_would_reopen_a_stopped_cluster():
+    from rephelpers.perturbations.specificity import specificity_verdicts
+
+    stopped = _gate_rows(0.04, 0.0, [0.01], used=1, cap=5, stopped="own Δ not specific")
+    assert specificity_verdicts(stopped)["specificity_verdict"].iloc[0] == "no measurable change"
+    with pytest.raises(RephelpersError, match="stopped after 1 of 5 .* pass specificity_report and specificity_verdicts"):
+        specificity_verdicts(stopped, min_gap=0.01)
+    complete = _gate_rows(0.04, 0.0, [0.01] * 5, used=5, cap=5)
+    assert specificity_verdicts(complete, min_gap=0.01)["specificity_verdict"].iloc[0] == "specific"
+
+
+def test_control_arms_run_counts_distinct_configs_in_reports_without_own_pass():
+    from rephelpers.perturbations.specificity import control_arms_run
+
+    rows = []
+    for cluster, configs in {0: ["a", "a", "a"], 1: ["b", "c", "b"], 2: ["d", "e", "f"]}.items():
+        rows.append({"kind": "ablate", "magnitude": 1.0, "cluster": cluster, "arm": "perturbation", "draw": 0, "config": "t"})
+        rows += [{"kind": "ablate", "magnitude": 1.0, "cluster": cluster, "arm": "control", "draw": j, "config": c}
+                 for j, c in enumerate(configs)]
+    report = pd.DataFrame(rows)
+    assert control_arms_run(report) == 1 + 2 + 3
+    marked = report.assign(own_pass=[True, True, False, False, True, True, True, False, True, True, True, True])
+    assert control_arms_run(marked) == 1 + 2 + 3

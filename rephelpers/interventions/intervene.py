@@ -399,6 +399,8 @@ class Readout:
     attention: dict[int, torch.Tensor] = field(default_factory=dict)
     state: Any = None
     """The output of the layer ``forward_readout(keep_state=...)`` names, as the pass left it."""
+    state_layer: int | None = None
+    """The layer whose output ``state`` is (None without a kept state)."""
 
 
 @contextmanager
@@ -498,7 +500,8 @@ def forward_readout(
         nll, count = pseudo_nll(model, batch, ivs, keys, copies_per_pass=len(mask))
     else:
         nll, count = token_nll(logits, batch)
-    return Readout(nll=nll, count=count, pooled=pooled, attention=attention, state=state)
+    return Readout(nll=nll, count=count, pooled=pooled, attention=attention, state=state,
+                   state_layer=None if state is None else keep)
 
 
 def forward_readouts(
@@ -507,6 +510,8 @@ def forward_readouts(
     arms: Mapping[K, Sequence[Intervention]],
     read_layers: Sequence[int] = (),
     attention_layers: Sequence[int] = (),
+    original: Readout | None = None,
+    keep_original: bool = False,
 ) -> tuple[Readout, dict[K, Readout]]:
     """:func:`forward_readout` of ``batch`` unperturbed, and under each arm's interventions.
 
@@ -516,12 +521,24 @@ def forward_readouts(
     same numbers as a full pass per arm; an arm's readouts below ``L`` are the unperturbed
     ones). Attention patterns (eager attention), masked LMs (pseudo-likelihood passes) and
     remote models (a request keeps no state) take a full pass per arm.
+
+    Arms may come in several calls over the same batch (stage 04 draws its controls in
+    rounds): ``keep_original=True`` leaves the kept state on the returned unperturbed readout,
+    and passing that readout back as ``original`` (same batch, read and attention layers,
+    arms with the same lowest layer) skips the unperturbed pass, so each round pays only
+    for its arms.
     """
     valid = {arm: validate(model, ivs) for arm, ivs in arms.items()}
     split = split_layer(valid, model.n_layers)
     shared = not attention_layers and not model.masked and not model.remote and 0 < split < model.n_layers
     read = sorted({model.check_layer(int(l)) for l in read_layers})
-    original = forward_readout(model, batch, (), read, attention_layers, keep_state=split - 1 if shared else None)
+    if original is None:
+        original = forward_readout(model, batch, (), read, attention_layers, keep_state=split - 1 if shared else None)
+    else:
+        require(not shared or (original.state is not None and original.state_layer == split - 1),
+                f"forward_readouts: the unperturbed readout passed back kept layer {original.state_layer}'s state, "
+                f"but these arms resume at layer {split}; pass original=None.")
+        keep_original = True  # a readout passed in belongs to the caller, who may pass it again
     if not shared:
         return original, {arm: forward_readout(model, batch, ivs, read, attention_layers) for arm, ivs in valid.items()}
     out = {}
@@ -529,7 +546,8 @@ def forward_readouts(
         readout = forward_readout(model, batch, ivs, [l for l in read if l >= split], resume=(split, original.state))
         readout.pooled = {l: readout.pooled[l] if l >= split else original.pooled[l] for l in read}
         out[arm] = readout
-    original.state = None  # not needed past here; it is a whole layer's states
+    if not keep_original:
+        original.state = None  # not needed past here; it is a whole layer's states
     return original, out
 
 

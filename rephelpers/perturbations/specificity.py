@@ -57,6 +57,10 @@ from ..interventions.intervene import (
 from ..interventions.edits import Perturbation
 from .controls import Spectrum, second_moment_spectrum
 from .kinds import KINDS, build, fit_leace, matched_controls
+from .rounds import (  # noqa: F401  (control_arms_run, draws_used, replay_rounds: stage 04's API)
+    MIN_GAP, MIN_RATIO, all_drawn, own_specific, check_rounds, control_arms_run, draws_settled, draws_used,
+    replay_rounds,
+)
 from .similarity import attention_js, linear_cka
 
 SPECIFICITY = "specificity.parquet"
@@ -67,10 +71,6 @@ within a few percent where a match exists at all; 1.25 leaves room for the draw 
 held-out tokens differing from the training tokens the profiles come from."""
 SPECTRUM_TEXTS = 64
 """Training texts whose token states give a layer's spectrum for matched controls (:func:`control_spectrum`)."""
-MIN_GAP = 0.05
-"""Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
-MIN_RATIO = 1.5
-"""A specific perturbation raises log-perplexity on its cluster at least this many times more than on the rest."""
 ARMS = ("perturbation", "control")
 SETS = ("target", "rest")
 _REQUIRED_COLUMNS = ("text", "split", "cluster")
@@ -166,6 +166,9 @@ def specificity_report(
     spectrum: Any = "auto",
     edit_tolerance: float = EDIT_TOLERANCE,
     layers: Sequence[int] | None = None,
+    control_rounds: int | None = None,
+    min_gap: float = MIN_GAP,
+    min_ratio: float = MIN_RATIO,
 ) -> pd.DataFrame:
     """One row per (cluster k, arm ∈ {perturbation, control}, draw); see the module docstring.
 
@@ -192,6 +195,17 @@ def specificity_report(
     ``arm = "control"`` and ``draw = j`` (the perturbation's row has ``draw = 0``). The
     charts average the draws.
 
+    ``control_rounds`` R (None: all ``n_controls`` draws at once) draws them in rounds: the
+    perturbation and draws ``0…R−1`` run, then a cluster draws the next R only while its
+    verdict is still open (:func:`draws_settled`): the verdict is "specific" only if the
+    perturbation's gap beats every draw's, so once its own Δs rule that out (with
+    ``min_gap``, ``min_ratio``: pass :func:`specificity_verdicts` the same) or one draw's gap
+    reaches its gap, no later draw can change it. Draw j is the same control either way
+    (seed ``seed + j``), so the rows of the draws run equal those of a run of all draws and
+    :func:`specificity_verdicts` gives the same verdicts. Rows say ``n_controls`` (the cap),
+    ``n_draws_used``, ``draws_stopped`` (why before the cap) and ``own_pass`` (False: a draw
+    identical to an earlier arm shared its passes); see :mod:`rephelpers.perturbations.rounds`.
+
     ``components`` are stage 03's :class:`~rephelpers.dimensions.components.ClusterComponents`
     (:func:`rephelpers.dimensions.association.load_components`); the ones at ``layer`` are
     used, for ``clusters`` (default: every cluster with components there). ``probes`` are pooled representations at ``layer`` for every row of
@@ -205,6 +219,8 @@ def specificity_report(
     forward pass. ``with_attention`` reads the attention patterns of every layer after the
     intervention (under eager attention, switched on for those passes only: slower).
     """
+    # before anything runs: control_spectrum below already makes forward passes
+    check_rounds(control_rounds, min_gap, min_ratio)
     layer, documents, at_layer, clusters, probes = _report_inputs(
         model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
     sites = _report_layers(model, components, layer, layers, clusters)
@@ -224,12 +240,15 @@ def specificity_report(
                            layer, magnitude, component, positions, n_texts, seed, probes, n_controls, spectra)
              for k in clusters]
 
-    total = sum((1 + len(sites)) * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
+    # The most a cluster can take: every round (the bar shrinks when one stops early).
+    rounds = 1 if control_rounds is None else math.ceil(n_controls / control_rounds)
+    total = sum(rounds * (1 + len(sites)) * math.ceil((len(t) + len(r)) / batch_size) for _, t, r, _, _ in plans)
     bar = progress_bar(total=total, desc=f"specificity ({kind})", disable=not progress, unit="batch")
     rows = []
     for plan in plans:
         rows += _cluster_rows(model, plan, documents, kind, magnitude, layer, component, positions, seed, probes,
-                              read, attend, with_attention, batch_size, max_length, bar)
+                              read, attend, with_attention, batch_size, max_length, bar,
+                              control_rounds, min_gap, min_ratio, len(sites))
     bar.close()
     report = pd.DataFrame(rows)
     report["layers"] = ",".join(str(l) for l in sites)
@@ -331,23 +350,56 @@ def _plan_cluster(
 def _cluster_rows(
     model: Model, plan: tuple, documents: pd.DataFrame, kind: str, magnitude: float, layer: int, component: str,
     positions: str, seed: int, probes: np.ndarray | None, read: list[int], attend: list[int], with_attention: bool,
-    batch_size: int, max_length: int, bar: Any,
+    batch_size: int, max_length: int, bar: Any, control_rounds: int | None, min_gap: float, min_ratio: float,
+    n_sites: int,
 ) -> list[dict[str, Any]]:
-    """The report's rows of one planned cluster: its forward passes (original and each distinct arm)
-    and one row per arm."""
+    """The report's rows of one planned cluster: its forward passes (original and each distinct arm,
+    round by round, see :func:`specificity_report`) and one row per arm run.
+
+    The progress bar counted every round of the cluster (a batch of passes and one of edit
+    norms per site, per round); the rounds it does not run come off the bar's total."""
     k, target, rest, arms, ivs = plan
     rows = []
     texts = list(target["text"]) + list(rest["text"])
     is_target = np.arange(len(texts)) < len(target)
-    # Control draws that came out identical (size-matched controls with no freedom left) run once.
-    same_as = first_identical(ivs)
-    distinct = {arm: ivs[arm] for arm in dict.fromkeys(same_as.values())}
-    passes = _compare_passes(model, texts, distinct, read, attend, batch_size, max_length, bar)
-    edits = edit_norms(model, texts, distinct, layer, component, batch_size, max_length, bar)
-    passes |= {arm: passes[first] for arm, first in same_as.items()}
-    edits |= {arm: edits[first] for arm, first in same_as.items()}
+    order = list(arms)  # the perturbation, then draws 0, 1, … in draw order
+    n_draws = len(order) - 1
+    per_round = n_draws if control_rounds is None else int(control_rounds)
+    round_batches = (1 + n_sites) * math.ceil(len(texts) / batch_size)
+    most_batches = round_batches * math.ceil(n_draws / per_round)
+    originals: dict[int, Readout] = {}  # the unperturbed pass of each batch, run once for all rounds
+    passes: dict[Any, dict[str, Any]] = {}
+    edits: dict[tuple[str, int], float] = {}
+    own_pass: dict[tuple[str, int], bool] = {}
+    drawn, stopped, ran_batches = 0, "", 0
+    while True:
+        upto = min(n_draws, drawn + per_round)
+        new = order[len(own_pass): 1 + upto]
+        # Control draws that came out identical (size-matched controls with no freedom left) run once.
+        same_as = first_identical({arm: ivs[arm] for arm in order[: 1 + upto]})
+        fresh = {arm: ivs[arm] for arm in new if same_as[arm] == arm}
+        if fresh:
+            passes |= _compare_passes(model, texts, fresh, read, attend, batch_size, max_length, bar, originals)
+            edits |= edit_norms(model, texts, fresh, layer, component, batch_size, max_length, bar)
+        else:
+            bar.update(round_batches)
+        ran_batches += round_batches
+        for arm in new:
+            passes[arm], edits[arm], own_pass[arm] = passes[same_as[arm]], edits[same_as[arm]], same_as[arm] == arm
+        drawn = upto
+        pert = _perplexity_columns(passes["original"], passes[("perturbation", 0)], is_target)
+        gaps = [_perplexity_columns(passes["original"], passes[("control", j)], is_target)["specificity_gap"]
+                for j in range(drawn)]
+        if drawn == n_draws:
+            break
+        stopped = draws_settled(pert["dlogppl_target"], pert["dlogppl_rest"], gaps, min_gap, min_ratio)
+        if stopped:
+            break
+    if ran_batches < most_batches:
+        bar.total -= most_batches - ran_batches
+        bar.refresh()
     probe_before = _probe_score(probes, documents, k, None, seed)
-    for (arm, draw), perturbation in arms.items():
+    for (arm, draw), perturbation in list(arms.items())[: 1 + drawn]:
         setting = Setting(k, kind, magnitude, layer, component, positions, control=arm == "control", draw=draw)
         rows.append({
             "setting": setting.id,
@@ -372,6 +424,10 @@ def _cluster_rows(
             "probe_bacc_after": _probe_score(probes, documents, k, perturbation, seed),
             "edit_norm": edits[(arm, draw)],
             "edit_ratio": edits[(arm, draw)] / edits[("perturbation", 0)] if edits[("perturbation", 0)] > 0 else math.nan,
+            "n_controls": n_draws,
+            "n_draws_used": drawn,
+            "draws_stopped": stopped,
+            "own_pass": own_pass[(arm, draw)],
         })
     return rows
 
@@ -501,7 +557,14 @@ def specificity_verdicts(
             gap, target, rest = row["specificity_gap"], row["dlogppl_target"], row["dlogppl_rest"]
             if abs(target) < min_gap and abs(rest) < min_gap:
                 verdict, specific = "no measurable change", False
-            elif gap >= min_gap and target >= min_ratio * max(rest, 0.0) and gap > best_control_gap:
+            elif own_specific(target, rest, min_gap, min_ratio) and gap > best_control_gap:
+                # Drawn in rounds, a cluster stops early only once its verdict cannot be "specific"
+                # under the thresholds it stopped with; other thresholds here could make it so.
+                require(all_drawn(row),
+                        f"cluster {row['cluster']}: its control draws stopped after {row.get('n_draws_used')} of "
+                        f"{row.get('n_controls')} ({row.get('draws_stopped')}) under other min_gap/min_ratio than "
+                        f"these ({min_gap}, {min_ratio}): pass specificity_report and specificity_verdicts the same "
+                        "thresholds, or draw all controls (control_rounds=None).")
                 verdict, specific = "specific", True
             elif rest >= min_gap:
                 verdict, specific = "non-specific damage", False
@@ -562,12 +625,15 @@ def _compare_passes(
     batch_size: int,
     max_length: int,
     bar: Any,
+    originals: dict[int, Readout] | None = None,
 ) -> dict[Any, dict[str, Any]]:
     """The original pass and every ``(arm, draw)`` pass over ``texts``, batch by batch.
 
     Batches are identical across passes, so the original and perturbed numbers differ
     only by the perturbation (not by padding); attention patterns are reduced to a
-    per-text JS divergence as soon as both passes of a batch exist.
+    per-text JS divergence as soon as both passes of a batch exist. ``originals`` (batch
+    start → unperturbed readout) keeps the original pass of each batch for later calls
+    with more arms (control rounds), which then skip it.
     """
     names = ("original", *arms)
     out: dict[Any, dict[str, Any]] = {
@@ -579,7 +645,12 @@ def _compare_passes(
     for start in range(0, len(texts), batch_size):
         idx = np.arange(start, min(start + batch_size, len(texts)))
         batch = model.encode([texts[i] for i in idx], max_length=max_length)
-        original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend)
+        if originals is None:
+            original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend)
+        else:
+            original, perturbed_by_arm = forward_readouts(model, batch, arms, read, attend, original=originals.get(start),
+                                                          keep_original=True)
+            originals[start] = original
         _store(out["original"], idx, original)
         for arm, perturbed in perturbed_by_arm.items():
             _store(out[arm], idx, perturbed)
@@ -690,6 +761,10 @@ __all__ = [
     "probe_activations",
     "specificity_report",
     "specificity_verdicts",
+    "draws_settled",
+    "control_arms_run",
+    "draws_used",
+    "replay_rounds",
     "edit_norms",
     "control_spectrum",
     "EDIT_TOLERANCE",
