@@ -11,6 +11,11 @@ tens of minutes on 2 cores.
 
     python benchmarks/bench_demo.py --baseline 3071de0                 # the demo, before vs now
     python benchmarks/bench_demo.py --spec papermill_params/ci.yaml    # this checkout only, CI size
+
+Each chain reads the parameter file at ``--spec`` inside its own source tree: the baseline runs its
+own demo (its revision's ``demo.yaml``), this checkout runs today's. ``--only baseline --json F``
+times the baseline alone and saves it; ``--baseline-from F`` then times this checkout against that
+saved baseline (the printout says it was measured in an earlier invocation; same machine, quiet).
 """
 
 from __future__ import annotations
@@ -93,22 +98,40 @@ def main() -> None:
     parser.add_argument("--spec", default="papermill_params/demo.yaml")
     parser.add_argument("--baseline", help="git revision to time first (omit: this checkout only)")
     parser.add_argument("--out", default="/tmp/bench_demo")
+    parser.add_argument("--only", choices=["baseline"], help="time the baseline only (save it with --json)")
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--baseline-from", help="a --json file of an earlier --only baseline invocation")
     args = parser.parse_args()
+    if args.only and not args.baseline:
+        raise SystemExit("--only baseline needs --baseline REVISION")
+    if args.baseline and args.baseline_from:
+        raise SystemExit("give --baseline (time it now) or --baseline-from (reuse a saved one), not both")
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    spec = (ROOT / args.spec).resolve()
     results = {}
-    if args.baseline:
+    if args.baseline_from:
+        saved = json.loads(Path(args.baseline_from).read_text())["baseline"]
+        results["baseline"] = {**saved, "run": Path(saved["run"])}
+        args.baseline = saved.get("revision", "saved")
+        print(f"baseline: {args.baseline}, measured by an earlier invocation ({args.baseline_from})")
+    elif args.baseline:
         source = out / "baseline_src"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(source), args.baseline], check=True,
                        stdout=subprocess.DEVNULL)
         try:
-            results["baseline"] = run_chain(source, spec, out, "baseline")
+            results["baseline"] = run_chain(source, (source / args.spec).resolve(), out, "baseline")
+            results["baseline"]["revision"] = args.baseline
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(source)], check=False)
-    results["now"] = run_chain(ROOT, spec, out, "now")
+    if args.only != "baseline":
+        results["now"] = run_chain(ROOT, (ROOT / args.spec).resolve(), out, "now")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    if args.only == "baseline":
+        print(json.dumps({k: v for k, v in results["baseline"].items() if k != "run"}, indent=2, default=str))
+        return
 
     names = list(results)
     stages = sorted({s for r in results.values() for s in r["stages"]})
