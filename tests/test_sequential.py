@@ -8,13 +8,14 @@ import pandas as pd
 import pytest
 
 from rephelpers.abilities.evaluation import (
-    check_rounds, cluster_configs, draw_cells, evaluate_abilities, evaluate_in_rounds, evaluation_cost, round_cache,
-    select_abilities,
+    check_rounds, cluster_configs, draw_cells, evaluate_abilities, evaluate_in_rounds, evaluation_cost, non_specific_gate,
+    round_cache, select_abilities,
 )
 from rephelpers.abilities.suite import build_tasks
 from rephelpers.artifacts import RunDir
 from rephelpers.errors import RephelpersError
 from rephelpers.influence import findings, impact
+from rephelpers.perturbations.rounds import settled_settings
 from rephelpers.setting import Setting
 from rephelpers.sequential import cluster_in_tail, distinct_draws, in_tail, reading_exceedances
 
@@ -413,3 +414,128 @@ def test_evaluate_abilities_picks_the_tasks_of_the_abilities_asked(tmp_path):
         select_abilities(tasks, ["code"])
     with pytest.raises(RephelpersError, match="non-empty list"):
         select_abilities(tasks, "icl")
+
+
+# -- settings stage 04 judged not specific (issue 27f) ---------------------------------------------
+def _setting_of(meta, cluster, magnitude):
+    m = next(m for m in meta.values() if m.cluster == cluster and not m.control and m.magnitude == magnitude)
+    return (cluster, m.kind, round(float(magnitude), 9), int(m.layer))
+
+
+def _asked(calls, cluster, meta):
+    """``{round: abilities asked for cluster's control draws (None: all)}`` from an evaluator's calls."""
+    out = {}
+    for r, cids, abilities in calls:
+        if any(meta[c].control and meta[c].cluster == cluster for c in cids):
+            out.setdefault(r, []).append(abilities)
+    return out
+
+
+@pytest.mark.parametrize("h", [2, None])
+def test_a_cluster_whose_only_setting_is_settled_draws_round_0_only(h):
+    full = _full(n_clusters=3, n_controls=30, planted={(0, "icl"): 0.6, (1, "icl"): 0.6}, seed=5)
+    configs, meta = _configs_of(full)
+    settled = {_setting_of(meta, 1, 1.0)}
+    calls = []
+    out = evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=5, stop_after_exceedances=h,
+                             progress=False, settled=settled)
+    assert sorted(_asked(calls, 1, meta)) == [0]  # settled: round 0 keeps a Φ_control estimate, then nothing
+    assert set(out.loc[out.control & (out.cluster == 1), "draw"]) == set(range(5))
+    # cluster 0 (planted, unsettled) keeps drawing icl to the cap, as without the gate
+    assert max(_asked(calls, 0, meta)) == 5
+    plain = []
+    evaluate_in_rounds(_replay(full, plain), configs, meta, control_rounds=5, stop_after_exceedances=h,
+                       progress=False)
+    assert max(_asked(plain, 1, meta)) == 5  # without the gate the planted cell of cluster 1 draws to the cap too
+    ungated = [(r, [c for c in cids if meta[c].cluster != 1], a) for r, cids, a in plain]
+    gated = [(r, [c for c in cids if meta[c].cluster != 1], a) for r, cids, a in calls]
+    assert [x for x in gated if x[1]] == [x for x in ungated if x[1]]  # the other clusters' calls are unchanged
+    # stage 06 reads the gated cells' p over the draws they have, as a non-specific verdict, and no error
+    spec = pd.DataFrame([{"arm": "perturbation", "cluster": k, "kind": kind, "magnitude": m, "layer": layer,
+                          "specific": k != 1, "specificity_verdict": "specific" if k != 1 else "non-specific damage"}
+                         for k, kind, m, layer in (_setting_of(meta, c, 1.0) for c in range(3))])
+    assert settled_settings(spec) == settled
+    table = findings.influence_table(out, n_boot=5, specificity=spec, stop_after_exceedances=h)
+    one = table[table.cluster == 1]
+    assert (one.n_draws == 5).all() and (one.n_draws_requested == 5).all()
+    assert set(one.verdict) <= {"non-specific damage", "no effect", "baseline below floor"}
+    icl = one[one.ability == "icl"].iloc[0]
+    draws = _cells_by_loop(full)[(1, "icl")][1][:5]
+    expected = (_bc_p_by_loop(icl.phi, draws, h)[0] if h else (sum(d >= icl.phi for d in draws) + 1) / 6)
+    assert icl.p_vs_controls == pytest.approx(expected)
+    assert "stage 04 judged not specific" in findings.influence_summary(table)
+
+
+def test_a_settled_setting_beside_an_unsettled_one_closes_only_its_own_cells():
+    """Rule: a cell closes when every setting of its unit is settled; the whole-Θ_k cell of a cluster with one
+    unsettled setting stays open while it is in the tail, and the unsettled setting's cells draw as before."""
+    full = _full(n_clusters=2, n_controls=30, planted={(0, "icl"): 0.6}, seed=7, magnitudes=(0.5, 1.0))
+    configs, meta = _configs_of(full)
+    settled = {_setting_of(meta, 0, 0.5)}
+    calls, plain = [], []
+    evaluate_in_rounds(_replay(full, calls), configs, meta, control_rounds=5, stop_after_exceedances=2,
+                       progress=False, settled=settled)
+    evaluate_in_rounds(_replay(full, plain), configs, meta, control_rounds=5, stop_after_exceedances=2, progress=False)
+    # by plain loops: per round, the abilities of cluster 0 with a cell in the tail, leaving out the settled setting's
+    whole = _cells_by_loop(full)
+    kept = _cells_by_loop(full, {("ablate", 1.0)})
+    for r in range(1, 6):
+        want = {a for a in ABILITIES for cells in (whole, kept)
+                if sum(d >= cells[(0, a)][0] for d in cells[(0, a)][1][:5 * r]) < 2}
+        asked = _asked(calls, 0, meta).get(r, [])
+        got = {a for subset in asked for a in (subset or ABILITIES)}
+        assert got == want, r
+        if not want:
+            break
+    # the planted icl cell of the unsettled setting keeps cluster 0 drawing to the cap, whole-Θ and per setting
+    assert ("icl",) in _asked(calls, 0, meta)[5]
+    # on this seed only the settled setting's code cell is still in the tail in rounds 4-5: the gate drops it
+    assert ("code",) in _asked(plain, 0, meta)[4] and ("code",) not in _asked(calls, 0, meta)[4]
+    assert sum(len(c) for _, c, _ in calls) < sum(len(c) for _, c, _ in plain)
+
+
+def test_no_settled_set_asks_for_exactly_the_calls_of_before():
+    full = _full(n_clusters=3, n_controls=30, planted={(0, "icl"): 0.6}, seed=5, magnitudes=(0.5, 1.0))
+    configs, meta = _configs_of(full)
+    for h in (2, None):
+        before, empty, none = [], [], []
+        evaluate_in_rounds(_replay(full, before), configs, meta, control_rounds=5, stop_after_exceedances=h, progress=False)
+        evaluate_in_rounds(_replay(full, none), configs, meta, control_rounds=5, stop_after_exceedances=h,
+                           progress=False, settled=None)
+        evaluate_in_rounds(_replay(full, empty), configs, meta, control_rounds=5, stop_after_exceedances=h,
+                           progress=False, settled=set())
+        assert before == none == empty and len(before) > 1
+    with pytest.raises(RephelpersError, match="settled must be None or a set"):
+        evaluate_in_rounds(_replay(full, []), configs, meta, control_rounds=5, settled=[(0, "ablate", 1.0, 0)])
+    with pytest.raises(RephelpersError, match="stop_non_specific must be True or False"):
+        check_rounds(5, 2, 20, stop_non_specific="yes")
+
+
+def test_settled_settings_are_the_settings_with_every_perturbation_row_not_specific():
+    rows = [  # cluster, kind, magnitude, layer, component, arm, specific
+        (0, "ablate", 1.0, 15, "resid", "perturbation", False),
+        (0, "ablate", 1.0, 15, "resid", "control", None),
+        (0, "ablate", 0.5, 15, "resid", "perturbation", True),
+        (1, "ablate", 1.0, 15, "resid", "perturbation", False),  # one component not specific, the other specific
+        (1, "ablate", 1.0, 15, "mlp", "perturbation", True),
+        (2, "project", 1 / 3, 15, "resid", "perturbation", False),
+        (2, "project", 1 / 3, 15, "mlp", "perturbation", False),
+        (2, "project", 1 / 3, 9, "resid", "perturbation", True),
+    ]
+    report = pd.DataFrame(rows, columns=["cluster", "kind", "magnitude", "layer", "component", "arm", "specific"])
+    assert settled_settings(report) == {(0, "ablate", 1.0, 15), (2, "project", round(1 / 3, 9), 15)}
+    with pytest.raises(RephelpersError, match=r"verdict columns \['specific'\]"):
+        settled_settings(report.drop(columns="specific"))
+
+
+def test_non_specific_gate_reads_stage_04_only_when_asked(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    assert non_specific_gate(run, True, None) is None and non_specific_gate(run, False, 5) is None
+    assert non_specific_gate(run, True, 5) is None
+    assert "no specificity.parquet" in capsys.readouterr().out
+    report = pd.DataFrame([{"arm": "perturbation", "cluster": 3, "kind": "ablate", "magnitude": 1.0, "layer": 15,
+                            "specific": False, "specificity_verdict": "non-specific damage"}])
+    run.save_parquet("specificity.parquet", report, "k")
+    assert non_specific_gate(run, True, 5) == {(3, "ablate", 1.0, 15)}
+    with pytest.raises(RephelpersError, match="stop_non_specific must be True or False"):
+        non_specific_gate(run, 1, 5)

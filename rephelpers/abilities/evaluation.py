@@ -42,6 +42,8 @@ from ..errors import RephelpersError, require
 from ..interventions.intervene import Intervention, interventions_to_json, validate
 from ..perturbations.controls import Spectrum
 from ..perturbations.kinds import build, matched_controls
+from ..perturbations.rounds import settled_settings
+from ..perturbations.specificity import SPECIFICITY
 from ..phi import config_mean, relative_loss
 from ..progress import progress_bar
 from ..representations.models import Model
@@ -391,6 +393,11 @@ SCORE_ROUND_ABILITIES = "scores_rounds/round{round}-{abilities}.parquet"
 
 DRAW_KEYS = ("cluster", "control", "kind", "magnitude", "layer", "draw")
 
+Settled = set[tuple[int, str, float, int]]
+"""Settings stage 04 judged not specific, ``(cluster, kind, round(magnitude, 9), layer)``
+(:func:`rephelpers.perturbations.rounds.settled_settings`): stage 06 calls their cells "non-specific damage"
+whatever the controls show, so :func:`evaluate_in_rounds` draws no more for them after round 0."""
+
 Evaluate = Callable[[Mapping[str, Sequence[Intervention]], Mapping[str, Setting], Sequence[str] | None], pd.DataFrame]
 """``evaluate(configs, config_meta, abilities) -> scores`` (:func:`evaluate_abilities` with the run's other
 arguments bound; ``abilities`` None: every ability)."""
@@ -401,9 +408,11 @@ RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str
 (None: every ability; a late round of :func:`evaluate_in_rounds` asks for the abilities still in the tail)."""
 
 
-def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None, n_controls: int) -> None:
+def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None, n_controls: int,
+                 stop_non_specific: bool = False) -> None:
     """Refuse a bad round design before any evaluation: ``control_rounds`` draws per round (None:
-    all ``n_controls`` at once), ``stop_after_exceedances`` h (None: no stop), which needs rounds."""
+    all ``n_controls`` at once), ``stop_after_exceedances`` h (None: no stop), which needs rounds, and
+    ``stop_non_specific`` (a bool: stop drawing after round 0 for settings stage 04 judged not specific)."""
     def positive(value: Any) -> bool:
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
@@ -415,10 +424,33 @@ def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None,
     require(stop_after_exceedances is None or control_rounds is not None,
             f"stop_after_exceedances = {stop_after_exceedances} stops drawing between rounds, but control_rounds is "
             "None (all draws at once): set control_rounds (e.g. 5), or stop_after_exceedances = None.")
+    require(isinstance(stop_non_specific, (bool, np.bool_)),
+            f"stop_non_specific must be True or False (stop drawing controls after the first round for settings "
+            f"stage 04 judged not specific), got {stop_non_specific!r}")
 
 
-def _labelled_cells(scores: pd.DataFrame) -> dict[int, list[tuple[str, float, np.ndarray]]]:
-    """:func:`draw_cells` with each cell's ability: ``{cluster: [(ability, Φ, Φ^{(j)} in draw order), …]}``."""
+def non_specific_gate(run: RunDir, stop_non_specific: bool, control_rounds: int | None) -> Settled | None:
+    """The :data:`Settled` settings of ``run``'s stage-04 verdicts (``specificity.parquet``,
+    :func:`rephelpers.perturbations.rounds.settled_settings`) for :func:`evaluate_in_rounds`, or None where
+    nothing is gated: ``stop_non_specific`` False, no rounds (``control_rounds`` None: every draw at once),
+    or no stage 04 in the run (e.g. the testbed chain), which one printed line says."""
+    check_rounds(control_rounds, None, 1, stop_non_specific)
+    if not stop_non_specific or control_rounds is None:
+        return None
+    if not run.exists(SPECIFICITY):
+        print(f"stop_non_specific: no {SPECIFICITY} in {run.root} (notebook 04 did not run), so every setting "
+              "draws controls as without it")
+        return None
+    settled = settled_settings(run.load_parquet(SPECIFICITY, stage="notebook 04_perturbations"))
+    print(f"stop_non_specific: {len(settled)} setting(s) stage 04 judged not specific draw controls in the first "
+          "round only")
+    return settled
+
+
+def _labelled_cells(scores: pd.DataFrame, settled: Settled | None = None
+                    ) -> dict[int, list[tuple[str, float, np.ndarray, bool]]]:
+    """:func:`draw_cells` with each cell's ability and whether its unit is settled: ``{cluster: [(ability, Φ,
+    Φ^{(j)} in draw order, settled), …]}``; a unit is settled when every setting it averages is in ``settled``."""
     missing = [c for c in (*DRAW_KEYS, "config_id", "ability", "score", "higher_is_better") if c not in scores.columns]
     require(not missing, f"draw_cells needs the score columns {missing} (evaluate_abilities with cluster_configs' config_meta)")
     # A draw evaluated on some abilities only (a late round) has NaN means on the others: its Φ^{(j)} is NaN
@@ -442,11 +474,12 @@ def _labelled_cells(scores: pd.DataFrame) -> dict[int, list[tuple[str, float, np
                         if keep is None or (cluster, int(d)) in keep})
         cells = []
         for unit in units:
+            gated = settled is not None and all((cluster, *s) in settled for s in unit)
             in_unit = np.array([s in unit for s in settings])
             target = config_mean(ais[mine & ~control & in_unit].T)  # one Φ per ability
             per_draw = np.stack([config_mean(ais[mine & control & in_unit & (configs["draw"].to_numpy() == d)].T)
                                  for d in draws], axis=1) if draws else np.empty((len(target), 0))
-            cells += [(str(a), float(t), row) for a, t, row in zip(means.columns, target, per_draw)]
+            cells += [(str(a), float(t), row, gated) for a, t, row in zip(means.columns, target, per_draw)]
         out[cluster] = cells
     return out
 
@@ -465,16 +498,20 @@ def draw_cells(scores: pd.DataFrame) -> dict[int, list[tuple[float, np.ndarray]]
     stage 06's parameter, so cells below it still count here: they can only keep a cluster drawing.
     A draw not evaluated on an ability (per-ability late rounds) has NaN Φ^{(j)} in that ability's cells.
     """
-    return {k: [(t, row) for _, t, row in cells] for k, cells in _labelled_cells(scores).items()}
+    return {k: [(t, row) for _, t, row, _ in cells] for k, cells in _labelled_cells(scores).items()}
 
 
-def open_abilities(scores: pd.DataFrame, h: int) -> dict[int, set[str]]:
+def open_abilities(scores: pd.DataFrame, h: int, settled: Settled | None = None) -> dict[int, set[str]]:
     """Per cluster, the abilities still in the tail: ``a`` is open while any cell ``(unit, a)`` of the
     cluster (:func:`draw_cells`: all of Θ_k and each setting) has fewer than ``h`` draws with
     ``Φ^{(j)} ≥ Φ`` (:func:`rephelpers.sequential.in_tail`). A closed ability's cells all met their
-    h-th exceedance, so their Besag–Clifford p is fixed whatever later draws show: they need no more."""
-    return {cluster: {a for a, target, draws in cells if in_tail(target, draws, h)}
-            for cluster, cells in _labelled_cells(scores).items()}
+    h-th exceedance, so their Besag–Clifford p is fixed whatever later draws show: they need no more.
+
+    A cell whose unit holds only ``settled`` settings (:data:`Settled`) is closed too, as if it had its h
+    exceedances: stage 06 calls it "non-specific damage" whatever its p. So the whole-Θ_k unit is closed
+    only when every setting of Θ_k is settled; with one unsettled setting it stays open while in the tail."""
+    return {cluster: {a for a, target, draws, gated in cells if not gated and in_tail(target, draws, h)}
+            for cluster, cells in _labelled_cells(scores, settled).items()}
 
 
 def evaluation_cost(scores: pd.DataFrame, shares: Mapping[str, float] | None = None) -> float:
@@ -521,6 +558,7 @@ def evaluate_in_rounds(
     stop_after_exceedances: int | None = None,
     progress: bool = True,
     per_ability: bool = True,
+    settled: Settled | None = None,
 ) -> pd.DataFrame:
     """Evaluate :func:`cluster_configs`' configs with the control draws in rounds, stopping clusters
     out of the tail; the scores of every config evaluated, as :func:`evaluate_abilities` gives them.
@@ -541,6 +579,12 @@ def evaluate_in_rounds(
     smaller cap and keeps the p exact. h None draws every round for every cluster on every ability (all draws,
     evaluated and cached round by round). Draw j is always the same config (``seed + j``), so
     its scores are those of a run that evaluated every draw at once.
+
+    ``settled`` (:data:`Settled`, from stage 04's verdicts) closes, after round 0, every cell whose unit holds
+    only settled settings (:func:`open_abilities`), so a cluster all of whose settings are settled stops after
+    round 0 (which keeps its Φ_control estimate), with or without h. Its cells' p is then the sequential (or
+    rank) p over the draws they have: valid, less powerful, and never decisive, since stage 06's verdict for
+    them is "non-specific damage" whatever it is. Unsettled settings draw exactly as without ``settled``.
     """
     require(isinstance(config_meta, Mapping) and set(config_meta) == set(configs),
             "evaluate_in_rounds needs config_meta for every config (cluster_configs' second return value)")
@@ -549,6 +593,14 @@ def evaluate_in_rounds(
     check_rounds(control_rounds, stop_after_exceedances, max(n_draws, 1))
     rounds = max(1, math.ceil(n_draws / control_rounds))
     drawing = {m.cluster for m in config_meta.values() if not m.is_baseline}
+    require(settled is None or (isinstance(settled, (set, frozenset)) and all(
+        isinstance(s, tuple) and len(s) == 4 for s in settled)),
+        "settled must be None or a set of (cluster, kind, magnitude, layer) tuples "
+        f"(rephelpers.perturbations.rounds.settled_settings of stage 04's report), got {settled!r}")
+    own = {(m.cluster, m.kind, round(float(m.magnitude), 9), int(m.layer)) for m in config_meta.values()
+           if not m.is_baseline and not m.control}
+    # A cluster whose every setting is settled needs no draws after round 0 (stage 06 gates all its cells).
+    all_settled = {k for k in drawing if settled is not None and all(s in settled for s in own if s[0] == k)}
     frames: list[pd.DataFrame] = []
     distinct_before: dict[int, int] = {}
     opened: dict[int, set[str]] | None = None
@@ -567,12 +619,19 @@ def evaluate_in_rounds(
                       + ("every ability" if subset is None else ", ".join(subset)))
             frames.append(evaluate(r, {cid: configs[cid] for cid in cids}, {cid: config_meta[cid] for cid in cids},
                                    subset))
+        if r == 0 and all_settled:
+            drawing -= all_settled
+            if progress:
+                print(f"clusters {sorted(all_settled)}: every setting judged not specific by stage 04, "
+                      "so no control draws after round 1 (stage 06 calls their cells non-specific damage)")
         if stop_after_exceedances is None:
+            if not drawing:
+                break
             continue
         scores = pd.concat(frames, ignore_index=True)
         if r == 0:
             abilities = sorted(scores["ability"].astype(str).unique())
-        opened = open_abilities(scores, stop_after_exceedances)
+        opened = open_abilities(scores, stop_after_exceedances, settled)
         keep = distinct_draws(scores[scores["control"].astype(bool)])
         for cluster in sorted(drawing):
             distinct = (len({d for c, d in keep if c == cluster}) if keep is not None

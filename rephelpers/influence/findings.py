@@ -431,6 +431,7 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
             f"(the magnitude-matched controls had no freedom: R_k holds the layer's largest dimensions), so its "
             f"smallest possible rank p is {row.min_p_vs_controls:.3g}."
         )
+    lines.extend(_gated_draw_lines(table))
     unread = table[~table["readable"]].drop_duplicates("ability")
     for row in unread.itertuples(index=False):
         lines.append(f"{row.ability}: baseline {row.baseline_score:.3f} is below the floor {row.floor:.3f}; "
@@ -450,6 +451,23 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
             f"adjusted p = {row.p_adjusted:.3g}: {row.verdict}."
         )
     return "\n".join(lines)
+
+
+def _gated_draw_lines(table: pd.DataFrame) -> list[str]:
+    """Cells of settings stage 04 judged not specific that hold fewer control draws than the table's most:
+    stage 05 stops drawing for them (``stop_non_specific``, issue 27f; or their h-th exceedance), which is
+    no defect, since :func:`cell_verdict` calls them "non-specific damage" whatever their p."""
+    if "specific" not in table.columns or table["n_draws_requested"].isna().all():
+        return []
+    most = int(table["n_draws_requested"].max())
+    gated = table["specific"].map(lambda v: isinstance(v, (bool, np.bool_)) and not v)
+    short = table[gated & (table["n_draws_requested"] < most)]
+    if short.empty:
+        return []
+    return [f"{len(short)} cells of settings stage 04 judged not specific hold fewer control draws "
+            f"({int(short['n_draws_requested'].min())}-{int(short['n_draws_requested'].max())}) than the most any "
+            f"cell has ({most}): stage 05 stops drawing for them (stop_non_specific, or their h-th exceedance), as "
+            "their verdict is non-specific damage whatever the controls show; their p is over the draws they have."]
 
 
 def _control_power_lines(table: pd.DataFrame) -> list[str]:

@@ -5,6 +5,7 @@ round by round (``control_rounds``) and stops once :func:`draws_settled` says th
 :func:`rephelpers.perturbations.specificity.specificity_verdicts` is fixed; the counts of what ran
 (:func:`control_arms_run`, :func:`draws_used`) and the replay of a report of all draws
 (:func:`replay_rounds`) live here beside that rule, which both the report and the verdicts use.
+:func:`settled_settings` hands stage 05 the settings whose verdict already fixes stage 06's.
 """
 
 from __future__ import annotations
@@ -138,5 +139,28 @@ def replay_rounds(
     return pd.DataFrame(out)
 
 
+def settled_settings(report: pd.DataFrame) -> set[tuple[int, str, float, int]]:
+    """The perturbation settings stage 04 judged not specific: ``(cluster, kind, round(magnitude, 9), layer)``
+    of every setting whose perturbation rows of ``report`` (:func:`rephelpers.perturbations.specificity.specificity_verdicts`)
+    all have ``specific == False``.
+
+    Stage 06 (:func:`rephelpers.influence.findings.cell_verdict`) calls a cell whose setting is not specific
+    "non-specific damage" whatever its p against the control draws, so stage 05 may stop drawing controls
+    for it: more draws cannot change its verdict. A setting with any row not False (several components or
+    positions, one of them specific) is left out, so a cell that could still be a finding keeps drawing.
+    The magnitude is rounded as stage 05's and stage 06's setting keys round it.
+    """
+    missing = [c for c in ("arm", "cluster", "kind", "magnitude", "layer", "specific") if c not in report.columns]
+    require(not missing, f"settled_settings needs stage 04's verdict columns {missing}: re-run notebook 04 "
+                         "(specificity_report, then specificity_verdicts), or do not gate stage 05 by it.")
+    rows = report[report["arm"] == "perturbation"]
+    settled = set()
+    for (cluster, kind, magnitude, layer), group in rows.groupby(["cluster", "kind", "magnitude", "layer"], sort=True):
+        # `specific` is an object column (True/False, None on controls): compare with False exactly.
+        if all(isinstance(v, (bool, np.bool_)) and not v for v in group["specific"]):
+            settled.add((int(cluster), str(kind), round(float(magnitude), 9), int(layer)))
+    return settled
+
+
 __all__ = ["MIN_GAP", "MIN_RATIO", "SETTING_COLUMNS", "check_rounds", "own_specific", "all_drawn", "draws_settled",
-           "control_arms_run", "draws_used", "replay_rounds"]
+           "control_arms_run", "draws_used", "replay_rounds", "settled_settings"]

@@ -57,9 +57,9 @@ from ..interventions.intervene import (
 from ..interventions.edits import Perturbation
 from .controls import Spectrum, second_moment_spectrum
 from .kinds import KINDS, build, fit_leace, matched_controls
-from .rounds import (  # noqa: F401  (control_arms_run, draws_used, replay_rounds: stage 04's API)
+from .rounds import (  # noqa: F401  (control_arms_run, draws_used, replay_rounds, settled_settings: stage 04's API)
     MIN_GAP, MIN_RATIO, all_drawn, own_specific, check_rounds, control_arms_run, draws_settled, draws_used,
-    replay_rounds,
+    replay_rounds, settled_settings,
 )
 from .similarity import attention_js, linear_cka
 
