@@ -10,6 +10,7 @@ import pytest
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
+from rephelpers.abilities.evaluation import control_cap_draws
 from rephelpers.influence import findings, impact, stats
 from rephelpers.errors import RephelpersError
 
@@ -375,6 +376,34 @@ def test_a_primary_family_is_corrected_on_its_own_and_mde_vs_controls_is_reporte
         findings.influence_table(scores, n_boot=10, primary=[(7, "arith")])
     with pytest.raises(RephelpersError, match="diagonal"):
         findings.influence_table(scores[scores.ability != "icl"], n_boot=10, primary="diagonal")
+
+
+def test_draw_cap_gives_the_design_its_cap_in_min_p_and_mde():
+    scores = impact.simulate_scores({(k, a): 0.0 for k in range(3) for a in ("arith", "code", "icl")},
+                                    {"arith": 0.7, "code": 0.8, "icl": 0.75}, items_per_task=20, magnitudes=(1.0,),
+                                    n_controls=9, control_effect=0.1, draw_sd=0.05, seed=6)
+    plain = findings.influence_table(scores, n_boot=10)
+    capped = findings.influence_table(scores, n_boot=10, draw_cap=300)
+    # 9 draws: no p can pass BH over 9 cells, so no mde; a cap of 300 could (1/301 < 0.05/9)
+    assert plain["mde_vs_controls"].isna().all()
+    np.testing.assert_allclose(plain["min_p_vs_controls"], 1 / 10)
+    np.testing.assert_allclose(capped["min_p_vs_controls"], 1 / 301)
+    expected = [stats.minimum_detectable_difference(r.control_sd, 300, 0.05, 0.8, 9) for r in capped.itertuples()]
+    np.testing.assert_allclose(capped["mde_vs_controls"], expected)
+    assert capped["mde_vs_controls"].notna().all()
+    # the p-values themselves are the draws' own: the cap changes what the design could detect, not what it read
+    np.testing.assert_allclose(capped["p_vs_controls"], plain["p_vs_controls"])
+    with pytest.raises(RephelpersError, match="draw_cap must be None or a positive integer"):
+        findings.influence_table(scores, n_boot=10, draw_cap=0)
+
+
+def test_control_cap_needs_rounds_and_a_positive_integer():
+    assert control_cap_draws(20, None, None) == 20 and control_cap_draws(20, 300, 5) == 300
+    with pytest.raises(RephelpersError, match="control_rounds is None"):
+        control_cap_draws(20, 300, None)
+    for bad in (0, -3, 2.5, True, "300"):
+        with pytest.raises(RephelpersError, match="control_cap must be None or a positive integer"):
+            control_cap_draws(20, bad, 5)
 
 
 def test_sequential_control_p_reads_the_draws_in_draw_order():

@@ -447,6 +447,24 @@ def non_specific_gate(run: RunDir, stop_non_specific: bool, control_rounds: int 
     return settled
 
 
+def control_cap_draws(n_controls: int, control_cap: int | None, control_rounds: int | None) -> int:
+    """The control draws stage 05 prepares per perturbation: ``control_cap`` where given, else ``n_controls``.
+
+    ``n_controls`` is also stage 04's, whose verdict "specific" means "beats every one of its
+    draws", so raising it to buy power would make that verdict stricter; ``control_cap`` raises
+    stage 05's cap alone. A cap only pays in rounds (cells out of the tail stop early); all at
+    once it would evaluate every draw, so it needs ``control_rounds``.
+    """
+    if control_cap is None:
+        return n_controls
+    require(isinstance(control_cap, (int, np.integer)) and not isinstance(control_cap, bool) and control_cap >= 1,
+            f"control_cap must be None or a positive integer (the most control draws a cell may take), got {control_cap!r}")
+    require(control_rounds is not None,
+            f"control_cap = {control_cap} is a cap for control draws in rounds, but control_rounds is None (every draw "
+            "at once): set control_rounds (e.g. 5) and stop_after_exceedances (e.g. 3), or leave control_cap None.")
+    return int(control_cap)
+
+
 def _labelled_cells(scores: pd.DataFrame, settled: Settled | None = None
                     ) -> dict[int, list[tuple[str, float, np.ndarray, bool]]]:
     """:func:`draw_cells` with each cell's ability and whether its unit is settled: ``{cluster: [(ability, Φ,

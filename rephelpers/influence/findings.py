@@ -242,6 +242,7 @@ def influence_table(
     power: float = 0.8,
     primary: str | Sequence | Mapping | None = None,
     stop_after_exceedances: int | None = None,
+    draw_cap: int | None = None,
 ) -> pd.DataFrame:
     """The artifact ``influence.parquet``: one row per cluster × ability.
 
@@ -283,7 +284,11 @@ def influence_table(
     ``stop_after_exceedances = h`` reads ``p_vs_controls`` as Besag–Clifford's sequential p
     (:func:`sequential_p`, the draws present as the cap; ``n_draws_used`` the draws it read),
     the p for controls drawn in rounds that stop a cell at its h-th exceedance; None (the
-    default) keeps the rank p over all draws (``n_draws_used = n_draws``).
+    default) keeps the rank p over all draws (``n_draws_used = n_draws``). ``draw_cap``: the most
+    draws stage 05's rounds give a cell that stays in the tail (its ``control_cap``); a cell that
+    stopped early could have drawn that many had its Φ been larger, so ``min_p_vs_controls`` is
+    ``1/(cap + 1)`` and ``mde_vs_controls`` is computed at the cap (what the design can detect),
+    not at the draws an unremarkable Φ needed. None: the draws present.
     """
     require(correction in CORRECTIONS, f"correction must be one of {CORRECTIONS}, got {correction!r}")
     require(control_correction in CORRECTIONS, f"control_correction must be one of {CORRECTIONS}, got {control_correction!r}")
@@ -291,6 +296,8 @@ def influence_table(
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
     require(stop_after_exceedances is None or int(stop_after_exceedances) >= 1,
             f"stop_after_exceedances must be None or a positive integer, got {stop_after_exceedances!r}")
+    require(draw_cap is None or (isinstance(draw_cap, (int, np.integer)) and not isinstance(draw_cap, bool) and draw_cap >= 1),
+            f"draw_cap must be None or a positive integer (stage 05's control_cap), got {draw_cap!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
     # A bad primary family is refused before the bootstrap, not after it.
     chosen = primary_cells(primary, df.loc[df["cluster"] != BASELINE_CLUSTER, "cluster"].unique(), df["ability"].unique())
@@ -310,8 +317,8 @@ def influence_table(
         table["n_draws_used"] = table["n_draws"]
 
     table = _paired_tests(table, df, correction, alpha)
-    table = _control_families(table, units, chosen, control_correction, alpha)
-    table = _power(table, alpha, power)
+    table = _control_families(table, units, chosen, control_correction, alpha, draw_cap)
+    table = _power(table, alpha, power, draw_cap)
 
     table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
     table = table.merge(draw_counts[["cluster", "ability", "n_draws_requested"]], on=["cluster", "ability"], how="left")
@@ -356,8 +363,14 @@ def _paired_tests(table: pd.DataFrame, df: pd.DataFrame, correction: str, alpha:
     return table
 
 
+def _draws_possible(table: pd.DataFrame, draw_cap: int | None) -> pd.Series:
+    """The draws a cell's p could have read: its own, or the sequential design's cap where larger."""
+    n = table["n_draws"].fillna(0)
+    return n if draw_cap is None else np.maximum(n, int(draw_cap))
+
+
 def _control_families(table: pd.DataFrame, units: "SettingUnits", chosen: set, control_correction: str,
-                      alpha: float) -> pd.DataFrame:
+                      alpha: float, draw_cap: int | None = None) -> pd.DataFrame:
     """The rank p against the controls adjusted per family (primary / exploratory, or all), and
     ``exceeds_controls`` = adjusted p < α and Φ beyond the controls' mean."""
     in_primary = np.array([(int(c), a) in chosen for c, a in zip(
@@ -370,13 +383,13 @@ def _control_families(table: pd.DataFrame, units: "SettingUnits", chosen: set, c
         table.loc[rows, "p_vs_controls_adjusted"] = adjust_pvalues(table.loc[rows, "p_vs_controls"].to_numpy(),
                                                                    control_correction)
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
-    table["min_p_vs_controls"] = 1.0 / (table["n_draws"].fillna(0) + 1)
+    table["min_p_vs_controls"] = 1.0 / (_draws_possible(table, draw_cap) + 1)
     return table
 
 
-def _power(table: pd.DataFrame, alpha: float, power: float) -> pd.DataFrame:
+def _power(table: pd.DataFrame, alpha: float, power: float, draw_cap: int | None = None) -> pd.DataFrame:
     """``mde_ais`` (Φ ≠ 0, Holm over the readable cells) and ``mde_vs_controls`` (Φ − Φ_control, the
-    cell's draws, spread and family size) at ``power``."""
+    cell's draws or the design's cap, spread and family size) at ``power``."""
     n_tests = max(1, int(table["readable"].sum()))
     mde = {row.ability: (minimum_detectable_ais(int(row.n_items), float(row.baseline_score), alpha, power, n_tests)
                          if row.readable else np.nan)
@@ -385,7 +398,7 @@ def _power(table: pd.DataFrame, alpha: float, power: float) -> pd.DataFrame:
     family_size = table.groupby("family")["p_vs_controls"].transform(lambda v: max(1, int(v.notna().sum())))
     table["mde_vs_controls"] = [
         minimum_detectable_difference(sd, int(n), alpha, power, int(m)) if np.isfinite(sd) and n > 0 else np.nan
-        for sd, n, m in zip(table["control_sd"].astype(float), table["n_draws"].fillna(0), family_size)
+        for sd, n, m in zip(table["control_sd"].astype(float), _draws_possible(table, draw_cap), family_size)
     ]
     return table
 
