@@ -424,8 +424,7 @@ def influence_summary(table: pd.DataFrame, top: int = 3) -> str:
         f"{int(table['significant'].sum())} of {len(table)} cluster × ability cells have Φ ≠ 0 at adjusted "
         f"p < {alpha:g} ({correction}, paired Wilcoxon); {int(table['exceeds_controls'].sum())} lie beyond the "
         f"distribution of their random controls ({table['control_correction'].iloc[0]}-adjusted rank p; "
-        f"{int(table['n_draws'].max()) if table['n_draws'].notna().any() else 0} draws, smallest possible p "
-        f"{table['min_p_vs_controls'].min():.3g}).",
+        f"{_draws_text(table)}, smallest possible p {table['min_p_vs_controls'].min():.3g}).",
         "Verdicts: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in VERDICTS if counts.get(v, 0)) + ".",
     ]
     per_cluster = table.drop_duplicates("cluster")
@@ -483,6 +482,13 @@ def _gated_draw_lines(table: pd.DataFrame) -> list[str]:
             "their verdict is non-specific damage whatever the controls show; their p is over the draws they have."]
 
 
+def _draws_text(table: pd.DataFrame) -> str:
+    """The draws the table's cells read, and the cap a sequential design could have drawn to where larger."""
+    drawn = int(table["n_draws"].max()) if table["n_draws"].notna().any() else 0
+    possible = int(round(1 / table["min_p_vs_controls"].min() - 1)) if table["min_p_vs_controls"].notna().any() else drawn
+    return f"{drawn} draws" if possible <= drawn else f"up to {drawn} draws read, a cap of {possible} for cells in the tail"
+
+
 def _control_power_lines(table: pd.DataFrame) -> list[str]:
     """What the control comparison can detect: ``mde_vs_controls``, or the draws a lone finding needs."""
     if "mde_vs_controls" not in table.columns:
@@ -501,8 +507,8 @@ def _control_power_lines(table: pd.DataFrame) -> list[str]:
                          f"{group['mde_vs_controls'].min():.3g} to {group['mde_vs_controls'].max():.3g}.")
         else:
             needed = int(np.floor(m / alpha + 1e-9))  # (n + 1)·α/m > 1
-            lines.append(f"No Φ − Φ_control can be detected on its own{where}: with {int(group['n_draws'].max())} "
-                         f"draws the smallest rank p is {1 / (group['n_draws'].max() + 1):.3g}, and a lone cell among "
+            lines.append(f"No Φ − Φ_control can be detected on its own{where}: with {_draws_text(group)}, "
+                         f"the smallest rank p is {group['min_p_vs_controls'].min():.3g}, and a lone cell among "
                          f"{m} needs p below {alpha / m:.3g}, i.e. at least {needed} draws"
                          + (" (or fewer cells: a `primary` family)." if family == "all" else "."))
     return lines
