@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from rephelpers.estimators.calibration import permutation_calibration
-from rephelpers.influence.calibration import DEFAULT_GRID, DEMO_SPREAD, calibrate, calibration_frame
+from rephelpers.influence.calibration import DEFAULT_GRID, DEMO_SPREAD, calibrate, calibration_frame, design_study
 
 QUICK = {"n_sims": 1, "grid": {"n_clusters": (3,), "items": (20,), "baseline": (0.7,)}, "ace_clusters": (8,),
          "design": {"n_sims": 3}}
@@ -72,12 +72,28 @@ def main() -> None:
     parser.add_argument("--permutation-sims", type=int, default=400,
                         help="simulated tables per null and effect for the estimators' permutation test")
     parser.add_argument("--quick", action="store_true", help="a few simulations, seconds (schema checks)")
+    parser.add_argument("--design-only", action="store_true",
+                        help="only the demo-design study (the 'design:' rows), e.g. with --from-run's spread")
     parser.add_argument("--clusters", type=int, nargs="+", default=None, help="grid: cluster counts (default 3 5 8)")
     parser.add_argument("--items", type=int, nargs="+", default=None, help="grid: items per task (default 20 40)")
     parser.add_argument("--baselines", type=float, nargs="+", default=None, help="grid: baseline accuracies (default 0.5 0.8)")
     args = parser.parse_args()
     spread = spread_from_run(args.from_run) if args.from_run else dict(DEMO_SPREAD)
     started = time.time()
+    if args.design_only:
+        study = design_study(n_sims=args.design_sims, alpha=args.alpha, seed=args.seed, **spread,
+                             **({"items": args.design_items} if args.design_items else {}))
+        study["seconds"] = round(time.time() - started, 1)
+        study["spread_source"] = f"{args.from_run}/influence.parquet" if args.from_run else "DEMO_SPREAD (assumed)"
+        for test in study["tests"]:
+            print(f"{test['name']:48s} FWER {test['fpr_familywise']:.3f} fpr {test['fpr']:.3f} power "
+                  + " / ".join(f"{v:.2f}" for v in test["power"].values())
+                  + f"  draws/cluster {test['mean_draws_per_cluster']}  per-ability cost "
+                  + f"{test.get('mean_cost_per_cluster_per_ability')}")
+        print(f"spread {spread} ({study['spread_source']}); {study['seconds']} s")
+        if args.json:
+            Path(args.json).write_text(json.dumps(study, indent=2))
+        return
     if args.quick:
         options = {**QUICK, "design": {**QUICK["design"], **spread}}
     else:
