@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -395,6 +396,16 @@ def test_draw_cap_gives_the_design_its_cap_in_min_p_and_mde():
     np.testing.assert_allclose(capped["p_vs_controls"], plain["p_vs_controls"])
     with pytest.raises(RephelpersError, match="draw_cap must be None or a positive integer"):
         findings.influence_table(scores, n_boot=10, draw_cap=0)
+    # Controls with no freedom (cluster 0's draws all the same set) stop at their distinct draws, not the cap.
+    def recorded(row):
+        dims = [0] if (row.control and row.cluster == 0) else [int(row.draw) + 1] if row.control else [99]
+        return json.dumps([{"perturbation": {"kind": "ablate", "dims": dims}, "layer": 15}])
+    repeated = scores.assign(interventions=[recorded(r) for r in scores.itertuples(index=False)])
+    table = findings.influence_table(repeated, n_boot=10, draw_cap=300)
+    own = table[table.cluster == 0]
+    assert (own["n_draws"] == 1).all() and (own["n_draws_requested"] == 9).all()
+    np.testing.assert_allclose(own["min_p_vs_controls"], 1 / 2)
+    np.testing.assert_allclose(table.loc[table.cluster != 0, "min_p_vs_controls"], 1 / 301)
 
 
 def test_control_cap_needs_rounds_and_a_positive_integer():

@@ -317,11 +317,12 @@ def influence_table(
         table["n_draws_used"] = table["n_draws"]
 
     table = _paired_tests(table, df, correction, alpha)
-    table = _control_families(table, units, chosen, control_correction, alpha, draw_cap)
-    table = _power(table, alpha, power, draw_cap)
+    table = _control_families(table, units, chosen, control_correction, alpha)
 
     table = table.rename(columns={"cluster": "unit"}).merge(units.rows, on="unit", how="left").drop(columns="unit")
     table = table.merge(draw_counts[["cluster", "ability", "n_draws_requested"]], on=["cluster", "ability"], how="left")
+    table["min_p_vs_controls"] = 1.0 / (_draws_possible(table, draw_cap) + 1)
+    table = _power(table, alpha, power, draw_cap)
     table["verdict"] = [
         cell_verdict(bool(r.readable), bool(r.significant), bool(r.exceeds_controls),
                      None if r.specific is None or (isinstance(r.specific, float) and np.isnan(r.specific)) else bool(r.specific))
@@ -364,13 +365,18 @@ def _paired_tests(table: pd.DataFrame, df: pd.DataFrame, correction: str, alpha:
 
 
 def _draws_possible(table: pd.DataFrame, draw_cap: int | None) -> pd.Series:
-    """The draws a cell's p could have read: its own, or the sequential design's cap where larger."""
+    """The distinct draws a cell's p could have read: its own, or the sequential design's cap where
+    larger, except where its draws repeat one another (controls with no freedom: more draws would
+    repeat them again, and the rounds stop there, so its own distinct draws are its cap)."""
     n = table["n_draws"].fillna(0)
-    return n if draw_cap is None else np.maximum(n, int(draw_cap))
+    if draw_cap is None:
+        return n
+    requested = table["n_draws_requested"].fillna(n) if "n_draws_requested" in table.columns else n
+    return pd.Series(np.where(requested > n, n, np.maximum(n, int(draw_cap))), index=table.index)
 
 
 def _control_families(table: pd.DataFrame, units: "SettingUnits", chosen: set, control_correction: str,
-                      alpha: float, draw_cap: int | None = None) -> pd.DataFrame:
+                      alpha: float) -> pd.DataFrame:
     """The rank p against the controls adjusted per family (primary / exploratory, or all), and
     ``exceeds_controls`` = adjusted p < α and Φ beyond the controls' mean."""
     in_primary = np.array([(int(c), a) in chosen for c, a in zip(
@@ -383,7 +389,6 @@ def _control_families(table: pd.DataFrame, units: "SettingUnits", chosen: set, c
         table.loc[rows, "p_vs_controls_adjusted"] = adjust_pvalues(table.loc[rows, "p_vs_controls"].to_numpy(),
                                                                    control_correction)
     table["exceeds_controls"] = (table["p_vs_controls_adjusted"] < alpha) & (table["phi_minus_control"] > 0)
-    table["min_p_vs_controls"] = 1.0 / (_draws_possible(table, draw_cap) + 1)
     return table
 
 
