@@ -48,6 +48,8 @@ def test_a_config_built_masked_lm_runs_the_ci_size_chain(tmp_path, monkeypatch):
     # ci.yaml also holds notebook 07's parameters; the runner rejects a name no notebook of the chain reads.
     chain_names = set().union(*(notebook_parameters(n) for n in CHAIN))
     params = {k: v for k, v in {**ci["parameters"], "model_name": str(folder), **LAYERS}.items() if k in chain_names}
+    # every control draw at once, so the checks below can count stage 04's arms and stage 05's configs
+    params.update(control_rounds=None, stop_after_exceedances=None, control_cap=None)
     path = tmp_path / "masked.yaml"
     path.write_text(yaml.safe_dump({"name": "masked", "parameters": params, "notebooks": CHAIN}))
 

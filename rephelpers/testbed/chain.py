@@ -24,6 +24,13 @@ CHAIN_NOTEBOOKS = (
 )
 
 
+SINGLE_ROUND = {"control_rounds": None, "stop_after_exceedances": None, "control_cap": None}
+"""The control design the testbed's chain uses unless its ``chain_parameters`` name one: every draw
+at once. The notebooks' defaults are the demo's sequential design, whose cap (300) pays where a
+cell's p against its controls decides a finding; the testbed scores Φ against Φ*, not against the
+controls' tail, and its chain usually leaves out notebook 04, whose verdicts gate those draws."""
+
+
 # -- the chain on f_all ---------------------------------------------------------------------------------
 def chain_spec(
     corpus_path: str | Path,
@@ -55,7 +62,7 @@ def chain_spec(
     require(not missing, f"the chain needs {missing}; only 04_perturbations may be left out")
     notebooks = [n for n in CHAIN_NOTEBOOKS if n in notebooks]
 
-    params = {**dict(parameters), "seed": int(seed), "model_name": str(model_dir),
+    params = {**SINGLE_ROUND, **dict(parameters), "seed": int(seed), "model_name": str(model_dir),
               "corpus": str(corpus_path), "abilities": list(abilities)}
     if items_per_task is not None:
         params["items_per_task"] = int(items_per_task)
