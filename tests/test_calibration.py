@@ -192,3 +192,15 @@ def test_design_study_costs_per_ability_rounds_by_each_abilitys_own_stop():
     assert study["token_shares"] == pytest.approx({a: n / 19531 for a, n in calibration.DEMO_TOKEN_SHARES.items()})
     with pytest.raises(RephelpersError, match="token_shares needs a positive share"):
         calibration.design_study(n_sims=1, designs=[design], token_shares={"icl": 1.0})
+
+
+def test_the_designs_stage_06_reads_are_the_reported_rows_and_hold_alpha():
+    # The demo's own design (rounds, h = 3, cap 300) must be a reported row, not only the 20-draw rank p it replaced.
+    assert calibration.DEMO_CONTROL_DESIGN in calibration.REPORTED_DESIGNS
+    designs = [d for d in calibration.DESIGNS if d.name in calibration.REPORTED_DESIGNS]
+    study = calibration.design_study(n_sims=40, designs=designs, effects=(0.2,), seed=2)
+    rows = {t["name"]: t for t in study["tests"]}
+    assert {name for name, t in rows.items() if t["reported"]} == {f"design:{n}" for n in calibration.REPORTED_DESIGNS}
+    assert rows[f"design:{calibration.DEMO_CONTROL_DESIGN}"]["demo"]
+    for test in rows.values():
+        assert test["fpr_familywise"] <= test["alpha"] + 0.03, test["name"]
