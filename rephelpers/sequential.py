@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import require
+from .errors import is_positive_integer, require
 
 
 def sequential_p(target: float, controls: np.ndarray, h: int = 10) -> tuple[float, int]:
@@ -106,7 +106,7 @@ def reading_exceedances(requested: int | None, drawn: int | None) -> int | None:
     ``requested`` None adopts ``drawn``.
     """
     for name, value in (("stop_after_exceedances", requested), ("stage 05's stop_after_exceedances", drawn)):
-        require(value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1),
+        require(value is None or is_positive_integer(value),
                 f"{name} must be None or a positive integer, got {value!r}")
     if drawn is None:
         return requested

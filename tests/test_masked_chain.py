@@ -26,6 +26,7 @@ from rephelpers.abilities.suite import build_tasks, read_items
 from rephelpers.perturbations.specificity import sample_heldout
 from rephelpers.representations.models import load_model
 from rephelpers.runner import RunSpec, notebook_parameters, run_spec
+from rephelpers.testbed.chain import SINGLE_ROUND
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAIN = ["01_corpus_clusters", "02_representations", "03_cluster_dimensions", "04_perturbations",
@@ -49,7 +50,7 @@ def test_a_config_built_masked_lm_runs_the_ci_size_chain(tmp_path, monkeypatch):
     chain_names = set().union(*(notebook_parameters(n) for n in CHAIN))
     params = {k: v for k, v in {**ci["parameters"], "model_name": str(folder), **LAYERS}.items() if k in chain_names}
     # every control draw at once, so the checks below can count stage 04's arms and stage 05's configs
-    params.update(control_rounds=None, stop_after_exceedances=None, control_cap=None)
+    params.update(SINGLE_ROUND)
     path = tmp_path / "masked.yaml"
     path.write_text(yaml.safe_dump({"name": "masked", "parameters": params, "notebooks": CHAIN}))
 

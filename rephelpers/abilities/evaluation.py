@@ -38,7 +38,7 @@ import pandas as pd
 
 from ..artifacts import RunDir
 from ..dimensions.components import ClusterComponents, as_components
-from ..errors import RephelpersError, require
+from ..errors import RephelpersError, is_positive_integer, require
 from ..interventions.intervene import Intervention, interventions_to_json, validate
 from ..perturbations.controls import Spectrum
 from ..perturbations.kinds import build, matched_controls
@@ -408,20 +408,15 @@ RoundEvaluate = Callable[[int, Mapping[str, Sequence[Intervention]], Mapping[str
 (None: every ability; a late round of :func:`evaluate_in_rounds` asks for the abilities still in the tail)."""
 
 
-def _positive(value: Any) -> bool:
-    """An integer ≥ 1 (a bool is not one), as a draw count or round size must be."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
 def check_rounds(control_rounds: int | None, stop_after_exceedances: int | None, n_controls: int,
                  stop_non_specific: bool = False) -> None:
     """Refuse a bad round design before any evaluation: ``control_rounds`` draws per round (None:
     all ``n_controls`` at once), ``stop_after_exceedances`` h (None: no stop), which needs rounds, and
     ``stop_non_specific`` (a bool: stop drawing after round 0 for settings stage 04 judged not specific)."""
-    require(_positive(n_controls), f"n_controls (the cap on control draws) must be a positive integer, got {n_controls!r}")
-    require(control_rounds is None or _positive(control_rounds),
+    require(is_positive_integer(n_controls), f"n_controls (the cap on control draws) must be a positive integer, got {n_controls!r}")
+    require(control_rounds is None or is_positive_integer(control_rounds),
             f"control_rounds (control draws per round) must be None or a positive integer, got {control_rounds!r}")
-    require(stop_after_exceedances is None or _positive(stop_after_exceedances),
+    require(stop_after_exceedances is None or is_positive_integer(stop_after_exceedances),
             f"stop_after_exceedances (h) must be None or a positive integer, got {stop_after_exceedances!r}")
     require(stop_after_exceedances is None or control_rounds is not None,
             f"stop_after_exceedances = {stop_after_exceedances} stops drawing between rounds, but control_rounds is "
@@ -459,7 +454,7 @@ def control_cap_draws(n_controls: int, control_cap: int | None, control_rounds: 
     """
     if control_cap is None:
         return n_controls
-    require(_positive(control_cap),
+    require(is_positive_integer(control_cap),
             f"control_cap must be None or a positive integer (the most control draws a cell may take), got {control_cap!r}")
     require(control_rounds is not None,
             f"control_cap = {control_cap} is a cap for control draws in rounds, but control_rounds is None (every draw "

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import require
+from ..errors import is_positive_integer, require
 from ..sequential import distinct_draws
 from .impact import BASELINE_CLUSTER, FLOOR_MARGIN, ais, influence_matrix, selectivity, validate_scores
 from .stats import (
@@ -296,7 +296,7 @@ def influence_table(
     require(int(n_boot) >= 1, f"n_boot must be a positive integer, got {n_boot!r}")
     require(stop_after_exceedances is None or int(stop_after_exceedances) >= 1,
             f"stop_after_exceedances must be None or a positive integer, got {stop_after_exceedances!r}")
-    require(draw_cap is None or (isinstance(draw_cap, (int, np.integer)) and not isinstance(draw_cap, bool) and draw_cap >= 1),
+    require(draw_cap is None or is_positive_integer(draw_cap),
             f"draw_cap must be None or a positive integer (stage 05's control_cap), got {draw_cap!r}")
     df, draw_counts = distinct_control_draws(validate_scores(scores))
     # A bad primary family is refused before the bootstrap, not after it.

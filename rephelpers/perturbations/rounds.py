@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..errors import require
+from ..errors import is_positive_integer, require
 
 MIN_GAP = 0.05
 """Δlog-ppl (nats per token) below which a change, or a target-minus-rest gap, is not read."""
@@ -29,8 +29,7 @@ SETTING_COLUMNS = ("kind", "magnitude", "layer", "layers", "component", "positio
 def check_rounds(control_rounds: int | None, min_gap: float, min_ratio: float) -> None:
     """The checks of a round design (stage 04's ``control_rounds`` and thresholds), made before any
     forward pass."""
-    require(control_rounds is None or (isinstance(control_rounds, (int, np.integer)) and not isinstance(control_rounds, bool)
-                                       and control_rounds >= 1),
+    require(control_rounds is None or is_positive_integer(control_rounds),
             f"control_rounds (control draws per round) must be None (all n_controls at once) or a positive "
             f"integer such as 5, got {control_rounds!r}")
     for name, value in (("min_gap", min_gap), ("min_ratio", min_ratio)):
