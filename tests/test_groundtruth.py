@@ -598,3 +598,66 @@ def test_a_chains_other_estimators_enter_the_agreement_table_as_rows_of_their_ow
     # a chain whose stage 06 ran perturbation alone adds no row
     pd.DataFrame([r for r in rows if r["estimator"] == "perturbation"]).to_parquet(tmp_path / PHI_ARTIFACT)
     assert gt.chain_estimator_phi(tmp_path, spec)[0].empty
+
+
+# -- issue 26: the field's estimators scored once per model, Φ per cluster source ----------------------
+def _chain_with_documents(root, name, documents):
+    from rephelpers.artifacts import RunDir
+    RunDir(root / name / "_shared").save_parquet("documents.parquet", documents, key=name)
+    return [RunSpec(name=name, parameters={"model_name": "smollm2-135m"}, notebooks=list(gt.CHAIN_NOTEBOOKS),
+                    grid={"intervention_layer": [15]})], root / name
+
+
+def test_field_estimators_score_documents_once_and_aggregate_them_per_cluster_source(tmp_path):
+    from rephelpers.estimators.aggregate import cluster_phi, permutation_pvalues
+    from rephelpers.estimators.bm25 import bm25_scores
+    from rephelpers.estimators.items import ability_items
+
+    corpus = P.planted_corpus(["facts", "glyph", "lexicon"], docs_per_skill=8, seed=0)
+    documents = corpus.assign(cluster=corpus["planted"].map({"facts": 0, "glyph": 1, "lexicon": 1}))
+    oracle = documents.assign(cluster=corpus["planted"].map({"facts": 0, "glyph": 1, "lexicon": 2}))
+    chains = {"discovered": _chain_with_documents(tmp_path, "chain", documents),
+              "oracle": _chain_with_documents(tmp_path, "chain_oracle", oracle)}
+    tasks = build_tasks([P.planted_ability(s) for s in ("facts", "glyph", "lexicon")], tmp_path / "tasks",
+                        items_per_task=6, seed=0)
+    out = gt.field_estimator_phi(chains, ["perturbation", "bm25"], tasks, seed=0, n_permutations=199)
+    # scored once, on the first chain's documents: the oracle chain holds no copy
+    assert (tmp_path / "chain" / "_shared" / "estimators" / "bm25_documents.parquet").exists()
+    assert not (tmp_path / "chain_oracle" / "_shared" / "estimators").exists()
+    # against the library's scorer and the aggregation run directly, per partition
+    direct = bm25_scores(documents, ability_items(tasks))
+    for source, frame in (("discovered", documents), ("oracle", oracle)):
+        phi, cost = out[source]
+        labels = frame.set_index(frame["id"].astype(str))["cluster"]
+        want = cluster_phi(direct, labels, "bm25").merge(
+            permutation_pvalues(direct, labels, n_permutations=199, seed=0), on=["cluster", "ability"])
+        got = phi.merge(want, on=["cluster", "ability"], suffixes=("", "_want"))
+        assert len(got) == len(want) == len(phi) == labels.nunique() * 3
+        np.testing.assert_allclose(got["phi"], got["phi_want"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got["p_adjusted"], got["p_adjusted_want"])
+        assert (got["flagged"] == (got["p_adjusted"] < 0.05)).all() and set(phi["setting"]) == {"bm25"}
+        assert list(cost["setting"]) == ["bm25"] and cost["seconds"].iloc[0] > 0
+    # on oracle clusters BM25 ranks each planted set first for its own skill
+    phi = out["oracle"][0]
+    own = {0: "facts", 1: "glyph", 2: "lexicon"}
+    for ability, rows in phi.groupby("ability"):
+        assert own[int(rows.loc[rows["phi"].idxmax(), "cluster"])] in ability
+    # chains that chunked the corpus differently cannot share scores
+    chains["oracle"] = _chain_with_documents(tmp_path, "chain_other", oracle.iloc[1:])
+    with pytest.raises(RephelpersError, match="chunked the corpus into other documents"):
+        gt.field_estimator_phi(chains, ["bm25"], tasks, seed=0, n_permutations=199)
+
+
+def test_field_estimator_parameters_are_checked_before_any_fine_tune():
+    chain = {"estimators": ["perturbation"]}
+    assert gt.check_field_estimators(["perturbation", "repsim", "bm25"], ["bm25"], {"bm25": {"k1": 1.2}}, chain) == \
+        ["repsim", "bm25"]
+    with pytest.raises(RephelpersError, match="unknown estimators"):
+        gt.check_field_estimators(["bm52"], [], {}, chain)
+    with pytest.raises(RephelpersError, match="dose_estimators"):
+        gt.check_field_estimators(["bm25"], ["repsim"], {}, chain)
+    with pytest.raises(RephelpersError, match="estimator_options for"):
+        gt.check_field_estimators(["bm25"], [], {"influence_functions": {"strategy": "kfac"}}, chain)
+    for stage06 in ({}, {"estimators": ["perturbation", "repsim"]}):
+        with pytest.raises(RephelpersError, match="runs perturbation alone"):
+            gt.check_field_estimators(["bm25"], [], {}, stage06)

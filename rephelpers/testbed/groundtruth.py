@@ -4,7 +4,8 @@ This module gathers the testbed's parts under one name (``gt.<name>`` in noteboo
 tests), each in a module of one job: :mod:`.corpus` (the corpus and fine-tuning inputs),
 :mod:`.phistar` (Φ* and the dose curve), :mod:`.chain` (the chain on ``f_all`` and its Φ per
 setting), :mod:`.agreement` (discovered → planted clusters, ρ, diagonal recovery, the one
-agreement table, the summary) and :mod:`.power` (the design's power).
+agreement table, the summary), :mod:`.field_estimators` (RepSim, BM25 and influence functions
+scored once per model, Φ per cluster source) and :mod:`.power` (the design's power).
 
 The testbed (see :mod:`rephelpers.testbed.planted` and :mod:`rephelpers.testbed.finetune`):
 
@@ -63,6 +64,9 @@ from .agreement import (
     combine_agreement, best_by, agreement_summary, headline, agreement_headline, AGREEMENT_ARTIFACTS,
     save_agreement,
 )
+from .field_estimators import (
+    chain_stage_dir, check_field_estimators, field_estimator_phi,
+)
 from .power import (
     rho_interval_width, detectable_phi,
 )
@@ -77,5 +81,6 @@ __all__ = [
     "setting_agreement", "AGREEMENT_COLUMNS", "CLUSTER_SOURCES", "chain_phi_long", "chain_cost",
     "chain_estimator_phi", "estimator_agreement", "dose_phi", "combine_agreement", "best_by",
     "agreement_summary", "headline", "agreement_headline", "rho_interval_width", "detectable_phi",
-    "AGREEMENT_ARTIFACTS", "save_agreement",
+    "AGREEMENT_ARTIFACTS", "save_agreement", "chain_stage_dir", "check_field_estimators",
+    "field_estimator_phi",
 ]
