@@ -209,6 +209,38 @@ def test_spearman_ci_is_a_bootstrap_over_cells():
     assert (low, high) == pytest.approx(tuple(np.quantile(reps, [0.025, 0.975])), abs=1e-9)
 
 
+def test_stratified_spearman_ci_keeps_each_replicates_composition_and_covers_the_expected_rho():
+    rng = np.random.default_rng(2)
+    diagonal = np.eye(4, dtype=bool).ravel()
+    x = diagonal * 0.8 + rng.normal(0, 0.2, 16)
+    y = diagonal * 0.8 + rng.normal(0, 0.05, 16)
+    low, high = gt.spearman_ci(x, y, n_boot=1000, seed=3, strata=diagonal)
+    # the documented draw: per stratum in sorted order (False, True), within it
+    draw = np.random.default_rng(3)
+    groups = [np.flatnonzero(~diagonal), np.flatnonzero(diagonal)]
+    idx = np.concatenate([g[draw.integers(0, len(g), size=(1000, len(g)))] for g in groups], axis=1)
+    assert (diagonal[idx].sum(axis=1) == 4).all()  # every replicate has the design's 4 own-skill cells
+    reps = np.asarray([scipy_stats.spearmanr(x[i], y[i]).statistic for i in idx])
+    assert (low, high) == pytest.approx(tuple(np.quantile(reps[np.isfinite(reps)], [0.025, 0.975])), abs=1e-9)
+    # one stratum is the unstratified bootstrap
+    assert gt.spearman_ci(x, y, 300, seed=1, strata=np.zeros(16)) == gt.spearman_ci(x, y, 300, seed=1)
+    with pytest.raises(RephelpersError, match="strata"):
+        gt.spearman_ci(x, y, strata=diagonal[:8])
+    # simulated 4 x 4 testbeds: it covers the expected ρ about as often as it says, and is narrower
+    sims = [(diagonal * 0.8 + rng.normal(0, 0.2, 16), diagonal * 0.8 + rng.normal(0, 0.05, 16)) for _ in range(400)]
+    expected = np.mean([gt.spearman(p, s) for p, s in sims])
+    covered, widths = [], []
+    for i, (p, s) in enumerate(sims[:120]):
+        for strata in (diagonal, None):
+            lo, hi = gt.spearman_ci(p, s, 300, seed=i, strata=strata)
+            covered.append((strata is not None, lo <= expected <= hi))
+            widths.append((strata is not None, hi - lo))
+    cover = {k: np.mean([c for key, c in covered if key == k]) for k in (True, False)}
+    width = {k: np.mean([w for key, w in widths if key == k]) for k in (True, False)}
+    assert 0.88 <= cover[True] <= 1.0 and cover[False] >= cover[True]
+    assert width[True] < 0.75 * width[False]
+
+
 def _leave_out_frame():
     """Two seeds, 4 items; f_all scores 1 on items 0-2 of 'planted_glyph', f_-glyph 0 everywhere on it."""
     rows = []
@@ -283,8 +315,10 @@ def test_agreement_cells_recovery_and_false_positives(new_columns):
     assert table.loc[b, "diagonal_recovery"] == 0.0 and table.loc[b, "off_diagonal_false_positives"] == 6
     good = cells[cells.setting == "kind=a"]
     assert table.loc[a, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(good.phi, good.phi_star).statistic)
-    low, high = gt.spearman_ci(good.phi, good.phi_star, n_boot=200)
+    low, high = gt.spearman_ci(good.phi, good.phi_star, n_boot=200, strata=good.diagonal)
     assert (table.loc[a, "spearman_low"], table.loc[a, "spearman_high"]) == pytest.approx((low, high))
+    low, high = gt.spearman_ci(good.phi, good.phi_star, n_boot=200)
+    assert (table.loc[a, "spearman_low_unstratified"], table.loc[a, "spearman_high_unstratified"]) == pytest.approx((low, high))
     summary = gt.agreement_summary(table.reset_index(), mapping)
     assert summary["best_setting"].startswith("kind=a") and summary["diagonal_recovery"] == 1.0
     assert {"spearman_rho", "spearman_ci", "off_diagonal_false_positives"} <= set(summary)
@@ -531,6 +565,7 @@ def test_power_helpers_behave_like_their_formulas():
     narrow = gt.rho_interval_width(4, 4, 0.05, 0.05, n_sims=20, n_boot=200)
     wide = gt.rho_interval_width(3, 3, 0.3, 0.3, n_sims=20, n_boot=200)
     assert 0 < narrow < wide <= 2
+    assert narrow < gt.rho_interval_width(4, 4, 0.05, 0.05, n_sims=20, n_boot=200, stratified=False)
 
 
 def test_dose_phi_takes_the_dose_sets_own_cell_of_every_chain_and_feeds_dose_rho():
