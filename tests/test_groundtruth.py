@@ -693,6 +693,12 @@ def test_field_estimator_parameters_are_checked_before_any_fine_tune():
         gt.check_field_estimators(["bm25"], ["repsim"], {}, chain)
     with pytest.raises(RephelpersError, match="estimator_options for"):
         gt.check_field_estimators(["bm25"], [], {"influence_functions": {"strategy": "kfac"}}, chain)
+    with pytest.raises(RephelpersError, match="docs_per_clustr"):
+        gt.check_field_estimators(["influence_functions"], [], {"influence_functions": {"docs_per_clustr": 32}}, chain)
+    with pytest.raises(RephelpersError, match="seed"):  # set by the estimator's wrapper, not an option
+        gt.check_field_estimators(["influence_functions"], [], {"influence_functions": {"seed": 1}}, chain)
+    assert gt.check_field_estimators(["influence_functions"], [], {"influence_functions": {"docs_per_cluster": 32,
+                                                                                           "strategy": "kfac"}}, chain)
     for stage06 in ({}, {"estimators": ["perturbation", "repsim"]}):
         with pytest.raises(RephelpersError, match="runs perturbation alone"):
             gt.check_field_estimators(["bm25"], [], {}, stage06)

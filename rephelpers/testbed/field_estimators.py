@@ -19,6 +19,7 @@ Part of :mod:`rephelpers.testbed.groundtruth` (which re-exports it).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,7 +28,10 @@ import pandas as pd
 from ..artifacts import RunDir
 from ..errors import require
 from ..estimators.aggregate import cluster_phi, permutation_pvalues
+from ..estimators.bm25 import bm25_scores
+from ..estimators.influence_functions import influence_scores
 from ..estimators.items import ability_items
+from ..estimators.repsim import repsim_scores
 from ..estimators.run import EstimatorInputs, check_estimators, document_scores, documents_artifact
 from ..representations.models import load_model
 from ..runner.results import SHARED
@@ -35,6 +39,16 @@ from .chain import chain_documents
 
 PHI_COLUMNS = ("cluster", "ability", "phi", "estimator", "setting", "flagged", "p_value", "p_adjusted")
 COST_COLUMNS = ("setting", "seconds", "peak_rss_mb")
+# The scorer behind each estimator (estimators.run's wrappers call them): its keyword-only parameters are the
+# options a user may set, less those the wrapper passes itself.
+_SCORERS = {"repsim": repsim_scores, "bm25": bm25_scores, "influence_functions": influence_scores}
+_SET_BY_WRAPPER = {"influence_functions": {"labels", "seed"}}
+
+
+def estimator_option_names(name: str) -> set[str]:
+    """The options ``estimator_options[name]`` may hold: the keyword-only parameters of its scorer."""
+    params = inspect.signature(_SCORERS[name]).parameters.values()
+    return {p.name for p in params if p.kind is p.KEYWORD_ONLY} - _SET_BY_WRAPPER.get(name, set())
 
 
 def chain_stage_dir(chain_dir: str | Path) -> RunDir:
@@ -50,7 +64,8 @@ def check_field_estimators(
     chain_parameters: Mapping[str, Any],
 ) -> list[str]:
     """Notebook 07's estimator parameters, checked before any fine-tune: known and installed names,
-    the dose estimators among them, options only for estimators that run, and a chain whose
+    the dose estimators among them, options only for estimators that run and only names their
+    scorer takes (a misspelt option fails here, not after the fine-tunes), and a chain whose
     stage 06 runs perturbation alone (the others are scored here once per model; the chain
     would compute them again per point). Returns ``names`` without ``perturbation``."""
     names = [n for n in check_estimators(names) if n != "perturbation"] if len(names) else []
@@ -59,6 +74,10 @@ def check_field_estimators(
     unknown = sorted(set(options or {}) - set(names))
     require(not unknown, f"estimator_options for {unknown}, which are not among estimators {names}: remove them "
                          "or add the estimator")
+    for name, given in (options or {}).items():
+        wrong = sorted(set(given or {}) - estimator_option_names(name))
+        require(not wrong, f"estimator_options[{name!r}] has {wrong}, which {name} does not take; its options are "
+                           f"{sorted(estimator_option_names(name))}")
     chain_names = chain_parameters.get("estimators")
     require(chain_names is not None and list(chain_names) == ["perturbation"],
             f"chain_parameters['estimators'] is {chain_names!r}: set it to ['perturbation'], so that the chain's stage 06 "
@@ -108,9 +127,8 @@ def field_estimator_phi(
     require(not unknown, f"estimator options for {unknown}, which are not among the estimators run ({names}); "
                          "remove them or add the estimator")
     scores = {n: document_scores(n, inputs) for n in names}
-    cost = pd.DataFrame([{"setting": n, "seconds": run.meta_of(documents_artifact(n)).get("seconds"),
-                          "peak_rss_mb": run.meta_of(documents_artifact(n)).get("peak_rss_mb")} for n in names],
-                        columns=list(COST_COLUMNS))
+    cost = pd.DataFrame([{"setting": n, **{k: run.meta_of(documents_artifact(n)).get(k) for k in COST_COLUMNS[1:]}}
+                         for n in names], columns=list(COST_COLUMNS))
     ids = set(labels.index)
     out = {}
     for source, (source_specs, chain_dir) in chains.items():
