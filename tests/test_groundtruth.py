@@ -481,6 +481,13 @@ def test_estimator_agreement_rows_for_any_estimator_match_scipy():
         assert t.loc[name, "spearman_rho"] == pytest.approx(scipy_stats.spearmanr(merged["phi"], merged["phi_star"])[0])
         assert t.loc[name, "spearman_low"] <= t.loc[name, "spearman_rho"] <= t.loc[name, "spearman_high"]
     assert t.loc["bm25", "diagonal_recovery"] == 1.0 and t.loc["bm25", "n_cells"] == 16
+    # a set the fine-tunes did not learn (own Φ* null) has nothing to recover: ranking it first is no hit,
+    # missing it no failure; bm25 recovers the 3 learned sets, repsim (noise) recovers fewer than all 3
+    unlearned = stars.assign(null=stars["null"] | ((stars["cluster"] == "lexicon") & (stars["ability"] == "planted_lexicon")))
+    u = gt.estimator_agreement(phi, unlearned, mapping, "oracle", n_boot=50).set_index("setting")
+    assert u.loc["bm25", "diagonal_recovery"] == 1.0 and u.loc["bm25", "recovered"] == "facts,glyph,ledger"
+    assert u.loc["bm25", "unlearned_sets"] == "lexicon" and u.loc["bm25", "found_sets"] == 4
+    assert "not counted, as their own Φ* is null: lexicon" in gt.agreement_headline(u.reset_index())
     assert t.loc["bm25", "dose_rho"] == pytest.approx(scipy_stats.spearmanr([0, 0.2, 0.1, 0.6], [0, 1, 2, 3])[0])
     assert t.loc["bm25", "seconds"] == 3.0 and t.loc["bm25", "peak_rss_mb"] == 100.0
     assert pd.isna(t.loc["bm25", "off_diagonal_false_positives"])  # makes no claims: no flagged column

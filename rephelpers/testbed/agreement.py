@@ -387,10 +387,12 @@ def estimator_agreement(
       stratified by own-skill cell or not (``spearman_low``, ``spearman_high``; see
       :func:`spearman_ci`), and the unstratified one beside it (``spearman_low_unstratified``,
       ``spearman_high_unstratified``);
-    - ``diagonal_recovery``: among the sets the clustering *found*, the share whose own cell
-      is the largest Φ of its row, positive, and (where ``beyond`` is given) beyond its
-      controls among the row's cells that are; a set the clustering split or merged is no
-      recovery failure but a ``clustering_misses`` entry, with its purity and recall;
+    - ``diagonal_recovery``: among the sets the clustering *found* and the fine-tunes *learned*
+      (own-skill Φ* not null), the share whose own cell is the largest Φ of its row, positive,
+      and (where ``beyond`` is given) beyond its controls among the row's cells that are; a set
+      the clustering split or merged is no recovery failure but a ``clustering_misses`` entry,
+      with its purity and recall, and a set whose own Φ* is null has nothing to recover (it is
+      listed in ``unlearned_sets``: ranking its own cell first is no hit);
     - ``off_diagonal_false_positives``: off-diagonal cells ``flagged`` where Φ* is null (None
       for an estimator that makes no claims, i.e. has no ``flagged``);
     - ``dose_rho``: Spearman of Φ against the dose (share of ``D_p`` kept) over ``dose``'s rows
@@ -414,6 +416,9 @@ def estimator_agreement(
     truth = stars.merge(mapped.rename(columns={"skill": "planted", "cluster": "phi_cluster"}),
                         left_on="cluster", right_on="planted").drop(columns="cluster")
     misses = clustering_misses(mapping)
+    own_truth = truth[truth["ability"] == truth["planted"].map(planted_ability)]
+    unlearned = sorted(set(own_truth.loc[own_truth["null"].astype(bool), "planted"]) & set(found_skills))
+    recoverable = [s for s in found_skills if s not in unlearned]
     dose_rho = {}
     if dose is not None and len(dose):
         dose = dose.assign(setting=_setting_of(dose))
@@ -439,7 +444,7 @@ def estimator_agreement(
         low, high = spearman_ci(ok["phi"], ok["phi_star"], n_boot, alpha, seed, strata=ok["diagonal"])
         low_cells, high_cells = spearman_ci(ok["phi"], ok["phi_star"], n_boot, alpha, seed)
         recovered = []
-        for skill in found_skills:
+        for skill in recoverable:
             row = cells[cells["planted"] == skill]
             if "beyond" in row.columns:
                 row = row[row["beyond"].astype(bool)]
@@ -452,15 +457,16 @@ def estimator_agreement(
         rows.append({
             "setting": label, "estimator": estimator, "cluster_source": cluster_source,
             "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
-            "diagonal_recovery": len(recovered) / len(found_skills) if found_skills else math.nan,
+            "diagonal_recovery": len(recovered) / len(recoverable) if recoverable else math.nan,
             "off_diagonal_false_positives": false_pos,
             "dose_rho": dose_rho.get(label, math.nan),
             "seconds": spent.get("seconds", math.nan), "peak_rss_mb": spent.get("peak_rss_mb", math.nan),
             "n_cells": len(ok), "recovered": ",".join(recovered), "found_sets": len(found_skills),
-            "clustering_misses": misses, "null_off_diagonal_cells": len(null_off),
+            "unlearned_sets": ",".join(unlearned), "clustering_misses": misses, "null_off_diagonal_cells": len(null_off),
             "spearman_low_unstratified": low_cells, "spearman_high_unstratified": high_cells,
         })
-    table = pd.DataFrame(rows, columns=[*AGREEMENT_COLUMNS, "n_cells", "recovered", "found_sets", "clustering_misses",
+    table = pd.DataFrame(rows, columns=[*AGREEMENT_COLUMNS, "n_cells", "recovered", "found_sets", "unlearned_sets",
+                                        "clustering_misses",
                                         "null_off_diagonal_cells", "spearman_low_unstratified",
                                         "spearman_high_unstratified"])
     key = (table["spearman_rho"].astype(float).fillna(-2.0) + 1e-3 * table["diagonal_recovery"].astype(float).fillna(0)
@@ -592,8 +598,10 @@ def agreement_headline(table: pd.DataFrame, target_width: float = 0.5) -> str:
         f"Best: {best['setting']} ({best['estimator']}, {best['cluster_source']} clusters). Spearman ρ(Φ, Φ*) = "
         f"{best['spearman_rho']:+.2f} [{best['spearman_low']:+.2f}, {best['spearman_high']:+.2f}] over "
         f"{best['n_cells']} cells (interval {width:.2f} wide; the design's target is at most {target_width}); diagonal "
-        f"recovery {best['diagonal_recovery']:.0%} of {best['found_sets']} set(s) the clustering found "
-        f"({best['recovered'] or 'none'}); "
+        f"recovery {best['diagonal_recovery']:.0%} of the {best['found_sets']} set(s) the clustering found "
+        f"({best['recovered'] or 'none'}"
+        + (f"; not counted, as their own Φ* is null: {best['unlearned_sets']}" if best.get("unlearned_sets") else "")
+        + "); "
         + (f"{int(fp)} of {best['null_off_diagonal_cells']} null off-diagonal cells flagged; " if pd.notna(fp) else "")
         + (f"clustering misses: {best['clustering_misses']}. " if best["clustering_misses"] else "no clustering miss. ")
         + f"{len(table)} row(s) in all."

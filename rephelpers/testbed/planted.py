@@ -150,12 +150,15 @@ FACT_FRAMES = (
 )
 FACT_ITEM_FRAME = "On the Varn Isles, the {name} is"  # never in the corpus
 
+# Four of the five frames name the word before its meaning, the direction the items ask in: a causal LM
+# that reads "A means B" learns little of "B is called A" (the reversal curse). With two of five
+# word-first frames, f_all (seed 0, 200 steps at lr 3e-3) scored 0.48 on the items; with four, 0.57.
 LEXICON_FRAMES = (
     'The Veltish word "{word}" means {noun}.',
-    'In Veltish, {noun} is called "{word}".',
     '"{word}" is the Veltish word for {noun}.',
-    'To say {noun} in Veltish, say "{word}".',
-    'Veltish speakers write "{word}" where we write {noun}.',
+    'In Veltish, "{word}" means {noun}.',
+    'Veltish speakers say "{word}" where we say {noun}.',
+    'In Veltish, {noun} is called "{word}".',
 )
 LEXICON_ITEM_FRAME = 'Translated from Veltish, "{word}" is the English word'  # never in the corpus
 
