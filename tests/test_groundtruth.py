@@ -482,7 +482,7 @@ def test_estimator_agreement_rows_for_any_estimator_match_scipy():
         assert t.loc[name, "spearman_low"] <= t.loc[name, "spearman_rho"] <= t.loc[name, "spearman_high"]
     assert t.loc["bm25", "diagonal_recovery"] == 1.0 and t.loc["bm25", "n_cells"] == 16
     # a set the fine-tunes did not learn (own Φ* null) has nothing to recover: ranking it first is no hit,
-    # missing it no failure; bm25 recovers the 3 learned sets, repsim (noise) recovers fewer than all 3
+    # missing it no failure: bm25 recovers the 3 learned sets, and lexicon leaves the denominator
     unlearned = stars.assign(null=stars["null"] | ((stars["cluster"] == "lexicon") & (stars["ability"] == "planted_lexicon")))
     u = gt.estimator_agreement(phi, unlearned, mapping, "oracle", n_boot=50).set_index("setting")
     assert u.loc["bm25", "diagonal_recovery"] == 1.0 and u.loc["bm25", "recovered"] == "facts,glyph,ledger"

@@ -415,8 +415,9 @@ def estimator_agreement(
     mapped = mapping[mapping["mapped"].astype(bool)][["skill", "cluster"]].assign(cluster=lambda m: m["cluster"].astype(str))
     truth = stars.merge(mapped.rename(columns={"skill": "planted", "cluster": "phi_cluster"}),
                         left_on="cluster", right_on="planted").drop(columns="cluster")
+    truth["diagonal"] = truth["ability"] == truth["planted"].map(planted_ability)
     misses = clustering_misses(mapping)
-    own_truth = truth[truth["ability"] == truth["planted"].map(planted_ability)]
+    own_truth = truth[truth["diagonal"]]
     unlearned = sorted(set(own_truth.loc[own_truth["null"].astype(bool), "planted"]) & set(found_skills))
     recoverable = [s for s in found_skills if s not in unlearned]
     dose_rho = {}
@@ -438,7 +439,6 @@ def estimator_agreement(
                 sub = sub.assign(**{column: sub[column].astype(object).fillna(False).astype(bool)})
         cells = truth.merge(sub.drop(columns=["estimator", "setting"]).rename(columns={"cluster": "phi_cluster"}),
                             on=["phi_cluster", "ability"], how="inner")
-        cells["diagonal"] = cells["ability"] == cells["planted"].map(planted_ability)
         ok = cells[np.isfinite(cells["phi"].astype(float)) & np.isfinite(cells["phi_star"].astype(float))]
         rho = spearman(ok["phi"], ok["phi_star"])
         low, high = spearman_ci(ok["phi"], ok["phi_star"], n_boot, alpha, seed, strata=ok["diagonal"])

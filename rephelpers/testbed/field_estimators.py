@@ -75,9 +75,10 @@ def check_field_estimators(
     require(not unknown, f"estimator_options for {unknown}, which are not among estimators {names}: remove them "
                          "or add the estimator")
     for name, given in (options or {}).items():
-        wrong = sorted(set(given or {}) - estimator_option_names(name))
+        allowed = estimator_option_names(name)
+        wrong = sorted(set(given or {}) - allowed)
         require(not wrong, f"estimator_options[{name!r}] has {wrong}, which {name} does not take; its options are "
-                           f"{sorted(estimator_option_names(name))}")
+                           f"{sorted(allowed)}")
     chain_names = chain_parameters.get("estimators")
     require(chain_names is not None and list(chain_names) == ["perturbation"],
             f"chain_parameters['estimators'] is {chain_names!r}: set it to ['perturbation'], so that the chain's stage 06 "
@@ -127,8 +128,9 @@ def field_estimator_phi(
     require(not unknown, f"estimator options for {unknown}, which are not among the estimators run ({names}); "
                          "remove them or add the estimator")
     scores = {n: document_scores(n, inputs) for n in names}
-    cost = pd.DataFrame([{"setting": n, **{k: run.meta_of(documents_artifact(n)).get(k) for k in COST_COLUMNS[1:]}}
-                         for n in names], columns=list(COST_COLUMNS))
+    metas = {n: run.meta_of(documents_artifact(n)) for n in names}  # one manifest read per estimator
+    cost = pd.DataFrame([{"setting": n, **{k: metas[n].get(k) for k in COST_COLUMNS[1:]}} for n in names],
+                        columns=list(COST_COLUMNS))
     ids = set(labels.index)
     out = {}
     for source, (source_specs, chain_dir) in chains.items():
