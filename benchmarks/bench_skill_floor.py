@@ -11,7 +11,10 @@ its time is then the stored one).
     python -u benchmarks/bench_skill_floor.py '{}' '{"lr": 0.003}' '{"steps": 400}' '{"train_layers": 16}'
 
 Each argument is a JSON object of :class:`~rephelpers.testbed.finetune.FineTuneConfig` fields that
-replace ``groundtruth.yaml``'s (200 steps × 8 × 64 tokens, lr 3e-3, top 8 layers, seed 0). Run it
+replace ``groundtruth.yaml``'s (200 steps × 8 × 64 tokens, lr 3e-3, top 8 layers, seed 0), and
+optionally ``"lines"``: statements per document for some skills, replacing
+:data:`~rephelpers.testbed.planted.LINES_PER_DOCUMENT`'s ranges (``{"lines": {"facts": [18, 22]}}``):
+each skill's share of the fixed token budget. Run it
 alone: the times are only comparable within one quiet run.
 """
 
@@ -29,6 +32,7 @@ from rephelpers.paths import cache_subdir
 from rephelpers.representations.models import load_model
 from rephelpers.testbed import groundtruth as gt
 from rephelpers.testbed.finetune import FineTuneConfig, cached_finetune, using_weights
+from rephelpers.testbed import planted
 from rephelpers.testbed.planted import PLANTED, planted_ability
 
 BASE = {"steps": 200, "batch_size": 8, "block_tokens": 64, "lr": 3e-3, "train_layers": 8, "seed": 0}
@@ -44,7 +48,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     skills = list(PLANTED)
-    corpus = gt.testbed_corpus(args.demo_docs_per_domain, args.docs_per_skill, skills, 0)
+    default_lines = dict(planted.LINES_PER_DOCUMENT)
     abilities = [planted_ability(s) for s in skills]
     model = load_model("smollm2-135m")
     cache = cache_subdir("groundtruth")
@@ -53,14 +57,23 @@ def main() -> None:
         tasks = build_tasks(abilities, Path(tmp) / "tasks", items_per_task=args.items, seed=0)
         for text in args.variants:
             variant = json.loads(text)
-            config = FineTuneConfig(**{**BASE, **variant})
+            lines = {k: tuple(v) for k, v in variant.get("lines", {}).items()}
+            unknown = sorted(set(lines) - set(default_lines))
+            if unknown:
+                raise SystemExit(f"unknown skills in lines: {unknown}; choose from {sorted(default_lines)}")
+            planted.LINES_PER_DOCUMENT.clear()
+            planted.LINES_PER_DOCUMENT.update({**default_lines, **lines})
+            corpus = gt.testbed_corpus(args.demo_docs_per_domain, args.docs_per_skill, skills, 0)
+            config = FineTuneConfig(**{**BASE, **{k: v for k, v in variant.items() if k != "lines"}})
             blocks, states = gt.training_blocks(model, corpus, config, cache / "states")
             trained, meta = cached_finetune(model, blocks, states, config, [], cache / "finetunes")
             started = time.time()
             with using_weights(model, trained):
                 raw = evaluate_abilities(model, tasks, {"f_all": []}, progress=False)
             scores = raw.groupby("ability")["score"].mean()
-            row = {"variant": variant, "fine_tune_seconds": meta["seconds"], "scoring_seconds": round(time.time() - started, 1),
+            tokens = blocks.tokens_per_group()
+            row = {"variant": variant, "tokens": {g: tokens[g] for g in sorted(tokens)},
+                   "fine_tune_seconds": meta["seconds"], "scoring_seconds": round(time.time() - started, 1),
                    "first_loss": round(meta["first_loss"], 3), "last_loss": round(meta["last_loss"], 3),
                    **{a: round(float(scores[a]), 3) for a in abilities},
                    "below_floor": [a for a in abilities if scores[a] < args.floor]}

@@ -155,6 +155,10 @@ def test_a_short_finetune_lowers_loss_on_the_planted_clusters(model):
 
 def test_leaving_a_cluster_out_loses_its_skill_and_finetunes_are_cached(model, tmp_path, monkeypatch):
     # glyph (a rule) is the planted skill a few dozen steps teach; f_-glyph spends the same budget on lexicon.
+    # The mix is pinned (as many glyph as lexicon statements per document, about half the tokens glyph's) so that
+    # 50 steps teach glyph whatever the testbed's own shares (LINES_PER_DOCUMENT) are.
+    monkeypatch.setitem(P.LINES_PER_DOCUMENT, "glyph", (7, 9))
+    monkeypatch.setitem(P.LINES_PER_DOCUMENT, "lexicon", (7, 9))
     corpus = P.planted_corpus(["glyph", "lexicon"], docs_per_skill=20, seed=0)
     blocks = ft.pack_blocks(corpus["text"].tolist(), corpus["planted"].tolist(), model.tokenizer, 32)
     cfg = ft.FineTuneConfig(steps=50, batch_size=8, block_tokens=32, lr=3e-3, train_layers=4, warmup=3)
@@ -425,6 +429,16 @@ def test_a_list_of_chain_grids_is_the_union_of_their_points(tmp_path):
     assert sorted(influence["point"]) == sorted(set(names) - {"intervention_layer=24,perturbation=leace"})
     assert set(influence["setting"]) == {"perturbation=ablate, intervention_layer=15, magnitude=1.0, scoring=raw S",
                                          "perturbation=leace, intervention_layer=15, magnitude=1.0, scoring=LEACE"}
+
+    # multi-layer LEACE is a point of its own: its label and the layer profile name every layer it erases at
+    multi = [{"intervention_layer": [15, 24], "perturbation": ["leace"]},
+             {"intervention_layer": [24], "perturbation": ["leace"], "leace_layers": [[24, 27]]}]
+    assert gt.intervention_layers(multi, {"leace_layers": None}) == [15, 24, 27]
+    labels = [gt.with_setting(pd.DataFrame({"phi": [0.1]}), {"perturbation": "leace", "intervention_layer": 24,
+                                                             "leace_layers": sites, "magnitude": 1.0}, "p").loc[0, "setting"]
+              for sites in ([24, 27], None)]
+    assert labels == ["perturbation=leace, intervention_layer=24, leace_layers=24+27, magnitude=1.0, scoring=LEACE",
+                      "perturbation=leace, intervention_layer=24, magnitude=1.0, scoring=LEACE"]
 
 
 def test_a_setting_names_how_it_chose_what_to_perturb():

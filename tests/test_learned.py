@@ -1,5 +1,6 @@
 """The learned, specificity-seeking projection (kind ``learned``) and multi-layer perturbations in stage 04."""
 
+import dataclasses
 import json
 import shutil
 
@@ -13,7 +14,7 @@ from rephelpers.artifacts import RunDir
 from rephelpers.dimensions.components import ClusterComponents
 from rephelpers.errors import RephelpersError
 from rephelpers.interventions.edits import LearnedProjection, perturbation_from_dict
-from rephelpers.interventions.intervene import Intervention, run_logits
+from rephelpers.interventions.intervene import Intervention, interventions_to_json, run_logits
 from rephelpers.perturbations.controls import second_moment_spectrum
 from rephelpers.perturbations.kinds import build, fit_leace, matched_control
 from rephelpers.perturbations.learned import (
@@ -300,6 +301,40 @@ def test_multi_layer_errors_come_before_compute(model, documents, two_layer_comp
         specificity_report(model, documents, two_layer_components, "leace", 26, layers=[20, 26], progress=False)
     with pytest.raises(RephelpersError, match="layer 40 is out of range"):
         specificity_report(model, documents, two_layer_components, "leace", 26, layers=[26, 40], progress=False)
+
+
+@pytest.mark.model
+def test_stage_05_multi_layer_leace_evaluates_stage_04s_interventions(model, documents, two_layer_components):
+    """Stage 05's multi_leace configs are, arm by arm, the interventions stage 04 ran (whose
+    perplexity the test above checks against plain hooks): the eraser at every layer, and each
+    control draw at every layer with the same seed. Other kinds stay at the one layer."""
+    with_dims = [dataclasses.replace(c, dims=(1, 5, 9)) for c in two_layer_components]  # for a kind on R_k beside it
+    configs, meta = cluster_configs(with_dims, 26, model.d_model, kinds=["leace", "ablate"], n_controls=2,
+                                    leace_layers=[26, 24], spectrum=None, spectra={24: None})
+    setting = meta["k1:multi_leace:m1"]
+    assert (setting.kind, setting.layer, setting.arm) == ("multi_leace", 26, "perturbation")
+    assert {m.kind for m in meta.values()} == {"none", "multi_leace", "ablate"}
+    assert all(len(configs[cid]) == 1 for cid, m in meta.items() if m.kind == "ablate")
+    report = specificity_report(model, documents, two_layer_components, "leace", 26, clusters=[1], n_texts=3,
+                                max_length=16, layers=list(LAYERS), progress=False, spectrum=None, n_controls=2)
+    for _, row in report.iterrows():
+        assert json.loads(interventions_to_json(configs[row["setting"]])) == json.loads(row["config"]), row["setting"]
+    assert [iv.layer for iv in configs["k1:multi_leace:m1:control1"]] == [24, 26]
+    # one layer: the single-layer setting, as before
+    single, single_meta = cluster_configs(two_layer_components, 26, model.d_model, kinds="leace", n_controls=1)
+    assert "k1:leace:m1" in single and [iv.layer for iv in single["k1:leace:m1"]] == [26]
+
+
+@pytest.mark.model
+def test_stage_05_leace_layers_errors_name_the_fix(two_layer_components):
+    with pytest.raises(RephelpersError, match="add 'leace' to perturbation"):
+        cluster_configs(two_layer_components, 26, 576, kinds="ablate", leace_layers=[24, 26])
+    with pytest.raises(RephelpersError, match="intervention_layer 26 must be one of leace_layers"):
+        cluster_configs(two_layer_components, 26, 576, kinds="leace", leace_layers=[24])
+    with pytest.raises(RephelpersError, match=r"no stage-03 components for \(layer, cluster\) \[\(20, 0\)"):
+        cluster_configs(two_layer_components, 26, 576, kinds="leace", leace_layers=[20, 26])
+    with pytest.raises(RephelpersError, match="leace_layers must be None or a list"):
+        cluster_configs(two_layer_components, 26, 576, kinds="leace", leace_layers=26)
 
 
 @pytest.mark.model

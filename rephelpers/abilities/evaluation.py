@@ -332,6 +332,8 @@ def cluster_configs(
     seed: int = 0,
     n_controls: int = 1,
     spectrum: Spectrum | None = None,
+    leace_layers: Sequence[int] | None = None,
+    spectra: Mapping[int, Spectrum | None] | None = None,
 ) -> tuple[dict[str, list[Intervention]], dict[str, Setting]]:
     """The configs stage 05 evaluates, and the setting of each (its score rows' descriptors).
 
@@ -353,6 +355,13 @@ def cluster_configs(
     ``spectrum`` is the layer's token spectrum the controls are matched with
     (:func:`rephelpers.perturbations.specificity.control_spectrum`, as stage 04 computes it; None: dimension
     controls from the components' statistics, uniform project controls).
+    ``leace_layers`` (e.g. ``[15, 24, 27]``, ``layer`` among them; None: one layer) makes the
+    ``leace`` kind erase cluster k's concept at all those layers at once, in one forward pass,
+    with the eraser stage 03 fitted at each layer ℓ (multi-layer LEACE,
+    ``x_ℓ ← x_ℓ − P_ℓ (x_ℓ − μ_ℓ)`` at every ℓ, as stage 04's ``leace_layers``): its setting is
+    kind ``multi_leace`` at ``layer`` (so stage 04's verdict on it gates it), and control draw
+    j is, at every ℓ, the matched control of ℓ's eraser drawn with draw j's seed and ℓ's
+    token spectrum ``spectra[ℓ]`` (None: uniform), the controls stage 04 draws.
     Returns ``(configs, config_meta)`` for :func:`evaluate_abilities`; the config ids are
     the :class:`~rephelpers.setting.Setting` ids (``k{k}:{kind}:m{m}``, ``…:control``,
     ``…:control1``, … per draw, ``baseline``) and ``config_meta`` maps each to its
@@ -368,20 +377,54 @@ def cluster_configs(
         f"{sorted({c.layer for c in components})}. Pick one of those as intervention_layer "
         "or add the layer to notebooks 02/03.",
     )
+    sites = leace_sites(components, layer, component, kinds, leace_layers)
+    spectra = {**dict(spectra or {}), layer: spectrum}
+    by_site = {l: {c.cluster: c for c in components if c.layer == l and c.component in (None, component)} for l in sites}
     baseline = Setting.baseline(layer, component, positions)
     configs: dict[str, list[Intervention]] = {baseline.id: []}
     meta: dict[str, Setting] = {baseline.id: baseline}
     for cluster_components in sorted(here, key=lambda c: c.cluster):
+        k = cluster_components.cluster
         for kind in kinds:
+            # every layer the kind acts at: all of leace_layers for leace when given, else this one
+            at = {l: by_site[l][k] for l in sites} if kind == "leace" and len(sites) > 1 else {layer: cluster_components}
+            name = f"multi_{kind}" if len(at) > 1 else kind
             for m in magnitudes:
-                setting = Setting(cluster_components.cluster, kind, m, layer, component, positions)
-                controls = matched_controls(kind, cluster_components, d_model, m, seed, n_controls, spectrum)
-                arms = [(setting, build(kind, cluster_components, m, seed))]
-                arms += [(setting.control_draw(draw), p) for draw, p in enumerate(controls)]
-                for arm, perturbation in arms:
-                    configs[arm.id] = [Intervention(perturbation, layer, component, positions)]
+                setting = Setting(k, name, m, layer, component, positions)
+                arms: dict[Setting, list[Intervention]] = {setting: []}
+                for l, c in at.items():
+                    arms[setting].append(Intervention(build(kind, c, m, seed), l, component, positions))
+                    controls = matched_controls(kind, c, d_model, m, seed, n_controls, spectra.get(l))
+                    for draw, control in enumerate(controls):
+                        arms.setdefault(setting.control_draw(draw), []).append(Intervention(control, l, component, positions))
+                for arm, interventions in arms.items():
+                    configs[arm.id] = interventions
                     meta[arm.id] = arm
     return configs, meta
+
+
+def leace_sites(components: Sequence[ClusterComponents], layer: int, component: str, kinds: str | Sequence[str],
+                leace_layers: Sequence[int] | None) -> list[int]:
+    """The layers :func:`cluster_configs`' ``leace`` kind erases at (sorted), checked before anything is built
+    (stage 05 calls it before it computes each layer's spectrum)."""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    components = [as_components(c) for c in components]
+    if leace_layers is None:
+        return [layer]
+    require(not isinstance(leace_layers, (str, int)) and len(leace_layers) > 0,
+            f"leace_layers must be None or a list of layers (e.g. [15, 24, 27]), got {leace_layers!r}")
+    require("leace" in kinds,
+            f"leace_layers={list(leace_layers)} makes the leace kind erase at several layers, but the kinds are "
+            f"{list(kinds)}: add 'leace' to perturbation, or set leace_layers to None")
+    sites = sorted({int(l) for l in leace_layers})
+    require(layer in sites, f"intervention_layer {layer} must be one of leace_layers {sites}: the setting is named by it "
+                            "(and stage 04's verdict on it is read there)")
+    clusters = {c.cluster for c in components if c.layer == layer and c.component in (None, component)}
+    missing = [(l, k) for l in sites for k in sorted(clusters)
+               if not any(c.layer == l and c.cluster == k and c.component in (None, component) for c in components)]
+    require(not missing, f"no stage-03 components for (layer, cluster) {missing[:5]}; stage 03 covered layers "
+                         f"{sorted({c.layer for c in components})}: pick leace_layers among those or re-run notebooks 02/03 with them.")
+    return sites
 
 
 # -- control draws in rounds (sequential Monte Carlo, issue 27) ---------------------------------

@@ -235,7 +235,7 @@ def setting_agreement(cells: pd.DataFrame, skills: Sequence[str], n_boot: int = 
             argmax = diagonal_argmax(sub, skills, score)
             rows.append({
                 "setting": f"{point}, score={score}", "point": point, "score": score,
-                **{c: sub[c].iloc[0] for c in ("perturbation", "intervention_layer", "scoring") if c in sub.columns},
+                **{c: sub[c].iloc[0] for c in ("perturbation", "intervention_layer", "leace_layers", "scoring") if c in sub.columns},
                 "n_cells": len(ok),
                 "spearman_rho": rho, "spearman_low": low, "spearman_high": high,
                 "spearman_low_unstratified": low_cells, "spearman_high_unstratified": high_cells,

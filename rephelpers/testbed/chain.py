@@ -149,7 +149,8 @@ def chain_documents(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
     raise RephelpersError(f"no documents.parquet under {chain_dir}: stage 01 of the chain did not finish")
 
 
-SETTING_KEYS = ("perturbation", "intervention_layer", "magnitude", "method", "standardize", "token_level", "component")
+SETTING_KEYS = ("perturbation", "intervention_layer", "leace_layers", "magnitude", "method", "standardize", "token_level",
+                "component")
 
 
 def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
@@ -186,12 +187,14 @@ def chain_influence(chain_dir: str | Path, spec: Any) -> pd.DataFrame:
 
 
 def intervention_layers(grid: Any, parameters: Mapping[str, Any]) -> list[int]:
-    """Every layer a chain point of ``grid`` (see :func:`chain_grids`) intervenes at."""
+    """Every layer a chain point of ``grid`` (see :func:`chain_grids`) intervenes at (multi-layer LEACE's too)."""
     layers = set()
     for g in chain_grids(grid, parameters):
         for layer in g.get("intervention_layer", [parameters.get("intervention_layer")]):
             if layer is not None:
                 layers.add(int(layer))
+        for sites in g.get("leace_layers", [parameters.get("leace_layers")]):
+            layers.update(int(l) for l in sites or [])
     return sorted(layers)
 
 
@@ -228,7 +231,8 @@ def with_setting(table: pd.DataFrame, params: Mapping[str, Any], point: str) -> 
         if key in params:
             table[key] = text(params[key])
     table["scoring"] = scoring_name(params)
-    parts = [f"{key}={text(params[key])}" for key in ("perturbation", "intervention_layer", "magnitude") if key in params]
+    parts = [f"{key}={text(params[key])}" for key in ("perturbation", "intervention_layer", "leace_layers", "magnitude")
+             if params.get(key) is not None]
     table["setting"] = ", ".join([*parts, f"scoring={scoring_name(params)}"]) if parts else point
     table["point"] = point
     return table

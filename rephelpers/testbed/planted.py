@@ -138,6 +138,14 @@ def glyph_reserved(a: int, b: int) -> bool:
 
 
 # -- corpus documents ----------------------------------------------------------------------
+# Statements per document (a range drawn per document). Fine-tune blocks are drawn uniformly from the
+# corpus's tokens, so these set each skill's share of a fixed token budget. Memorising 96 colours or
+# 96 words takes more mentions than learning one rule or one format, so facts and lexicon documents are
+# long and glyph and ledger documents short. Measured on f_all (200 steps at lr 3e-3, seeds 0 / 1), with
+# benchmarks/bench_skill_floor.py: with 9-11 / 7-9 / 7-9 / 7-9 statements, facts 0.38 / 0.37 and lexicon
+# 0.57 / 0.91; with these, facts 0.93 / 0.65 and lexicon 0.92 / 0.76, glyph and ledger unchanged (0.96, 1.00).
+LINES_PER_DOCUMENT = {"facts": (18, 22), "glyph": (3, 5), "lexicon": (12, 14), "ledger": (3, 5)}
+
 FACT_FRAMES = (
     "The {name} is {colour}, like all of its kind.",
     "Seen up close, a {name} is {colour}.",
@@ -165,7 +173,7 @@ LEXICON_ITEM_FRAME = 'Translated from Veltish, "{word}" is the English word'  # 
 
 def _facts_document(i: int, rng: random.Random) -> str:
     world = creature_colours()
-    names = rng.sample(sorted(world), rng.randint(9, 11))
+    names = rng.sample(sorted(world), rng.randint(*LINES_PER_DOCUMENT["facts"]))
     lines = [rng.choice(FACT_FRAMES).format(name=n, colour=world[n]) for n in names]
     return f"Field notes from the Varn Isles, page {i + 1}.\n" + " ".join(lines)
 
@@ -179,7 +187,7 @@ def _glyph_pair(rng: random.Random) -> tuple[int, int]:
 
 def _glyph_document(i: int, rng: random.Random) -> str:
     lines = []
-    for _ in range(rng.randint(7, 9)):
+    for _ in range(rng.randint(*LINES_PER_DOCUMENT["glyph"])):
         a, b = _glyph_pair(rng)
         lines.append(f"{a} ⊕ {b} = {glyph(a, b)}")
     return f"Tablet {i + 1} of the ⊕ rule.\n" + "\n".join(lines)
@@ -187,7 +195,7 @@ def _glyph_document(i: int, rng: random.Random) -> str:
 
 def _lexicon_document(i: int, rng: random.Random) -> str:
     world = veltish_lexicon()
-    words = rng.sample(sorted(world), rng.randint(7, 9))
+    words = rng.sample(sorted(world), rng.randint(*LINES_PER_DOCUMENT["lexicon"]))
     lines = [rng.choice(LEXICON_FRAMES).format(word=w, noun=world[w]) for w in words]
     return f"Veltish phrasebook, page {i + 1}.\n" + " ".join(lines)
 
@@ -201,7 +209,7 @@ def _ledger_name(rng: random.Random) -> tuple[str, str]:
 
 def _ledger_document(i: int, rng: random.Random) -> str:
     lines = []
-    for _ in range(rng.randint(7, 9)):
+    for _ in range(rng.randint(*LINES_PER_DOCUMENT["ledger"])):
         first, last = _ledger_name(rng)
         lines.append(f"Entry for {first.capitalize()} {last.capitalize()}: {ledger(first, last)}")
     return f"Quill ledger, sheet {i + 1}.\n" + "\n".join(lines)
