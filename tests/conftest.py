@@ -23,3 +23,9 @@ def pytest_collection_modifyitems(config, items):
     just before them, so that the quick tests report first."""
     items.sort(key=lambda item: (item.get_closest_marker("after_notebooks") is not None,
                                  item.get_closest_marker("slow") is not None))
+    # A notebook is run once more after a failure (pytest-rerunfailures): on fresh clones, nbmake has twice
+    # waited out its cell timeout on notebook 02 with the kernel idle after the cell had finished (the reply
+    # never reached nbclient). A notebook that fails twice still fails; unit tests are never rerun.
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.flaky(reruns=1))
