@@ -321,7 +321,7 @@ def test_stage_05_multi_layer_leace_evaluates_stage_04s_interventions(model, doc
         assert json.loads(interventions_to_json(configs[row["setting"]])) == json.loads(row["config"]), row["setting"]
     assert [iv.layer for iv in configs["k1:multi_leace:m1:control1"]] == [24, 26]
     # one layer: the single-layer setting, as before
-    single, single_meta = cluster_configs(two_layer_components, 26, model.d_model, kinds="leace", n_controls=1)
+    single, _ = cluster_configs(two_layer_components, 26, model.d_model, kinds="leace", n_controls=1)
     assert "k1:leace:m1" in single and [iv.layer for iv in single["k1:leace:m1"]] == [26]
 
 

@@ -43,7 +43,7 @@ from ..interventions.intervene import Intervention, interventions_to_json, valid
 from ..perturbations.controls import Spectrum
 from ..perturbations.kinds import build, matched_controls
 from ..perturbations.rounds import settled_settings
-from ..perturbations.specificity import SPECIFICITY
+from ..perturbations.specificity import SPECIFICITY, intervention_sites
 from ..phi import config_mean, relative_loss
 from ..progress import progress_bar
 from ..representations.models import Model
@@ -406,25 +406,17 @@ def cluster_configs(
 def leace_sites(components: Sequence[ClusterComponents], layer: int, component: str, kinds: str | Sequence[str],
                 leace_layers: Sequence[int] | None) -> list[int]:
     """The layers :func:`cluster_configs`' ``leace`` kind erases at (sorted), checked before anything is built
-    (stage 05 calls it before it computes each layer's spectrum)."""
+    (stage 05 calls it before it computes each layer's spectrum) by stage 04's own check of its ``layers``
+    (:func:`~rephelpers.perturbations.specificity.intervention_sites`), once ``leace`` is among the kinds."""
     kinds = [kinds] if isinstance(kinds, str) else list(kinds)
     components = [as_components(c) for c in components]
-    if leace_layers is None:
-        return [layer]
-    require(not isinstance(leace_layers, (str, int)) and len(leace_layers) > 0,
-            f"leace_layers must be None or a list of layers (e.g. [15, 24, 27]), got {leace_layers!r}")
-    require("leace" in kinds,
-            f"leace_layers={list(leace_layers)} makes the leace kind erase at several layers, but the kinds are "
-            f"{list(kinds)}: add 'leace' to perturbation, or set leace_layers to None")
-    sites = sorted({int(l) for l in leace_layers})
-    require(layer in sites, f"intervention_layer {layer} must be one of leace_layers {sites}: the setting is named by it "
-                            "(and stage 04's verdict on it is read there)")
-    clusters = {c.cluster for c in components if c.layer == layer and c.component in (None, component)}
-    missing = [(l, k) for l in sites for k in sorted(clusters)
-               if not any(c.layer == l and c.cluster == k and c.component in (None, component) for c in components)]
-    require(not missing, f"no stage-03 components for (layer, cluster) {missing[:5]}; stage 03 covered layers "
-                         f"{sorted({c.layer for c in components})}: pick leace_layers among those or re-run notebooks 02/03 with them.")
-    return sites
+    require(leace_layers is None or "leace" in kinds,
+            f"leace_layers={leace_layers!r} makes the leace kind erase at several layers, but the kinds are "
+            f"{kinds}: add 'leace' to perturbation, or set leace_layers to None")
+    clusters = sorted({c.cluster for c in components if c.layer == layer and c.component in (None, component)})
+    return intervention_sites(components, layer, leace_layers, clusters, component=component,
+                              names=("intervention_layer", "leace_layers"),
+                              why="the setting is named by it (and stage 04's verdict on it is read there)")
 
 
 # -- control draws in rounds (sequential Monte Carlo, issue 27) ---------------------------------

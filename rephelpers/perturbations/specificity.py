@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -223,7 +223,7 @@ def specificity_report(
     check_rounds(control_rounds, min_gap, min_ratio)
     layer, documents, at_layer, clusters, probes = _report_inputs(
         model, documents_df, components, kind, layer, clusters, component, probes, edit_tolerance)
-    sites = _report_layers(model, components, layer, layers, clusters)
+    sites = intervention_sites(components, layer, layers, clusters, model.check_layer)
     read = readout_layers(model, max(sites), n_readout_layers)
     attend = list(range(max(sites) + 1, model.n_layers)) if with_attention else []
     if isinstance(spectrum, str):
@@ -300,20 +300,26 @@ def _report_inputs(
     return layer, documents, at_layer, clusters, probes
 
 
-def _report_layers(model: Model, components: Sequence[ClusterComponents], layer: int, layers: Sequence[int] | None,
-                   clusters: Sequence[int]) -> list[int]:
-    """The layers a report's perturbation acts at (sorted), checked: ``layer`` among them and every
-    cluster's components present at each."""
+def intervention_sites(components: Sequence[ClusterComponents], layer: int, layers: Sequence[int] | None,
+                       clusters: Sequence[int], check_layer: Callable[[int], int] | None = None,
+                       component: str | None = None, names: tuple[str, str] = ("layer", "layers"),
+                       why: str = "its perturbation gives the probe columns.") -> list[int]:
+    """The layers a multi-layer perturbation acts at (sorted; ``[layer]`` for ``layers`` None), checked
+    before anything runs: a list, ``layer`` among them, and every cluster's components present at each
+    (of ``component``, where given). Stage 04's ``layers`` and stage 05's ``leace_layers`` both pass
+    here; ``names`` are the two parameters' names in the messages, ``why`` says why ``layer`` must be
+    among them, and ``check_layer`` (the model's) range-checks each layer."""
     if layers is None:
         return [layer]
+    layer_name, layers_name = names
     require(not isinstance(layers, (str, int)) and len(layers) > 0,
-            f"layers must be a list of layer indices (e.g. [9, 15, 21]), got {layers!r}")
-    sites = sorted({model.check_layer(int(l)) for l in layers})
-    require(layer in sites, f"layer {layer} must be one of layers {sites}: its perturbation gives the probe columns.")
-    have = {(c.layer, c.cluster) for c in map(as_components, components)}
+            f"{layers_name} must be None or a list of layer indices (e.g. [9, 15, 21]), got {layers!r}")
+    sites = sorted({check_layer(int(l)) if check_layer else int(l) for l in layers})
+    require(layer in sites, f"{layer_name} {layer} must be one of {layers_name} {sites}: {why}")
+    have = {(c.layer, c.cluster) for c in map(as_components, components) if component is None or c.component in (None, component)}
     missing = [(l, k) for l in sites for k in clusters if (l, k) not in have]
     require(not missing, f"no stage-03 components for (layer, cluster) {missing[:5]}; stage 03 covered layers "
-                         f"{sorted({l for l, _ in have})}: pick layers among those or re-run notebooks 02/03 with them.")
+                         f"{sorted({l for l, _ in have})}: pick {layers_name} among those or re-run notebooks 02/03 with them.")
     return sites
 
 
